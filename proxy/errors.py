@@ -1,0 +1,179 @@
+"""Errors the proxy itself raises, and the one place that renders them in OpenAI's shape.
+
+Every non-2xx answer the proxy produces (as opposed to relaying an upstream's) is a
+``ProxyError`` rendered by ``error_middleware`` as::
+
+    {"error": {"message": str, "type": str, "param": str | None, "code": str | None}}
+
+with ``Content-Type: application/json`` and an ``x-request-id`` header.
+
+Hierarchy (status → OpenAI SDK exception)::
+
+    ProxyError
+    ├── InvalidRequest        400  BadRequestError          deterministic: never retried
+    ├── Unauthorized          401  AuthenticationError
+    ├── NotFound              404  NotFoundError
+    ├── MethodNotAllowed      405  APIStatusError
+    ├── PayloadTooLarge       413  APIStatusError
+    ├── UpstreamUnreachable   502  InternalServerError      refused / reset before an answer
+    ├── StoreUnavailable      503  InternalServerError      store known broken; store=true refused
+    └── UpstreamTimeout       504  InternalServerError      no answer within the read timeout
+
+The SDK retries 408, 409, 429 and >= 500, so those statuses are used only for failures that
+may pass (the upstream or the store), never for a bad request.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+import orjson
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+
+from proxy.keys import ACCESS
+from proxy.logs import AccessRecord
+from proxy.outcome import Outcome
+
+log = logging.getLogger("proxy.errors")
+access_logger = logging.getLogger("proxy.access")
+
+
+class ProxyError(Exception):
+    status = 500
+    type = "server_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+
+class InvalidRequest(ProxyError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class Unauthorized(ProxyError):
+    status = 401
+    type = "invalid_request_error"
+
+    def __init__(self, message: str = "Missing bearer token in the Authorization header.") -> None:
+        super().__init__(message, code="invalid_api_key")
+
+
+class NotFound(ProxyError):
+    status = 404
+    type = "invalid_request_error"
+
+
+class MethodNotAllowed(ProxyError):
+    status = 405
+    type = "invalid_request_error"
+
+
+class PayloadTooLarge(ProxyError):
+    status = 413
+    type = "invalid_request_error"
+
+
+class UpstreamUnreachable(ProxyError):
+    status = 502
+    type = "upstream_error"
+
+
+class StoreUnavailable(ProxyError):
+    status = 503
+    type = "server_error"
+
+
+class UpstreamTimeout(ProxyError):
+    status = 504
+    type = "upstream_error"
+
+
+def new_request_id() -> str:
+    return "req_" + uuid.uuid4().hex
+
+
+def error_body(error: ProxyError) -> bytes:
+    return orjson.dumps(
+        {
+            "error": {
+                "message": error.message,
+                "type": error.type,
+                "param": error.param,
+                "code": error.code,
+            }
+        }
+    )
+
+
+def render(error: ProxyError, request_id: str) -> web.Response:
+    return web.Response(
+        status=error.status,
+        body=error_body(error),
+        content_type="application/json",
+        headers={"x-request-id": request_id},
+    )
+
+
+def _from_http_exception(exc: web.HTTPException) -> ProxyError:
+    if exc.status == 413:
+        return PayloadTooLarge(
+            "Request body is larger than the proxy's limit (server.max_body_bytes).",
+            code="request_too_large",
+        )
+    if exc.status == 404:
+        return NotFound("Unknown path.", code="unknown_url")
+    if exc.status == 405:
+        return MethodNotAllowed("Method not allowed on this path.", code="method_not_allowed")
+    error = ProxyError(exc.reason or "HTTP error")
+    error.status = exc.status
+    error.type = "invalid_request_error" if exc.status < 500 else "server_error"
+    return error
+
+
+def exchange_middleware(access_log: bool) -> Middleware:
+    """Give every request an id and an access record; render every failure of the proxy's own.
+
+    Only ``ProxyError`` (and aiohttp's own HTTP errors, such as a body over the size limit)
+    become OpenAI-shaped answers; anything unexpected is logged with its traceback and
+    answered with a plain 500 that says nothing of the internals.
+    """
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        request_id = new_request_id()
+        access = AccessRecord(request_id, request.method, request.path, time.perf_counter())
+        request[ACCESS] = access
+        response: web.StreamResponse | None = None
+        try:
+            try:
+                response = await handler(request)
+            except ProxyError as error:
+                response = render(error, request_id)
+                access.outcome = access.outcome or Outcome.REFUSED
+            except web.HTTPException as exc:
+                if exc.status < 400:
+                    raise
+                response = render(_from_http_exception(exc), request_id)
+                access.outcome = access.outcome or Outcome.REFUSED
+            except Exception:
+                log.exception("unhandled error", extra={"request_id": request_id})
+                response = render(ProxyError("The proxy failed to handle the request."), request_id)
+            if not response.prepared and "x-request-id" not in response.headers:
+                response.headers["x-request-id"] = request_id
+            return response
+        finally:
+            if response is not None:
+                access.status = response.status
+            elif access.outcome is None:
+                access.outcome = Outcome.CLIENT_GONE
+            if access_log:
+                access.emit(access_logger)
+
+    return middleware

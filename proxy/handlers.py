@@ -1,0 +1,143 @@
+"""Thin handlers, named after OpenAI's operationIds, plus the passthrough and health check."""
+
+from __future__ import annotations
+
+import orjson
+from aiohttp import web
+
+from proxy.assemble import input_messages, list_body
+from proxy.callers import bearer_token
+from proxy.capture import Capture
+from proxy.errors import InvalidRequest, NotFound, StoreUnavailable, Unauthorized
+from proxy.keys import ACCESS, CALLERS, RELAY, STORE, WRITER
+from proxy.models import parse_list_query, parse_page_query, parse_update_body, peek_chat_request
+from proxy.store import UnknownCursor
+
+JSON = "application/json"
+
+
+def _json(body: bytes, status: int = 200) -> web.Response:
+    return web.Response(body=body, status=status, content_type=JSON)
+
+
+def _caller(request: web.Request) -> str:
+    """The caller's fingerprint; stored completions are never served without a bearer token."""
+    caller = request.app[CALLERS].of(request)
+    if caller is None:
+        raise Unauthorized()
+    request[ACCESS].caller = caller
+    return caller
+
+
+def _not_found(completion_id: str) -> NotFound:
+    return NotFound(f"No chat completion found with id '{completion_id}'.", param="completion_id")
+
+
+async def create_chat_completion(request: web.Request) -> web.StreamResponse:
+    """Forward to the upstream; capture the answer when the request says ``store: true``."""
+    access = request[ACCESS]
+    raw = await request.read()
+    chat = peek_chat_request(raw)
+    access.model = chat.model or None
+    access.stream = chat.body.get("stream") is True
+    capture = None
+    if chat.store:
+        if bearer_token(request.headers) is None:
+            raise Unauthorized("store: true needs a bearer token, so the completion has an owner.")
+        reason = request.app[WRITER].broken
+        if reason is not None:
+            raise StoreUnavailable(
+                "The completion store cannot write, so store: true requests are refused"
+                f" until it recovers ({reason}).",
+                code="store_unavailable",
+            )
+        capture = Capture(chat, raw, _caller(request))
+    return await request.app[RELAY].forward(request, raw, access, capture)
+
+
+async def list_chat_completions(request: web.Request) -> web.Response:
+    caller = _caller(request)
+    query = parse_list_query(request.query)
+    access = request[ACCESS]
+    access.model = query.model
+    try:
+        page = await request.app[STORE].list_completions(caller, query)
+    except UnknownCursor:
+        raise InvalidRequest(
+            f"after: no chat completion with id '{query.page.after}'.", param="after"
+        ) from None
+    return _json(list_body(page.items, page.has_more))
+
+
+async def get_chat_completion(request: web.Request) -> web.Response:
+    caller = _caller(request)
+    completion_id = request.match_info["completion_id"]
+    body = await request.app[STORE].get(caller, completion_id)
+    if body is None:
+        raise _not_found(completion_id)
+    return _json(body)
+
+
+async def update_chat_completion(request: web.Request) -> web.Response:
+    caller = _caller(request)
+    completion_id = request.match_info["completion_id"]
+    metadata = parse_update_body(await request.read())
+    body = await request.app[STORE].update_metadata(caller, completion_id, metadata)
+    if body is None:
+        raise _not_found(completion_id)
+    return _json(body)
+
+
+async def delete_chat_completion(request: web.Request) -> web.Response:
+    # The SDK sends Content-Type: application/json with no body: the body is never read.
+    caller = _caller(request)
+    completion_id = request.match_info["completion_id"]
+    if not await request.app[STORE].delete(caller, completion_id):
+        raise _not_found(completion_id)
+    return _json(
+        orjson.dumps({"object": "chat.completion.deleted", "id": completion_id, "deleted": True})
+    )
+
+
+async def get_chat_completion_messages(request: web.Request) -> web.Response:
+    caller = _caller(request)
+    completion_id = request.match_info["completion_id"]
+    page = parse_page_query(request.query)
+    raw = await request.app[STORE].request_of(caller, completion_id)
+    if raw is None:
+        raise _not_found(completion_id)
+    messages = input_messages(orjson.loads(raw), completion_id)
+    if page.order == "desc":
+        messages.reverse()
+    if page.after is not None:
+        position = next((i for i, m in enumerate(messages) if m["id"] == page.after), None)
+        if position is None:
+            raise InvalidRequest(
+                f"after: no message with id '{page.after}' in this completion.", param="after"
+            )
+        messages = messages[position + 1 :]
+    chosen = messages[: page.limit]
+    items = [(m["id"], orjson.dumps(m)) for m in chosen]
+    return _json(list_body(items, len(messages) > page.limit))
+
+
+async def forward(request: web.Request) -> web.StreamResponse:
+    """Every other ``/v1/*`` route goes to the upstream untouched, streaming included."""
+    return await request.app[RELAY].forward(request, await request.read(), request[ACCESS])
+
+
+async def healthz(request: web.Request) -> web.Response:
+    writer = request.app[WRITER]
+    stats = writer.stats
+    body = {
+        "status": "ok" if writer.broken is None else "degraded",
+        "store": {
+            "writable": writer.broken is None,
+            "reason": writer.broken,
+            "queue_depth": writer.depth,
+            "committed": stats.committed,
+            "failed": stats.failed,
+            "failed_ids": stats.failed_ids[-20:],
+        },
+    }
+    return _json(orjson.dumps(body), status=200 if writer.broken is None else 503)

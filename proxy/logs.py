@@ -1,0 +1,87 @@
+"""Structured logs: one JSON object per line, access records included.
+
+Every field is encoded by orjson, so CR, LF, ANSI escapes or U+2028 in any input end up
+escaped inside a JSON string: no input can split a line or forge another one. Bearer tokens
+never reach a log; callers appear as their fingerprint.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import orjson
+
+from proxy.config import LoggingConfig
+
+# Attributes every LogRecord has; anything else was passed through ``extra=``.
+_STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+
+
+class JSONFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": round(record.created, 6),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD and not key.startswith("_"):
+                entry[key] = value
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return orjson.dumps(entry, default=str).decode()
+
+
+class TextFormatter(logging.Formatter):
+    """Human-readable lines; control characters in messages are escaped to keep one per line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        extra = {
+            k: v for k, v in record.__dict__.items() if k not in _STANDARD and not k.startswith("_")
+        }
+        if extra:
+            line += " " + orjson.dumps(extra, default=str).decode()
+        return line.encode("unicode_escape").decode("ascii")
+
+
+def configure(config: LoggingConfig) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if config.format == "json":
+        handler.setFormatter(JSONFormatter())
+    else:
+        handler.setFormatter(TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(config.level.upper())
+    # aiohttp's own access log prints raw request lines; ours is structured (AccessRecord).
+    logging.getLogger("aiohttp.access").disabled = True
+
+
+@dataclass(slots=True)
+class AccessRecord:
+    """What the access log says of one request; handlers fill in what they learn."""
+
+    request_id: str
+    method: str
+    path: str
+    started: float
+    status: int = 0
+    caller: str | None = None
+    model: str | None = None
+    stream: bool | None = None
+    outcome: str | None = None
+    completion_id: str | None = None
+    upstream_ms: float | None = None
+    proxy_ms: float | None = None
+
+    def emit(self, logger: logging.Logger) -> None:
+        fields = {k: v for k, v in asdict(self).items() if v is not None}
+        fields["duration_ms"] = round((time.perf_counter() - self.started) * 1000, 3)
+        del fields["started"]
+        logger.info("request", extra=fields)

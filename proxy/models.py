@@ -1,0 +1,157 @@
+"""Validation at the edges: metadata, list queries and the update body.
+
+Every rejection is an ``InvalidRequest`` naming the offending ``param``, so a bad input
+becomes a 400 in OpenAI's shape and changes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import orjson
+from multidict import MultiMapping
+
+from proxy.errors import InvalidRequest
+
+METADATA_MAX_PAIRS = 16
+METADATA_MAX_KEY = 64
+METADATA_MAX_VALUE = 512
+LIMIT_DEFAULT = 20
+LIMIT_MAX = 100
+
+Order = Literal["asc", "desc"]
+Json = dict[str, Any]
+
+
+def check_metadata(value: Any) -> dict[str, str]:
+    """OpenAI's metadata rules: at most 16 string pairs, keys ≤ 64 and values ≤ 512 chars."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidRequest(
+            "metadata must be an object of string keys and values.", param="metadata"
+        )
+    if len(value) > METADATA_MAX_PAIRS:
+        raise InvalidRequest(
+            f"metadata may hold at most {METADATA_MAX_PAIRS} pairs; got {len(value)}.",
+            param="metadata",
+        )
+    for key, item in value.items():
+        if not isinstance(item, str):
+            raise InvalidRequest(f"metadata value of {key!r} must be a string.", param="metadata")
+        if len(key) > METADATA_MAX_KEY:
+            raise InvalidRequest(
+                f"metadata keys may be at most {METADATA_MAX_KEY} characters.", param="metadata"
+            )
+        if len(item) > METADATA_MAX_VALUE:
+            raise InvalidRequest(
+                f"metadata values may be at most {METADATA_MAX_VALUE} characters.",
+                param="metadata",
+            )
+    return dict(value)
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRequest:
+    """What the proxy reads of a create request; the bytes themselves go upstream untouched."""
+
+    body: Json
+    store: bool
+    model: str
+    metadata: dict[str, str]
+
+
+def peek_chat_request(raw: bytes) -> ChatRequest:
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as error:
+        raise InvalidRequest(f"The request body is not valid JSON: {error.msg}.") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    store = body.get("store")
+    if store is not None and not isinstance(store, bool):
+        raise InvalidRequest("store must be a boolean.", param="store")
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise InvalidRequest("stream must be a boolean.", param="stream")
+    model = body.get("model")
+    if store and not isinstance(model, str):
+        raise InvalidRequest("model must be a string.", param="model")
+    metadata = check_metadata(body.get("metadata"))
+    return ChatRequest(body=body, store=bool(store), model=model or "", metadata=metadata)
+
+
+def _limit(query: MultiMapping[str]) -> int:
+    raw = query.get("limit")
+    if raw is None:
+        return LIMIT_DEFAULT
+    try:
+        limit = int(raw)
+    except ValueError:
+        raise InvalidRequest("limit must be an integer.", param="limit") from None
+    if not 1 <= limit <= LIMIT_MAX:
+        raise InvalidRequest(f"limit must be between 1 and {LIMIT_MAX}.", param="limit")
+    return limit
+
+
+def _order(query: MultiMapping[str]) -> Order:
+    raw = query.get("order", "asc")
+    if raw == "asc":
+        return "asc"
+    if raw == "desc":
+        return "desc"
+    raise InvalidRequest("order must be 'asc' or 'desc'.", param="order")
+
+
+@dataclass(frozen=True, slots=True)
+class PageQuery:
+    after: str | None = None
+    limit: int = LIMIT_DEFAULT
+    order: Order = "asc"
+
+
+@dataclass(frozen=True, slots=True)
+class ListQuery:
+    page: PageQuery = PageQuery()
+    model: str | None = None
+    metadata: tuple[tuple[str, str], ...] = ()
+
+
+def parse_page_query(query: MultiMapping[str]) -> PageQuery:
+    after = query.get("after")
+    if after == "":
+        after = None
+    return PageQuery(after=after, limit=_limit(query), order=_order(query))
+
+
+def parse_list_query(query: MultiMapping[str]) -> ListQuery:
+    """``model``, ``metadata[KEY]=VALUE`` (AND-ed, repeated keys must all hold), and the page."""
+    pairs: list[tuple[str, str]] = []
+    for name, value in query.items():
+        if not (name.startswith("metadata[") and name.endswith("]")):
+            continue
+        key = name[len("metadata[") : -1]
+        if not key:
+            raise InvalidRequest("metadata filter keys must not be empty.", param="metadata")
+        if (key, value) not in pairs:
+            pairs.append((key, value))
+    model = query.get("model") or None
+    return ListQuery(page=parse_page_query(query), model=model, metadata=tuple(pairs))
+
+
+def parse_update_body(raw: bytes) -> dict[str, str]:
+    """The update body: ``{"metadata": {...} | null}``; it replaces the whole map."""
+    try:
+        body = orjson.loads(raw) if raw else None
+    except orjson.JSONDecodeError as error:
+        raise InvalidRequest(f"The request body is not valid JSON: {error.msg}.") from None
+    if not isinstance(body, Mapping):
+        raise InvalidRequest("The request body must be a JSON object with metadata.")
+    if "metadata" not in body:
+        raise InvalidRequest("metadata is required.", param="metadata")
+    unknown = sorted(set(body) - {"metadata"})
+    if unknown:
+        raise InvalidRequest(f"Unknown parameter: {unknown[0]}.", param=unknown[0])
+    return check_metadata(body["metadata"])

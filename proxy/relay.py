@@ -1,0 +1,194 @@
+"""One exchange: the client's request goes upstream, the upstream's answer comes back.
+
+The client comes first: every upstream read is written to the client as it arrives, one
+write per read, and appended to the capture (``bytearray.extend``: cannot fail, costs
+nothing). Only the end of a captured answer waits: the plain body, or the read carrying
+``data: [DONE]``, goes out after the completion is committed (see ``capture``).
+
+Failures and what the client sees:
+- upstream refused / reset before answering → 502; no answer within the read timeout → 504;
+- upstream dies or stalls mid-stream → the client connection is closed without the final
+  chunk, so the client sees a broken transfer, never a clean end;
+- the client goes away → the upstream response is closed at once, which stops the read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from proxy.assemble import AssemblyError
+from proxy.capture import Capture
+from proxy.errors import UpstreamTimeout, UpstreamUnreachable
+from proxy.logs import AccessRecord
+from proxy.outcome import Outcome
+from proxy.sse import DoneWatch, ends_with_done
+from proxy.upstream import headers_down, headers_up, upstream_url
+from proxy.writer import WriteFailed, Writer
+
+log = logging.getLogger("proxy.relay")
+
+_CLIENT_GONE = (ConnectionResetError, ConnectionError)
+
+
+def _server_timing(proxy_ms: float, upstream_ms: float) -> str:
+    return f"proxy;dur={proxy_ms:.3f}, upstream;dur={upstream_ms:.3f}"
+
+
+class Relay:
+    """Forwards requests to the configured upstream and captures what must be stored."""
+
+    def __init__(self, session: aiohttp.ClientSession, base_url: str, writer: Writer) -> None:
+        self._session = session
+        self._base = base_url
+        self._writer = writer
+
+    async def forward(
+        self,
+        request: web.Request,
+        body: bytes,
+        access: AccessRecord,
+        capture: Capture | None = None,
+    ) -> web.StreamResponse:
+        tail = request.rel_url.raw_path[len("/v1") :]
+        url = upstream_url(self._base, tail, request.rel_url.raw_query_string)
+        sent = time.perf_counter()
+        try:
+            upstream = await self._session.request(
+                request.method,
+                url,
+                headers=headers_up(request.headers),
+                data=body if body else None,
+                allow_redirects=False,
+            )
+        except TimeoutError:
+            access.outcome = Outcome.UPSTREAM_FAILED
+            raise UpstreamTimeout("The upstream did not answer in time.") from None
+        except aiohttp.ClientError as error:
+            access.outcome = Outcome.UPSTREAM_FAILED
+            raise UpstreamUnreachable(
+                f"The upstream could not be reached ({type(error).__name__})."
+            ) from None
+        answered = time.perf_counter()
+        async with upstream:
+            if capture is not None:
+                capture.upstream_request_id = upstream.headers.get("x-request-id")
+            access.status = upstream.status
+            access.upstream_ms = round((answered - sent) * 1000, 3)
+            proxy_ms = (sent - access.started) * 1000
+            access.proxy_ms = round(proxy_ms, 3)
+            headers = headers_down(upstream.headers)
+            headers["Server-Timing"] = _server_timing(proxy_ms, access.upstream_ms)
+            is_stream = upstream.content_type == "text/event-stream"
+            if capture is not None and upstream.status != 200:
+                capture = None
+                access.outcome = Outcome.UPSTREAM_ERROR
+            if capture is not None and not is_stream:
+                return await self._plain(upstream, headers, capture, access)
+            if capture is not None:
+                capture.streamed = True
+            return await self._stream(request, upstream, headers, capture, access)
+
+    async def _plain(
+        self,
+        upstream: aiohttp.ClientResponse,
+        headers: CIMultiDict[str],
+        capture: Capture,
+        access: AccessRecord,
+    ) -> web.Response:
+        try:
+            body = await upstream.read()
+        except TimeoutError:
+            access.outcome = Outcome.UPSTREAM_FAILED
+            raise UpstreamTimeout("The upstream stopped answering.") from None
+        except aiohttp.ClientError as error:
+            access.outcome = Outcome.UPSTREAM_FAILED
+            raise UpstreamUnreachable(
+                f"The upstream connection failed mid-answer ({type(error).__name__})."
+            ) from None
+        capture.response += body
+        response = web.Response(
+            status=upstream.status, reason=upstream.reason, body=body, headers=headers
+        )
+        await self._commit(capture, access)
+        return response
+
+    async def _stream(
+        self,
+        request: web.Request,
+        upstream: aiohttp.ClientResponse,
+        headers: CIMultiDict[str],
+        capture: Capture | None,
+        access: AccessRecord,
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(
+            status=upstream.status, reason=upstream.reason, headers=headers
+        )
+        try:
+            await response.prepare(request)
+        except _CLIENT_GONE:
+            access.outcome = Outcome.CLIENT_GONE
+            upstream.close()
+            return response
+        watch = DoneWatch()
+        committed = False
+        reader = upstream.content
+        while True:
+            try:
+                data = await reader.readany()
+            except (TimeoutError, aiohttp.ClientError) as error:
+                log.warning(
+                    "upstream failed mid-answer",
+                    extra={"request_id": access.request_id, "reason": type(error).__name__},
+                )
+                if not committed:
+                    access.outcome = Outcome.UPSTREAM_FAILED
+                request.protocol.force_close()  # the client must see a broken transfer
+                return response
+            if not data:
+                break
+            if capture is not None and not committed:
+                capture.response += data
+                if watch.seen_in(data) and ends_with_done(bytes(capture.response)):
+                    committed = True
+                    await self._commit(capture, access)
+            try:
+                await response.write(data)
+            except _CLIENT_GONE:
+                if not committed:
+                    access.outcome = Outcome.CLIENT_GONE
+                upstream.close()
+                return response
+        if capture is not None and not committed:
+            # No [DONE] (some providers end at EOF): store if every choice finished.
+            await self._commit(capture, access)
+        elif capture is None and access.outcome is None:
+            access.outcome = Outcome.COMPLETE
+        # Everything was written; a client that closed before the terminator changes nothing.
+        with contextlib.suppress(*_CLIENT_GONE):
+            await response.write_eof()
+        return response
+
+    async def _commit(self, capture: Capture, access: AccessRecord) -> None:
+        """Assemble and commit the capture; failures are logged and counted, never raised."""
+        try:
+            record = capture.record()
+        except AssemblyError as error:
+            access.outcome = Outcome.UNSTORABLE
+            log.warning(
+                "answer not stored",
+                extra={"request_id": access.request_id, "reason": str(error)},
+            )
+            return
+        access.completion_id = record.id
+        try:
+            await self._writer.commit(record)
+        except WriteFailed:
+            access.outcome = Outcome.STORE_FAILED
+            return
+        access.outcome = Outcome.COMPLETE

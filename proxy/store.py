@@ -1,0 +1,360 @@
+"""Where completions live: the ``Store`` interface and its SQLite implementation.
+
+Everything SQL and SQLite-specific stays in ``SQLiteStore``, so a PostgreSQL store (several
+proxy instances sharing one database) can implement the same interface.
+
+SQLite specifics:
+- WAL journal; one write connection, one read connection. Writes take ``BEGIN IMMEDIATE``
+  under one lock, so batches, updates and deletes never interleave.
+- ``synchronous=NORMAL`` by default: a commit survives the proxy being killed (``kill -9``)
+  but the last commits may be lost on power failure; ``store.synchronous: full`` closes that
+  at the cost of an fsync per batch.
+- Pages are keyset-paginated on ``(created, seq)``: a stable total order, so pages never skip
+  or repeat, and every list is an index range read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import aiosqlite
+import orjson
+
+from proxy.assemble import with_metadata
+from proxy.migrations import migrate
+from proxy.models import ListQuery, Order, PageQuery
+
+
+@dataclass(frozen=True, slots=True)
+class CompletionRecord:
+    """One captured completion, ready to be written."""
+
+    id: str
+    caller: str
+    created: int
+    model: str
+    metadata: dict[str, str]
+    completion: bytes  # the stored chat.completion JSON, without metadata
+    request: bytes  # the client's request body, as sent
+    request_id: str | None
+    stream: bool
+    outcome: str
+    duration_ms: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    items: list[tuple[str, bytes]]  # (id, API JSON)
+    has_more: bool
+
+
+class UnknownCursor(LookupError):
+    """``after`` names an id this caller never had."""
+
+
+class Store(Protocol):
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+    async def write_batch(self, records: Sequence[CompletionRecord]) -> int: ...
+    async def probe_write(self) -> None: ...
+    async def get(self, caller: str, completion_id: str) -> bytes | None: ...
+    async def request_of(self, caller: str, completion_id: str) -> bytes | None: ...
+    async def list_completions(self, caller: str, query: ListQuery) -> Page: ...
+    async def update_metadata(
+        self, caller: str, completion_id: str, metadata: dict[str, str]
+    ) -> bytes | None: ...
+    async def delete(self, caller: str, completion_id: str) -> bool: ...
+    async def setting(self, name: str, default: bytes) -> bytes: ...
+
+
+_INSERT_COMPLETION = """
+INSERT INTO completions (
+    seq, id, caller, created, model, metadata, completion, request,
+    request_id, stream, outcome, stored_at, duration_ms
+) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (caller, id) DO NOTHING
+"""
+
+# Inserted through the completion row so a completion skipped as a duplicate gets no pairs.
+_INSERT_METADATA = """
+INSERT INTO completion_metadata (seq, key, value, caller, created)
+SELECT seq, ?, ?, caller, created FROM completions WHERE seq = ? AND caller = ? AND id = ?
+"""
+
+_COLUMNS = "c.id, c.completion, c.metadata, c.created, c.seq"
+
+
+def _dump_metadata(metadata: dict[str, str]) -> bytes:
+    return orjson.dumps(metadata, option=orjson.OPT_SORT_KEYS)
+
+
+def _page_sql(
+    caller: str, query: ListQuery, cursor: tuple[int, int] | None, order: Order, limit: int
+) -> tuple[str, list[object]]:
+    """One keyset page as SQL: driven by the first metadata pair's index when filtering."""
+    direction = "ASC" if order == "asc" else "DESC"
+    compare = ">" if order == "asc" else "<"
+    params: list[object] = []
+    where: list[str] = []
+    if query.metadata:
+        (key, value), rest = query.metadata[0], query.metadata[1:]
+        source = "completion_metadata m CROSS JOIN completions c ON c.seq = m.seq"
+        where.append("m.caller = ? AND m.key = ? AND m.value = ?")
+        params += [caller, key, value]
+        keys = "m.created, m.seq"
+        for key, value in rest:
+            where.append(
+                "EXISTS (SELECT 1 FROM completion_metadata x"
+                " WHERE x.seq = c.seq AND x.key = ? AND x.value = ?)"
+            )
+            params += [key, value]
+    else:
+        source = "completions c"
+        where.append("c.caller = ?")
+        params.append(caller)
+        keys = "c.created, c.seq"
+    if query.model is not None:
+        where.append("c.model = ?")
+        params.append(query.model)
+    if cursor is not None:
+        where.append(f"({keys}) {compare} (?, ?)")
+        params += list(cursor)
+    first, second = keys.split(", ")
+    sql = (
+        f"SELECT {_COLUMNS} FROM {source} WHERE {' AND '.join(where)}"
+        f" ORDER BY {first} {direction}, {second} {direction} LIMIT ?"
+    )
+    params.append(limit + 1)
+    return sql, params
+
+
+class SQLiteStore:
+    """The SQLite store: one file, WAL, one writer connection and one reader connection."""
+
+    def __init__(self, path: str | Path, *, synchronous: str = "normal") -> None:
+        self.path = str(path)
+        self._synchronous = synchronous.upper()
+        self._writer: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+        self._write_lock = asyncio.Lock()
+
+    async def _connect(self) -> aiosqlite.Connection:
+        conn = await aiosqlite.connect(self.path, isolation_level=None)
+        await conn.execute("PRAGMA busy_timeout = 5000")
+        await conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+        return conn
+
+    async def open(self) -> None:
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self._writer = await self._connect()
+        await self._writer.execute("PRAGMA journal_mode = WAL")
+        await migrate(self._writer)
+        self._reader = await self._connect()
+
+    async def close(self) -> None:
+        for conn in (self._reader, self._writer):
+            if conn is not None:
+                await conn.close()
+        self._reader = self._writer = None
+
+    @property
+    def _w(self) -> aiosqlite.Connection:
+        if self._writer is None:
+            raise RuntimeError("store is not open")
+        return self._writer
+
+    @property
+    def _r(self) -> aiosqlite.Connection:
+        if self._reader is None:
+            raise RuntimeError("store is not open")
+        return self._reader
+
+    async def _fetchone(
+        self, conn: aiosqlite.Connection, sql: str, params: Sequence[object] = ()
+    ) -> sqlite3.Row | None:
+        async with conn.execute(sql, params) as cursor:
+            row: sqlite3.Row | None = await cursor.fetchone()
+            return row
+
+    # -- writes ------------------------------------------------------------------------------
+
+    async def write_batch(self, records: Sequence[CompletionRecord]) -> int:
+        """Write records in one transaction; return how many were new (duplicates are skipped)."""
+        conn = self._w
+        async with self._write_lock:
+            await conn.execute("BEGIN IMMEDIATE")
+            try:
+                row = await self._fetchone(conn, "SELECT coalesce(max(seq), 0) FROM completions")
+                base = row[0] if row else 0
+                now = time.time()
+                rows = []
+                pairs = []
+                for offset, record in enumerate(records, 1):
+                    seq = base + offset
+                    rows.append(
+                        (
+                            seq,
+                            record.id,
+                            record.caller,
+                            record.created,
+                            record.model,
+                            _dump_metadata(record.metadata),
+                            record.completion,
+                            record.request,
+                            record.request_id,
+                            int(record.stream),
+                            record.outcome,
+                            now,
+                            record.duration_ms,
+                        )
+                    )
+                    pairs += [
+                        (key, value, seq, record.caller, record.id)
+                        for key, value in record.metadata.items()
+                    ]
+                before = conn.total_changes
+                await conn.executemany(_INSERT_COMPLETION, rows)
+                inserted = conn.total_changes - before
+                if pairs:
+                    await conn.executemany(_INSERT_METADATA, pairs)
+                await conn.execute("COMMIT")
+            except BaseException:
+                await self._rollback(conn)
+                raise
+        return inserted
+
+    async def _rollback(self, conn: aiosqlite.Connection) -> None:
+        # SQLite may have rolled back already (SQLITE_FULL ends the transaction).
+        with contextlib.suppress(sqlite3.Error):
+            await conn.execute("ROLLBACK")
+
+    async def probe_write(self) -> None:
+        """A small real write, to tell whether a store that failed can write again."""
+        async with self._write_lock:
+            await self._w.execute(
+                "INSERT INTO settings (name, value) VALUES ('probe', ?)"
+                " ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                (str(time.time()).encode(),),
+            )
+
+    async def update_metadata(
+        self, caller: str, completion_id: str, metadata: dict[str, str]
+    ) -> bytes | None:
+        conn = self._w
+        encoded = _dump_metadata(metadata)
+        async with self._write_lock:
+            await conn.execute("BEGIN IMMEDIATE")
+            try:
+                row = await self._fetchone(
+                    conn,
+                    "UPDATE completions SET metadata = ? WHERE caller = ? AND id = ?"
+                    " RETURNING seq, created, completion",
+                    (encoded, caller, completion_id),
+                )
+                if row is None:
+                    await conn.execute("ROLLBACK")
+                    return None
+                seq, created, completion = row
+                await conn.execute("DELETE FROM completion_metadata WHERE seq = ?", (seq,))
+                await conn.executemany(
+                    "INSERT INTO completion_metadata (seq, key, value, caller, created)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    [(seq, k, v, caller, created) for k, v in metadata.items()],
+                )
+                await conn.execute("COMMIT")
+            except BaseException:
+                await self._rollback(conn)
+                raise
+        return with_metadata(completion, encoded)
+
+    async def delete(self, caller: str, completion_id: str) -> bool:
+        conn = self._w
+        async with self._write_lock:
+            await conn.execute("BEGIN IMMEDIATE")
+            try:
+                row = await self._fetchone(
+                    conn,
+                    "DELETE FROM completions WHERE caller = ? AND id = ? RETURNING seq, created",
+                    (caller, completion_id),
+                )
+                if row is None:
+                    await conn.execute("ROLLBACK")
+                    return False
+                seq, created = row
+                await conn.execute("DELETE FROM completion_metadata WHERE seq = ?", (seq,))
+                await conn.execute(
+                    "INSERT OR REPLACE INTO tombstones (caller, id, created, seq, deleted_at)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (caller, completion_id, created, seq, time.time()),
+                )
+                await conn.execute("COMMIT")
+            except BaseException:
+                await self._rollback(conn)
+                raise
+        return True
+
+    async def setting(self, name: str, default: bytes) -> bytes:
+        """The stored value of a setting, storing ``default`` first if there is none."""
+        conn = self._w
+        async with self._write_lock:
+            await conn.execute(
+                "INSERT INTO settings (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
+                (name, default),
+            )
+            row = await self._fetchone(conn, "SELECT value FROM settings WHERE name = ?", (name,))
+        assert row is not None
+        value: bytes = row[0]
+        return value
+
+    # -- reads -------------------------------------------------------------------------------
+
+    async def get(self, caller: str, completion_id: str) -> bytes | None:
+        row = await self._fetchone(
+            self._r,
+            "SELECT completion, metadata FROM completions WHERE caller = ? AND id = ?",
+            (caller, completion_id),
+        )
+        return None if row is None else with_metadata(row[0], row[1])
+
+    async def request_of(self, caller: str, completion_id: str) -> bytes | None:
+        row = await self._fetchone(
+            self._r,
+            "SELECT request FROM completions WHERE caller = ? AND id = ?",
+            (caller, completion_id),
+        )
+        return None if row is None else bytes(row[0])
+
+    async def _cursor(self, caller: str, after: str) -> tuple[int, int]:
+        row = await self._fetchone(
+            self._r,
+            "SELECT created, seq FROM completions WHERE caller = ? AND id = ?"
+            " UNION ALL SELECT created, seq FROM tombstones WHERE caller = ? AND id = ?"
+            " LIMIT 1",
+            (caller, after, caller, after),
+        )
+        if row is None:
+            raise UnknownCursor(after)
+        return row[0], row[1]
+
+    async def list_completions(self, caller: str, query: ListQuery) -> Page:
+        page: PageQuery = query.page
+        cursor = await self._cursor(caller, page.after) if page.after else None
+        sql, params = _page_sql(caller, query, cursor, page.order, page.limit)
+        async with self._r.execute(sql, params) as result:
+            rows = list(await result.fetchall())
+        items = [(row[0], with_metadata(row[1], row[2])) for row in rows[: page.limit]]
+        return Page(items=items, has_more=len(rows) > page.limit)
+
+    async def explain_list(self, caller: str, query: ListQuery) -> list[str]:
+        """SQLite's plan for a list query, so tests can prove it reads indexes, not the table."""
+        sql, params = _page_sql(caller, query, (0, 0) if query.page.after else None, "asc", 1)
+        async with self._r.execute("EXPLAIN QUERY PLAN " + sql, params) as result:
+            return [str(row[3]) async for row in result]

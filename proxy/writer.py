@@ -1,0 +1,166 @@
+"""The one writer: a bounded queue of captured completions, committed in groups.
+
+A handler submits a record and awaits its commit; the writer takes everything queued (up
+to ``batch_size``) and commits it in one transaction, so under load many completions share
+one commit and at rest a single one commits at once.
+
+When a batch fails, its records are retried one by one, so one bad record cannot sink its
+neighbours. A record that still cannot be written is logged with its id and counted, and
+the store is marked unhealthy: from then on ``store: true`` requests are refused with 503
+before any upstream call, until a probe write succeeds again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+
+from proxy.store import CompletionRecord, Store
+
+log = logging.getLogger("proxy.writer")
+
+PROBE_INTERVAL = 2.0
+
+
+class WriteFailed(Exception):
+    """The record could not be committed."""
+
+
+@dataclass(slots=True)
+class WriterStats:
+    committed: int = 0
+    duplicates: int = 0
+    failed: int = 0
+    batches: int = 0
+    failed_ids: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Job:
+    record: CompletionRecord
+    done: asyncio.Future[None]
+
+
+class Writer:
+    def __init__(self, store: Store, *, queue_size: int = 10_000, batch_size: int = 256) -> None:
+        self._store = store
+        self._queue: asyncio.Queue[_Job] = asyncio.Queue(queue_size)
+        self._batch_size = batch_size
+        self._task: asyncio.Task[None] | None = None
+        self._probe: asyncio.Task[None] | None = None
+        self._closing = False
+        self.stats = WriterStats()
+        self.broken: str | None = None  # why the store cannot write, while it cannot
+
+    @property
+    def depth(self) -> int:
+        return self._queue.qsize()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="store-writer")
+
+    async def commit(self, record: CompletionRecord) -> None:
+        """Queue a record and wait until it is committed; raises WriteFailed if it cannot be."""
+        if self._closing:
+            raise WriteFailed("the writer is shut down")
+        job = _Job(record, asyncio.get_running_loop().create_future())
+        job.done.add_done_callback(_consume)
+        await self._queue.put(job)
+        # Shielded: a client that goes away must not cancel a commit already queued.
+        await asyncio.shield(job.done)
+
+    async def close(self) -> None:
+        """Commit everything queued, then stop."""
+        self._closing = True
+        if self._task is not None:
+            await self._queue.join()
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._probe is not None:
+            self._probe.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._probe
+
+    async def _run(self) -> None:
+        while True:
+            jobs = [await self._queue.get()]
+            while len(jobs) < self._batch_size and not self._queue.empty():
+                jobs.append(self._queue.get_nowait())
+            try:
+                await self._write(jobs)
+            finally:
+                for _ in jobs:
+                    self._queue.task_done()
+
+    async def _write(self, jobs: list[_Job]) -> None:
+        try:
+            inserted = await self._store.write_batch([job.record for job in jobs])
+        except Exception as error:  # noqa: BLE001 - any failure is retried one by one below
+            log.warning("batch of %d failed (%s); retrying one by one", len(jobs), error)
+            for job in jobs:
+                await self._write_one(job)
+            return
+        self.stats.batches += 1
+        self.stats.committed += inserted
+        self._note_duplicates(jobs, inserted)
+        for job in jobs:
+            if not job.done.done():
+                job.done.set_result(None)
+
+    def _note_duplicates(self, jobs: list[_Job], inserted: int) -> None:
+        if inserted < len(jobs):
+            self.stats.duplicates += len(jobs) - inserted
+            log.warning(
+                "%d completion(s) already stored under the same caller and id were kept as first"
+                " written",
+                len(jobs) - inserted,
+            )
+
+    async def _write_one(self, job: _Job) -> None:
+        record = job.record
+        try:
+            inserted = await self._store.write_batch([record])
+        except Exception as error:  # noqa: BLE001 - reported, counted and surfaced below
+            self.stats.failed += 1
+            if len(self.stats.failed_ids) < 1000:
+                self.stats.failed_ids.append(record.id)
+            log.error(
+                "completion not stored",
+                extra={"completion_id": record.id, "caller": record.caller, "reason": str(error)},
+            )
+            self._mark_broken(str(error))
+            if not job.done.done():
+                job.done.set_exception(WriteFailed(str(error)))
+            return
+        self.stats.batches += 1
+        self.stats.committed += inserted
+        self._note_duplicates([job], inserted)
+        if not job.done.done():
+            job.done.set_result(None)
+
+    def _mark_broken(self, reason: str) -> None:
+        if self.broken is None:
+            self.broken = reason
+            self._probe = asyncio.create_task(self._probe_until_healthy(), name="store-probe")
+
+    async def _probe_until_healthy(self) -> None:
+        while True:
+            await asyncio.sleep(PROBE_INTERVAL)
+            try:
+                await self._store.probe_write()
+            except Exception as error:  # noqa: BLE001 - still broken; try again later
+                self.broken = str(error)
+                continue
+            log.warning("store writable again after %s", self.broken)
+            self.broken = None
+            self._probe = None
+            return
+
+
+def _consume(future: asyncio.Future[None]) -> None:
+    """Mark a job's outcome as seen even when its waiter went away."""
+    if not future.cancelled():
+        future.exception()
