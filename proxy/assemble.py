@@ -52,12 +52,12 @@ def _merge_tool_call(calls: dict[int, Json], delta: Json) -> None:
     if call is None:
         call = calls[index] = {
             "id": None,
-            "type": "function",
+            "type": None,
             "function": {"name": "", "arguments": ""},
         }
     if delta.get("id"):
         call["id"] = call["id"] or delta["id"]
-    if delta.get("type"):
+    if delta.get("type") and not call["type"]:
         call["type"] = delta["type"]
     function = delta.get("function") or {}
     if function.get("name") and not call["function"]["name"]:
@@ -84,7 +84,16 @@ def fold_chunks(chunks: Iterable[Json]) -> Json:
     ``finish_reason`` comes from the chunk that sets it, logprobs lists extend. ``usage``,
     ``system_fingerprint`` and ``service_tier`` come from the last chunk that has them. Chunks
     whose ``object`` is not ``chat.completion.chunk`` (filter events of some providers) are skipped.
+    A chunk whose fields have the wrong JSON types raises ``AssemblyError``, like any other
+    answer that cannot be stored.
     """
+    try:
+        return _fold(chunks)
+    except (AttributeError, TypeError) as error:
+        raise AssemblyError(f"a chunk is malformed: {error}") from None
+
+
+def _fold(chunks: Iterable[Json]) -> Json:
     head: Json | None = None
     choices: dict[int, Json] = {}
     tool_calls: dict[int, dict[int, Json]] = {}
@@ -141,6 +150,8 @@ def fold_chunks(chunks: Iterable[Json]) -> Json:
     if head is None:
         raise AssemblyError("the stream carried no chat.completion.chunk")
     for index, calls in tool_calls.items():
+        for call in calls.values():
+            call["type"] = call["type"] or "function"
         choices[index]["message"]["tool_calls"] = [calls[i] for i in sorted(calls)]
     head["choices"] = [choices[i] for i in sorted(choices)]
     return head

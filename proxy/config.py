@@ -6,6 +6,7 @@ variable that holds one.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -111,5 +112,7 @@ def load_config(path: str | Path | None) -> Config:
 def redacted(config: Config) -> dict[str, Any]:
     """The config as a plain mapping, fit to print: names of secret variables, never values."""
     data = config.model_dump()
-    data["callers"]["secret_env"] = f"{config.callers.secret_env} (value hidden)"
+    name = config.callers.secret_env
+    state = "set, value hidden" if os.environ.get(name) else "unset: a generated key in the db"
+    data["callers"]["secret_env"] = f"{name} ({state})"
     return data

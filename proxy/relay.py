@@ -15,6 +15,7 @@ Failures and what the client sees:
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import time
 
@@ -33,7 +34,15 @@ from proxy.writer import WriteFailed, Writer
 
 log = logging.getLogger("proxy.relay")
 
+LARGE_BODY = 1 << 20  # aiohttp's threshold for warning about bytes bodies
 _CLIENT_GONE = (ConnectionResetError, ConnectionError)
+
+
+def _payload(body: bytes) -> bytes | io.BytesIO | None:
+    """Small bodies go as bytes; large ones (images) as a stream, so the loop is not blocked."""
+    if not body:
+        return None
+    return io.BytesIO(body) if len(body) > LARGE_BODY else body
 
 
 def _server_timing(proxy_ms: float, upstream_ms: float) -> str:
@@ -63,7 +72,7 @@ class Relay:
                 request.method,
                 url,
                 headers=headers_up(request.headers),
-                data=body if body else None,
+                data=_payload(body),
                 allow_redirects=False,
             )
         except TimeoutError:

@@ -38,18 +38,22 @@ class SSEDecoder:
 
     def feed(self, chunk: bytes) -> list[Event]:
         events: list[Event] = []
+        if not chunk:
+            return events  # an empty read must not forget a CR that ended the previous one
+        if self._pending_cr:
+            self._pending_cr = False
+            if chunk.startswith(b"\n"):
+                chunk = chunk[1:]  # the LF of a CRLF split across two reads
         buffer = self._buffer
-        if self._pending_cr and chunk.startswith(b"\n"):
-            chunk = chunk[1:]  # the LF of a CRLF split across two reads
-        self._pending_cr = False
+        scan = len(buffer)  # what earlier reads left in the buffer holds no line end
         buffer += chunk
-        start = 0
         length = len(buffer)
-        while start < length:
-            cr = buffer.find(b"\r", start)
-            lf = buffer.find(b"\n", start)
-            if cr == -1 and lf == -1:
-                break
+        start = 0
+        # Each line end is searched for once: rescanning the rest of the buffer for every
+        # line would make a large capture quadratic to decode.
+        cr = buffer.find(b"\r", scan)
+        lf = buffer.find(b"\n", scan)
+        while cr != -1 or lf != -1:
             if cr == -1 or (lf != -1 and lf < cr):
                 end, next_start = lf, lf + 1
             elif cr + 1 < length:
@@ -60,12 +64,17 @@ class SSEDecoder:
                 self._pending_cr = True
             self._line(bytes(buffer[start:end]), events)
             start = next_start
+            if cr != -1 and cr < start:
+                cr = buffer.find(b"\r", start)
+            if lf != -1 and lf < start:
+                lf = buffer.find(b"\n", start)
         del buffer[:start]
         return events
 
     def finish(self) -> list[Event]:
         """End of stream: an unterminated last line and event still count (lenient, as SDKs are)."""
         events: list[Event] = []
+        self._pending_cr = False
         if self._buffer:
             self._line(bytes(self._buffer), events)
             self._buffer.clear()

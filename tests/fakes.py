@@ -161,10 +161,14 @@ class FakeUpstream:
         )
         self.arrived.set()
         reply = self.replies.popleft() if self.replies else self.default(request, body)
-        if reply.hang:
-            await asyncio.Event().wait()
-        if reply.delay:
-            await asyncio.sleep(reply.delay)
+        try:
+            if reply.hang:
+                await asyncio.Event().wait()
+            if reply.delay:
+                await asyncio.sleep(reply.delay)
+        except asyncio.CancelledError:  # the proxy closed its connection before our answer
+            self.closed_early.set()
+            raise
         if reply.sse is not None:
             return await self.stream(request, reply)
         payload = reply.body if reply.body is not None else orjson.dumps(reply.json)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import openai
 import pytest
 
+from tests.conftest import sdk
 from tests.fakes import FakeUpstream
 
 MESSAGES = [
@@ -247,3 +248,23 @@ async def test_other_routes_are_forwarded(
     assert [m.id for m in models.data] == ["gpt-test"]
     assert upstream.received[-1].path == "/v1/models"
     assert upstream.received[-1].headers["Authorization"] == "Bearer sk-test-alice"
+
+
+async def test_callers_survive_a_restart_on_the_same_file(
+    proxy_factory, alice: openai.AsyncOpenAI
+) -> None:
+    made = await create(alice)
+    restarted = await proxy_factory()
+    async with sdk(restarted, "sk-test-alice") as again:
+        assert (await again.chat.completions.retrieve(made.id)).id == made.id
+    async with sdk(restarted, "sk-test-mallory") as other:
+        with pytest.raises(openai.NotFoundError):
+            await other.chat.completions.retrieve(made.id)
+
+
+async def test_healthz(proxy) -> None:
+    response = await proxy.get("/healthz")
+    assert response.status == 200
+    body = await response.json()
+    assert body["status"] == "ok"
+    assert body["store"]["writable"] is True

@@ -1,0 +1,167 @@
+"""The SQLite store: migrations from blank and from an old file, index-only plans, writes."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import aiosqlite
+import orjson
+import pytest
+
+from proxy.migrations import MIGRATIONS, migrate
+from proxy.models import ListQuery, PageQuery
+from proxy.store import CompletionRecord, SQLiteStore, UnknownCursor
+
+
+def record(n: int, caller: str = "caller_a", created: int = 1000, **changes) -> CompletionRecord:
+    values = {
+        "id": f"chatcmpl-{n}",
+        "caller": caller,
+        "created": created,
+        "model": "gpt-test",
+        "metadata": {"n": str(n), "parity": "odd" if n % 2 else "even"},
+        "completion": orjson.dumps({"id": f"chatcmpl-{n}", "object": "chat.completion"}),
+        "request": b'{"model":"gpt-test","messages":[]}',
+        "request_id": f"req-{n}",
+        "stream": False,
+        "outcome": "complete",
+    }
+    values.update(changes)
+    return CompletionRecord(**values)
+
+
+@pytest.fixture
+async def store(tmp_path: Path):
+    store = SQLiteStore(tmp_path / "store.db")
+    await store.open()
+    yield store
+    await store.close()
+
+
+def tables(path: Path) -> set[str]:
+    with sqlite3.connect(path) as db:
+        return {
+            row[0]
+            for row in db.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'index')")
+        }
+
+
+async def test_migrates_a_blank_file(tmp_path: Path) -> None:
+    path = tmp_path / "blank.db"
+    store = SQLiteStore(path)
+    await store.open()
+    await store.close()
+    with sqlite3.connect(path) as db:
+        applied = [row[0] for row in db.execute("SELECT name FROM _migrations ORDER BY rowid")]
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert applied == [m.name for m in MIGRATIONS]
+    assert {"completions", "completion_metadata", "tombstones", "settings"} <= tables(path)
+
+
+async def test_reopening_applies_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "again.db"
+    for _ in range(2):
+        store = SQLiteStore(path)
+        await store.open()
+        await store.close()
+    async with aiosqlite.connect(path, isolation_level=None) as conn:
+        assert await migrate(conn) == []
+
+
+async def test_migrates_an_old_file_forward_keeping_its_rows(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path, isolation_level=None) as db:  # a file made by the first release
+        db.execute("CREATE TABLE _migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)")
+        for statement in MIGRATIONS[0].statements:
+            db.execute(statement)
+        db.execute("INSERT INTO _migrations VALUES (?, 0)", (MIGRATIONS[0].name,))
+        db.execute(
+            "INSERT INTO completions VALUES (1, 'chatcmpl-old', 'caller_a', 5, 'gpt-test',"
+            " ?, ?, ?, NULL, 0, 'complete', 0, NULL)",
+            (b"{}", orjson.dumps({"id": "chatcmpl-old"}), b"{}"),
+        )
+    store = SQLiteStore(path)
+    await store.open()
+    try:
+        assert await store.get("caller_a", "chatcmpl-old") == b'{"id":"chatcmpl-old","metadata":{}}'
+        assert await store.delete("caller_a", "chatcmpl-old")  # uses the tombstones step
+    finally:
+        await store.close()
+    with sqlite3.connect(path) as db:
+        assert [r[0] for r in db.execute("SELECT name FROM _migrations ORDER BY rowid")] == [
+            m.name for m in MIGRATIONS
+        ]
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        ListQuery(),
+        ListQuery(page=PageQuery(after="chatcmpl-1")),
+        ListQuery(page=PageQuery(order="desc", after="chatcmpl-1")),
+        ListQuery(model="gpt-test"),
+        ListQuery(model="gpt-test", page=PageQuery(after="chatcmpl-1")),
+        ListQuery(metadata=(("parity", "odd"),)),
+        ListQuery(metadata=(("parity", "odd"),), page=PageQuery(after="chatcmpl-1", order="desc")),
+        ListQuery(metadata=(("parity", "odd"), ("n", "3")), model="gpt-test"),
+    ],
+    ids=repr,
+)
+async def test_list_plans_read_indexes_in_order(store: SQLiteStore, query: ListQuery) -> None:
+    plan = await store.explain_list("caller_a", query)
+    text = " | ".join(plan)
+    assert "USING INDEX" in text or "USING COVERING INDEX" in text, text
+    assert "TEMP B-TREE" not in text, text  # no sort: rows come in list order from the index
+    for line in plan:
+        if line.startswith("SCAN"):
+            raise AssertionError(f"full scan in plan: {text}")
+
+
+async def test_pages_are_a_stable_total_order(store: SQLiteStore) -> None:
+    # Equal `created` values are ordered by insertion; pages never skip or repeat.
+    await store.write_batch([record(n, created=1000 + n // 4) for n in range(1, 21)])
+    seen: list[str] = []
+    after = None
+    while True:
+        page = await store.list_completions(
+            "caller_a", ListQuery(page=PageQuery(after=after, limit=3))
+        )
+        seen += [item_id for item_id, _ in page.items]
+        if not page.has_more:
+            break
+        after = page.items[-1][0]
+    assert seen == [f"chatcmpl-{n}" for n in range(1, 21)]
+
+
+async def test_unknown_cursor(store: SQLiteStore) -> None:
+    await store.write_batch([record(1)])
+    with pytest.raises(UnknownCursor):
+        await store.list_completions("caller_a", ListQuery(page=PageQuery(after="chatcmpl-404")))
+    with pytest.raises(UnknownCursor):  # another caller's id is unknown too
+        await store.list_completions("caller_b", ListQuery(page=PageQuery(after="chatcmpl-1")))
+
+
+async def test_duplicate_ids_keep_the_first_and_get_no_extra_metadata(store: SQLiteStore) -> None:
+    assert await store.write_batch([record(1)]) == 1
+    assert await store.write_batch([record(1, metadata={"x": "y"}), record(2)]) == 1
+    assert orjson.loads(await store.get("caller_a", "chatcmpl-1"))["metadata"] == {
+        "n": "1",
+        "parity": "odd",
+    }
+    page = await store.list_completions("caller_a", ListQuery(metadata=(("x", "y"),)))
+    assert page.items == []
+    # The same id under another caller is a different completion.
+    assert await store.write_batch([record(1, caller="caller_b")]) == 1
+
+
+async def test_settings_persist(tmp_path: Path) -> None:
+    path = tmp_path / "settings.db"
+    store = SQLiteStore(path)
+    await store.open()
+    first = await store.setting("caller_secret", b"first")
+    await store.close()
+    store = SQLiteStore(path)
+    await store.open()
+    assert await store.setting("caller_secret", b"second") == first == b"first"
+    await store.close()
