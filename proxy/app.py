@@ -26,7 +26,11 @@ from proxy.writer import Writer
 
 async def _store(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
-    store = SQLiteStore(config.store.path, synchronous=config.store.synchronous)
+    store = SQLiteStore(
+        config.store.path,
+        synchronous=config.store.synchronous,
+        max_bytes=config.store.max_bytes,
+    )
     await store.open()
     try:
         secret = os.environ.get(config.callers.secret_env)

@@ -48,6 +48,7 @@ class StoreConfig(_Section):
     synchronous: Literal["normal", "full"] = "normal"
     queue_size: int = Field(10_000, ge=1)
     batch_size: int = Field(256, ge=1)
+    max_bytes: int | None = Field(None, ge=65536)
 
 
 class CallersConfig(_Section):

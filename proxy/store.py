@@ -138,9 +138,12 @@ def _page_sql(
 class SQLiteStore:
     """The SQLite store: one file, WAL, one writer connection and one reader connection."""
 
-    def __init__(self, path: str | Path, *, synchronous: str = "normal") -> None:
+    def __init__(
+        self, path: str | Path, *, synchronous: str = "normal", max_bytes: int | None = None
+    ) -> None:
         self.path = str(path)
         self._synchronous = synchronous.upper()
+        self._max_bytes = max_bytes
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
         self._write_lock = asyncio.Lock()
@@ -149,6 +152,12 @@ class SQLiteStore:
         conn = await aiosqlite.connect(self.path, isolation_level=None)
         await conn.execute("PRAGMA busy_timeout = 5000")
         await conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+        if self._max_bytes is not None:
+            # A size cap: past it writes fail with SQLITE_FULL, exactly as on a full disk.
+            row = await self._fetchone(conn, "PRAGMA page_size")
+            page_size = row[0] if row else 4096
+            pages = max(1, self._max_bytes // page_size)
+            await self._fetchone(conn, f"PRAGMA max_page_count = {pages}")  # answers a row
         return conn
 
     async def open(self) -> None:
