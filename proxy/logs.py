@@ -34,7 +34,10 @@ class JSONFormatter(logging.Formatter):
                 entry[key] = value
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return orjson.dumps(entry, default=str).decode()
+        # orjson escapes control characters; U+2028/U+2029 are valid raw JSON but split lines
+        # in many readers, so they are escaped too.
+        line = orjson.dumps(entry, default=str).decode()
+        return line.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
 
 
 class TextFormatter(logging.Formatter):
@@ -61,6 +64,8 @@ def configure(config: LoggingConfig) -> None:
     root.setLevel(config.level.upper())
     # aiohttp's own access log prints raw request lines; ours is structured (AccessRecord).
     logging.getLogger("aiohttp.access").disabled = True
+    # aiosqlite's debug lines carry every SQL parameter, prompts included.
+    logging.getLogger("aiosqlite").setLevel(logging.WARNING)
 
 
 @dataclass(slots=True)

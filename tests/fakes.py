@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import itertools
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -140,6 +141,8 @@ class FakeUpstream:
         self.ids = (f"chatcmpl-fake{n:06d}" for n in itertools.count(1))
         self.arrived = asyncio.Event()
         self.closed_early = asyncio.Event()  # a client of ours went away mid-answer
+        self.closed_at: list[float] = []  # when each early close was seen (perf_counter)
+        self.sent_at: list[float] = []  # when each SSE piece was written (perf_counter)
         self.open_streams = 0
         self.app = web.Application(client_max_size=1024**3)
         self.app.router.add_route("*", "/{tail:.*}", self.handle)
@@ -167,6 +170,7 @@ class FakeUpstream:
             if reply.delay:
                 await asyncio.sleep(reply.delay)
         except asyncio.CancelledError:  # the proxy closed its connection before our answer
+            self.closed_at.append(time.perf_counter())
             self.closed_early.set()
             raise
         if reply.sse is not None:
@@ -198,8 +202,10 @@ class FakeUpstream:
                 if reply.piece_delay and count:
                     await asyncio.sleep(reply.piece_delay)
                 await response.write(piece)
+                self.sent_at.append(time.perf_counter())
             await response.write_eof()
         except (ConnectionResetError, asyncio.CancelledError):
+            self.closed_at.append(time.perf_counter())
             self.closed_early.set()
             raise
         finally:
