@@ -11,13 +11,15 @@ import os
 import secrets
 from collections.abc import AsyncIterator
 
+import orjson
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
-from proxy import handlers
+from proxy import handlers, openapi
 from proxy.callers import CallerIdentity
 from proxy.config import Config
 from proxy.errors import exchange_middleware
-from proxy.keys import CALLERS, CONFIG, RELAY, STORE, WRITER
+from proxy.keys import CALLERS, CONFIG, OPENAPI, RELAY, STORE, WRITER
 from proxy.relay import Relay
 from proxy.store import SQLiteStore
 from proxy.upstream import make_session
@@ -66,17 +68,30 @@ def create_app(config: Config) -> web.Application:
         middlewares=[exchange_middleware(config.logging.access_log)],
     )
     app[CONFIG] = config
+    app[OPENAPI] = orjson.dumps(openapi.document())
     app.cleanup_ctx.append(_store)
     app.cleanup_ctx.append(_upstream)
-    completion = "/v1/chat/completions/{completion_id}"
-    app.router.add_post("/v1/chat/completions", handlers.create_chat_completion)
-    app.router.add_get("/v1/chat/completions", handlers.list_chat_completions, allow_head=False)
-    app.router.add_get(completion, handlers.get_chat_completion, allow_head=False)
-    app.router.add_post(completion, handlers.update_chat_completion)
-    app.router.add_delete(completion, handlers.delete_chat_completion)
-    app.router.add_get(
-        completion + "/messages", handlers.get_chat_completion_messages, allow_head=False
-    )
+    # The proxy owns these paths: a method it does not answer is a 405, not forwarded.
+    owned: dict[str, dict[str, Handler]] = {
+        "/v1/chat/completions": {
+            "POST": handlers.create_chat_completion,
+            "GET": handlers.list_chat_completions,
+        },
+        "/v1/chat/completions/{completion_id}": {
+            "GET": handlers.get_chat_completion,
+            "POST": handlers.update_chat_completion,
+            "DELETE": handlers.delete_chat_completion,
+        },
+        "/v1/chat/completions/{completion_id}/messages": {
+            "GET": handlers.get_chat_completion_messages,
+        },
+    }
+    for path, methods in owned.items():
+        resource = app.router.add_resource(path)
+        for method, handler in methods.items():
+            resource.add_route(method, handler)
+        resource.add_route("*", handlers.method_not_allowed(list(methods)))
     app.router.add_get("/healthz", handlers.healthz, allow_head=False)
+    app.router.add_get("/openapi.json", handlers.openapi_document, allow_head=False)
     app.router.add_route("*", "/v1/{tail:.*}", handlers.forward)
     return app

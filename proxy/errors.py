@@ -45,11 +45,19 @@ class ProxyError(Exception):
     status = 500
     type = "server_error"
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         self.code = code
+        self.headers = headers or {}
 
 
 class InvalidRequest(ProxyError):
@@ -117,7 +125,7 @@ def render(error: ProxyError, request_id: str) -> web.Response:
         status=error.status,
         body=error_body(error),
         content_type="application/json",
-        headers={"x-request-id": request_id},
+        headers={**error.headers, "x-request-id": request_id},
     )
 
 
@@ -130,7 +138,12 @@ def _from_http_exception(exc: web.HTTPException) -> ProxyError:
     if exc.status == 404:
         return NotFound("Unknown path.", code="unknown_url")
     if exc.status == 405:
-        return MethodNotAllowed("Method not allowed on this path.", code="method_not_allowed")
+        allow = exc.headers.get("Allow")
+        return MethodNotAllowed(
+            "Method not allowed on this path.",
+            code="method_not_allowed",
+            headers={"Allow": allow} if allow else None,
+        )
     error = ProxyError(exc.reason or "HTTP error")
     error.status = exc.status
     error.type = "invalid_request_error" if exc.status < 500 else "server_error"

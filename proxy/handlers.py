@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import orjson
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from proxy.assemble import input_messages, list_body
 from proxy.callers import bearer_token
 from proxy.capture import Capture
-from proxy.errors import InvalidRequest, NotFound, StoreUnavailable, Unauthorized
-from proxy.keys import ACCESS, CALLERS, RELAY, STORE, WRITER
+from proxy.errors import (
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+    StoreUnavailable,
+    Unauthorized,
+)
+from proxy.keys import ACCESS, CALLERS, OPENAPI, RELAY, STORE, WRITER
 from proxy.models import parse_list_query, parse_page_query, parse_update_body, peek_chat_request
 from proxy.store import UnknownCursor
 
@@ -121,9 +128,28 @@ async def get_chat_completion_messages(request: web.Request) -> web.Response:
     return _json(list_body(items, len(messages) > page.limit))
 
 
+def method_not_allowed(allowed: list[str]) -> Handler:
+    """The handler for every other method on a path the proxy owns: 405 with ``Allow``."""
+    allow = ", ".join(allowed)
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        raise MethodNotAllowed(
+            f"{request.method} is not supported on {request.path}; use {allow}.",
+            code="method_not_allowed",
+            headers={"Allow": allow},
+        )
+
+    return handler
+
+
 async def forward(request: web.Request) -> web.StreamResponse:
     """Every other ``/v1/*`` route goes to the upstream untouched, streaming included."""
     return await request.app[RELAY].forward(request, await request.read(), request[ACCESS])
+
+
+async def openapi_document(request: web.Request) -> web.Response:
+    """The OpenAPI document of the operations the proxy answers itself."""
+    return _json(request.app[OPENAPI])
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -19,5 +19,6 @@ STORE = web.AppKey["Store"]("store")
 WRITER = web.AppKey["Writer"]("writer")
 RELAY = web.AppKey["Relay"]("relay")
 CALLERS = web.AppKey["CallerIdentity"]("callers")
+OPENAPI = web.AppKey[bytes]("openapi")
 
 ACCESS = web.RequestKey["AccessRecord"]("access")

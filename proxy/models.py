@@ -127,18 +127,28 @@ def parse_page_query(query: MultiMapping[str]) -> PageQuery:
 
 
 def parse_list_query(query: MultiMapping[str]) -> ListQuery:
-    """``model``, ``metadata[KEY]=VALUE`` (AND-ed, repeated keys must all hold), and the page."""
-    pairs: list[tuple[str, str]] = []
+    """``model``, ``metadata[KEY]=VALUE`` pairs (AND-ed, each key at most once), and the page.
+
+    A key given twice, or a nested ``metadata[a][b]``, is a 400: OpenAI's metadata values
+    are single strings, so neither can mean anything.
+    """
+    pairs: dict[str, str] = {}
     for name, value in query.items():
         if not (name.startswith("metadata[") and name.endswith("]")):
             continue
         key = name[len("metadata[") : -1]
-        if not key:
-            raise InvalidRequest("metadata filter keys must not be empty.", param="metadata")
-        if (key, value) not in pairs:
-            pairs.append((key, value))
+        if not key or "][" in key:
+            raise InvalidRequest(
+                "metadata filters are metadata[KEY]=VALUE with a non-empty KEY.", param="metadata"
+            )
+        if key in pairs:
+            raise InvalidRequest(
+                f"metadata[{key}] is given more than once; filter each key once.",
+                param="metadata",
+            )
+        pairs[key] = value
     model = query.get("model") or None
-    return ListQuery(page=parse_page_query(query), model=model, metadata=tuple(pairs))
+    return ListQuery(page=parse_page_query(query), model=model, metadata=tuple(pairs.items()))
 
 
 def parse_update_body(raw: bytes) -> dict[str, str]:

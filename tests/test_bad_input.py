@@ -129,6 +129,8 @@ LIST_CASES = {
     "order": ("order=newest", "order"),
     "unknown after": ("after=chatcmpl-unknown", "after"),
     "empty metadata key": ("metadata%5B%5D=x", "metadata"),
+    "repeated metadata key": ("metadata%5Ba%5D=1&metadata%5Ba%5D=2", "metadata"),
+    "nested metadata key": ("metadata%5Ba%5D%5Bb%5D=1", "metadata"),
 }
 
 

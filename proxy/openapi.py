@@ -1,0 +1,250 @@
+"""The OpenAPI document of the API the proxy answers itself, served at ``/openapi.json``.
+
+It describes the stored-completions operations exactly as the proxy implements them
+(limits, defaults, error shape), so schemathesis can fuzz the proxy against it. ``create``
+is listed for completeness; its answer is the upstream's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from proxy import __version__
+from proxy.models import (
+    LIMIT_DEFAULT,
+    LIMIT_MAX,
+    METADATA_MAX_KEY,
+    METADATA_MAX_PAIRS,
+    METADATA_MAX_VALUE,
+)
+
+Json = dict[str, Any]
+
+
+def _ref(name: str) -> Json:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: Json, description: str) -> Json:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _errors(*statuses: int) -> Json:
+    texts = {
+        400: "Invalid request",
+        401: "No bearer token",
+        404: "No such completion for this caller",
+        413: "Body over the size limit",
+        502: "Upstream unreachable",
+        503: "Store cannot write",
+        504: "Upstream timed out",
+    }
+    return {str(s): _json(_ref("Error"), texts[s]) for s in statuses}
+
+
+_METADATA: Json = {
+    "type": "object",
+    "maxProperties": METADATA_MAX_PAIRS,
+    "propertyNames": {"type": "string", "maxLength": METADATA_MAX_KEY},
+    "additionalProperties": {"type": "string", "maxLength": METADATA_MAX_VALUE},
+}
+
+_COMPLETION_ID: Json = {
+    "name": "completion_id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "pattern": "^[^/]+$"},
+}
+
+
+def _page_parameters() -> list[Json]:
+    return [
+        {"name": "after", "in": "query", "schema": {"type": "string"}},
+        {
+            "name": "limit",
+            "in": "query",
+            "schema": {
+                "type": "integer",
+                "minimum": 1,
+                "maximum": LIMIT_MAX,
+                "default": LIMIT_DEFAULT,
+            },
+        },
+        {
+            "name": "order",
+            "in": "query",
+            "schema": {"type": "string", "enum": ["asc", "desc"], "default": "asc"},
+        },
+    ]
+
+
+def _schemas() -> Json:
+    nullable_string = {"type": ["string", "null"]}
+    return {
+        "Error": {
+            "type": "object",
+            "required": ["error"],
+            "properties": {
+                "error": {
+                    "type": "object",
+                    "required": ["message", "type", "param", "code"],
+                    "properties": {
+                        "message": {"type": "string"},
+                        "type": {"type": "string"},
+                        "param": nullable_string,
+                        "code": nullable_string,
+                    },
+                }
+            },
+        },
+        "Metadata": _METADATA,
+        "ChatCompletion": {
+            "type": "object",
+            "required": ["id", "object", "created", "model", "choices", "metadata"],
+            "properties": {
+                "id": {"type": "string"},
+                "object": {"const": "chat.completion"},
+                "created": {"type": "integer"},
+                "model": {"type": ["string", "null"]},
+                "choices": {"type": "array", "items": {"type": "object"}},
+                "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
+                "request_id": nullable_string,
+                "input_user": nullable_string,
+            },
+        },
+        "ChatCompletionList": _list_of(_ref("ChatCompletion")),
+        "Message": {
+            "type": "object",
+            "required": ["id", "role", "content", "name", "content_parts"],
+            "properties": {
+                "id": {"type": "string"},
+                "role": {"type": ["string", "null"]},
+                "content": {},
+                "name": {},
+                "content_parts": {"type": ["array", "null"]},
+            },
+        },
+        "MessageList": _list_of(_ref("Message")),
+        "Deleted": {
+            "type": "object",
+            "required": ["object", "id", "deleted"],
+            "properties": {
+                "object": {"const": "chat.completion.deleted"},
+                "id": {"type": "string"},
+                "deleted": {"const": True},
+            },
+        },
+        "UpdateBody": {
+            "type": "object",
+            "required": ["metadata"],
+            "additionalProperties": False,
+            "properties": {"metadata": {"oneOf": [_METADATA, {"type": "null"}]}},
+        },
+    }
+
+
+def _list_of(item: Json) -> Json:
+    return {
+        "type": "object",
+        "required": ["object", "data", "first_id", "last_id", "has_more"],
+        "properties": {
+            "object": {"const": "list"},
+            "data": {"type": "array", "items": item},
+            "first_id": {"type": ["string", "null"]},
+            "last_id": {"type": ["string", "null"]},
+            "has_more": {"type": "boolean"},
+        },
+    }
+
+
+def document() -> Json:
+    completion = "/v1/chat/completions/{completion_id}"
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "completions-proxy stored chat completions",
+            "version": __version__,
+            "description": "OpenAI's stored-completions API, answered from the proxy's store.",
+        },
+        "components": {
+            "schemas": _schemas(),
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+        "security": [{"bearer": []}],
+        "paths": {
+            "/v1/chat/completions": {
+                "post": {
+                    "operationId": "createChatCompletion",
+                    "description": "Forwarded to the upstream; captured when store is true.",
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    },
+                    "responses": {
+                        "200": _json(_ref("ChatCompletion"), "The upstream's answer"),
+                        **_errors(400, 401, 413, 502, 503, 504),
+                    },
+                },
+                "get": {
+                    "operationId": "listChatCompletions",
+                    "parameters": [
+                        {"name": "model", "in": "query", "schema": {"type": "string"}},
+                        {
+                            "name": "metadata",
+                            "in": "query",
+                            "style": "deepObject",
+                            "explode": True,
+                            "schema": {
+                                "type": "object",
+                                "additionalProperties": {"type": "string"},
+                            },
+                        },
+                        *_page_parameters(),
+                    ],
+                    "responses": {
+                        "200": _json(_ref("ChatCompletionList"), "A page of stored completions"),
+                        **_errors(400, 401),
+                    },
+                },
+            },
+            completion: {
+                "parameters": [_COMPLETION_ID],
+                "get": {
+                    "operationId": "getChatCompletion",
+                    "responses": {
+                        "200": _json(_ref("ChatCompletion"), "The stored completion"),
+                        **_errors(400, 401, 404),
+                    },
+                },
+                "post": {
+                    "operationId": "updateChatCompletion",
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": _ref("UpdateBody")}},
+                    },
+                    "responses": {
+                        "200": _json(_ref("ChatCompletion"), "The updated completion"),
+                        **_errors(400, 401, 404, 413),
+                    },
+                },
+                "delete": {
+                    "operationId": "deleteChatCompletion",
+                    "responses": {
+                        "200": _json(_ref("Deleted"), "Deleted"),
+                        **_errors(400, 401, 404),
+                    },
+                },
+            },
+            completion + "/messages": {
+                "parameters": [_COMPLETION_ID],
+                "get": {
+                    "operationId": "getChatCompletionMessages",
+                    "parameters": _page_parameters(),
+                    "responses": {
+                        "200": _json(_ref("MessageList"), "The request's input messages"),
+                        **_errors(400, 401, 404),
+                    },
+                },
+            },
+        },
+    }
