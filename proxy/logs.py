@@ -82,6 +82,7 @@ class AccessRecord:
     stream: bool | None = None
     outcome: str | None = None
     completion_id: str | None = None
+    upstream_request_id: str | None = None
     upstream_ms: float | None = None
     proxy_ms: float | None = None
 

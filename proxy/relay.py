@@ -85,8 +85,9 @@ class Relay:
             ) from None
         answered = time.perf_counter()
         async with upstream:
+            access.upstream_request_id = upstream.headers.get("x-request-id")
             if capture is not None:
-                capture.upstream_request_id = upstream.headers.get("x-request-id")
+                capture.upstream_request_id = access.upstream_request_id
             access.status = upstream.status
             access.upstream_ms = round((answered - sent) * 1000, 3)
             proxy_ms = (sent - access.started) * 1000

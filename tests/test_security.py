@@ -228,3 +228,35 @@ async def test_no_input_can_split_or_forge_a_log_line(
         for bad in ("\r", "\x1b", "\u2028", "\u2029", "\x00"):
             assert bad not in line
     assert len(text.splitlines()) == len(lines) - 1  # no reader splits a line further
+
+
+async def test_access_log_line_has_what_an_auditor_needs(proxy, json_logs: io.StringIO) -> None:
+    response = await proxy.post(
+        "/v1/chat/completions",
+        json={"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}], "store": True},
+        headers={"Authorization": "Bearer sk-audit"},
+    )
+    assert response.status == 200
+    completion_id = (await response.json())["id"]
+    entries = [orjson.loads(line) for line in json_logs.getvalue().splitlines()]
+    (entry,) = [
+        e
+        for e in entries
+        if e["logger"] == "proxy.access" and e.get("completion_id") == completion_id
+    ]
+    assert entry["request_id"].startswith("req_")
+    assert entry["caller"].startswith("caller_")
+    assert entry["model"] == "gpt-test"
+    assert entry["status"] == 200
+    assert entry["outcome"] == "complete"
+    assert entry["stream"] is False
+    assert entry["upstream_request_id"] == f"req-up-{completion_id}"
+    for timing in ("duration_ms", "upstream_ms", "proxy_ms"):
+        assert entry[timing] >= 0
+    errored = await proxy.get(
+        "/v1/chat/completions/nope", headers={"Authorization": "Bearer sk-audit"}
+    )
+    request_id = errored.headers["x-request-id"]
+    entries = [orjson.loads(line) for line in json_logs.getvalue().splitlines()]
+    (entry,) = [e for e in entries if e.get("request_id") == request_id]
+    assert entry["status"] == 404 and entry["outcome"] == "refused"
