@@ -19,8 +19,9 @@ from proxy import handlers, openapi
 from proxy.callers import CallerIdentity
 from proxy.config import Config
 from proxy.errors import exchange_middleware
-from proxy.keys import CALLERS, CONFIG, OPENAPI, RELAY, STORE, WRITER
+from proxy.keys import CALLERS, CONFIG, OPENAPI, RELAY, REPLAYER, STORE, WRITER
 from proxy.relay import Relay
+from proxy.replay import Replayer
 from proxy.store import SQLiteStore
 from proxy.upstream import make_session
 from proxy.writer import Writer
@@ -48,6 +49,7 @@ async def _store(app: web.Application) -> AsyncIterator[None]:
         writer.start()
         app[STORE] = store
         app[WRITER] = writer
+        app[REPLAYER] = Replayer(store, shared=config.replay.shared)
         yield
         await writer.close()
     finally:

@@ -25,6 +25,7 @@ from proxy.assemble import (
 )
 from proxy.models import ChatRequest
 from proxy.outcome import Outcome
+from proxy.replay import request_key
 from proxy.store import CompletionRecord
 
 
@@ -67,4 +68,5 @@ class Capture:
             stream=self.streamed,
             outcome=Outcome.COMPLETE,
             duration_ms=round((time.perf_counter() - self.started) * 1000, 3),
+            request_key=request_key(self.request.body),
         )

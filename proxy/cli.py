@@ -43,6 +43,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port to listen on (default 8080)")
     serve.add_argument("--upstream", metavar="URL", help="upstream base URL, ending in /v1")
     serve.add_argument("--db", metavar="PATH", help="SQLite database file")
+    serve.add_argument(
+        "--replay",
+        choices=("off", "strict", "fallback"),
+        help="answer chat completions from recordings: strict never calls the upstream,"
+        " fallback forwards and records what is not recorded",
+    )
 
     check = commands.add_parser("check-config", help="validate a config file and print it")
     check.add_argument("file", metavar="FILE")
@@ -56,6 +62,7 @@ def _serve_config(args: argparse.Namespace) -> Config:
             "server": {"host": args.host, "port": args.port},
             "upstream": {"url": args.upstream},
             "store": {"path": args.db},
+            "replay": {"mode": args.replay},
         }
     )
 

@@ -55,6 +55,16 @@ class CallersConfig(_Section):
     secret_env: str = "COMPLETIONS_PROXY_SECRET"  # noqa: S105 - a variable name, not a secret
 
 
+class ReplayConfig(_Section):
+    mode: Literal["off", "strict", "fallback"] = "off"
+    shared: bool = False
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: object) -> object:
+        return "off" if value is False else value  # YAML 1.1 reads a bare `off` as false
+
+
 class LoggingConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "text"] = "json"
@@ -66,6 +76,7 @@ class Config(_Section):
     upstream: UpstreamConfig = UpstreamConfig()
     store: StoreConfig = StoreConfig()
     callers: CallersConfig = CallersConfig()
+    replay: ReplayConfig = ReplayConfig()
     logging: LoggingConfig = LoggingConfig()
 
     def with_overrides(self, overrides: dict[str, dict[str, Any]]) -> Config:

@@ -16,8 +16,9 @@ from proxy.errors import (
     StoreUnavailable,
     Unauthorized,
 )
-from proxy.keys import ACCESS, CALLERS, OPENAPI, RELAY, STORE, WRITER
+from proxy.keys import ACCESS, CALLERS, CONFIG, OPENAPI, RELAY, REPLAYER, STORE, WRITER
 from proxy.models import parse_list_query, parse_page_query, parse_update_body, peek_chat_request
+from proxy.outcome import Outcome
 from proxy.store import UnknownCursor
 
 JSON = "application/json"
@@ -41,14 +42,34 @@ def _not_found(completion_id: str) -> NotFound:
 
 
 async def create_chat_completion(request: web.Request) -> web.StreamResponse:
-    """Forward to the upstream; capture the answer when the request says ``store: true``."""
+    """Forward to the upstream; capture the answer when the request says ``store: true``.
+
+    With replay on, a recorded answer comes first; ``strict`` never calls the upstream, and
+    ``fallback`` forwards a miss and records its answer whatever ``store`` says.
+    """
     access = request[ACCESS]
     raw = await request.read()
     chat = peek_chat_request(raw)
     access.model = chat.model or None
     access.stream = chat.body.get("stream") is True
+    mode = request.app[CONFIG].replay.mode
+    record = chat.store
+    if mode != "off":
+        caller = request.app[CALLERS].of(request)
+        access.caller = caller
+        replayed = await request.app[REPLAYER].answer(chat.body, caller)
+        if replayed is not None:
+            access.outcome = Outcome.REPLAYED
+            return replayed
+        if mode == "strict":
+            raise InvalidRequest(
+                "No recording matches this request, and replay is strict: the upstream is"
+                " never called.",
+                code="replay_miss",
+            )
+        record = True
     capture = None
-    if chat.store:
+    if record:
         if bearer_token(request.headers) is None:
             raise Unauthorized("store: true needs a bearer token, so the completion has an owner.")
         reason = request.app[WRITER].broken
@@ -144,6 +165,12 @@ def method_not_allowed(allowed: list[str]) -> Handler:
 
 async def forward(request: web.Request) -> web.StreamResponse:
     """Every other ``/v1/*`` route goes to the upstream untouched, streaming included."""
+    if request.app[CONFIG].replay.mode == "strict":
+        raise InvalidRequest(
+            "Replay is strict: the upstream is never called, and only chat completions are"
+            " answered, from recordings.",
+            code="replay_miss",
+        )
     return await request.app[RELAY].forward(request, await request.read(), request[ACCESS])
 
 

@@ -11,6 +11,7 @@ if TYPE_CHECKING:  # names for the string-typed keys below; importing them would
     from proxy.config import Config  # noqa: F401
     from proxy.logs import AccessRecord  # noqa: F401
     from proxy.relay import Relay  # noqa: F401
+    from proxy.replay import Replayer  # noqa: F401
     from proxy.store import Store  # noqa: F401
     from proxy.writer import Writer  # noqa: F401
 
@@ -20,5 +21,6 @@ WRITER = web.AppKey["Writer"]("writer")
 RELAY = web.AppKey["Relay"]("relay")
 CALLERS = web.AppKey["CallerIdentity"]("callers")
 OPENAPI = web.AppKey[bytes]("openapi")
+REPLAYER = web.AppKey["Replayer"]("replayer")
 
 ACCESS = web.RequestKey["AccessRecord"]("access")

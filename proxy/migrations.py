@@ -13,15 +13,45 @@ metadata filter is an index range read in list order rather than a scan.
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import aiosqlite
+import orjson
+
+from proxy.replay import request_key
 
 
 @dataclass(frozen=True, slots=True)
 class Migration:
     name: str
     statements: tuple[str, ...]
+    # Python work on existing rows, run after the statements in the same transaction.
+    backfill: Callable[[aiosqlite.Connection], Awaitable[None]] | None = None
+
+
+async def _backfill_request_keys(conn: aiosqlite.Connection) -> None:
+    """Give completions stored before replay existed their request key."""
+    last = 0
+    while True:
+        async with conn.execute(
+            "SELECT seq, request FROM completions WHERE request_key IS NULL AND seq > ?"
+            " ORDER BY seq LIMIT 1000",
+            (last,),
+        ) as cursor:
+            rows = list(await cursor.fetchall())
+        if not rows:
+            return
+        updates = []
+        for seq, request in rows:
+            try:
+                body = orjson.loads(request)
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(body, dict):
+                updates.append((request_key(body), seq))
+        await conn.executemany("UPDATE completions SET request_key = ? WHERE seq = ?", updates)
+        last = rows[-1][0]
 
 
 MIGRATIONS: tuple[Migration, ...] = (
@@ -84,6 +114,14 @@ MIGRATIONS: tuple[Migration, ...] = (
         "m003_settings",
         ("CREATE TABLE settings (name TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID",),
     ),
+    Migration(
+        "m004_request_key",
+        (
+            "ALTER TABLE completions ADD COLUMN request_key TEXT",
+            "CREATE INDEX completions_request_key ON completions (request_key, caller, seq)",
+        ),
+        _backfill_request_keys,
+    ),
 )
 
 
@@ -116,6 +154,8 @@ async def migrate(conn: aiosqlite.Connection) -> list[str]:
                     continue
             for statement in migration.statements:
                 await conn.execute(statement)
+            if migration.backfill is not None:
+                await migration.backfill(conn)
             await conn.execute(
                 "INSERT INTO _migrations (name, applied_at) VALUES (?, ?)",
                 (migration.name, time.time()),

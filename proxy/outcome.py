@@ -13,3 +13,4 @@ class Outcome(enum.StrEnum):
     UNSTORABLE = "unstorable"  # a 2xx answer that is not a whole chat completion
     STORE_FAILED = "store_failed"  # answered in full, but the commit failed (logged, counted)
     REFUSED = "refused"  # the proxy answered with its own error; the upstream was not called
+    REPLAYED = "replayed"  # answered from a recording; the upstream was not called

@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -47,6 +47,16 @@ class CompletionRecord:
     stream: bool
     outcome: str
     duration_ms: float | None = None
+    request_key: str | None = None  # what replay matches on (see replay.request_key)
+    stored_at: float | None = None  # set on import; now when None
+
+
+@dataclass(frozen=True, slots=True)
+class ExportFilter:
+    model: str | None = None
+    metadata: tuple[tuple[str, str], ...] = ()
+    since: int | None = None  # created >= since
+    until: int | None = None  # created < until
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,13 +82,18 @@ class Store(Protocol):
     ) -> bytes | None: ...
     async def delete(self, caller: str, completion_id: str) -> bool: ...
     async def setting(self, name: str, default: bytes) -> bytes: ...
+    async def recordings(self, request_key: str, caller: str | None) -> list[bytes]: ...
+    def export(self, where: ExportFilter) -> AsyncIterator[list[CompletionRecord]]: ...
+    async def import_records(
+        self, records: Iterable[CompletionRecord], accept: Callable[[], bool]
+    ) -> int: ...
 
 
 _INSERT_COMPLETION = """
 INSERT INTO completions (
     seq, id, caller, created, model, metadata, completion, request,
-    request_id, stream, outcome, stored_at, duration_ms
-) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+    request_id, stream, outcome, stored_at, duration_ms, request_key
+) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (caller, id) DO NOTHING
 """
 
@@ -195,45 +210,79 @@ class SQLiteStore:
 
     # -- writes ------------------------------------------------------------------------------
 
+    async def _insert(self, conn: aiosqlite.Connection, records: Sequence[CompletionRecord]) -> int:
+        """Insert inside the caller's transaction; return how many were new."""
+        row = await self._fetchone(conn, "SELECT coalesce(max(seq), 0) FROM completions")
+        base = row[0] if row else 0
+        now = time.time()
+        rows = []
+        pairs = []
+        for offset, record in enumerate(records, 1):
+            seq = base + offset
+            rows.append(
+                (
+                    seq,
+                    record.id,
+                    record.caller,
+                    record.created,
+                    record.model,
+                    _dump_metadata(record.metadata),
+                    record.completion,
+                    record.request,
+                    record.request_id,
+                    int(record.stream),
+                    record.outcome,
+                    record.stored_at if record.stored_at is not None else now,
+                    record.duration_ms,
+                    record.request_key,
+                )
+            )
+            pairs += [
+                (key, value, seq, record.caller, record.id)
+                for key, value in record.metadata.items()
+            ]
+        before = conn.total_changes
+        await conn.executemany(_INSERT_COMPLETION, rows)
+        inserted = conn.total_changes - before
+        if pairs:
+            await conn.executemany(_INSERT_METADATA, pairs)
+        return inserted
+
     async def write_batch(self, records: Sequence[CompletionRecord]) -> int:
         """Write records in one transaction; return how many were new (duplicates are skipped)."""
         conn = self._w
         async with self._write_lock:
             await conn.execute("BEGIN IMMEDIATE")
             try:
-                row = await self._fetchone(conn, "SELECT coalesce(max(seq), 0) FROM completions")
-                base = row[0] if row else 0
-                now = time.time()
-                rows = []
-                pairs = []
-                for offset, record in enumerate(records, 1):
-                    seq = base + offset
-                    rows.append(
-                        (
-                            seq,
-                            record.id,
-                            record.caller,
-                            record.created,
-                            record.model,
-                            _dump_metadata(record.metadata),
-                            record.completion,
-                            record.request,
-                            record.request_id,
-                            int(record.stream),
-                            record.outcome,
-                            now,
-                            record.duration_ms,
-                        )
-                    )
-                    pairs += [
-                        (key, value, seq, record.caller, record.id)
-                        for key, value in record.metadata.items()
-                    ]
-                before = conn.total_changes
-                await conn.executemany(_INSERT_COMPLETION, rows)
-                inserted = conn.total_changes - before
-                if pairs:
-                    await conn.executemany(_INSERT_METADATA, pairs)
+                inserted = await self._insert(conn, records)
+                await conn.execute("COMMIT")
+            except BaseException:
+                await self._rollback(conn)
+                raise
+        return inserted
+
+    async def import_records(
+        self, records: Iterable[CompletionRecord], accept: Callable[[], bool], batch: int = 2000
+    ) -> int:
+        """Insert everything in one transaction, committed only if ``accept()`` says so at the
+        end: an import with a bad line leaves nothing half-written. Duplicates (same caller
+        and id) are skipped, so importing a file twice adds nothing the second time."""
+        conn = self._w
+        inserted = 0
+        async with self._write_lock:
+            await conn.execute("BEGIN IMMEDIATE")
+            try:
+                chunk: list[CompletionRecord] = []
+                for record in records:
+                    chunk.append(record)
+                    if len(chunk) >= batch:
+                        inserted += await self._insert(conn, chunk)
+                        chunk = []
+                if chunk:
+                    inserted += await self._insert(conn, chunk)
+                if not accept():
+                    await conn.execute("ROLLBACK")
+                    return 0
                 await conn.execute("COMMIT")
             except BaseException:
                 await self._rollback(conn)
@@ -361,6 +410,65 @@ class SQLiteStore:
             rows = list(await result.fetchall())
         items = [(row[0], with_metadata(row[1], row[2])) for row in rows[: page.limit]]
         return Page(items=items, has_more=len(rows) > page.limit)
+
+    async def recordings(self, request_key: str, caller: str | None) -> list[bytes]:
+        """Stored completions made for requests with this key, oldest first."""
+        if caller is None:
+            sql = "SELECT completion FROM completions WHERE request_key = ? ORDER BY seq LIMIT 1000"
+            params: tuple[str, ...] = (request_key,)
+        else:
+            sql = (
+                "SELECT completion FROM completions WHERE request_key = ? AND caller = ?"
+                " ORDER BY seq LIMIT 1000"
+            )
+            params = (request_key, caller)
+        async with self._r.execute(sql, params) as cursor:
+            return [bytes(row[0]) async for row in cursor]
+
+    async def export(self, where: ExportFilter) -> AsyncIterator[list[CompletionRecord]]:
+        """Every stored completion matching ``where``, in insertion order, a batch at a time."""
+        clauses = ["1"]
+        params: list[object] = []
+        if where.model is not None:
+            clauses.append("model = ?")
+            params.append(where.model)
+        if where.since is not None:
+            clauses.append("created >= ?")
+            params.append(where.since)
+        if where.until is not None:
+            clauses.append("created < ?")
+            params.append(where.until)
+        for key, value in where.metadata:
+            clauses.append(
+                "EXISTS (SELECT 1 FROM completion_metadata m"
+                " WHERE m.seq = completions.seq AND m.key = ? AND m.value = ?)"
+            )
+            params += [key, value]
+        sql = (
+            "SELECT id, caller, created, model, metadata, completion, request, request_id,"
+            " stream, outcome, duration_ms, request_key, stored_at FROM completions"
+            f" WHERE {' AND '.join(clauses)} ORDER BY seq"
+        )
+        async with self._r.execute(sql, params) as cursor:
+            while rows := await cursor.fetchmany(2000):
+                yield [
+                    CompletionRecord(
+                        id=row[0],
+                        caller=row[1],
+                        created=row[2],
+                        model=row[3],
+                        metadata=orjson.loads(row[4]),
+                        completion=bytes(row[5]),
+                        request=bytes(row[6]),
+                        request_id=row[7],
+                        stream=bool(row[8]),
+                        outcome=row[9],
+                        duration_ms=row[10],
+                        request_key=row[11],
+                        stored_at=row[12],
+                    )
+                    for row in rows
+                ]
 
     async def explain_list(self, caller: str, query: ListQuery) -> list[str]:
         """SQLite's plan for a list query, so tests can prove it reads indexes, not the table."""
