@@ -7,7 +7,6 @@ import pytest
 
 from proxy.assemble import fold_chunks
 from proxy.replay import recorded_answer, request_key, stream_chunks
-
 from tests.conftest import sdk
 from tests.fakes import FakeUpstream, Reply, sse
 
@@ -235,7 +234,8 @@ async def test_matching_ignores_key_order_number_spelling_and_bookkeeping(
     proxy = await proxy_factory(replay={"mode": "strict"})
     raw = (
         b'{"temperature": 1, "messages": [{"content": "plain text", "role": "user"}],'
-        b' "model": "gpt-test", "store": false, "metadata": {"run": "ci"}, "user": "someone", "stream": false}'
+        b' "model": "gpt-test", "store": false, "metadata": {"run": "ci"}, "user": "someone",'
+        b' "stream": false}'
     )
     response = await proxy.post(
         "/v1/chat/completions",
