@@ -1,0 +1,198 @@
+"""Portable recordings: export the store as JSON lines, import them back.
+
+Formats:
+- ``jsonl``: one full record per line: ``id``, ``caller`` (the fingerprint), ``created``,
+  ``model``, ``metadata``, ``request`` (the client's request), ``response`` (the stored
+  chat.completion, without metadata), ``request_id``, ``stream``, ``outcome``, ``stored_at``,
+  ``duration_ms``. ``import`` reads exactly this, so export → import → export gives the same
+  records.
+- ``finetune``: OpenAI's chat fine-tuning format: ``messages`` = the request's messages plus
+  the assistant's reply (first choice), with ``tools`` when the request had them. Records
+  without a reply are skipped; the ``developer`` role is written as ``system``.
+
+Both directions stream: memory stays constant whatever the size of the store or file.
+Import is one transaction, idempotent by (caller, id); a file with any bad line imports
+nothing, and every bad line is reported with its number.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import IO, Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from proxy.errors import InvalidRequest
+from proxy.models import check_metadata
+from proxy.replay import request_key
+from proxy.store import CompletionRecord, ExportFilter, Store
+
+Format = Literal["jsonl", "finetune"]
+Progress = Callable[[int], None]
+
+_FINETUNE_ROLES = {"developer": "system"}
+
+
+def _embedded(raw: bytes) -> orjson.Fragment | Any:
+    """Stored JSON spliced in as is, unless its own line breaks would split the JSONL line."""
+    if b"\n" in raw or b"\r" in raw:
+        return orjson.loads(raw)
+    return orjson.Fragment(raw)
+
+
+def export_line(record: CompletionRecord) -> bytes:
+    return orjson.dumps(
+        {
+            "id": record.id,
+            "caller": record.caller,
+            "created": record.created,
+            "model": record.model,
+            "metadata": record.metadata,
+            "request": _embedded(record.request),
+            "response": orjson.Fragment(record.completion),
+            "request_id": record.request_id,
+            "stream": record.stream,
+            "outcome": record.outcome,
+            "stored_at": record.stored_at,
+            "duration_ms": record.duration_ms,
+        }
+    )
+
+
+def finetune_line(record: CompletionRecord) -> bytes | None:
+    """One fine-tuning example, or None when the record has no assistant reply."""
+    request = orjson.loads(record.request)
+    response = orjson.loads(record.completion)
+    choices = response.get("choices") or []
+    messages = request.get("messages")
+    if not choices or not isinstance(messages, list):
+        return None
+    reply = choices[0].get("message") or {}
+    assistant: dict[str, Any] = {"role": "assistant", "content": reply.get("content")}
+    if reply.get("tool_calls"):
+        assistant["tool_calls"] = [
+            {"id": c.get("id"), "type": c.get("type", "function"), "function": c.get("function")}
+            for c in reply["tool_calls"]
+        ]
+    if assistant["content"] is None and "tool_calls" not in assistant:
+        return None
+    example: dict[str, Any] = {
+        "messages": [
+            {**m, "role": _FINETUNE_ROLES.get(str(m.get("role")), m.get("role"))}
+            for m in messages
+            if isinstance(m, dict)
+        ]
+        + [assistant]
+    }
+    if request.get("tools"):
+        example["tools"] = request["tools"]
+    if request.get("parallel_tool_calls") is not None:
+        example["parallel_tool_calls"] = request["parallel_tool_calls"]
+    return orjson.dumps(example)
+
+
+async def export_to(
+    store: Store, where: ExportFilter, fmt: Format, out: IO[bytes], progress: Progress | None
+) -> int:
+    """Write every matching record to ``out``; return how many lines were written."""
+    render = export_line if fmt == "jsonl" else finetune_line
+    written = 0
+    async for batch in store.export(where):
+        lines = [line for line in map(render, batch) if line is not None]
+        if lines:
+            out.write(b"\n".join(lines) + b"\n")
+        written += len(lines)
+        if progress is not None:
+            progress(written)
+    return written
+
+
+class ExportedCompletion(BaseModel):
+    """One ``jsonl`` line, as ``export`` writes it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1)
+    caller: str = Field(min_length=1)
+    created: int
+    model: str
+    metadata: dict[str, str] = Field(default_factory=dict)
+    request: dict[str, Any]
+    response: dict[str, Any]
+    request_id: str | None = None
+    stream: bool = False
+    outcome: str = "complete"
+    stored_at: float | None = None
+    duration_ms: float | None = None
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_limits(cls, value: dict[str, str]) -> dict[str, str]:
+        try:
+            return check_metadata(value)
+        except InvalidRequest as error:
+            raise ValueError(error.message) from None
+
+    def record(self) -> CompletionRecord:
+        return CompletionRecord(
+            id=self.id,
+            caller=self.caller,
+            created=self.created,
+            model=self.model,
+            metadata=self.metadata,
+            completion=orjson.dumps({k: v for k, v in self.response.items() if k != "metadata"}),
+            request=orjson.dumps(self.request),
+            request_id=self.request_id,
+            stream=self.stream,
+            outcome=self.outcome,
+            duration_ms=self.duration_ms,
+            request_key=request_key(self.request),
+            stored_at=self.stored_at,
+        )
+
+
+@dataclass
+class ImportReport:
+    lines: int = 0
+    inserted: int = 0
+    errors: list[tuple[int, str]] = field(default_factory=list)
+    error_count: int = 0
+
+    @property
+    def skipped(self) -> int:
+        return self.lines - self.inserted
+
+
+def _describe(error: ValidationError) -> str:
+    first = error.errors()[0]
+    where = ".".join(str(p) for p in first["loc"])
+    return f"{where}: {first['msg']}" if where else first["msg"]
+
+
+def read_records(
+    source: IO[bytes], report: ImportReport, progress: Progress | None
+) -> Iterator[CompletionRecord]:
+    """The records of a ``jsonl`` file; bad lines go to ``report`` with their numbers."""
+    for number, line in enumerate(source, 1):
+        if not line.strip():
+            continue
+        try:
+            record = ExportedCompletion.model_validate_json(line).record()
+        except ValidationError as error:
+            report.error_count += 1
+            if len(report.errors) < 100:
+                report.errors.append((number, _describe(error)))
+            continue
+        report.lines += 1
+        if progress is not None and report.lines % 5000 == 0:
+            progress(report.lines)
+        yield record
+
+
+async def import_from(store: Store, source: IO[bytes], progress: Progress | None) -> ImportReport:
+    report = ImportReport()
+    records = read_records(source, report, progress)
+    report.inserted = await store.import_records(records, accept=lambda: report.error_count == 0)
+    return report

@@ -1,0 +1,221 @@
+"""Export and import: round trips, filters, the fine-tuning format, bad files, offline replay."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import sys
+from pathlib import Path
+
+import openai
+import orjson
+
+from tests.conftest import sdk
+from tests.fakes import FakeUpstream, Reply
+from tests.test_replay import ASK, TOOLS, tool_completion
+
+
+async def cli(*args: str, stdin: bytes | None = None) -> tuple[int, bytes, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "proxy",
+        *args,
+        stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(stdin), 120)
+    assert process.returncode is not None
+    return process.returncode, out, err.decode()
+
+
+def lines(data: bytes) -> list[dict]:
+    return [orjson.loads(line) for line in data.splitlines() if line.strip()]
+
+
+def count(db: Path) -> int:
+    with sqlite3.connect(db) as conn:
+        return int(conn.execute("SELECT count(*) FROM completions").fetchone()[0])
+
+
+async def record_some(proxy, upstream: FakeUpstream) -> list[str]:
+    ids = []
+    async with sdk(proxy) as client:
+        for n in range(4):
+            made = await client.chat.completions.create(
+                model="gpt-test" if n % 2 else "gpt-other",
+                messages=[
+                    {"role": "developer", "content": "be brief"},
+                    {"role": "user", "content": f"q{n}"},
+                ],
+                store=True,
+                metadata={"suite": "a" if n < 2 else "b", "n": str(n)},
+            )
+            ids.append(made.id)
+        upstream.script(Reply(json=tool_completion("chatcmpl-tools")))
+        made = await client.chat.completions.create(
+            model="gpt-test", messages=ASK, tools=TOOLS, store=True
+        )
+        ids.append(made.id)
+        stream = await client.chat.completions.create(
+            model="gpt-test",
+            messages=[{"role": "user", "content": "streamed"}],
+            store=True,
+            stream=True,
+        )
+        stream_ids = {chunk.id async for chunk in stream}
+        assert len(stream_ids) == 1
+        ids.append(stream_ids.pop())
+    return ids
+
+
+async def test_export_import_export_gives_the_same_records(
+    proxy, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    ids = await record_some(proxy, upstream)
+    source = tmp_path / "completions.db"
+    code, exported, err = await cli("export", "--db", str(source))
+    assert code == 0, err
+    records = lines(exported)
+    assert [r["id"] for r in records] == ids
+    first = records[0]
+    assert set(first) == {
+        "id", "caller", "created", "model", "metadata", "request", "response",
+        "request_id", "stream", "outcome", "stored_at", "duration_ms",
+    }  # fmt: skip
+    assert first["caller"].startswith("caller_") and first["outcome"] == "complete"
+    assert first["request"]["messages"][1]["content"] == "q0"
+    assert records[-1]["stream"] is True
+    assert records[-1]["response"]["choices"][0]["message"]["content"] == "echo: streamed"
+
+    dump = tmp_path / "recording.jsonl"
+    dump.write_bytes(exported)
+    target = tmp_path / "imported.db"
+    code, _, err = await cli("import", str(dump), "--db", str(target))
+    assert code == 0, err
+    assert "imported 6 new completions" in err
+    code, again, err = await cli("export", "--db", str(target))
+    assert code == 0, err
+    assert lines(again) == records
+    code, _, err = await cli("import", str(dump), "--db", str(target))  # idempotent by id
+    assert code == 0 and "imported 0 new completions (6 already present)" in err
+    assert count(target) == 6
+
+
+async def test_export_filters(proxy, upstream: FakeUpstream, tmp_path: Path) -> None:
+    ids = await record_some(proxy, upstream)
+    db = str(tmp_path / "completions.db")
+    _, out, _ = await cli("export", "--db", db, "--model", "gpt-other")
+    assert [r["id"] for r in lines(out)] == [ids[0], ids[2]]
+    _, out, _ = await cli("export", "--db", db, "--metadata", "suite=b", "--metadata", "n=3")
+    assert [r["id"] for r in lines(out)] == [ids[3]]
+    _, out, _ = await cli("export", "--db", db, "--since", "2023-11-14T22:13:21")  # 1700000001
+    assert [r["id"] for r in lines(out)] == [ids[4]]
+    _, out, _ = await cli("export", "--db", db, "--until", "1700000001")
+    assert "chatcmpl-tools" not in [r["id"] for r in lines(out)]
+    assert len(lines(out)) == 5
+    code, _, err = await cli("export", "--db", db, "--since", "yesterday")
+    assert code == 2 and "ISO 8601" in err
+    output = tmp_path / "out.jsonl"
+    code, out, _ = await cli("export", "--db", db, "-o", str(output))
+    assert code == 0 and out == b"" and len(lines(output.read_bytes())) == 6
+
+
+async def test_finetune_format_line_by_line(proxy, upstream: FakeUpstream, tmp_path: Path) -> None:
+    await record_some(proxy, upstream)
+    code, out, err = await cli(
+        "export", "--db", str(tmp_path / "completions.db"), "--format", "finetune"
+    )
+    assert code == 0, err
+    examples = lines(out)
+    assert len(examples) == 6
+    for example in examples:
+        assert set(example) <= {"messages", "tools", "parallel_tool_calls"}
+        messages = example["messages"]
+        assert all(m["role"] in {"system", "user", "assistant", "tool"} for m in messages)
+        reply = messages[-1]
+        assert reply["role"] == "assistant"
+        assert isinstance(reply.get("content"), str) or reply.get("tool_calls")
+        if "tools" in example:
+            assert all(t["type"] == "function" and t["function"]["name"] for t in example["tools"])
+    with_tools = [e for e in examples if "tools" in e]
+    assert len(with_tools) == 1
+    assert [c["function"]["name"] for c in with_tools[0]["messages"][-1]["tool_calls"]] == [
+        "weather",
+        "weather",
+    ]
+    assert examples[0]["messages"][0] == {
+        "role": "system",
+        "content": "be brief",
+    }  # developer → system
+
+
+async def test_bad_import_lines_are_reported_and_nothing_is_written(
+    proxy, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    await record_some(proxy, upstream)
+    _, exported, _ = await cli("export", "--db", str(tmp_path / "completions.db"))
+    good = exported.splitlines()
+    broken = dict(orjson.loads(good[3]))
+    broken["metadata"] = {"k": 5}
+    bad = [
+        good[0],
+        good[1],
+        b"{not json",
+        good[2],
+        orjson.dumps(broken),
+        b"",
+        b'{"id": "x"}',
+        *good[4:],
+    ]
+    dump = tmp_path / "bad.jsonl"
+    dump.write_bytes(b"\n".join(bad) + b"\n")
+    target = tmp_path / "target.db"
+    code, _, err = await cli("import", str(dump), "--db", str(target))
+    assert code == 1
+    reported = [line.split(":")[1] for line in err.splitlines() if line.startswith(str(dump))]
+    assert reported == ["3", "5", "7"]
+    assert "nothing was imported" in err
+    assert count(target) == 0
+    code, _, err = await cli("import", str(tmp_path / "absent.jsonl"), "--db", str(target))
+    assert code == 1 and "No such file" in err
+
+
+async def test_import_from_stdin(proxy, upstream: FakeUpstream, tmp_path: Path) -> None:
+    await record_some(proxy, upstream)
+    _, exported, _ = await cli("export", "--db", str(tmp_path / "completions.db"))
+    code, _, err = await cli("import", "-", "--db", str(tmp_path / "piped.db"), stdin=exported)
+    assert code == 0, err
+    assert count(tmp_path / "piped.db") == 6
+
+
+async def test_a_committed_recording_file_replays_offline(
+    proxy_factory, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    """The README's recipe: a recording file next to the tests, imported, replayed strictly."""
+    recorder = await proxy_factory(store={"path": str(tmp_path / "record.db")})
+    async with sdk(recorder, "sk-ci-recorder") as client:
+        original = await client.chat.completions.create(model="gpt-test", messages=ASK, store=True)
+    _, exported, _ = await cli("export", "--db", str(tmp_path / "record.db"))
+    (tmp_path / "recording.jsonl").write_bytes(exported)
+    await upstream.server.close()  # type: ignore[attr-defined]
+    code, _, err = await cli(
+        "import", str(tmp_path / "recording.jsonl"), "--db", str(tmp_path / "replay.db")
+    )
+    assert code == 0, err
+    offline = await proxy_factory(
+        store={"path": str(tmp_path / "replay.db")}, replay={"mode": "strict", "shared": True}
+    )
+    async with sdk(offline, "sk-any-throwaway-key") as client:
+        replayed = await client.chat.completions.create(model="gpt-test", messages=ASK, stream=True)
+        text = "".join([c.choices[0].delta.content or "" async for c in replayed if c.choices])
+        assert text == original.choices[0].message.content
+        try:
+            await client.chat.completions.create(
+                model="gpt-test", messages=[{"role": "user", "content": "new"}]
+            )
+        except openai.BadRequestError as error:
+            assert error.code == "replay_miss"
+        else:
+            raise AssertionError("a request never recorded must miss")
