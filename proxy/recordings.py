@@ -17,7 +17,8 @@ nothing, and every bad line is reported with its number.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any, Literal
 
@@ -171,28 +172,42 @@ def _describe(error: ValidationError) -> str:
     return f"{where}: {first['msg']}" if where else first["msg"]
 
 
-def read_records(
-    source: IO[bytes], report: ImportReport, progress: Progress | None
-) -> Iterator[CompletionRecord]:
-    """The records of a ``jsonl`` file; bad lines go to ``report`` with their numbers."""
-    for number, line in enumerate(source, 1):
+def read_batch(
+    lines: Iterator[tuple[int, bytes]], report: ImportReport, size: int = 2000
+) -> list[CompletionRecord]:
+    """The next records of a ``jsonl`` file; bad lines go to ``report`` with their numbers."""
+    batch: list[CompletionRecord] = []
+    for number, line in lines:
         if not line.strip():
             continue
         try:
-            record = ExportedCompletion.model_validate_json(line).record()
+            batch.append(ExportedCompletion.model_validate_json(line).record())
         except ValidationError as error:
             report.error_count += 1
             if len(report.errors) < 100:
                 report.errors.append((number, _describe(error)))
             continue
-        report.lines += 1
-        if progress is not None and report.lines % 5000 == 0:
+        if len(batch) >= size:
+            break
+    report.lines += len(batch)
+    return batch
+
+
+async def _batches(
+    source: IO[bytes], report: ImportReport, progress: Progress | None
+) -> AsyncIterator[list[CompletionRecord]]:
+    """Batches parsed in a worker thread, one ahead, so parsing overlaps SQLite's inserts."""
+    lines = enumerate(source, 1)
+    ahead = asyncio.ensure_future(asyncio.to_thread(read_batch, lines, report))
+    while batch := await ahead:
+        ahead = asyncio.ensure_future(asyncio.to_thread(read_batch, lines, report))
+        if progress is not None:
             progress(report.lines)
-        yield record
+        yield batch
 
 
 async def import_from(store: Store, source: IO[bytes], progress: Progress | None) -> ImportReport:
     report = ImportReport()
-    records = read_records(source, report, progress)
-    report.inserted = await store.import_records(records, accept=lambda: report.error_count == 0)
+    batches = _batches(source, report, progress)
+    report.inserted = await store.import_records(batches, accept=lambda: report.error_count == 0)
     return report

@@ -38,20 +38,24 @@ _SAFE_INT = 2**53
 
 
 def _canonical(value: Any) -> Any:
-    if isinstance(value, float) and value.is_integer() and abs(value) < _SAFE_INT:
+    kind = type(value)
+    if kind is dict:
+        return {k: _canonical(v) if type(v) in _REWRITTEN else v for k, v in value.items()}
+    if kind is list:
+        return [_canonical(v) if type(v) in _REWRITTEN else v for v in value]
+    if kind is float and value.is_integer() and abs(value) < _SAFE_INT:
         return int(value)
-    if isinstance(value, dict):
-        return {key: _canonical(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_canonical(item) for item in value]
     return value
+
+
+_REWRITTEN = frozenset({dict, list, float})  # the only types canonical form can change
 
 
 def request_key(request: Json) -> str:
     """The hash that identifies what a request asks, whatever its transport options."""
     essential = {k: v for k, v in request.items() if k not in IGNORED_FIELDS}
     canonical = orjson.dumps(_canonical(essential), option=orjson.OPT_SORT_KEYS)
-    return hashlib.sha256(canonical).hexdigest()
+    return hashlib.sha256(canonical).hexdigest()[:32]  # 128 bits: a smaller index
 
 
 def recorded_answer(stored: Json) -> Json:

@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -85,7 +85,7 @@ class Store(Protocol):
     async def recordings(self, request_key: str, caller: str | None) -> list[bytes]: ...
     def export(self, where: ExportFilter) -> AsyncIterator[list[CompletionRecord]]: ...
     async def import_records(
-        self, records: Iterable[CompletionRecord], accept: Callable[[], bool]
+        self, batches: AsyncIterable[Sequence[CompletionRecord]], accept: Callable[[], bool]
     ) -> int: ...
 
 
@@ -167,6 +167,7 @@ class SQLiteStore:
         conn = await aiosqlite.connect(self.path, isolation_level=None)
         await conn.execute("PRAGMA busy_timeout = 5000")
         await conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+        await conn.execute("PRAGMA cache_size = -16384")  # 16 MiB: index pages stay cached
         if self._max_bytes is not None:
             # A size cap: past it writes fail with SQLITE_FULL, exactly as on a full disk.
             row = await self._fetchone(conn, "PRAGMA page_size")
@@ -262,7 +263,7 @@ class SQLiteStore:
         return inserted
 
     async def import_records(
-        self, records: Iterable[CompletionRecord], accept: Callable[[], bool], batch: int = 2000
+        self, batches: AsyncIterable[Sequence[CompletionRecord]], accept: Callable[[], bool]
     ) -> int:
         """Insert everything in one transaction, committed only if ``accept()`` says so at the
         end: an import with a bad line leaves nothing half-written. Duplicates (same caller
@@ -272,14 +273,8 @@ class SQLiteStore:
         async with self._write_lock:
             await conn.execute("BEGIN IMMEDIATE")
             try:
-                chunk: list[CompletionRecord] = []
-                for record in records:
-                    chunk.append(record)
-                    if len(chunk) >= batch:
-                        inserted += await self._insert(conn, chunk)
-                        chunk = []
-                if chunk:
-                    inserted += await self._insert(conn, chunk)
+                async for batch in batches:
+                    inserted += await self._insert(conn, batch)
                 if not accept():
                     await conn.execute("ROLLBACK")
                     return 0
@@ -450,7 +445,10 @@ class SQLiteStore:
             f" WHERE {' AND '.join(clauses)} ORDER BY seq"
         )
         async with self._r.execute(sql, params) as cursor:
-            while rows := await cursor.fetchmany(2000):
+            # The next batch is read (in SQLite's thread) while this one is being written out.
+            ahead = asyncio.ensure_future(cursor.fetchmany(2000))
+            while rows := await ahead:
+                ahead = asyncio.ensure_future(cursor.fetchmany(2000))
                 yield [
                     CompletionRecord(
                         id=row[0],

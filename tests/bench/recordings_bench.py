@@ -1,0 +1,121 @@
+"""Export and import throughput and memory at scale (issue: portable recordings).
+
+    python -m tests.bench.recordings_bench [--rows 1000000] [--dir /tmp/recordings-bench]
+
+Builds a store of ~3 KB completions through SQLiteStore.write_batch, then times the real
+commands as subprocesses: ``completions-proxy export`` to a file, and ``completions-proxy
+import`` of that file into a fresh database. Peak RSS of each command comes from the
+kernel (``ru_maxrss`` of the finished child), so constant memory shows as a flat figure
+whatever ``--rows`` is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+
+from proxy.replay import request_key
+from proxy.store import CompletionRecord, SQLiteStore
+
+
+def _record(n: int) -> CompletionRecord:
+    request = {
+        "model": "gpt-4o-mini",
+        "store": True,
+        "messages": [
+            {"role": "system", "content": "You are a helpful assistant. " * 10},
+            {"role": "user", "content": f"Question {n}: " + "tell me about the weather. " * 30},
+        ],
+    }
+    completion = {
+        "id": f"chatcmpl-bench{n:09d}",
+        "object": "chat.completion",
+        "created": 1_700_000_000 + n // 100,
+        "model": "gpt-4o-mini-2024-07-18",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "It is sunny. " * 80, "refusal": None},
+                "finish_reason": "stop",
+                "logprobs": None,
+            }
+        ],
+        "usage": {"prompt_tokens": 300, "completion_tokens": 240, "total_tokens": 540},
+    }
+    return CompletionRecord(
+        id=completion["id"],
+        caller=f"caller_{n % 7:032d}",
+        created=completion["created"],
+        model="gpt-4o-mini",
+        metadata={"suite": f"s{n % 10}", "run": "bench"},
+        completion=orjson.dumps(completion),
+        request=orjson.dumps(request),
+        request_id=f"req_{n}",
+        stream=bool(n % 2),
+        outcome="complete",
+        request_key=request_key(request),
+    )
+
+
+async def build(path: Path, rows: int) -> float:
+    store = SQLiteStore(path)
+    await store.open()
+    started = time.perf_counter()
+    batch = 5000
+    for start in range(0, rows, batch):
+        await store.write_batch([_record(n) for n in range(start, min(rows, start + batch))])
+    await store.close()
+    return time.perf_counter() - started
+
+
+def timed(args: list[str]) -> tuple[float, int, str]:
+    """Wall seconds, peak RSS in MB, and stderr of one CLI run."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    started = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy", *args], capture_output=True, text=True, check=True
+    )
+    elapsed = time.perf_counter() - started
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return elapsed, max(peak, before) // 1024, result.stderr.strip()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--dir", default="/tmp/recordings-bench")
+    args = parser.parse_args()
+    where = Path(args.dir)
+    shutil.rmtree(where, ignore_errors=True)
+    where.mkdir(parents=True)
+    source, target, dump = where / "source.db", where / "target.db", where / "export.jsonl"
+
+    build_s = asyncio.run(build(source, args.rows))
+    export_s, export_mb, _ = timed(["export", "--db", str(source), "-o", str(dump)])
+    import_s, import_mb, said = timed(["import", str(dump), "--db", str(target)])
+    result = {
+        "rows": args.rows,
+        "row_bytes": os.path.getsize(dump) // args.rows,
+        "build_rows_per_s": round(args.rows / build_s),
+        "export_rows_per_s": round(args.rows / export_s),
+        "export_peak_rss_mb": export_mb,
+        "import_rows_per_s": round(args.rows / import_s),
+        "import_peak_rss_mb": import_mb,
+        "import_said": said,
+    }
+    print(json.dumps(result, indent=2))
+    shutil.rmtree(where, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
