@@ -7,24 +7,52 @@ then the writer commits everything queued, then the store closes.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import os
 import secrets
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 
 import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from proxy import handlers, openapi
-from proxy.callers import CallerIdentity
-from proxy.config import Config
+from proxy import admin, handlers, openapi
+from proxy.callers import Callers
+from proxy.config import Config, ConfigError
 from proxy.errors import exchange_middleware
-from proxy.keys import CALLERS, CONFIG, OPENAPI, RELAY, REPLAYER, STORE, WRITER
+from proxy.keys import (
+    CALLERS,
+    CONFIG,
+    METRICS,
+    OPENAPI,
+    REDACTOR,
+    RELAY,
+    REPLAYER,
+    STORE,
+    WRITER,
+)
+from proxy.metrics import Metrics
+from proxy.redaction import DEFAULT_BUILTIN, Redactor
 from proxy.relay import Relay
 from proxy.replay import Replayer
-from proxy.store import SQLiteStore
+from proxy.store import CompletionRecord, SQLiteStore
 from proxy.upstream import make_session
+from proxy.usage import cost
 from proxy.writer import Writer
+
+log = logging.getLogger("proxy.app")
+
+
+def redactor_of(config: Config) -> Redactor:
+    """The configured redaction rules; a bad rule is a configuration error."""
+    builtin = DEFAULT_BUILTIN if config.redaction.builtin is None else config.redaction.builtin
+    try:
+        return Redactor.build(builtin, config.redaction.patterns)
+    except ValueError as error:
+        raise ConfigError(f"invalid configuration: redaction: {error}") from None
 
 
 async def _store(app: web.Application) -> AsyncIterator[None]:
@@ -42,10 +70,20 @@ async def _store(app: web.Application) -> AsyncIterator[None]:
             if secret
             else await store.setting("caller_secret", secrets.token_bytes(32))
         )
-        app[CALLERS] = CallerIdentity(key)
-        writer = Writer(
-            store, queue_size=config.store.queue_size, batch_size=config.store.batch_size
+        app[CALLERS] = Callers(
+            key,
+            store=store,
+            keys=config.auth.mode == "keys",
+            cache_seconds=config.auth.key_cache_seconds,
         )
+        writer = Writer(
+            store,
+            queue_size=config.store.queue_size,
+            batch_size=config.store.batch_size,
+            on_committed=_count_stored(app),
+            on_failed=_count_failed(app),
+        )
+        app[METRICS] = Metrics(queue_depth=lambda: writer.depth)
         writer.start()
         app[STORE] = store
         app[WRITER] = writer
@@ -56,10 +94,78 @@ async def _store(app: web.Application) -> AsyncIterator[None]:
         await store.close()
 
 
+def _count_stored(app: web.Application) -> Callable[[CompletionRecord], None]:
+    prices = app[CONFIG].prices
+
+    def count(record: CompletionRecord) -> None:
+        app[METRICS].stored(
+            caller=record.caller,
+            model=record.model,
+            prompt_tokens=record.prompt_tokens,
+            cached_tokens=record.cached_tokens,
+            completion_tokens=record.completion_tokens,
+            cost=cost(
+                prices,
+                record.model,
+                record.prompt_tokens,
+                record.cached_tokens,
+                record.completion_tokens,
+            ),
+        )
+
+    return count
+
+
+def _count_failed(app: web.Application) -> Callable[[], None]:
+    def count() -> None:
+        app[METRICS].write_failed()
+
+    return count
+
+
+async def _retention(app: web.Application) -> AsyncIterator[None]:
+    """Prune on a schedule when ``retention.days`` is set; the task is owned and cancelled."""
+    retention = app[CONFIG].retention
+    task = None
+    if retention.days is not None:
+        task = asyncio.create_task(_prune_forever(app, retention.days, retention.interval_hours))
+    yield
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def _prune_forever(app: web.Application, days: float, interval_hours: float) -> None:
+    while True:
+        before = int(time.time() - days * 86400)
+        try:
+            report = await app[STORE].prune(before)
+        except Exception:
+            log.exception("retention run failed")
+        else:
+            if report.completions or report.exchanges:
+                log.info(
+                    "retention",
+                    extra={
+                        "completions": report.completions,
+                        "exchanges": report.exchanges,
+                        "bytes_before": report.bytes_before,
+                        "bytes_after": report.bytes_after,
+                    },
+                )
+        await asyncio.sleep(interval_hours * 3600)
+
+
 async def _upstream(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
+    upstream_key = None
+    if config.auth.mode == "keys":
+        upstream_key = os.environ.get(config.auth.upstream_key_env)
+        if not upstream_key:
+            raise RuntimeError(f"auth.mode is keys but {config.auth.upstream_key_env} is not set")
     session = make_session(config.upstream)
-    app[RELAY] = Relay(session, config.upstream.url, app[WRITER])
+    app[RELAY] = Relay(session, config.upstream.url, app[WRITER], upstream_key)
     yield
     await session.close()
 
@@ -71,7 +177,9 @@ def create_app(config: Config) -> web.Application:
     )
     app[CONFIG] = config
     app[OPENAPI] = orjson.dumps(openapi.document())
+    app[REDACTOR] = redactor_of(config)
     app.cleanup_ctx.append(_store)
+    app.cleanup_ctx.append(_retention)
     app.cleanup_ctx.append(_upstream)
     # The proxy owns these paths: a method it does not answer is a 405, not forwarded.
     owned: dict[str, dict[str, Handler]] = {
@@ -95,5 +203,10 @@ def create_app(config: Config) -> web.Application:
         resource.add_route("*", handlers.method_not_allowed(list(methods)))
     app.router.add_get("/healthz", handlers.healthz, allow_head=False)
     app.router.add_get("/openapi.json", handlers.openapi_document, allow_head=False)
+    app.router.add_get("/admin/usage", admin.get_usage, allow_head=False)
+    app.router.add_get("/admin/exchanges", admin.list_exchanges, allow_head=False)
+    app.router.add_get("/admin/audit", admin.list_audit, allow_head=False)
+    if config.metrics.enabled:
+        app.router.add_get("/metrics", admin.metrics, allow_head=False)
     app.router.add_route("*", "/v1/{tail:.*}", handlers.forward)
     return app

@@ -1,20 +1,50 @@
-"""Who is calling: the bearer token reduced to a keyed, irreversible fingerprint.
+"""Who is calling: a caller's name and role, from the bearer token.
 
-The token itself is never stored or logged. The fingerprint is HMAC-SHA256 under a secret
-that comes from the environment variable ``callers.secret_env`` names, or, when that is
-unset, from a random secret the store generates once and keeps (so fingerprints survive a
-restart). Without the secret a fingerprint cannot be tested against a guessed token.
+Two modes (``auth.mode``):
+
+- ``passthrough`` (default): clients send their own upstream key, which goes upstream as it
+  came. The caller is a keyed, irreversible fingerprint of the token (HMAC-SHA256 under the
+  secret ``callers.secret_env`` names, or one the store generates once and keeps). Every
+  caller is a member.
+- ``keys``: clients send a proxy key (``cpk_<key id>_<secret>``, made by ``completions-proxy
+  keys create``). The store keeps only a SHA-256 of the secret part, compared in constant
+  time. The caller is the key's name and its role (member or admin); the proxy sends the
+  upstream key it holds, so the client's key never reaches the upstream. A revoked key stops
+  working within ``auth.key_cache_seconds``.
+
+Tokens are never stored or logged.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import secrets
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
 from aiohttp import web
 from multidict import CIMultiDictProxy
 
-ANONYMOUS = "anonymous"
+from proxy.errors import Unauthorized
+
+if TYPE_CHECKING:
+    from proxy.store import KeyRecord, Store
+
+Role = Literal["member", "admin"]
+KEY_PREFIX = "cpk_"
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    name: str
+    role: Role = "member"
+
+    @property
+    def scope(self) -> str | None:
+        """Whose records this caller sees: its own, or (an admin) everyone's."""
+        return None if self.role == "admin" else self.name
 
 
 def bearer_token(headers: CIMultiDictProxy[str]) -> str | None:
@@ -29,29 +59,96 @@ def bearer_token(headers: CIMultiDictProxy[str]) -> str | None:
     return token
 
 
-class CallerIdentity:
-    """Turns bearer tokens into caller fingerprints; one per application."""
+def new_key() -> tuple[str, str, bytes]:
+    """A fresh proxy key: (the key to hand out once, its id, the hash to store)."""
+    key_id = secrets.token_hex(6)
+    secret = secrets.token_urlsafe(32)
+    return f"{KEY_PREFIX}{key_id}_{secret}", key_id, hash_secret(secret)
 
-    __slots__ = ("_cache", "_secret")
 
-    def __init__(self, secret: bytes) -> None:
+def hash_secret(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
+
+
+def split_key(token: str) -> tuple[str, str] | None:
+    """(key id, secret) of a well-formed proxy key, else None."""
+    if not token.startswith(KEY_PREFIX):
+        return None
+    key_id, sep, secret = token[len(KEY_PREFIX) :].partition("_")
+    if not sep or not key_id or not secret:
+        return None
+    return key_id, secret
+
+
+class Callers:
+    """Resolves requests to callers; one per application."""
+
+    def __init__(
+        self,
+        secret: bytes,
+        *,
+        store: Store | None = None,
+        keys: bool = False,
+        cache_seconds: float = 2.0,
+    ) -> None:
         if len(secret) < 16:
             raise ValueError("the caller secret must be at least 16 bytes")
+        if keys and store is None:
+            raise ValueError("proxy keys need a store")
         self._secret = secret
-        self._cache: dict[str, str] = {}
+        self._store = store
+        self.keys = keys
+        self._cache_seconds = cache_seconds
+        self._fingerprints: dict[str, str] = {}
+        self._keys: dict[str, tuple[float, tuple[KeyRecord, bytes] | None]] = {}
 
     def fingerprint(self, token: str) -> str:
-        cached = self._cache.get(token)
+        cached = self._fingerprints.get(token)
         if cached is not None:
             return cached
         digest = hmac.new(self._secret, token.encode(), hashlib.sha256).hexdigest()
         caller = "caller_" + digest[:32]
-        if len(self._cache) >= 4096:
-            self._cache.clear()  # bounded; recomputing costs a microsecond
-        self._cache[token] = caller
+        if len(self._fingerprints) >= 4096:
+            self._fingerprints.clear()  # bounded; recomputing costs a microsecond
+        self._fingerprints[token] = caller
         return caller
 
-    def of(self, request: web.Request) -> str | None:
-        """The caller behind a request, or None when it carries no bearer token."""
+    async def resolve(self, request: web.Request) -> Caller | None:
+        """The caller behind a request; None without a bearer token.
+
+        In keys mode a token that is not a live proxy key raises ``Unauthorized``.
+        """
         token = bearer_token(request.headers)
-        return None if token is None else self.fingerprint(token)
+        if token is None:
+            return None
+        if not self.keys:
+            return Caller(self.fingerprint(token))
+        return await self._by_key(token)
+
+    async def _by_key(self, token: str) -> Caller:
+        parts = split_key(token)
+        if parts is None:
+            raise Unauthorized("Invalid proxy key.")
+        key_id, secret = parts
+        found = await self._lookup(key_id)
+        if found is None:
+            raise Unauthorized("Invalid proxy key.")
+        record, stored_hash = found
+        if not hmac.compare_digest(hash_secret(secret), stored_hash):
+            raise Unauthorized("Invalid proxy key.")
+        if record.revoked_at is not None:
+            raise Unauthorized("This proxy key was revoked.")
+        role: Role = "admin" if record.role == "admin" else "member"
+        return Caller(record.name, role)
+
+    async def _lookup(self, key_id: str) -> tuple[KeyRecord, bytes] | None:
+        now = time.monotonic()
+        cached = self._keys.get(key_id)
+        if cached is not None and now - cached[0] < self._cache_seconds:
+            return cached[1]
+        assert self._store is not None
+        found = await self._store.find_key(key_id)
+        if len(self._keys) >= 4096:
+            self._keys.clear()
+        self._keys[key_id] = (now, found)
+        return found

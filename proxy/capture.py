@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import orjson
 
@@ -25,27 +26,53 @@ from proxy.assemble import (
 )
 from proxy.models import ChatRequest
 from proxy.outcome import Outcome
+from proxy.redaction import Redactor
 from proxy.replay import request_key
-from proxy.store import CompletionRecord
+from proxy.store import CompletionRecord, ExchangeRecord
+
+
+def usage_of(completion: dict[str, Any]) -> tuple[int, int, int]:
+    """(prompt, cached, completion) tokens of a chat.completion's ``usage``; zeros if none."""
+    usage = completion.get("usage")
+    if not isinstance(usage, dict):
+        return 0, 0, 0
+    details = usage.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else 0
+    numbers = (usage.get("prompt_tokens"), cached, usage.get("completion_tokens"))
+    prompt, cached_tokens, output = (n if isinstance(n, int) else 0 for n in numbers)
+    return prompt, cached_tokens, output
 
 
 @dataclass(slots=True)
 class Capture:
-    """A ``store: true`` exchange: the request as sent and the answer's bytes as relayed."""
+    """An exchange being recorded: the request as sent and the answer's bytes as relayed.
+
+    ``storable`` turns false when the upstream answers anything but 200: the bytes are still
+    kept, for the audit record of a failed exchange, but nothing is stored as a completion.
+    """
 
     request: ChatRequest
     raw: bytes
     caller: str
+    redactor: Redactor
+    request_id: str = ""
     started: float = field(default_factory=time.perf_counter)
     response: bytearray = field(default_factory=bytearray)
     streamed: bool = False
+    storable: bool = True
     upstream_request_id: str | None = None
+
+    def _stored_request(self) -> bytes:
+        if not self.redactor.enabled:
+            return self.raw
+        body, replaced = self.redactor.json(self.request.body)
+        return orjson.dumps(body) if replaced else self.raw
 
     def record(self) -> CompletionRecord:
         """Assemble the stored completion; raises ``AssemblyError`` when there is none to store.
 
         A stream must have finished (every choice has a ``finish_reason``), so a cut-off
-        answer is never stored as a success.
+        answer is never stored as a success. Redaction applies to what is stored only.
         """
         body = bytes(self.response)
         if self.streamed:
@@ -55,7 +82,10 @@ class Capture:
         else:
             completion = completion_from_body(body)
         stored = stored_completion(completion, self.request.body, self.upstream_request_id)
+        if self.redactor.enabled:
+            stored, _ = self.redactor.json(stored)
         created = completion.get("created")
+        prompt, cached, output = usage_of(completion)
         return CompletionRecord(
             id=completion["id"],
             caller=self.caller,
@@ -63,10 +93,31 @@ class Capture:
             model=self.request.model,
             metadata=self.request.metadata,
             completion=orjson.dumps(stored),
-            request=self.raw,
+            request=self._stored_request(),
             request_id=self.upstream_request_id,
             stream=self.streamed,
             outcome=Outcome.COMPLETE,
             duration_ms=round((time.perf_counter() - self.started) * 1000, 3),
             request_key=request_key(self.request.body),
+            prompt_tokens=prompt,
+            cached_tokens=cached,
+            completion_tokens=output,
+        )
+
+    def exchange(self, outcome: str, status: int | None, keep_bytes: int) -> ExchangeRecord:
+        """The audit record of an exchange that stored no completion."""
+        response = bytes(self.response[:keep_bytes]) if self.response else None
+        if response is not None and self.redactor.enabled:
+            response = self.redactor.text(response.decode("utf-8", "replace"))[0].encode()
+        return ExchangeRecord(
+            request_id=self.request_id,
+            caller=self.caller,
+            created=int(time.time()),
+            model=self.request.model,
+            stream=self.streamed,
+            outcome=outcome,
+            status=status,
+            request=self._stored_request(),
+            response=response,
+            duration_ms=round((time.perf_counter() - self.started) * 1000, 3),
         )

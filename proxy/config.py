@@ -55,6 +55,41 @@ class CallersConfig(_Section):
     secret_env: str = "COMPLETIONS_PROXY_SECRET"  # noqa: S105 - a variable name, not a secret
 
 
+class AuthConfig(_Section):
+    mode: Literal["passthrough", "keys"] = "passthrough"
+    upstream_key_env: str = "OPENAI_API_KEY"
+    key_cache_seconds: float = Field(2.0, ge=0)
+
+
+class CaptureConfig(_Section):
+    policy: Literal["requested", "all"] = "requested"
+    failed_body_bytes: int = Field(65536, ge=0)
+
+
+class RedactionConfig(_Section):
+    builtin: list[str] | None = None  # None: every ready pattern
+    patterns: dict[str, str] = {}
+
+
+class AuditConfig(_Section):
+    delete_purges: bool = True
+
+
+class RetentionConfig(_Section):
+    days: float | None = Field(None, gt=0)
+    interval_hours: float = Field(1.0, gt=0)
+
+
+class Price(_Section):
+    input: float = Field(ge=0)
+    output: float = Field(ge=0)
+    cached_input: float | None = Field(None, ge=0)
+
+
+class MetricsConfig(_Section):
+    enabled: bool = True
+
+
 class ReplayConfig(_Section):
     mode: Literal["off", "strict", "fallback"] = "off"
     shared: bool = False
@@ -76,6 +111,13 @@ class Config(_Section):
     upstream: UpstreamConfig = UpstreamConfig()
     store: StoreConfig = StoreConfig()
     callers: CallersConfig = CallersConfig()
+    auth: AuthConfig = AuthConfig()
+    capture: CaptureConfig = CaptureConfig()
+    redaction: RedactionConfig = RedactionConfig()
+    audit: AuditConfig = AuditConfig()
+    retention: RetentionConfig = RetentionConfig()
+    prices: dict[str, Price] = {}
+    metrics: MetricsConfig = MetricsConfig()
     replay: ReplayConfig = ReplayConfig()
     logging: LoggingConfig = LoggingConfig()
 
@@ -84,6 +126,8 @@ class Config(_Section):
         data = self.model_dump()
         for section, values in overrides.items():
             data[section].update({k: v for k, v in values.items() if v is not None})
+        for section in ("prices",):
+            data[section] = {k: v for k, v in data[section].items()}
         return validate(data, source="command line")
 
 
@@ -124,6 +168,9 @@ def load_config(path: str | Path | None) -> Config:
 def redacted(config: Config) -> dict[str, Any]:
     """The config as a plain mapping, fit to print: names of secret variables, never values."""
     data = config.model_dump()
+    upstream_key = config.auth.upstream_key_env
+    shown = "set, value hidden" if os.environ.get(upstream_key) else "unset"
+    data["auth"]["upstream_key_env"] = f"{upstream_key} ({shown})"
     name = config.callers.secret_env
     state = "set, value hidden" if os.environ.get(name) else "unset: a generated key in the db"
     data["callers"]["secret_env"] = f"{name} ({state})"

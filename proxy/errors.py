@@ -12,6 +12,7 @@ Hierarchy (status → OpenAI SDK exception)::
     ProxyError
     ├── InvalidRequest        400  BadRequestError          deterministic: never retried
     ├── Unauthorized          401  AuthenticationError
+    ├── Forbidden             403  PermissionDeniedError    a member asking for an admin's view
     ├── NotFound              404  NotFoundError
     ├── MethodNotAllowed      405  APIStatusError
     ├── PayloadTooLarge       413  APIStatusError
@@ -71,6 +72,11 @@ class Unauthorized(ProxyError):
 
     def __init__(self, message: str = "Missing bearer token in the Authorization header.") -> None:
         super().__init__(message, code="invalid_api_key")
+
+
+class Forbidden(ProxyError):
+    status = 403
+    type = "invalid_request_error"
 
 
 class NotFound(ProxyError):

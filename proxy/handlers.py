@@ -2,21 +2,36 @@
 
 from __future__ import annotations
 
+import asyncio
+from dataclasses import replace
+
 import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from proxy.assemble import input_messages, list_body
-from proxy.callers import bearer_token
+from proxy.callers import Caller
 from proxy.capture import Capture
 from proxy.errors import (
+    Forbidden,
     InvalidRequest,
     MethodNotAllowed,
     NotFound,
+    ProxyError,
     StoreUnavailable,
     Unauthorized,
 )
-from proxy.keys import ACCESS, CALLERS, CONFIG, OPENAPI, RELAY, REPLAYER, STORE, WRITER
+from proxy.keys import (
+    ACCESS,
+    CALLERS,
+    CONFIG,
+    OPENAPI,
+    REDACTOR,
+    RELAY,
+    REPLAYER,
+    STORE,
+    WRITER,
+)
 from proxy.models import parse_list_query, parse_page_query, parse_update_body, peek_chat_request
 from proxy.outcome import Outcome
 from proxy.store import UnknownCursor
@@ -28,12 +43,12 @@ def _json(body: bytes, status: int = 200) -> web.Response:
     return web.Response(body=body, status=status, content_type=JSON)
 
 
-def _caller(request: web.Request) -> str:
-    """The caller's fingerprint; stored completions are never served without a bearer token."""
-    caller = request.app[CALLERS].of(request)
+async def _caller(request: web.Request) -> Caller:
+    """The caller; stored completions are never served without one."""
+    caller = await request.app[CALLERS].resolve(request)
     if caller is None:
         raise Unauthorized()
-    request[ACCESS].caller = caller
+    request[ACCESS].caller = caller.name
     return caller
 
 
@@ -41,23 +56,35 @@ def _not_found(completion_id: str) -> NotFound:
     return NotFound(f"No chat completion found with id '{completion_id}'.", param="completion_id")
 
 
+_FAILED = frozenset(
+    {Outcome.UPSTREAM_ERROR, Outcome.UPSTREAM_FAILED, Outcome.CLIENT_GONE, Outcome.UNSTORABLE}
+)
+
+
 async def create_chat_completion(request: web.Request) -> web.StreamResponse:
-    """Forward to the upstream; capture the answer when the request says ``store: true``.
+    """Forward to the upstream; capture the answer when the request says ``store: true``
+    (or always, with ``capture.policy: all``).
 
     With replay on, a recorded answer comes first; ``strict`` never calls the upstream, and
-    ``fallback`` forwards a miss and records its answer whatever ``store`` says.
+    ``fallback`` forwards a miss and records its answer whatever ``store`` says. An exchange
+    that was recorded but stored no completion (upstream error, cut stream, client gone) is
+    kept as an audit record with its outcome.
     """
+    app = request.app
+    config = app[CONFIG]
     access = request[ACCESS]
+    caller = await app[CALLERS].resolve(request)
+    if caller is None and app[CALLERS].keys:
+        raise Unauthorized()
+    access.caller = caller.name if caller else None
     raw = await request.read()
     chat = peek_chat_request(raw)
     access.model = chat.model or None
     access.stream = chat.body.get("stream") is True
-    mode = request.app[CONFIG].replay.mode
-    record = chat.store
+    mode = config.replay.mode
+    record = chat.store or config.capture.policy == "all"
     if mode != "off":
-        caller = request.app[CALLERS].of(request)
-        access.caller = caller
-        replayed = await request.app[REPLAYER].answer(chat.body, caller)
+        replayed = await app[REPLAYER].answer(chat.body, caller.name if caller else None)
         if replayed is not None:
             access.outcome = Outcome.REPLAYED
             return replayed
@@ -68,28 +95,54 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
                 code="replay_miss",
             )
         record = True
-    capture = None
-    if record:
-        if bearer_token(request.headers) is None:
-            raise Unauthorized("store: true needs a bearer token, so the completion has an owner.")
-        reason = request.app[WRITER].broken
-        if reason is not None:
-            raise StoreUnavailable(
-                "The completion store cannot write, so store: true requests are refused"
-                f" until it recovers ({reason}).",
-                code="store_unavailable",
-            )
-        capture = Capture(chat, raw, _caller(request))
-    return await request.app[RELAY].forward(request, raw, access, capture)
+    if not record:
+        return await app[RELAY].forward(request, raw, access)
+    if caller is None:
+        raise Unauthorized("store: true needs a bearer token, so the completion has an owner.")
+    reason = app[WRITER].broken
+    if reason is not None:
+        raise StoreUnavailable(
+            "The completion store cannot write, so store: true requests are refused"
+            f" until it recovers ({reason}).",
+            code="store_unavailable",
+        )
+    capture = Capture(chat, raw, caller.name, app[REDACTOR], request_id=access.request_id)
+    status: int | None = None
+    try:
+        response = await app[RELAY].forward(request, raw, access, capture)
+        status = response.status
+        return response
+    except ProxyError as error:
+        status = error.status
+        raise
+    except asyncio.CancelledError:
+        access.outcome = Outcome.CLIENT_GONE
+        raise
+    finally:
+        if access.outcome in _FAILED:
+            keep = config.capture.failed_body_bytes
+            app[WRITER].enqueue(capture.exchange(access.outcome, status or access.status, keep))
+
+
+def _owner_filter(request: web.Request, caller: Caller) -> str | None:
+    """``caller=NAME``: an admin's extension to list one caller's completions."""
+    owner = request.query.get("caller")
+    if owner is None:
+        return None
+    if caller.role != "admin":
+        raise Forbidden("Only admins may filter by caller.", param="caller")
+    return owner
 
 
 async def list_chat_completions(request: web.Request) -> web.Response:
-    caller = _caller(request)
+    caller = await _caller(request)
     query = parse_list_query(request.query)
-    access = request[ACCESS]
-    access.model = query.model
+    owner = _owner_filter(request, caller)
+    if owner is not None:
+        query = replace(query, owner=owner)
+    request[ACCESS].model = query.model
     try:
-        page = await request.app[STORE].list_completions(caller, query)
+        page = await request.app[STORE].list_completions(caller.scope, query)
     except UnknownCursor:
         raise InvalidRequest(
             f"after: no chat completion with id '{query.page.after}'.", param="after"
@@ -98,19 +151,20 @@ async def list_chat_completions(request: web.Request) -> web.Response:
 
 
 async def get_chat_completion(request: web.Request) -> web.Response:
-    caller = _caller(request)
+    caller = await _caller(request)
     completion_id = request.match_info["completion_id"]
-    body = await request.app[STORE].get(caller, completion_id)
+    body = await request.app[STORE].get(caller.scope, completion_id)
     if body is None:
         raise _not_found(completion_id)
     return _json(body)
 
 
 async def update_chat_completion(request: web.Request) -> web.Response:
-    caller = _caller(request)
+    caller = await _caller(request)
     completion_id = request.match_info["completion_id"]
     metadata = parse_update_body(await request.read())
-    body = await request.app[STORE].update_metadata(caller, completion_id, metadata)
+    store = request.app[STORE]
+    body = await store.update_metadata(caller.scope, completion_id, metadata, caller.name)
     if body is None:
         raise _not_found(completion_id)
     return _json(body)
@@ -118,9 +172,10 @@ async def update_chat_completion(request: web.Request) -> web.Response:
 
 async def delete_chat_completion(request: web.Request) -> web.Response:
     # The SDK sends Content-Type: application/json with no body: the body is never read.
-    caller = _caller(request)
+    caller = await _caller(request)
     completion_id = request.match_info["completion_id"]
-    if not await request.app[STORE].delete(caller, completion_id):
+    purge = request.app[CONFIG].audit.delete_purges
+    if not await request.app[STORE].delete(caller.scope, completion_id, caller.name, purge=purge):
         raise _not_found(completion_id)
     return _json(
         orjson.dumps({"object": "chat.completion.deleted", "id": completion_id, "deleted": True})
@@ -128,10 +183,10 @@ async def delete_chat_completion(request: web.Request) -> web.Response:
 
 
 async def get_chat_completion_messages(request: web.Request) -> web.Response:
-    caller = _caller(request)
+    caller = await _caller(request)
     completion_id = request.match_info["completion_id"]
     page = parse_page_query(request.query)
-    raw = await request.app[STORE].request_of(caller, completion_id)
+    raw = await request.app[STORE].request_of(caller.scope, completion_id)
     if raw is None:
         raise _not_found(completion_id)
     messages = input_messages(orjson.loads(raw), completion_id)
@@ -165,6 +220,8 @@ def method_not_allowed(allowed: list[str]) -> Handler:
 
 async def forward(request: web.Request) -> web.StreamResponse:
     """Every other ``/v1/*`` route goes to the upstream untouched, streaming included."""
+    if request.app[CALLERS].keys:
+        await _caller(request)  # with proxy keys, nothing reaches the upstream without one
     if request.app[CONFIG].replay.mode == "strict":
         raise InvalidRequest(
             "Replay is strict: the upstream is never called, and only chat completions are"

@@ -122,6 +122,80 @@ MIGRATIONS: tuple[Migration, ...] = (
         ),
         _backfill_request_keys,
     ),
+    Migration(
+        "m005_team",
+        (
+            # Proxy keys: only a hash of the secret part is kept; key_id finds the row.
+            """
+            CREATE TABLE proxy_keys (
+                name TEXT PRIMARY KEY,
+                key_id TEXT NOT NULL UNIQUE,
+                key_hash BLOB NOT NULL,
+                role TEXT NOT NULL CHECK (role IN ('member', 'admin')),
+                created_at REAL NOT NULL,
+                revoked_at REAL
+            )
+            """,
+            # Who changed or deleted what, when: append-only, enforced by triggers.
+            """
+            CREATE TABLE audit_log (
+                seq INTEGER PRIMARY KEY AUTOINCREMENT,
+                at REAL NOT NULL,
+                actor TEXT NOT NULL,
+                action TEXT NOT NULL,
+                completion_id TEXT,
+                owner TEXT,
+                detail BLOB NOT NULL
+            )
+            """,
+            "CREATE TRIGGER audit_log_no_update BEFORE UPDATE ON audit_log"
+            " BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END",
+            "CREATE TRIGGER audit_log_no_delete BEFORE DELETE ON audit_log"
+            " BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END",
+            # Exchanges that did not end in a stored completion (failed, aborted, refused).
+            """
+            CREATE TABLE exchanges (
+                seq INTEGER PRIMARY KEY,
+                request_id TEXT NOT NULL,
+                caller TEXT NOT NULL,
+                created INTEGER NOT NULL,
+                model TEXT NOT NULL,
+                stream INTEGER NOT NULL,
+                outcome TEXT NOT NULL,
+                status INTEGER,
+                request BLOB NOT NULL,
+                response BLOB,
+                duration_ms REAL
+            )
+            """,
+            "CREATE INDEX exchanges_order ON exchanges (created, seq)",
+            "CREATE INDEX exchanges_caller_order ON exchanges (caller, created, seq)",
+            # Usage, promoted for per-caller / model / day sums.
+            "ALTER TABLE completions ADD COLUMN prompt_tokens INTEGER NOT NULL DEFAULT 0",
+            "ALTER TABLE completions ADD COLUMN cached_tokens INTEGER NOT NULL DEFAULT 0",
+            "ALTER TABLE completions ADD COLUMN completion_tokens INTEGER NOT NULL DEFAULT 0",
+            """
+            UPDATE completions SET
+                prompt_tokens = coalesce(
+                    json_extract(CAST(completion AS TEXT), '$.usage.prompt_tokens'), 0),
+                cached_tokens = coalesce(json_extract(CAST(completion AS TEXT),
+                    '$.usage.prompt_tokens_details.cached_tokens'), 0),
+                completion_tokens = coalesce(
+                    json_extract(CAST(completion AS TEXT), '$.usage.completion_tokens'), 0)
+            """,
+            # Deleted completions, kept hidden when audit.delete_purges is false.
+            "CREATE TABLE deleted_completions AS SELECT * FROM completions WHERE 0",
+            "ALTER TABLE deleted_completions ADD COLUMN deleted_at REAL",
+            "ALTER TABLE deleted_completions ADD COLUMN deleted_by TEXT",
+            # Admins list across callers: the same orders without the caller prefix.
+            "CREATE INDEX completions_order ON completions (created, seq)",
+            "CREATE INDEX completions_model_order ON completions (model, created, seq)",
+            "CREATE INDEX completions_id ON completions (id)",
+            "CREATE INDEX completion_metadata_all"
+            " ON completion_metadata (key, value, created, seq)",
+            "CREATE INDEX tombstones_id ON tombstones (id)",
+        ),
+    ),
 )
 
 

@@ -117,6 +117,7 @@ class ListQuery:
     page: PageQuery = PageQuery()
     model: str | None = None
     metadata: tuple[tuple[str, str], ...] = ()
+    owner: str | None = None  # an admin's ``caller=`` filter (an extension of OpenAI's list)
 
 
 def parse_page_query(query: MultiMapping[str]) -> PageQuery:

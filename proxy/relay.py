@@ -52,10 +52,18 @@ def _server_timing(proxy_ms: float, upstream_ms: float) -> str:
 class Relay:
     """Forwards requests to the configured upstream and captures what must be stored."""
 
-    def __init__(self, session: aiohttp.ClientSession, base_url: str, writer: Writer) -> None:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        base_url: str,
+        writer: Writer,
+        upstream_key: str | None = None,
+    ) -> None:
         self._session = session
         self._base = base_url
         self._writer = writer
+        # With proxy keys, the proxy's own upstream key replaces whatever the client sent.
+        self._authorization = f"Bearer {upstream_key}" if upstream_key else None
 
     async def forward(
         self,
@@ -66,12 +74,15 @@ class Relay:
     ) -> web.StreamResponse:
         tail = request.rel_url.raw_path[len("/v1") :]
         url = upstream_url(self._base, tail, request.rel_url.raw_query_string)
+        headers = headers_up(request.headers)
+        if self._authorization is not None:
+            headers["Authorization"] = self._authorization
         sent = time.perf_counter()
         try:
             upstream = await self._session.request(
                 request.method,
                 url,
-                headers=headers_up(request.headers),
+                headers=headers,
                 data=_payload(body),
                 allow_redirects=False,
             )
@@ -92,17 +103,17 @@ class Relay:
             access.upstream_ms = round((answered - sent) * 1000, 3)
             proxy_ms = (sent - access.started) * 1000
             access.proxy_ms = round(proxy_ms, 3)
-            headers = headers_down(upstream.headers)
-            headers["Server-Timing"] = _server_timing(proxy_ms, access.upstream_ms)
+            down = headers_down(upstream.headers)
+            down["Server-Timing"] = _server_timing(proxy_ms, access.upstream_ms)
             is_stream = upstream.content_type == "text/event-stream"
             if capture is not None and upstream.status != 200:
-                capture = None
+                capture.storable = False  # relayed as it came; kept only as an audit record
                 access.outcome = Outcome.UPSTREAM_ERROR
-            if capture is not None and not is_stream:
-                return await self._plain(upstream, headers, capture, access)
+            if capture is not None and capture.storable and not is_stream:
+                return await self._plain(upstream, down, capture, access)
             if capture is not None:
-                capture.streamed = True
-            return await self._stream(request, upstream, headers, capture, access)
+                capture.streamed = is_stream
+            return await self._stream(request, upstream, down, capture, access)
 
     async def _plain(
         self,
@@ -164,7 +175,11 @@ class Relay:
                 break
             if capture is not None and not committed:
                 capture.response += data
-                if watch.seen_in(data) and ends_with_done(bytes(capture.response)):
+                if (
+                    capture.storable
+                    and watch.seen_in(data)
+                    and ends_with_done(bytes(capture.response))
+                ):
                     committed = True
                     await self._commit(capture, access)
             try:
@@ -174,7 +189,7 @@ class Relay:
                     access.outcome = Outcome.CLIENT_GONE
                 upstream.close()
                 return response
-        if capture is not None and not committed:
+        if capture is not None and capture.storable and not committed:
             # No [DONE] (some providers end at EOF): store if every choice finished.
             await self._commit(capture, access)
         elif capture is None and access.outcome is None:

@@ -49,6 +49,54 @@ class CompletionRecord:
     duration_ms: float | None = None
     request_key: str | None = None  # what replay matches on (see replay.request_key)
     stored_at: float | None = None  # set on import; now when None
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ExchangeRecord:
+    """An exchange that ended without a stored completion (failed, aborted), kept for audit."""
+
+    request_id: str
+    caller: str
+    created: int
+    model: str
+    stream: bool
+    outcome: str
+    status: int | None
+    request: bytes
+    response: bytes | None  # the error body or the partial answer, capped
+    duration_ms: float | None
+
+
+Writable = CompletionRecord | ExchangeRecord
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    name: str
+    key_id: str
+    role: str
+    created_at: float
+    revoked_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRow:
+    group: dict[str, str]
+    completions: int
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class PruneReport:
+    completions: int
+    exchanges: int
+    bytes_before: int
+    bytes_after: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,18 +117,36 @@ class UnknownCursor(LookupError):
     """``after`` names an id this caller never had."""
 
 
+class KeyExists(ValueError):
+    """A proxy key with this name exists already."""
+
+
 class Store(Protocol):
+    """The store. ``caller=None`` means every caller's records (an admin's view)."""
+
     async def open(self) -> None: ...
     async def close(self) -> None: ...
-    async def write_batch(self, records: Sequence[CompletionRecord]) -> int: ...
+    async def write_batch(self, records: Sequence[Writable]) -> int: ...
     async def probe_write(self) -> None: ...
-    async def get(self, caller: str, completion_id: str) -> bytes | None: ...
-    async def request_of(self, caller: str, completion_id: str) -> bytes | None: ...
-    async def list_completions(self, caller: str, query: ListQuery) -> Page: ...
+    async def get(self, caller: str | None, completion_id: str) -> bytes | None: ...
+    async def request_of(self, caller: str | None, completion_id: str) -> bytes | None: ...
+    async def list_completions(self, caller: str | None, query: ListQuery) -> Page: ...
     async def update_metadata(
-        self, caller: str, completion_id: str, metadata: dict[str, str]
+        self, caller: str | None, completion_id: str, metadata: dict[str, str], actor: str
     ) -> bytes | None: ...
-    async def delete(self, caller: str, completion_id: str) -> bool: ...
+    async def delete(
+        self, caller: str | None, completion_id: str, actor: str, *, purge: bool = True
+    ) -> bool: ...
+    async def list_exchanges(self, caller: str | None, page: PageQuery) -> Page: ...
+    async def audit_entries(self, after: int, limit: int) -> list[bytes]: ...
+    async def create_key(self, name: str, role: str, key_id: str, key_hash: bytes) -> None: ...
+    async def revoke_key(self, name: str) -> bool: ...
+    async def list_keys(self) -> list[KeyRecord]: ...
+    async def find_key(self, key_id: str) -> tuple[KeyRecord, bytes] | None: ...
+    async def usage(
+        self, since: int | None, until: int | None, group_by: Sequence[str]
+    ) -> list[UsageRow]: ...
+    async def prune(self, before: int) -> PruneReport: ...
     async def setting(self, name: str, default: bytes) -> bytes: ...
     async def recordings(self, request_key: str, caller: str | None) -> list[bytes]: ...
     def export(self, where: ExportFilter) -> AsyncIterator[list[CompletionRecord]]: ...
@@ -92,8 +158,9 @@ class Store(Protocol):
 _INSERT_COMPLETION = """
 INSERT INTO completions (
     seq, id, caller, created, model, metadata, completion, request,
-    request_id, stream, outcome, stored_at, duration_ms, request_key
-) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+    request_id, stream, outcome, stored_at, duration_ms, request_key,
+    prompt_tokens, cached_tokens, completion_tokens
+) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (caller, id) DO NOTHING
 """
 
@@ -103,7 +170,22 @@ INSERT INTO completion_metadata (seq, key, value, caller, created)
 SELECT seq, ?, ?, caller, created FROM completions WHERE seq = ? AND caller = ? AND id = ?
 """
 
+_INSERT_EXCHANGE = """
+INSERT INTO exchanges (
+    request_id, caller, created, model, stream, outcome, status, request, response, duration_ms
+) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+"""
+
 _COLUMNS = "c.id, c.completion, c.metadata, c.created, c.seq"
+
+# Columns a soft delete copies into deleted_completions (named: the tables may drift).
+_KEPT = (
+    "seq, id, caller, created, model, metadata, completion, request, request_id, stream,"
+    " outcome, stored_at, duration_ms, request_key, prompt_tokens, cached_tokens,"
+    " completion_tokens"
+)
+
+_GROUPS = {"caller": "caller", "model": "model", "day": "date(created, 'unixepoch')"}
 
 
 def _dump_metadata(metadata: dict[str, str]) -> bytes:
@@ -111,7 +193,7 @@ def _dump_metadata(metadata: dict[str, str]) -> bytes:
 
 
 def _page_sql(
-    caller: str, query: ListQuery, cursor: tuple[int, int] | None, order: Order, limit: int
+    caller: str | None, query: ListQuery, cursor: tuple[int, int] | None, order: Order, limit: int
 ) -> tuple[str, list[object]]:
     """One keyset page as SQL: driven by the first metadata pair's index when filtering."""
     direction = "ASC" if order == "asc" else "DESC"
@@ -121,8 +203,11 @@ def _page_sql(
     if query.metadata:
         (key, value), rest = query.metadata[0], query.metadata[1:]
         source = "completion_metadata m CROSS JOIN completions c ON c.seq = m.seq"
-        where.append("m.caller = ? AND m.key = ? AND m.value = ?")
-        params += [caller, key, value]
+        if caller is not None:
+            where.append("m.caller = ?")
+            params.append(caller)
+        where.append("m.key = ? AND m.value = ?")
+        params += [key, value]
         keys = "m.created, m.seq"
         for key, value in rest:
             where.append(
@@ -132,18 +217,22 @@ def _page_sql(
             params += [key, value]
     else:
         source = "completions c"
-        where.append("c.caller = ?")
-        params.append(caller)
+        if caller is not None:
+            where.append("c.caller = ?")
+            params.append(caller)
         keys = "c.created, c.seq"
     if query.model is not None:
         where.append("c.model = ?")
         params.append(query.model)
+    if query.owner is not None:
+        where.append("c.caller = ?")
+        params.append(query.owner)
     if cursor is not None:
         where.append(f"({keys}) {compare} (?, ?)")
         params += list(cursor)
     first, second = keys.split(", ")
     sql = (
-        f"SELECT {_COLUMNS} FROM {source} WHERE {' AND '.join(where)}"
+        f"SELECT {_COLUMNS} FROM {source} WHERE {' AND '.join(where) or '1'}"
         f" ORDER BY {first} {direction}, {second} {direction} LIMIT ?"
     )
     params.append(limit + 1)
@@ -168,6 +257,8 @@ class SQLiteStore:
         await conn.execute("PRAGMA busy_timeout = 5000")
         await conn.execute(f"PRAGMA synchronous = {self._synchronous}")
         await conn.execute("PRAGMA cache_size = -16384")  # 16 MiB: index pages stay cached
+        # Deleted content is overwritten, not left in free pages: deleted means gone.
+        await conn.execute("PRAGMA secure_delete = ON")
         if self._max_bytes is not None:
             # A size cap: past it writes fail with SQLITE_FULL, exactly as on a full disk.
             row = await self._fetchone(conn, "PRAGMA page_size")
@@ -236,6 +327,9 @@ class SQLiteStore:
                     record.stored_at if record.stored_at is not None else now,
                     record.duration_ms,
                     record.request_key,
+                    record.prompt_tokens,
+                    record.cached_tokens,
+                    record.completion_tokens,
                 )
             )
             pairs += [
@@ -249,13 +343,33 @@ class SQLiteStore:
             await conn.executemany(_INSERT_METADATA, pairs)
         return inserted
 
-    async def write_batch(self, records: Sequence[CompletionRecord]) -> int:
+    async def write_batch(self, records: Sequence[Writable]) -> int:
         """Write records in one transaction; return how many were new (duplicates are skipped)."""
         conn = self._w
+        completions = [r for r in records if isinstance(r, CompletionRecord)]
+        exchanges = [
+            (
+                r.request_id,
+                r.caller,
+                r.created,
+                r.model,
+                int(r.stream),
+                r.outcome,
+                r.status,
+                r.request,
+                r.response,
+                r.duration_ms,
+            )
+            for r in records
+            if isinstance(r, ExchangeRecord)
+        ]
         async with self._write_lock:
             await conn.execute("BEGIN IMMEDIATE")
             try:
-                inserted = await self._insert(conn, records)
+                inserted = await self._insert(conn, completions) if completions else 0
+                if exchanges:
+                    await conn.executemany(_INSERT_EXCHANGE, exchanges)
+                    inserted += len(exchanges)
                 await conn.execute("COMMIT")
             except BaseException:
                 await self._rollback(conn)
@@ -298,61 +412,237 @@ class SQLiteStore:
                 (str(time.time()).encode(),),
             )
 
+    async def _audit(  # noqa: PLR0917 - one row's columns, in the table's order
+        self,
+        conn: aiosqlite.Connection,
+        actor: str,
+        action: str,
+        completion_id: str | None,
+        owner: str | None,
+        detail: dict[str, object],
+    ) -> None:
+        await conn.execute(
+            "INSERT INTO audit_log (at, actor, action, completion_id, owner, detail)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (time.time(), actor, action, completion_id, owner, orjson.dumps(detail)),
+        )
+
+    async def _locate(
+        self, conn: aiosqlite.Connection, caller: str | None, completion_id: str
+    ) -> sqlite3.Row | None:
+        """(seq, caller, created, metadata) of a completion this caller may see."""
+        if caller is None:
+            return await self._fetchone(
+                conn,
+                "SELECT seq, caller, created, metadata FROM completions WHERE id = ?"
+                " ORDER BY seq LIMIT 1",
+                (completion_id,),
+            )
+        return await self._fetchone(
+            conn,
+            "SELECT seq, caller, created, metadata FROM completions WHERE caller = ? AND id = ?",
+            (caller, completion_id),
+        )
+
     async def update_metadata(
-        self, caller: str, completion_id: str, metadata: dict[str, str]
+        self, caller: str | None, completion_id: str, metadata: dict[str, str], actor: str
     ) -> bytes | None:
+        """Replace the metadata map; the change (before and after) goes to the audit log."""
         conn = self._w
         encoded = _dump_metadata(metadata)
         async with self._write_lock:
             await conn.execute("BEGIN IMMEDIATE")
             try:
-                row = await self._fetchone(
-                    conn,
-                    "UPDATE completions SET metadata = ? WHERE caller = ? AND id = ?"
-                    " RETURNING seq, created, completion",
-                    (encoded, caller, completion_id),
-                )
-                if row is None:
+                found = await self._locate(conn, caller, completion_id)
+                if found is None:
                     await conn.execute("ROLLBACK")
                     return None
-                seq, created, completion = row
+                seq, owner, created, before = found
+                row = await self._fetchone(
+                    conn,
+                    "UPDATE completions SET metadata = ? WHERE seq = ? RETURNING completion",
+                    (encoded, seq),
+                )
+                assert row is not None
                 await conn.execute("DELETE FROM completion_metadata WHERE seq = ?", (seq,))
                 await conn.executemany(
                     "INSERT INTO completion_metadata (seq, key, value, caller, created)"
                     " VALUES (?, ?, ?, ?, ?)",
-                    [(seq, k, v, caller, created) for k, v in metadata.items()],
+                    [(seq, k, v, owner, created) for k, v in metadata.items()],
+                )
+                await self._audit(
+                    conn,
+                    actor,
+                    "update_metadata",
+                    completion_id,
+                    owner,
+                    {"before": orjson.loads(before), "after": metadata},
                 )
                 await conn.execute("COMMIT")
             except BaseException:
                 await self._rollback(conn)
                 raise
-        return with_metadata(completion, encoded)
+        return with_metadata(row[0], encoded)
 
-    async def delete(self, caller: str, completion_id: str) -> bool:
+    async def delete(
+        self, caller: str | None, completion_id: str, actor: str, *, purge: bool = True
+    ) -> bool:
+        """Delete a completion; with ``purge=False`` its row is kept in deleted_completions.
+
+        Either way the deletion goes to the audit log, and the id keeps its place in the
+        order (a tombstone) so paging with ``after=<deleted id>`` goes on.
+        """
         conn = self._w
         async with self._write_lock:
             await conn.execute("BEGIN IMMEDIATE")
             try:
-                row = await self._fetchone(
-                    conn,
-                    "DELETE FROM completions WHERE caller = ? AND id = ? RETURNING seq, created",
-                    (caller, completion_id),
-                )
-                if row is None:
+                found = await self._locate(conn, caller, completion_id)
+                if found is None:
                     await conn.execute("ROLLBACK")
                     return False
-                seq, created = row
+                seq, owner, created, metadata = found
+                if not purge:
+                    await conn.execute(
+                        f"INSERT INTO deleted_completions ({_KEPT}, deleted_at, deleted_by)"
+                        f" SELECT {_KEPT}, ?, ? FROM completions WHERE seq = ?",
+                        (time.time(), actor, seq),
+                    )
+                await conn.execute("DELETE FROM completions WHERE seq = ?", (seq,))
                 await conn.execute("DELETE FROM completion_metadata WHERE seq = ?", (seq,))
                 await conn.execute(
                     "INSERT OR REPLACE INTO tombstones (caller, id, created, seq, deleted_at)"
                     " VALUES (?, ?, ?, ?, ?)",
-                    (caller, completion_id, created, seq, time.time()),
+                    (owner, completion_id, created, seq, time.time()),
+                )
+                await self._audit(
+                    conn,
+                    actor,
+                    "delete",
+                    completion_id,
+                    owner,
+                    {"metadata": orjson.loads(metadata), "content_purged": purge},
                 )
                 await conn.execute("COMMIT")
             except BaseException:
                 await self._rollback(conn)
                 raise
         return True
+
+    # -- keys ------------------------------------------------------------------------------
+
+    async def create_key(self, name: str, role: str, key_id: str, key_hash: bytes) -> None:
+        """Add a proxy key; raises ``KeyExists`` when the name is taken."""
+        conn = self._w
+        async with self._write_lock:
+            await conn.execute("BEGIN IMMEDIATE")
+            try:
+                taken = await self._fetchone(
+                    conn, "SELECT 1 FROM proxy_keys WHERE name = ?", (name,)
+                )
+                if taken is not None:
+                    await conn.execute("ROLLBACK")
+                    raise KeyExists(name)
+                await conn.execute(
+                    "INSERT INTO proxy_keys (name, key_id, key_hash, role, created_at)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (name, key_id, key_hash, role, time.time()),
+                )
+                await self._audit(conn, "cli", "key_created", None, name, {"role": role})
+                await conn.execute("COMMIT")
+            except KeyExists:
+                raise
+            except BaseException:
+                await self._rollback(conn)
+                raise
+
+    async def revoke_key(self, name: str) -> bool:
+        conn = self._w
+        async with self._write_lock:
+            await conn.execute("BEGIN IMMEDIATE")
+            try:
+                row = await self._fetchone(
+                    conn,
+                    "UPDATE proxy_keys SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL"
+                    " RETURNING name",
+                    (time.time(), name),
+                )
+                if row is not None:
+                    await self._audit(conn, "cli", "key_revoked", None, name, {})
+                await conn.execute("COMMIT")
+            except BaseException:
+                await self._rollback(conn)
+                raise
+        return row is not None
+
+    async def list_keys(self) -> list[KeyRecord]:
+        async with self._r.execute(
+            "SELECT name, key_id, role, created_at, revoked_at FROM proxy_keys ORDER BY name"
+        ) as cursor:
+            return [KeyRecord(*row) async for row in cursor]
+
+    async def find_key(self, key_id: str) -> tuple[KeyRecord, bytes] | None:
+        row = await self._fetchone(
+            self._r,
+            "SELECT name, key_id, role, created_at, revoked_at, key_hash FROM proxy_keys"
+            " WHERE key_id = ?",
+            (key_id,),
+        )
+        if row is None:
+            return None
+        return KeyRecord(*row[:5]), bytes(row[5])
+
+    # -- retention ---------------------------------------------------------------------------
+
+    def _size(self) -> int:
+        return sum(
+            Path(self.path + suffix).stat().st_size
+            for suffix in ("", "-wal", "-shm")
+            if Path(self.path + suffix).exists()
+        )
+
+    async def prune(self, before: int) -> PruneReport:
+        """Delete everything created before ``before`` and give the space back to the disk.
+
+        Deleted content is overwritten (``secure_delete``), the file is rebuilt (``VACUUM``)
+        when a quarter or more of it is free, and the WAL is truncated, so neither the file
+        nor the WAL keeps what was deleted.
+        """
+        conn = self._w
+        bytes_before = self._size()
+        async with self._write_lock:
+            await conn.execute("BEGIN IMMEDIATE")
+            try:
+                await conn.execute(
+                    "DELETE FROM completion_metadata WHERE seq IN"
+                    " (SELECT seq FROM completions WHERE created < ?)",
+                    (before,),
+                )
+                cursor = await conn.execute("DELETE FROM completions WHERE created < ?", (before,))
+                completions = cursor.rowcount
+                cursor = await conn.execute("DELETE FROM exchanges WHERE created < ?", (before,))
+                exchanges = cursor.rowcount
+                await conn.execute("DELETE FROM tombstones WHERE created < ?", (before,))
+                await conn.execute("DELETE FROM deleted_completions WHERE created < ?", (before,))
+                if completions or exchanges:
+                    await self._audit(
+                        conn,
+                        "retention",
+                        "prune",
+                        None,
+                        None,
+                        {"before": before, "completions": completions, "exchanges": exchanges},
+                    )
+                await conn.execute("COMMIT")
+            except BaseException:
+                await self._rollback(conn)
+                raise
+            free = await self._fetchone(conn, "PRAGMA freelist_count")
+            total = await self._fetchone(conn, "PRAGMA page_count")
+            await self._fetchone(conn, "PRAGMA wal_checkpoint(TRUNCATE)")
+            if free and total and free[0] * 4 >= total[0]:
+                await conn.execute("VACUUM")
+                await self._fetchone(conn, "PRAGMA wal_checkpoint(TRUNCATE)")
+        return PruneReport(completions, exchanges, bytes_before, self._size())
 
     async def setting(self, name: str, default: bytes) -> bytes:
         """The stored value of a setting, storing ``default`` first if there is none."""
@@ -369,35 +659,49 @@ class SQLiteStore:
 
     # -- reads -------------------------------------------------------------------------------
 
-    async def get(self, caller: str, completion_id: str) -> bytes | None:
-        row = await self._fetchone(
+    async def _one(
+        self, columns: str, caller: str | None, completion_id: str
+    ) -> sqlite3.Row | None:
+        if caller is None:
+            return await self._fetchone(
+                self._r,
+                f"SELECT {columns} FROM completions WHERE id = ? ORDER BY seq LIMIT 1",
+                (completion_id,),
+            )
+        return await self._fetchone(
             self._r,
-            "SELECT completion, metadata FROM completions WHERE caller = ? AND id = ?",
+            f"SELECT {columns} FROM completions WHERE caller = ? AND id = ?",
             (caller, completion_id),
         )
+
+    async def get(self, caller: str | None, completion_id: str) -> bytes | None:
+        row = await self._one("completion, metadata", caller, completion_id)
         return None if row is None else with_metadata(row[0], row[1])
 
-    async def request_of(self, caller: str, completion_id: str) -> bytes | None:
-        row = await self._fetchone(
-            self._r,
-            "SELECT request FROM completions WHERE caller = ? AND id = ?",
-            (caller, completion_id),
-        )
+    async def request_of(self, caller: str | None, completion_id: str) -> bytes | None:
+        row = await self._one("request", caller, completion_id)
         return None if row is None else bytes(row[0])
 
-    async def _cursor(self, caller: str, after: str) -> tuple[int, int]:
-        row = await self._fetchone(
-            self._r,
-            "SELECT created, seq FROM completions WHERE caller = ? AND id = ?"
-            " UNION ALL SELECT created, seq FROM tombstones WHERE caller = ? AND id = ?"
-            " LIMIT 1",
-            (caller, after, caller, after),
-        )
+    async def _cursor(self, caller: str | None, after: str) -> tuple[int, int]:
+        if caller is None:
+            sql = (
+                "SELECT created, seq FROM completions WHERE id = ?"
+                " UNION ALL SELECT created, seq FROM tombstones WHERE id = ? LIMIT 1"
+            )
+            params: tuple[str, ...] = (after, after)
+        else:
+            sql = (
+                "SELECT created, seq FROM completions WHERE caller = ? AND id = ?"
+                " UNION ALL SELECT created, seq FROM tombstones WHERE caller = ? AND id = ?"
+                " LIMIT 1"
+            )
+            params = (caller, after, caller, after)
+        row = await self._fetchone(self._r, sql, params)
         if row is None:
             raise UnknownCursor(after)
         return row[0], row[1]
 
-    async def list_completions(self, caller: str, query: ListQuery) -> Page:
+    async def list_completions(self, caller: str | None, query: ListQuery) -> Page:
         page: PageQuery = query.page
         cursor = await self._cursor(caller, page.after) if page.after else None
         sql, params = _page_sql(caller, query, cursor, page.order, page.limit)
@@ -405,6 +709,110 @@ class SQLiteStore:
             rows = list(await result.fetchall())
         items = [(row[0], with_metadata(row[1], row[2])) for row in rows[: page.limit]]
         return Page(items=items, has_more=len(rows) > page.limit)
+
+    async def list_exchanges(self, caller: str | None, page: PageQuery) -> Page:
+        """Audit records of exchanges that stored no completion, keyset-paged by request id."""
+        where, params = (["caller = ?"], [caller]) if caller is not None else ([], [])
+        compare, direction = (">", "ASC") if page.order == "asc" else ("<", "DESC")
+        if page.after:
+            row = await self._fetchone(
+                self._r, "SELECT created, seq FROM exchanges WHERE request_id = ?", (page.after,)
+            )
+            if row is None:
+                raise UnknownCursor(page.after)
+            where.append(f"(created, seq) {compare} (?, ?)")
+            params += [row[0], row[1]]
+        sql = (
+            "SELECT request_id, caller, created, model, stream, outcome, status, request,"
+            f" response, duration_ms FROM exchanges WHERE {' AND '.join(where) or '1'}"
+            f" ORDER BY created {direction}, seq {direction} LIMIT ?"
+        )
+        async with self._r.execute(sql, [*params, page.limit + 1]) as result:
+            rows = list(await result.fetchall())
+        items = []
+        for row in rows[: page.limit]:
+            response = row[8]
+            items.append(
+                (
+                    row[0],
+                    orjson.dumps(
+                        {
+                            "object": "exchange",
+                            "request_id": row[0],
+                            "caller": row[1],
+                            "created": row[2],
+                            "model": row[3],
+                            "stream": bool(row[4]),
+                            "outcome": row[5],
+                            "status": row[6],
+                            "request": orjson.Fragment(row[7]),
+                            "response": None
+                            if response is None
+                            else bytes(response).decode("utf-8", "replace"),
+                            "duration_ms": row[9],
+                        }
+                    ),
+                )
+            )
+        return Page(items=items, has_more=len(rows) > page.limit)
+
+    async def audit_entries(self, after: int, limit: int) -> list[bytes]:
+        """The audit log from ``after`` (a seq), oldest first, each entry as JSON."""
+        async with self._r.execute(
+            "SELECT seq, at, actor, action, completion_id, owner, detail FROM audit_log"
+            " WHERE seq > ? ORDER BY seq LIMIT ?",
+            (after, limit),
+        ) as cursor:
+            return [
+                orjson.dumps(
+                    {
+                        "seq": row[0],
+                        "at": row[1],
+                        "actor": row[2],
+                        "action": row[3],
+                        "completion_id": row[4],
+                        "owner": row[5],
+                        "detail": orjson.Fragment(row[6]),
+                    }
+                )
+                async for row in cursor
+            ]
+
+    async def usage(
+        self, since: int | None, until: int | None, group_by: Sequence[str]
+    ) -> list[UsageRow]:
+        """Completions and tokens summed per group (any of caller, model, day)."""
+        columns = [_GROUPS[name] for name in group_by]
+        where, params = ["1"], []
+        if since is not None:
+            where.append("created >= ?")
+            params.append(since)
+        if until is not None:
+            where.append("created < ?")
+            params.append(until)
+        selected = ", ".join([*columns, ""]) if columns else ""
+        grouping = (
+            f" GROUP BY {', '.join(columns)} ORDER BY {', '.join(columns)}" if columns else ""
+        )
+        sql = (
+            f"SELECT {selected}count(*), coalesce(sum(prompt_tokens), 0),"
+            " coalesce(sum(cached_tokens), 0), coalesce(sum(completion_tokens), 0)"
+            f" FROM completions WHERE {' AND '.join(where)}{grouping}"
+        )
+        async with self._r.execute(sql, params) as cursor:
+            rows = list(await cursor.fetchall())
+        width = len(columns)
+        return [
+            UsageRow(
+                group={name: str(row[i]) for i, name in enumerate(group_by)},
+                completions=row[width],
+                prompt_tokens=row[width + 1],
+                cached_tokens=row[width + 2],
+                completion_tokens=row[width + 3],
+            )
+            for row in rows
+            if row[width]
+        ]
 
     async def recordings(self, request_key: str, caller: str | None) -> list[bytes]:
         """Stored completions made for requests with this key, oldest first."""

@@ -15,9 +15,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from proxy.store import CompletionRecord, Store
+from proxy.store import CompletionRecord, Store, Writable
 
 log = logging.getLogger("proxy.writer")
 
@@ -39,13 +40,23 @@ class WriterStats:
 
 @dataclass(slots=True)
 class _Job:
-    record: CompletionRecord
+    record: Writable
     done: asyncio.Future[None]
 
 
 class Writer:
-    def __init__(self, store: Store, *, queue_size: int = 10_000, batch_size: int = 256) -> None:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        queue_size: int = 10_000,
+        batch_size: int = 256,
+        on_committed: Callable[[CompletionRecord], None] | None = None,
+        on_failed: Callable[[], None] | None = None,
+    ) -> None:
         self._store = store
+        self._on_committed = on_committed
+        self._on_failed = on_failed
         self._queue: asyncio.Queue[_Job] = asyncio.Queue(queue_size)
         self._batch_size = batch_size
         self._task: asyncio.Task[None] | None = None
@@ -61,7 +72,7 @@ class Writer:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="store-writer")
 
-    async def commit(self, record: CompletionRecord) -> None:
+    async def commit(self, record: Writable) -> None:
         """Queue a record and wait until it is committed; raises WriteFailed if it cannot be."""
         if self._closing:
             raise WriteFailed("the writer is shut down")
@@ -70,6 +81,19 @@ class Writer:
         await self._queue.put(job)
         # Shielded: a client that goes away must not cancel a commit already queued.
         await asyncio.shield(job.done)
+
+    def enqueue(self, record: Writable) -> None:
+        """Queue a record nobody waits for (an audit record); if the queue is full it is
+        logged with its id and counted as a failed write, never silently dropped."""
+        job = _Job(record, asyncio.get_running_loop().create_future())
+        job.done.add_done_callback(_consume)
+        if self._closing:
+            self._fail(job, "the writer is shut down")
+            return
+        try:
+            self._queue.put_nowait(job)
+        except asyncio.QueueFull:
+            self._fail(job, "the write queue is full")
 
     async def close(self) -> None:
         """Commit everything queued, then stop."""
@@ -107,8 +131,30 @@ class Writer:
         self.stats.committed += inserted
         self._note_duplicates(jobs, inserted)
         for job in jobs:
-            if not job.done.done():
-                job.done.set_result(None)
+            self._succeed(job)
+
+    def _succeed(self, job: _Job) -> None:
+        if self._on_committed is not None and isinstance(job.record, CompletionRecord):
+            self._on_committed(job.record)
+        if not job.done.done():
+            job.done.set_result(None)
+
+    def _fail(self, job: _Job, reason: str) -> None:
+        record = job.record
+        record_id = record.id if isinstance(record, CompletionRecord) else record.request_id
+        self.stats.failed += 1
+        if len(self.stats.failed_ids) < 1000:
+            self.stats.failed_ids.append(record_id)
+        log.error(
+            "completion not stored"
+            if isinstance(record, CompletionRecord)
+            else "audit record not stored",
+            extra={"completion_id": record_id, "caller": record.caller, "reason": reason},
+        )
+        if self._on_failed is not None:
+            self._on_failed()
+        if not job.done.done():
+            job.done.set_exception(WriteFailed(reason))
 
     def _note_duplicates(self, jobs: list[_Job], inserted: int) -> None:
         if inserted < len(jobs):
@@ -120,26 +166,16 @@ class Writer:
             )
 
     async def _write_one(self, job: _Job) -> None:
-        record = job.record
         try:
-            inserted = await self._store.write_batch([record])
-        except Exception as error:  # noqa: BLE001 - reported, counted and surfaced below
-            self.stats.failed += 1
-            if len(self.stats.failed_ids) < 1000:
-                self.stats.failed_ids.append(record.id)
-            log.error(
-                "completion not stored",
-                extra={"completion_id": record.id, "caller": record.caller, "reason": str(error)},
-            )
+            inserted = await self._store.write_batch([job.record])
+        except Exception as error:  # noqa: BLE001 - reported, counted and surfaced in _fail
+            self._fail(job, str(error))
             self._mark_broken(str(error))
-            if not job.done.done():
-                job.done.set_exception(WriteFailed(str(error)))
             return
         self.stats.batches += 1
         self.stats.committed += inserted
         self._note_duplicates([job], inserted)
-        if not job.done.done():
-            job.done.set_result(None)
+        self._succeed(job)
 
     def _mark_broken(self, reason: str) -> None:
         if self.broken is None:

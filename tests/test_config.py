@@ -22,7 +22,7 @@ def test_example_config_shows_every_key() -> None:
     text = (ROOT / "config.example.yaml").read_text()
     for section, model in Config.model_fields.items():
         assert f"\n{section}:" in text
-        for key in model.annotation.model_fields:  # type: ignore[union-attr]
+        for key in getattr(model.annotation, "model_fields", {}):
             assert f"  {key}:" in text, f"{section}.{key} missing from config.example.yaml"
 
 

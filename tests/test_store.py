@@ -85,7 +85,7 @@ async def test_migrates_an_old_file_forward_keeping_its_rows(tmp_path: Path) -> 
     await store.open()
     try:
         assert await store.get("caller_a", "chatcmpl-old") == b'{"id":"chatcmpl-old","metadata":{}}'
-        assert await store.delete("caller_a", "chatcmpl-old")  # uses the tombstones step
+        assert await store.delete("caller_a", "chatcmpl-old", "tester")  # uses the tombstones step
     finally:
         await store.close()
     with sqlite3.connect(path) as db:

@@ -1,0 +1,109 @@
+"""The proxy's own endpoints for admins and operators, outside OpenAI's API.
+
+- ``GET /admin/usage?since=&until=&group_by=caller,model,day``: tokens and cost (admins).
+- ``GET /admin/exchanges?caller=&after=&limit=&order=``: exchanges that stored no completion
+  (upstream errors, cut streams, clients gone), with their outcome (admins).
+- ``GET /admin/audit?after=&limit=``: the append-only audit log (admins).
+- ``GET /metrics``: Prometheus metrics (no token: scrapers rarely carry one; it holds counts,
+  caller names and fingerprints, never content).
+
+Admin endpoints need a proxy key with the admin role, so they exist only with
+``auth.mode: keys``; in passthrough mode they answer 403.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import orjson
+from aiohttp import web
+
+from proxy.assemble import list_body
+from proxy.callers import Caller
+from proxy.errors import Forbidden, InvalidRequest, Unauthorized
+from proxy.keys import ACCESS, CALLERS, CONFIG, METRICS, STORE
+from proxy.models import parse_page_query
+from proxy.store import UnknownCursor, UsageRow
+from proxy.usage import parse_groups, priced
+
+
+async def _admin(request: web.Request) -> Caller:
+    caller = await request.app[CALLERS].resolve(request)
+    if caller is None:
+        raise Unauthorized()
+    request[ACCESS].caller = caller.name
+    if caller.role != "admin":
+        raise Forbidden("This endpoint is for admins (a proxy key with the admin role).")
+    return caller
+
+
+def _moment(request: web.Request, name: str) -> int | None:
+    """Unix seconds or an ISO 8601 date (UTC unless it says otherwise)."""
+    text = request.query.get(name)
+    if not text:
+        return None
+    if text.isdigit():
+        return int(text)
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise InvalidRequest(
+            f"{name} must be unix seconds or an ISO 8601 date.", param=name
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return int(moment.timestamp())
+
+
+async def get_usage(request: web.Request) -> web.Response:
+    await _admin(request)
+    try:
+        groups = parse_groups(request.query.get("group_by", "caller,model"))
+    except ValueError as error:
+        raise InvalidRequest(str(error), param="group_by") from None
+    since, until = _moment(request, "since"), _moment(request, "until")
+    store = request.app[STORE]
+    prices = request.app[CONFIG].prices
+    rows = await store.usage(since, until, groups)
+    by_model: dict[tuple[str, ...], list[UsageRow]] | None = None
+    if "model" not in groups:
+        detailed = await store.usage(since, until, [*groups, "model"])
+        by_model = {}
+        for row in detailed:
+            key = tuple(v for k, v in row.group.items() if k != "model")
+            by_model.setdefault(key, []).append(row)
+    body = {"object": "usage", "group_by": groups, "data": priced(rows, prices, by_model)}
+    return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+
+async def list_exchanges(request: web.Request) -> web.Response:
+    await _admin(request)
+    page = parse_page_query(request.query)
+    try:
+        result = await request.app[STORE].list_exchanges(request.query.get("caller"), page)
+    except UnknownCursor:
+        raise InvalidRequest(f"after: no exchange '{page.after}'.", param="after") from None
+    return web.Response(
+        body=list_body(result.items, result.has_more), content_type="application/json"
+    )
+
+
+async def list_audit(request: web.Request) -> web.Response:
+    await _admin(request)
+    try:
+        after = int(request.query.get("after", "0"))
+        limit = int(request.query.get("limit", "100"))
+    except ValueError:
+        raise InvalidRequest("after and limit must be integers.") from None
+    if not 1 <= limit <= 1000:
+        raise InvalidRequest("limit must be between 1 and 1000.", param="limit")
+    entries = await request.app[STORE].audit_entries(after, limit)
+    body = b'{"object":"list","data":[' + b",".join(entries) + b"]}"
+    return web.Response(body=body, content_type="application/json")
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body, content_type = request.app[METRICS].render()
+    response = web.Response(body=body)
+    response.headers["Content-Type"] = content_type
+    return response

@@ -1,0 +1,232 @@
+"""Masking secrets (API keys, tokens, private keys, e-mail addresses) in what the proxy stores.
+
+Only the stored copies (the request JSON and the stored chat.completion JSON) are masked;
+what is forwarded upstream or returned to the client is never touched. A match becomes
+``[REDACTED:<rule name>]``.
+
+Rules run one after another over each string, in a fixed order: the builtin patterns in the
+order of ``BUILTIN`` (specific before generic, so ``sk-ant-...`` is masked as an Anthropic
+key, not an OpenAI one, and the token after ``Bearer`` is masked once), then the custom ones.
+A marker never matches a later builtin rule, so nothing is wrapped twice.
+
+The builtin patterns are written to stay linear on hostile input and fast on long text: most
+start with a literal prefix (so ``re`` skips ahead to candidates), no quantifier is nested
+inside another unbounded one, and the ones that can fail after a long scan (JWT, e-mail) only
+try where a run of their characters begins.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+
+def _starts(width: int, word: str = r"\w") -> str:
+    r"""Placed right after a token's first ``width`` characters: the token starts a word.
+
+    That is, the character before the token is not a ``word`` character, or the token follows
+    a JSON escape such as ``\n``: JSON inside a string (tool-call arguments, a file a tool
+    writes) decoded one level keeps a literal backslash-n before a key on a new line, and its
+    ``n`` would defeat a plain ``\b``. Checked after the prefix rather than before it so the
+    pattern starts with a literal, which lets ``re`` skip ahead to candidates instead of
+    trying every position (ten times faster and more on long text).
+    """
+    return rf"(?:(?<!{word}.{{{width}}})|(?<=\\[nrtbf].{{{width}}}))"
+
+
+# base64url characters, as JWT segments use them.
+_B64URL = r"[A-Za-z0-9_-]"
+
+BUILTIN: dict[str, str] = {
+    # PEM private keys (RSA, EC, DSA, OPENSSH, ENCRYPTED, PKCS#8, PGP armour): the header,
+    # everything up to the next "-----", and the END line when that is what follows. A key
+    # cut short (no END line) is masked to the end of the string: over-masking a log beats
+    # storing half a key. The body stops at the first "-----", so each header scans its own
+    # stretch of text only.
+    "private_key": (
+        r"-----BEGIN[A-Z0-9 ]{0,40}PRIVATE KEY(?: BLOCK)?-----"
+        r"(?:[^-]|-(?!----))*+"
+        r"(?:-----END[A-Z0-9 ]{0,40}PRIVATE KEY(?: BLOCK)?-----)?"
+    ),
+    # Anthropic: sk-ant-api03-..., sk-ant-admin01-..., sk-ant-oat01-... Before openai_key.
+    "anthropic_key": r"sk-ant-" + _starts(7) + r"[A-Za-z0-9_-]{20,}",
+    # OpenAI: legacy sk-<48>, sk-proj-..., sk-svcacct-..., sk-admin-... (all within the
+    # class). The lookahead keeps it off Anthropic keys whatever the rule order.
+    "openai_key": r"sk-" + _starts(3) + r"(?!ant-)[A-Za-z0-9_-]{20,}",
+    # Stripe secret (sk_) and restricted (rk_) keys, live and test (test keys are credentials
+    # too). Publishable pk_ keys are public by design.
+    "stripe_key": r"[sr]k_" + _starts(3) + r"(?:live|test)_[A-Za-z0-9]{16,}",
+    # GitHub classic tokens (36 characters today; GitHub says they may grow) and
+    # fine-grained personal access tokens (github_pat_<22>_<59>).
+    "github_token": (
+        r"(?:gh[pousr]_" + _starts(4) + r"[A-Za-z0-9]{36,}"
+        r"|github_pat_" + _starts(11) + r"[A-Za-z0-9_]{22,})"
+    ),
+    # Slack bot, user, app-level, refresh and legacy tokens: xoxb-123-456-abc...
+    "slack_token": r"xox[abprs]-" + _starts(5) + r"[A-Za-z0-9-]{10,}",
+    # AWS access key ids, long-term (AKIA) and temporary (ASIA). The 40-character secret
+    # access key has no prefix and cannot be told from other base64 reliably.
+    "aws_access_key_id": r"A[KS]IA" + _starts(4) + r"[A-Z0-9]{16}\b",
+    # Google API keys: AIza + 35. The class ends in "-", where \b would not hold.
+    "google_api_key": r"AIza" + _starts(4) + r"[0-9A-Za-z_-]{35}(?![0-9A-Za-z_-])",
+    # This proxy's own keys (proxy.callers.new_key): cpk_<12 hex>_<token_urlsafe(32)>.
+    "proxy_key": r"cpk_" + _starts(4) + r"[0-9a-f]{12}_[A-Za-z0-9_-]{20,}",
+    # JSON Web Tokens: header and payload are base64url JSON objects (eyJ = '{"'), the
+    # signature may be empty (alg none). Tried only where a base64url run starts, so a long
+    # run that is not a JWT is scanned once, not once per "eyJ" in it.
+    "jwt": (r"eyJ" + _starts(3, _B64URL) + rf"{_B64URL}+\.eyJ{_B64URL}+\.{_B64URL}*"),
+    # The credential after "Bearer" in free text (an Authorization header pasted into a
+    # prompt); only the ``secret`` group is masked. RFC 6750 token characters, 16 or more so
+    # "Bearer authentication" stays prose. After the key and JWT rules: a token they masked
+    # starts with "[" and is left alone.
+    "bearer_token": (
+        r"(?:Bearer|bearer|BEARER)" + _starts(6) + r"\s++(?P<secret>[A-Za-z0-9._~+/-]{16,}=*)"
+    ),
+    # E-mail addresses with a dotted domain. Bounded parts (RFC 5321 limits) and a start only
+    # where a run of local-part characters begins keep this linear; a backslash before the
+    # start is excluded so "\nuser@..." does not swallow the n of the escape. \w, not ASCII,
+    # so internationalised addresses (josé@exämple.de) are masked whole, not skipped.
+    "email": (
+        r"[\w.%+-]" + _starts(1, r"[\w.%+\\-]") + r"[\w.%+-]{0,63}"
+        r"@[\w-]{1,63}(?:\.[\w-]{1,63}){0,8}\.[^\W\d_]{2,24}\b"
+    ),
+}
+
+DEFAULT_BUILTIN: tuple[str, ...] = tuple(BUILTIN)
+
+# Custom rule names end up inside stored text; keep them plain.
+_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A named pattern. Its matches become ``[REDACTED:<name>]``; when the pattern has a group
+    named ``secret``, only that group is masked (``password=(?P<secret>\\S+)`` keeps the
+    ``password=``)."""
+
+    name: str
+    pattern: re.Pattern[str]
+
+
+def _compile(name: str, source: str) -> Rule:
+    if not _NAME.fullmatch(name):
+        raise ValueError(
+            f"redaction rule name {name!r} is not valid: use 1 to 64 letters, digits, '_', '.'"
+            " or '-'"
+        )
+    try:
+        pattern = re.compile(source)
+    except re.error as exc:
+        raise ValueError(f"redaction pattern {name!r} does not compile: {exc}") from exc
+    # One that matches the empty string would match (and be masked) everywhere; refuse it early.
+    if pattern.search("") is not None:
+        raise ValueError(f"redaction pattern {name!r} matches the empty string")
+    return Rule(name, pattern)
+
+
+class Redactor:
+    """Masks the matches of its rules in strings and in the string values of JSON."""
+
+    def __init__(self, rules: Sequence[Rule]) -> None:
+        self._rules = tuple(rules)
+
+    @classmethod
+    def build(cls, builtin: Sequence[str], custom: Mapping[str, str]) -> Redactor:
+        """builtin: names from BUILTIN; custom: name -> regex source.
+
+        Builtin rules run in the order of BUILTIN whatever order they are named in (the order
+        is what lets a specific pattern win), then the custom ones in their given order.
+        Raises ValueError with a readable message for an unknown builtin name, a regex that
+        does not compile or matches the empty string, a bad name, or a name used twice.
+        """
+        unknown = [name for name in builtin if name not in BUILTIN]
+        if unknown:
+            raise ValueError(
+                f"unknown builtin redaction pattern(s): {', '.join(map(repr, unknown))};"
+                f" known: {', '.join(BUILTIN)}"
+            )
+        wanted = set(builtin)
+        clashes = [name for name in custom if name in wanted]
+        if clashes:
+            raise ValueError(
+                f"custom redaction pattern(s) {', '.join(map(repr, clashes))} have the name of"
+                " an enabled builtin pattern; rename them or disable the builtin"
+            )
+        rules = [_compile(name, source) for name, source in BUILTIN.items() if name in wanted]
+        rules += [_compile(name, source) for name, source in custom.items()]
+        return cls(rules)
+
+    @property
+    def rules(self) -> tuple[Rule, ...]:
+        return self._rules
+
+    @property
+    def enabled(self) -> bool:
+        """False when there are no rules: callers may skip redaction altogether."""
+        return bool(self._rules)
+
+    def text(self, value: str) -> tuple[str, int]:
+        """The masked text and the number of replacements."""
+        total = 0
+        for rule in self._rules:
+            value, count = _apply(rule, value)
+            total += count
+        return value, total
+
+    def json(self, value: Any) -> tuple[Any, int]:
+        """A copy of parsed JSON with every string value masked, and the replacement count.
+
+        Dict keys, numbers, booleans and null are kept as they are; dicts and lists are new
+        objects, so the input is never mutated. Iterative rather than recursive: a request
+        nested as deep as the JSON parser allows must not hit Python's recursion limit.
+        """
+        if isinstance(value, str):
+            return self.text(value)
+        if not isinstance(value, dict | list):
+            return value, 0
+        total = 0
+        root: dict[str, Any] | list[Any] = {} if isinstance(value, dict) else []
+        # Pairs (source container, its copy still to be filled).
+        stack: list[tuple[Any, Any]] = [(value, root)]
+        while stack:
+            source, copy = stack.pop()
+            items = source.items() if isinstance(source, dict) else enumerate(source)
+            for key, item in items:
+                out = item
+                if isinstance(item, str):
+                    out, count = self.text(item)
+                    total += count
+                elif isinstance(item, dict | list):
+                    out = {} if isinstance(item, dict) else []
+                    stack.append((item, out))
+                if isinstance(copy, dict):
+                    copy[key] = out
+                else:
+                    copy.append(out)
+        return root, total
+
+
+def _apply(rule: Rule, value: str) -> tuple[str, int]:
+    """``value`` with the matches of ``rule`` masked, and how many there were.
+
+    A function replacement rather than a template string: the marker is inserted literally,
+    and a zero-width match (possible with a custom pattern such as ``a|\\b``) is left alone
+    and not counted instead of putting a marker between two characters.
+    """
+    marker = f"[REDACTED:{rule.name}]"
+    count = 0
+
+    secret = "secret" in rule.pattern.groupindex
+
+    def replace(match: re.Match[str]) -> str:
+        nonlocal count
+        start, end = match.span("secret") if secret else match.span()
+        if start == end:  # zero-width, or the secret group took no part in the match
+            return match[0]
+        count += 1
+        offset = match.start()
+        return f"{match[0][: start - offset]}{marker}{match[0][end - offset :]}"
+
+    return rule.pattern.sub(replace, value), count
