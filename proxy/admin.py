@@ -23,8 +23,8 @@ from proxy.callers import Caller
 from proxy.errors import Forbidden, InvalidRequest, Unauthorized
 from proxy.keys import ACCESS, CALLERS, CONFIG, METRICS, STORE
 from proxy.models import parse_page_query
-from proxy.store import UnknownCursor, UsageRow
-from proxy.usage import parse_groups, priced
+from proxy.store import UnknownCursor
+from proxy.usage import parse_groups, report
 
 
 async def _admin(request: web.Request) -> Caller:
@@ -62,17 +62,8 @@ async def get_usage(request: web.Request) -> web.Response:
     except ValueError as error:
         raise InvalidRequest(str(error), param="group_by") from None
     since, until = _moment(request, "since"), _moment(request, "until")
-    store = request.app[STORE]
-    prices = request.app[CONFIG].prices
-    rows = await store.usage(since, until, groups)
-    by_model: dict[tuple[str, ...], list[UsageRow]] | None = None
-    if "model" not in groups:
-        detailed = await store.usage(since, until, [*groups, "model"])
-        by_model = {}
-        for row in detailed:
-            key = tuple(v for k, v in row.group.items() if k != "model")
-            by_model.setdefault(key, []).append(row)
-    body = {"object": "usage", "group_by": groups, "data": priced(rows, prices, by_model)}
+    data = await report(request.app[STORE], since, until, groups, request.app[CONFIG].prices)
+    body = {"object": "usage", "group_by": groups, "data": data}
     return web.Response(body=orjson.dumps(body), content_type="application/json")
 
 

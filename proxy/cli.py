@@ -5,6 +5,9 @@
     completions-proxy export [--db PATH] [--format jsonl|finetune] [--model M]
                              [--metadata k=v ...] [--since T] [--until T] [-o FILE]
     completions-proxy import FILE [--db PATH]
+    completions-proxy keys create NAME [--role member|admin] | keys list | keys revoke NAME
+    completions-proxy usage [--since T] [--until T] [--group-by caller,model,day] [--json]
+    completions-proxy prune [--days N]
 
 Flags override the config file. A bad config or flag ends with one readable message and
 exit code 2.
@@ -23,15 +26,18 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import IO
 
+import orjson
 import yaml
 from aiohttp import web
 
 from proxy import __version__
-from proxy.app import create_app
+from proxy.app import create_app, redactor_of
+from proxy.callers import new_key
 from proxy.config import Config, ConfigError, load_config, redacted
 from proxy.logs import configure
 from proxy.recordings import export_to, import_from
-from proxy.store import ExportFilter, SQLiteStore
+from proxy.store import ExportFilter, KeyExists, SQLiteStore
+from proxy.usage import parse_groups, report, table
 
 log = logging.getLogger("proxy")
 
@@ -81,7 +87,40 @@ def _parser() -> argparse.ArgumentParser:
     load = commands.add_parser("import", help="load a jsonl export (idempotent by id)")
     load.add_argument("file", metavar="FILE", help="a jsonl export, or - for stdin")
     load.add_argument("--db", metavar="PATH", default="./completions.db")
+
+    keys = commands.add_parser("keys", help="manage proxy keys (auth.mode: keys)")
+    keys_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    create = keys_commands.add_parser("create", help="make a key; it is printed once")
+    create.add_argument("name")
+    create.add_argument("--role", choices=("member", "admin"), default="member")
+    listing = keys_commands.add_parser("list", help="list keys (never their secrets)")
+    revoke = keys_commands.add_parser("revoke", help="revoke a key at once")
+    revoke.add_argument("name")
+    for sub in (create, listing, revoke):
+        sub.add_argument("--db", metavar="PATH", default="./completions.db")
+
+    usage = commands.add_parser("usage", help="tokens and cost per caller, model and day")
+    usage.add_argument("--config", metavar="FILE", help="config with the price table")
+    usage.add_argument("--db", metavar="PATH", help="database (default: the config's)")
+    usage.add_argument("--since", metavar="T", type=_moment, help="created at or after T")
+    usage.add_argument("--until", metavar="T", type=_moment, help="created before T")
+    usage.add_argument(
+        "--group-by", default="caller,model", type=_groups, metavar="caller,model,day"
+    )
+    usage.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    prune = commands.add_parser("prune", help="apply retention now and give space back")
+    prune.add_argument("--config", metavar="FILE", help="config with retention.days")
+    prune.add_argument("--db", metavar="PATH", help="database (default: the config's)")
+    prune.add_argument("--days", type=float, help="keep this many days (default: the config's)")
     return parser
+
+
+def _groups(text: str) -> list[str]:
+    try:
+        return parse_groups(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _pair(text: str) -> tuple[str, str]:
@@ -180,6 +219,79 @@ def _stream(
     return open(path, mode)
 
 
+def _db_of(args: argparse.Namespace, config: Config) -> str:
+    return str(args.db) if args.db else config.store.path
+
+
+async def _keys(args: argparse.Namespace) -> int:
+    store = SQLiteStore(args.db)
+    await store.open()
+    try:
+        if args.keys_command == "create":
+            key, key_id, key_hash = new_key()
+            try:
+                await store.create_key(args.name, args.role, key_id, key_hash)
+            except KeyExists:
+                sys.stderr.write(f"completions-proxy: a key named {args.name!r} exists\n")
+                return 1
+            sys.stdout.write(key + "\n")
+            sys.stderr.write(
+                f"created {args.role} key {args.name!r}: it is shown this once; only its hash"
+                " is kept\n"
+            )
+            return 0
+        if args.keys_command == "revoke":
+            if not await store.revoke_key(args.name):
+                sys.stderr.write(f"completions-proxy: no live key named {args.name!r}\n")
+                return 1
+            sys.stderr.write(f"revoked {args.name!r}\n")
+            return 0
+        rows = await store.list_keys()
+    finally:
+        await store.close()
+    sys.stdout.write(f"{'name':<24} {'role':<7} {'key id':<14} {'created':<20} revoked\n")
+    for row in rows:
+        created = _when(row.created_at)
+        revoked = _when(row.revoked_at) if row.revoked_at else "-"
+        sys.stdout.write(f"{row.name:<24} {row.role:<7} {row.key_id:<14} {created:<20} {revoked}\n")
+    return 0
+
+
+def _when(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+async def _usage(args: argparse.Namespace, config: Config) -> int:
+    store = SQLiteStore(_db_of(args, config))
+    await store.open()
+    try:
+        data = await report(store, args.since, args.until, args.group_by, config.prices)
+    finally:
+        await store.close()
+    if args.json:
+        sys.stdout.write(orjson.dumps(data).decode() + "\n")
+    else:
+        sys.stdout.write(table(data, args.group_by))
+    return 0
+
+
+async def _prune(args: argparse.Namespace, config: Config) -> int:
+    days = args.days if args.days is not None else config.retention.days
+    if days is None:
+        raise ConfigError("prune needs --days or retention.days in the config")
+    store = SQLiteStore(_db_of(args, config))
+    await store.open()
+    try:
+        report = await store.prune(int(time.time() - days * 86400))
+    finally:
+        await store.close()
+    sys.stderr.write(
+        f"pruned {report.completions} completions and {report.exchanges} audit records older"
+        f" than {days:g} days; {report.bytes_before:,} -> {report.bytes_after:,} bytes\n"
+    )
+    return 0
+
+
 def _serve_config(args: argparse.Namespace) -> Config:
     config = load_config(args.config)
     return config.with_overrides(
@@ -190,6 +302,16 @@ def _serve_config(args: argparse.Namespace) -> Config:
             "replay": {"mode": args.replay},
         }
     )
+
+
+def _check_serve(config: Config) -> None:
+    """What can only be checked with the environment: secrets present, rules compiling."""
+    _check_secret(config)
+    redactor_of(config)
+    if config.auth.mode == "keys" and not os.environ.get(config.auth.upstream_key_env):
+        raise ConfigError(
+            f"auth.mode is keys, so the upstream key must be in {config.auth.upstream_key_env}"
+        )
 
 
 def _check_secret(config: Config) -> None:
@@ -243,8 +365,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "check-config":
             config = load_config(args.file)
             _check_secret(config)
+            redactor_of(config)
             sys.stdout.write(yaml.safe_dump(redacted(config), sort_keys=False))
             return 0
+        if args.command == "keys":
+            return asyncio.run(_keys(args))
+        if args.command == "usage":
+            return asyncio.run(_usage(args, load_config(args.config)))
+        if args.command == "prune":
+            return asyncio.run(_prune(args, load_config(args.config)))
         if args.command == "export":
             with _stream(args.output, "wb", sys.stdout.buffer) as out:
                 return asyncio.run(_export(args, out))
@@ -252,7 +381,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             with _stream(args.file, "rb", sys.stdin.buffer) as source:
                 return asyncio.run(_import(args, source))
         config = _serve_config(args)
-        _check_secret(config)
+        _check_serve(config)
     except OSError as error:
         sys.stderr.write(f"completions-proxy: {error.strerror}: {error.filename}\n")
         return 1

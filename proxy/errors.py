@@ -34,7 +34,7 @@ import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from proxy.keys import ACCESS
+from proxy.keys import ACCESS, METRICS
 from proxy.logs import AccessRecord
 from proxy.outcome import Outcome
 
@@ -194,5 +194,33 @@ def exchange_middleware(access_log: bool) -> Middleware:
                 access.outcome = Outcome.CLIENT_GONE
             if access_log:
                 access.emit(access_logger)
+            metrics = request.app.get(METRICS)
+            if metrics is not None:
+                metrics.request(
+                    route=_ROUTES.get(getattr(request.match_info.handler, "__name__", ""), "other"),
+                    status=access.status,
+                    model=access.model,
+                    stream=access.stream,
+                    outcome=access.outcome,
+                    upstream_seconds=None
+                    if access.upstream_ms is None
+                    else access.upstream_ms / 1000,
+                    proxy_seconds=None if access.proxy_ms is None else access.proxy_ms / 1000,
+                )
 
     return middleware
+
+
+# Handler names → the low-cardinality route label of metrics.
+_ROUTES = {
+    "create_chat_completion": "create",
+    "list_chat_completions": "list",
+    "get_chat_completion": "retrieve",
+    "update_chat_completion": "update",
+    "delete_chat_completion": "delete",
+    "get_chat_completion_messages": "messages",
+    "forward": "forward",
+    "get_usage": "admin",
+    "list_exchanges": "admin",
+    "list_audit": "admin",
+}

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from proxy.config import Price
-from proxy.store import UsageRow
+from proxy.store import Store, UsageRow
 
 GROUPS = ("caller", "model", "day")
 PER_TOKENS = 1_000_000
@@ -85,6 +85,24 @@ def priced(
     return out
 
 
+async def report(
+    store: Store,
+    since: int | None,
+    until: int | None,
+    groups: Sequence[str],
+    prices: Mapping[str, Price],
+) -> list[dict[str, Any]]:
+    """Usage rows with their cost, as ``/admin/usage`` and ``completions-proxy usage`` show."""
+    rows = await store.usage(since, until, groups)
+    by_model: dict[tuple[str, ...], list[UsageRow]] | None = None
+    if "model" not in groups:  # cost is per model: price each model's share, then add up
+        by_model = {}
+        for row in await store.usage(since, until, [*groups, "model"]):
+            key = tuple(v for k, v in row.group.items() if k != "model")
+            by_model.setdefault(key, []).append(row)
+    return priced(rows, prices, by_model)
+
+
 def table(rows: Sequence[Mapping[str, Any]], groups: Sequence[str]) -> str:
     """A plain-text table for people, totals last."""
     headers = [*groups, "completions", "prompt", "cached", "completion", "cost_usd"]
@@ -94,8 +112,8 @@ def table(rows: Sequence[Mapping[str, Any]], groups: Sequence[str]) -> str:
         cells = [str(row[k]) for k in keys]
         cells.append("-" if row["cost_usd"] is None else f"{row['cost_usd']:.4f}")
         body.append(cells)
-    if rows:
-        totals = ["total", *[""] * (len(groups) - 1)] if groups else []
+    if rows and groups:  # with no groups the one row is the total
+        totals = ["total", *[""] * (len(groups) - 1)]
         totals += [str(sum(int(r[k]) for r in rows)) for k in keys[len(groups) :]]
         costs = [r["cost_usd"] for r in rows]
         totals.append("-" if None in costs else f"{sum(costs):.4f}")
