@@ -33,6 +33,7 @@ def _errors(*statuses: int) -> Json:
     texts = {
         400: "Invalid request",
         401: "No bearer token",
+        403: "Admins only",
         404: "No such completion for this caller",
         413: "Body over the size limit",
         502: "Upstream unreachable",
@@ -190,6 +191,12 @@ def document() -> Json:
                     "parameters": [
                         {"name": "model", "in": "query", "schema": {"type": "string"}},
                         {
+                            "name": "caller",
+                            "in": "query",
+                            "description": "Extension, admins only: one caller's completions.",
+                            "schema": {"type": "string"},
+                        },
+                        {
                             "name": "metadata",
                             "in": "query",
                             "style": "deepObject",
@@ -203,7 +210,7 @@ def document() -> Json:
                     ],
                     "responses": {
                         "200": _json(_ref("ChatCompletionList"), "A page of stored completions"),
-                        **_errors(400, 401),
+                        **_errors(400, 401, 403),
                     },
                 },
             },
