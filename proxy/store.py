@@ -121,6 +121,10 @@ class KeyExists(ValueError):
     """A proxy key with this name exists already."""
 
 
+class _Rejected(Exception):
+    """An import whose file had bad lines: the transaction is rolled back."""
+
+
 class Store(Protocol):
     """The store. ``caller=None`` means every caller's records (an admin's view)."""
 
@@ -345,7 +349,6 @@ class SQLiteStore:
 
     async def write_batch(self, records: Sequence[Writable]) -> int:
         """Write records in one transaction; return how many were new (duplicates are skipped)."""
-        conn = self._w
         completions = [r for r in records if isinstance(r, CompletionRecord)]
         exchanges = [
             (
@@ -363,17 +366,11 @@ class SQLiteStore:
             for r in records
             if isinstance(r, ExchangeRecord)
         ]
-        async with self._write_lock:
-            await conn.execute("BEGIN IMMEDIATE")
-            try:
-                inserted = await self._insert(conn, completions) if completions else 0
-                if exchanges:
-                    await conn.executemany(_INSERT_EXCHANGE, exchanges)
-                    inserted += len(exchanges)
-                await conn.execute("COMMIT")
-            except BaseException:
-                await self._rollback(conn)
-                raise
+        async with self._transaction() as conn:
+            inserted = await self._insert(conn, completions) if completions else 0
+            if exchanges:
+                await conn.executemany(_INSERT_EXCHANGE, exchanges)
+                inserted += len(exchanges)
         return inserted
 
     async def import_records(
@@ -382,21 +379,31 @@ class SQLiteStore:
         """Insert everything in one transaction, committed only if ``accept()`` says so at the
         end: an import with a bad line leaves nothing half-written. Duplicates (same caller
         and id) are skipped, so importing a file twice adds nothing the second time."""
-        conn = self._w
         inserted = 0
-        async with self._write_lock:
-            await conn.execute("BEGIN IMMEDIATE")
-            try:
+        try:
+            async with self._transaction() as conn:
                 async for batch in batches:
                     inserted += await self._insert(conn, batch)
                 if not accept():
-                    await conn.execute("ROLLBACK")
-                    return 0
-                await conn.execute("COMMIT")
+                    raise _Rejected
+        except _Rejected:
+            return 0
+        return inserted
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        """The writer connection inside ``BEGIN IMMEDIATE`` under the write lock: committed when
+        the block ends, rolled back when it raises. A block that writes nothing commits nothing.
+        """
+        conn = self._w
+        async with self._write_lock:
+            await conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
             except BaseException:
                 await self._rollback(conn)
                 raise
-        return inserted
+            await conn.execute("COMMIT")
 
     async def _rollback(self, conn: aiosqlite.Connection) -> None:
         # SQLite may have rolled back already (SQLITE_FULL ends the transaction).
@@ -448,40 +455,32 @@ class SQLiteStore:
         self, caller: str | None, completion_id: str, metadata: dict[str, str], actor: str
     ) -> bytes | None:
         """Replace the metadata map; the change (before and after) goes to the audit log."""
-        conn = self._w
         encoded = _dump_metadata(metadata)
-        async with self._write_lock:
-            await conn.execute("BEGIN IMMEDIATE")
-            try:
-                found = await self._locate(conn, caller, completion_id)
-                if found is None:
-                    await conn.execute("ROLLBACK")
-                    return None
-                seq, owner, created, before = found
-                row = await self._fetchone(
-                    conn,
-                    "UPDATE completions SET metadata = ? WHERE seq = ? RETURNING completion",
-                    (encoded, seq),
-                )
-                assert row is not None
-                await conn.execute("DELETE FROM completion_metadata WHERE seq = ?", (seq,))
-                await conn.executemany(
-                    "INSERT INTO completion_metadata (seq, key, value, caller, created)"
-                    " VALUES (?, ?, ?, ?, ?)",
-                    [(seq, k, v, owner, created) for k, v in metadata.items()],
-                )
-                await self._audit(
-                    conn,
-                    actor,
-                    "update_metadata",
-                    completion_id,
-                    owner,
-                    {"before": orjson.loads(before), "after": metadata},
-                )
-                await conn.execute("COMMIT")
-            except BaseException:
-                await self._rollback(conn)
-                raise
+        async with self._transaction() as conn:
+            found = await self._locate(conn, caller, completion_id)
+            if found is None:
+                return None
+            seq, owner, created, before = found
+            row = await self._fetchone(
+                conn,
+                "UPDATE completions SET metadata = ? WHERE seq = ? RETURNING completion",
+                (encoded, seq),
+            )
+            assert row is not None
+            await conn.execute("DELETE FROM completion_metadata WHERE seq = ?", (seq,))
+            await conn.executemany(
+                "INSERT INTO completion_metadata (seq, key, value, caller, created)"
+                " VALUES (?, ?, ?, ?, ?)",
+                [(seq, k, v, owner, created) for k, v in metadata.items()],
+            )
+            await self._audit(
+                conn,
+                actor,
+                "update_metadata",
+                completion_id,
+                owner,
+                {"before": orjson.loads(before), "after": metadata},
+            )
         return with_metadata(row[0], encoded)
 
     async def delete(
@@ -492,86 +491,59 @@ class SQLiteStore:
         Either way the deletion goes to the audit log, and the id keeps its place in the
         order (a tombstone) so paging with ``after=<deleted id>`` goes on.
         """
-        conn = self._w
-        async with self._write_lock:
-            await conn.execute("BEGIN IMMEDIATE")
-            try:
-                found = await self._locate(conn, caller, completion_id)
-                if found is None:
-                    await conn.execute("ROLLBACK")
-                    return False
-                seq, owner, created, metadata = found
-                if not purge:
-                    await conn.execute(
-                        f"INSERT INTO deleted_completions ({_KEPT}, deleted_at, deleted_by)"
-                        f" SELECT {_KEPT}, ?, ? FROM completions WHERE seq = ?",
-                        (time.time(), actor, seq),
-                    )
-                await conn.execute("DELETE FROM completions WHERE seq = ?", (seq,))
-                await conn.execute("DELETE FROM completion_metadata WHERE seq = ?", (seq,))
+        async with self._transaction() as conn:
+            found = await self._locate(conn, caller, completion_id)
+            if found is None:
+                return False
+            seq, owner, created, metadata = found
+            if not purge:
                 await conn.execute(
-                    "INSERT OR REPLACE INTO tombstones (caller, id, created, seq, deleted_at)"
-                    " VALUES (?, ?, ?, ?, ?)",
-                    (owner, completion_id, created, seq, time.time()),
+                    f"INSERT INTO deleted_completions ({_KEPT}, deleted_at, deleted_by)"
+                    f" SELECT {_KEPT}, ?, ? FROM completions WHERE seq = ?",
+                    (time.time(), actor, seq),
                 )
-                await self._audit(
-                    conn,
-                    actor,
-                    "delete",
-                    completion_id,
-                    owner,
-                    {"metadata": orjson.loads(metadata), "content_purged": purge},
-                )
-                await conn.execute("COMMIT")
-            except BaseException:
-                await self._rollback(conn)
-                raise
+            await conn.execute("DELETE FROM completions WHERE seq = ?", (seq,))
+            await conn.execute("DELETE FROM completion_metadata WHERE seq = ?", (seq,))
+            await conn.execute(
+                "INSERT OR REPLACE INTO tombstones (caller, id, created, seq, deleted_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (owner, completion_id, created, seq, time.time()),
+            )
+            await self._audit(
+                conn,
+                actor,
+                "delete",
+                completion_id,
+                owner,
+                {"metadata": orjson.loads(metadata), "content_purged": purge},
+            )
         return True
 
     # -- keys ------------------------------------------------------------------------------
 
     async def create_key(self, name: str, role: str, key_id: str, key_hash: bytes) -> None:
         """Add a proxy key; raises ``KeyExists`` when the name is taken."""
-        conn = self._w
-        async with self._write_lock:
-            await conn.execute("BEGIN IMMEDIATE")
-            try:
-                taken = await self._fetchone(
-                    conn, "SELECT 1 FROM proxy_keys WHERE name = ?", (name,)
-                )
-                if taken is not None:
-                    await conn.execute("ROLLBACK")
-                    raise KeyExists(name)
-                await conn.execute(
-                    "INSERT INTO proxy_keys (name, key_id, key_hash, role, created_at)"
-                    " VALUES (?, ?, ?, ?, ?)",
-                    (name, key_id, key_hash, role, time.time()),
-                )
-                await self._audit(conn, "cli", "key_created", None, name, {"role": role})
-                await conn.execute("COMMIT")
-            except KeyExists:
-                raise
-            except BaseException:
-                await self._rollback(conn)
-                raise
+        async with self._transaction() as conn:
+            taken = await self._fetchone(conn, "SELECT 1 FROM proxy_keys WHERE name = ?", (name,))
+            if taken is not None:
+                raise KeyExists(name)
+            await conn.execute(
+                "INSERT INTO proxy_keys (name, key_id, key_hash, role, created_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (name, key_id, key_hash, role, time.time()),
+            )
+            await self._audit(conn, "cli", "key_created", None, name, {"role": role})
 
     async def revoke_key(self, name: str) -> bool:
-        conn = self._w
-        async with self._write_lock:
-            await conn.execute("BEGIN IMMEDIATE")
-            try:
-                row = await self._fetchone(
-                    conn,
-                    "UPDATE proxy_keys SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL"
-                    " RETURNING name",
-                    (time.time(), name),
-                )
-                if row is not None:
-                    await self._audit(conn, "cli", "key_revoked", None, name, {})
-                await conn.execute("COMMIT")
-            except BaseException:
-                await self._rollback(conn)
-                raise
+        async with self._transaction() as conn:
+            row = await self._fetchone(
+                conn,
+                "UPDATE proxy_keys SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL"
+                " RETURNING name",
+                (time.time(), name),
+            )
+            if row is not None:
+                await self._audit(conn, "cli", "key_revoked", None, name, {})
         return row is not None
 
     async def list_keys(self) -> list[KeyRecord]:
@@ -607,35 +579,30 @@ class SQLiteStore:
         when a quarter or more of it is free, and the WAL is truncated, so neither the file
         nor the WAL keeps what was deleted.
         """
-        conn = self._w
         bytes_before = self._size()
-        async with self._write_lock:
-            await conn.execute("BEGIN IMMEDIATE")
-            try:
-                await conn.execute(
-                    "DELETE FROM completion_metadata WHERE seq IN"
-                    " (SELECT seq FROM completions WHERE created < ?)",
-                    (before,),
+        async with self._transaction() as conn:
+            await conn.execute(
+                "DELETE FROM completion_metadata WHERE seq IN"
+                " (SELECT seq FROM completions WHERE created < ?)",
+                (before,),
+            )
+            cursor = await conn.execute("DELETE FROM completions WHERE created < ?", (before,))
+            completions = cursor.rowcount
+            cursor = await conn.execute("DELETE FROM exchanges WHERE created < ?", (before,))
+            exchanges = cursor.rowcount
+            await conn.execute("DELETE FROM tombstones WHERE created < ?", (before,))
+            await conn.execute("DELETE FROM deleted_completions WHERE created < ?", (before,))
+            if completions or exchanges:
+                await self._audit(
+                    conn,
+                    "retention",
+                    "prune",
+                    None,
+                    None,
+                    {"before": before, "completions": completions, "exchanges": exchanges},
                 )
-                cursor = await conn.execute("DELETE FROM completions WHERE created < ?", (before,))
-                completions = cursor.rowcount
-                cursor = await conn.execute("DELETE FROM exchanges WHERE created < ?", (before,))
-                exchanges = cursor.rowcount
-                await conn.execute("DELETE FROM tombstones WHERE created < ?", (before,))
-                await conn.execute("DELETE FROM deleted_completions WHERE created < ?", (before,))
-                if completions or exchanges:
-                    await self._audit(
-                        conn,
-                        "retention",
-                        "prune",
-                        None,
-                        None,
-                        {"before": before, "completions": completions, "exchanges": exchanges},
-                    )
-                await conn.execute("COMMIT")
-            except BaseException:
-                await self._rollback(conn)
-                raise
+        async with self._write_lock:  # outside any transaction: VACUUM cannot run in one
+            conn = self._w
             free = await self._fetchone(conn, "PRAGMA freelist_count")
             total = await self._fetchone(conn, "PRAGMA page_count")
             await self._fetchone(conn, "PRAGMA wal_checkpoint(TRUNCATE)")
