@@ -43,6 +43,12 @@ async def test_proxy_keys_replace_the_upstream_key(
     async with sdk(proxy, keys["alice"]) as alice:
         made = await alice.chat.completions.create(model="gpt-test", messages=ask("hi"), store=True)
         await alice.models.list()
+    raw = await proxy.post(
+        "/v1/chat/completions",
+        json={"model": "gpt-test", "messages": ask("raw"), "store": True},
+        headers={"Authorization": f"Bearer {keys['alice']}"},
+    )
+    assert UPSTREAM_KEY not in str(raw.headers) and UPSTREAM_KEY not in await raw.text()
     for received in upstream.received:
         assert received.headers["Authorization"] == f"Bearer {UPSTREAM_KEY}"
         assert keys["alice"] not in str(received.headers)
