@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 from proxy.migrations import MIGRATIONS, migrate
 from proxy.models import ListQuery, PageQuery
 from proxy.store import CompletionRecord, SQLiteStore, UnknownCursor
+from proxy.writer import Writer
 
 
 def record(n: int, caller: str = "caller_a", created: int = 1000, **changes) -> CompletionRecord:
@@ -165,3 +167,21 @@ async def test_settings_persist(tmp_path: Path) -> None:
     await store.open()
     assert await store.setting("caller_secret", b"second") == first == b"first"
     await store.close()
+
+
+async def test_one_writer_groups_concurrent_commits(tmp_path: Path) -> None:
+    """R4's mechanism: many completions committed at once share transactions (WAL, one writer)."""
+    store = SQLiteStore(tmp_path / "group.db")
+    await store.open()
+    writer = Writer(store, batch_size=256)
+    writer.start()
+    try:
+        await asyncio.gather(*(writer.commit(record(n)) for n in range(1, 1001)))
+    finally:
+        await writer.close()
+        await store.close()
+    assert writer.stats.committed == 1000
+    assert writer.stats.batches <= 1000 // 10, writer.stats.batches  # grouped, not one by one
+    with sqlite3.connect(tmp_path / "group.db") as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert db.execute("SELECT count(*) FROM completions").fetchone()[0] == 1000
