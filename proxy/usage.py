@@ -121,6 +121,12 @@ def table(rows: Sequence[Mapping[str, Any]], groups: Sequence[str]) -> str:
     widths = [
         max(len(h), *(len(c[i]) for c in body)) if body else len(h) for i, h in enumerate(headers)
     ]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))]
-    lines += ["  ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True)) for cells in body]
-    return "\n".join(lines) + "\n"
+
+    # Names flush left, numbers flush right, headers over them the same way.
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(
+            cell.ljust(width) if i < len(groups) else cell.rjust(width)
+            for i, (cell, width) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
+
+    return "\n".join([line(headers), *(line(cells) for cells in body)]) + "\n"
