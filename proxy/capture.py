@@ -63,9 +63,7 @@ class Capture:
     upstream_request_id: str | None = None
 
     def _stored_request(self) -> bytes:
-        if not self.redactor.enabled:
-            return self.raw
-        body, replaced = self.redactor.json(self.request.body)
+        body, replaced = self.redactor.document(self.raw, self.request.body)
         return orjson.dumps(body) if replaced else self.raw
 
     def record(self) -> CompletionRecord:
@@ -82,8 +80,10 @@ class Capture:
         else:
             completion = completion_from_body(body)
         stored = stored_completion(completion, self.request.body, self.upstream_request_id)
-        if self.redactor.enabled:
-            stored, _ = self.redactor.json(stored)
+        encoded = orjson.dumps(stored)
+        masked, replaced = self.redactor.document(encoded, stored)
+        if replaced:
+            encoded = orjson.dumps(masked)
         created = completion.get("created")
         prompt, cached, output = usage_of(completion)
         return CompletionRecord(
@@ -92,7 +92,7 @@ class Capture:
             created=created if isinstance(created, int) else int(time.time()),
             model=self.request.model,
             metadata=self.request.metadata,
-            completion=orjson.dumps(stored),
+            completion=encoded,
             request=self._stored_request(),
             request_id=self.upstream_request_id,
             stream=self.streamed,

@@ -96,6 +96,24 @@ BUILTIN: dict[str, str] = {
 
 DEFAULT_BUILTIN: tuple[str, ...] = tuple(BUILTIN)
 
+# Literal text every match of a builtin rule contains. A string with none of a rule's hints
+# cannot match it, and a substring test is far cheaper than the regex (several patterns must
+# try at every position): most stored text holds no secret, and this keeps it nearly free.
+HINTS: dict[str, tuple[str, ...]] = {
+    "private_key": ("-----BEGIN",),
+    "anthropic_key": ("sk-ant-",),
+    "openai_key": ("sk-",),
+    "stripe_key": ("k_live_", "k_test_"),
+    "github_token": ("ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_"),
+    "slack_token": ("xox",),
+    "aws_access_key_id": ("AKIA", "ASIA"),
+    "google_api_key": ("AIza",),
+    "proxy_key": ("cpk_",),
+    "jwt": ("eyJ",),
+    "bearer_token": ("Bearer", "bearer", "BEARER"),
+    "email": ("@",),
+}
+
 # Custom rule names end up inside stored text; keep them plain.
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
@@ -108,9 +126,13 @@ class Rule:
 
     name: str
     pattern: re.Pattern[str]
+    hints: tuple[str, ...] = ()  # literal text every match contains; empty: always try
+
+    def may_match(self, value: str) -> bool:
+        return not self.hints or any(hint in value for hint in self.hints)
 
 
-def _compile(name: str, source: str) -> Rule:
+def _compile(name: str, source: str, hints: tuple[str, ...] = ()) -> Rule:
     if not _NAME.fullmatch(name):
         raise ValueError(
             f"redaction rule name {name!r} is not valid: use 1 to 64 letters, digits, '_', '.'"
@@ -123,7 +145,7 @@ def _compile(name: str, source: str) -> Rule:
     # One that matches the empty string would match (and be masked) everywhere; refuse it early.
     if pattern.search("") is not None:
         raise ValueError(f"redaction pattern {name!r} matches the empty string")
-    return Rule(name, pattern)
+    return Rule(name, pattern, hints)
 
 
 class Redactor:
@@ -131,6 +153,8 @@ class Redactor:
 
     def __init__(self, rules: Sequence[Rule]) -> None:
         self._rules = tuple(rules)
+        self._hints = tuple(sorted({h.encode() for rule in self._rules for h in rule.hints}))
+        self._unhinted = any(not rule.hints for rule in self._rules)
 
     @classmethod
     def build(cls, builtin: Sequence[str], custom: Mapping[str, str]) -> Redactor:
@@ -154,7 +178,11 @@ class Redactor:
                 f"custom redaction pattern(s) {', '.join(map(repr, clashes))} have the name of"
                 " an enabled builtin pattern; rename them or disable the builtin"
             )
-        rules = [_compile(name, source) for name, source in BUILTIN.items() if name in wanted]
+        rules = [
+            _compile(name, source, HINTS[name])
+            for name, source in BUILTIN.items()
+            if name in wanted
+        ]
         rules += [_compile(name, source) for name, source in custom.items()]
         return cls(rules)
 
@@ -171,9 +199,23 @@ class Redactor:
         """The masked text and the number of replacements."""
         total = 0
         for rule in self._rules:
-            value, count = _apply(rule, value)
-            total += count
+            if rule.may_match(value) and rule.pattern.search(value) is not None:
+                value, count = _apply(rule, value)
+                total += count
         return value, total
+
+    def document(self, encoded: bytes, value: Any) -> tuple[Any, int]:
+        """Like ``json``, for a document also at hand as its JSON bytes: when no rule could
+        match anywhere in them (one fast byte search per hint), the walk is skipped.
+
+        The bytes are what orjson or the client wrote; a client that spells ASCII letters as
+        ``\\u`` escapes defeats this shortcut, which is for secrets pasted by accident.
+        """
+        if not self._rules:
+            return value, 0
+        if not self._unhinted and not any(hint in encoded for hint in self._hints):
+            return value, 0
+        return self.json(value)
 
     def json(self, value: Any) -> tuple[Any, int]:
         """A copy of parsed JSON with every string value masked, and the replacement count.
