@@ -333,9 +333,11 @@ class SQLiteStore:
     async def _fetchone(
         self, conn: aiosqlite.Connection, sql: str, params: Sequence[object] = ()
     ) -> sqlite3.Row | None:
-        async with conn.execute(sql, params) as cursor:
-            row: sqlite3.Row | None = await cursor.fetchone()
+        # One trip to SQLite's thread (execute, fetch and close in one call), not three.
+        rows = await conn.execute_fetchall(sql, params)
+        for row in rows:
             return row
+        return None
 
     # -- writes ------------------------------------------------------------------------------
 
