@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 
-from proxy.sse import DONE, decode_events
+from proxy.sse import DONE, decode_stream
 
 # Request fields a stored completion echoes, as OpenAI's stored objects do (null when not sent).
 ECHOED_FIELDS = (
@@ -34,7 +34,7 @@ class AssemblyError(ValueError):
 
 def chunks_of(stream: bytes) -> Iterable[Json]:
     """The JSON objects of an SSE stream, ``[DONE]`` and non-JSON events left out."""
-    for event in decode_events((stream,)):
+    for event in decode_stream(stream):
         data = event.data.strip()
         if not data or data == DONE:
             continue
@@ -97,6 +97,7 @@ def _fold(chunks: Iterable[Json]) -> Json:
     head: Json | None = None
     choices: dict[int, Json] = {}
     tool_calls: dict[int, dict[int, Json]] = {}
+    texts: dict[tuple[int, str], list[str]] = {}
     for chunk in chunks:
         if chunk.get("object") != "chat.completion.chunk":
             continue
@@ -130,8 +131,8 @@ def _fold(chunks: Iterable[Json]) -> Json:
                 message["role"] = delta["role"]
             for key in ("content", "refusal"):
                 piece = delta.get(key)
-                if piece is not None:
-                    message[key] = (message[key] or "") + piece
+                if piece is not None:  # joined once at the end: += per chunk is quadratic
+                    texts.setdefault((index, key), []).append(piece)
             for call in delta.get("tool_calls") or ():
                 _merge_tool_call(tool_calls.setdefault(index, {}), call)
             legacy = delta.get("function_call")
@@ -149,6 +150,8 @@ def _fold(chunks: Iterable[Json]) -> Json:
                 _merge_logprobs(choice["logprobs"], part["logprobs"])
     if head is None:
         raise AssemblyError("the stream carried no chat.completion.chunk")
+    for (index, key), pieces in texts.items():
+        choices[index]["message"][key] = "".join(pieces)
     for index, calls in tool_calls.items():
         for call in calls.values():
             call["type"] = call["type"] or "function"

@@ -9,7 +9,15 @@ from itertools import accumulate, pairwise
 import orjson
 import pytest
 
-from proxy.sse import DONE, DoneWatch, Event, SSEDecoder, decode_events, ends_with_done
+from proxy.sse import (
+    DONE,
+    DoneWatch,
+    Event,
+    SSEDecoder,
+    decode_events,
+    decode_stream,
+    ends_with_done,
+)
 
 
 def decode(*chunks: bytes) -> list[Event]:
@@ -427,3 +435,18 @@ def test_done_inside_content_is_a_candidate_but_not_the_end() -> None:
     capture += DONE_EVENT
     assert watch.seen_in(DONE_EVENT) is True
     assert ends_with_done(capture) is True
+
+
+@pytest.mark.parametrize(
+    "stream",
+    [
+        b"",
+        b"data: a\n\ndata: b\ndata: c\n\n: comment\nevent: x\ndata: d\n\ndata: [DONE]\n\n",
+        b"data: unterminated",
+        b"data: a\n\ndata: tail\n",
+        b"data: a\r\n\r\ndata: b\r\rdata: c\n\n",
+        "data: é😀中\n\n".encode(),
+    ],
+)
+def test_decode_stream_matches_the_incremental_decoder(stream: bytes) -> None:
+    assert decode_stream(stream) == list(decode_events((stream,)))
