@@ -1,0 +1,1046 @@
+"""The benchmark: direct vs floor vs proxy over loopback, and the store at 100k / 1M rows.
+
+    python -m tests.bench.run [--quick] [--out tests/bench/results.json]
+
+What runs, in order (one run, one table, one JSON file):
+
+1. HTTP, with ``wrk`` (one thread) as the client, for three subjects:
+   - direct: the mock upstream (``mock_upstream.py``) called directly;
+   - floor: ``floor.py``, a bare aiohttp passthrough, in front of the mock;
+   - proxy: ``python -m proxy serve`` in front of the mock, fresh database;
+   every request is ``POST /v1/chat/completions`` with ``"store": true`` (``plain.lua``,
+   ``stream.lua``: 50-chunk SSE). Throughput at 32 connections for a fixed time, then
+   p50/p99 latency at 1 connection; three rounds, subjects interleaved, medians reported.
+   The proxy runs from a copy of ``proxy/`` taken at the start, so one run measures one
+   version of the code even while it is being edited.
+2. Peak RSS: a fresh proxy and database, 100,000 requests (half plain, half streamed), then
+   ``VmHWM`` from ``/proc/PID/status``.
+3. The store, in this process through ``SQLiteStore``: write throughput (``write_batch`` in
+   batches of 256, and through ``Writer`` under many concurrent ``commit()`` calls), then a
+   database built to 100,000 and to 1,000,000 completions (~3 KB each, one caller: every
+   list reads that caller's whole range), and retrieve / list latency on each.
+
+CPU placement (when ``taskset`` exists; ``--no-pin`` turns it off): the subject under test
+always has CPU 1 to itself; ``wrk`` runs on CPU 0, and so does the mock upstream when it
+sits behind the floor or the proxy. For direct, the mock is the subject and runs on CPU 1.
+Each throughput row notes the CPU use of the subject and of the upstream, so a run where
+the upstream (not the subject) saturated is visible.
+
+``--quick`` uses one round of 3 s runs, 10,000 requests for RSS and 10k / 100k stored
+completions.
+Exit status: 0 when the benchmark ran (``--check``: 3 when a target fails), 1 when it
+could not run, 2 when ``wrk`` is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import os
+import platform
+import random
+import resource
+import shutil
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from proxy.models import ListQuery, PageQuery
+from proxy.store import CompletionRecord, SQLiteStore
+from proxy.writer import Writer
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+PYTHON = sys.executable
+LOAD_CPU = 0  # wrk, and the upstream behind a floor or a proxy
+SUBJECT_CPU = 1  # the process under test
+TOKEN = "sk-bench-0123456789abcdef"  # the bearer token in wrk_common.lua
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+CONNECTIONS = 32
+
+
+@dataclass(frozen=True)
+class Settings:
+    quick: bool
+    duration: int  # seconds per throughput run
+    latency_duration: int  # seconds per 1-connection latency run
+    warmup: int  # seconds of warm-up per subject and kind
+    rounds: int  # HTTP runs are repeated this many times, subjects interleaved; medians win
+    rss_requests: int
+    store_sizes: tuple[int, int]
+    read_calls: int
+    write_records: int
+    pin: bool
+
+    @classmethod
+    def of(cls, quick: bool, pin: bool) -> Settings:
+        if quick:
+            return cls(True, 3, 3, 1, 1, 10_000, (10_000, 100_000), 2_000, 20_000, pin)
+        return cls(False, 10, 10, 2, 3, 100_000, (100_000, 1_000_000), 2_000, 100_000, pin)
+
+
+# -- processes ---------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def busy_cpu_seconds() -> float:
+    """CPU time spent busy on the whole machine so far (every CPU, every process)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    return (user + nice + system + irq + softirq + steal) / CLK_TCK
+
+
+def pinned(cpu: int | None) -> list[str]:
+    return ["taskset", "-c", str(cpu)] if cpu is not None else []
+
+
+class BenchError(RuntimeError):
+    """The benchmark could not run as planned."""
+
+
+@dataclass
+class Server:
+    """A server subprocess on a loopback port, ready once GET /healthz answers 200."""
+
+    name: str
+    argv: list[str]
+    log: Path
+    cpu: int | None
+    cwd: Path = ROOT
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self, timeout: float = 30.0) -> Server:
+        argv = [arg.replace("{port}", str(self.port)) for arg in self.argv]
+        with self.log.open("ab") as log:
+            # taskset execs the server, so the pid is the server's own.
+            self.proc = subprocess.Popen(
+                [*pinned(self.cpu), *argv], cwd=self.cwd, stdout=log, stderr=log
+            )
+        deadline = time.monotonic() + timeout
+        while True:  # poll readiness; no fixed sleep
+            if self.proc.poll() is not None:
+                raise BenchError(f"{self.name} exited with {self.proc.returncode}:\n{self.tail()}")
+            try:
+                with urllib.request.urlopen(self.url + "/healthz", timeout=1) as answer:
+                    if answer.status == 200:
+                        return self
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise BenchError(f"{self.name} not ready after {timeout} s:\n{self.tail()}")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGINT)  # aiohttp's run_app shuts down cleanly on it
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def tail(self, lines: int = 30) -> str:
+        try:
+            text = self.log.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def cpu_seconds(self) -> float:
+        """User + system time of every thread of the process so far."""
+        stat = Path(f"/proc/{self.pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2 :].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+    def status_kb(self, name: str) -> int:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith(name + ":"):
+                return int(line.split()[1])
+        raise BenchError(f"no {name} in /proc/{self.pid}/status")
+
+    def get_json(self, path: str, token: str | None = None) -> Any:
+        request = urllib.request.Request(self.url + path)
+        if token:
+            request.add_header("Authorization", f"Bearer {token}")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as answer:
+                return orjson.loads(answer.read())
+        except urllib.error.HTTPError as error:  # e.g. /healthz says 503 when degraded
+            return orjson.loads(error.read())
+
+
+def mock_upstream(workdir: Path, cpu: int | None) -> Server:
+    argv = [PYTHON, "-m", "tests.bench.mock_upstream", "--port", "{port}"]
+    return Server("mock upstream", argv, workdir / "mock_upstream.log", cpu)
+
+
+def floor(workdir: Path, upstream: Server, cpu: int | None) -> Server:
+    argv = [PYTHON, "-m", "tests.bench.floor", "--port", "{port}"]
+    argv += ["--upstream", upstream.url + "/v1"]
+    return Server("floor", argv, workdir / "floor.log", cpu)
+
+
+def proxy(workdir: Path, upstream: Server, db: Path, cpu: int | None) -> Server:
+    argv = [PYTHON, "-m", "proxy", "serve", "--host", "127.0.0.1", "--port", "{port}"]
+    argv += ["--upstream", upstream.url + "/v1", "--db", str(db)]
+    # The snapshot taken at the start (see snapshot_proxy), so every proxy of one run is the
+    # same code even while proxy/ is being edited.
+    return Server("proxy", argv, workdir / f"proxy-{db.stem}.log", cpu, cwd=workdir / "src")
+
+
+def snapshot_proxy(workdir: Path) -> str:
+    """Copy proxy/ to WORKDIR/src/proxy (``python -m proxy`` runs from there); its digest."""
+    target = workdir / "src" / "proxy"
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(ROOT / "proxy", target, ignore=shutil.ignore_patterns("__pycache__"))
+    return source_digest(target)
+
+
+# -- wrk ---------------------------------------------------------------------------------
+
+
+@dataclass
+class WrkResult:
+    requests: int
+    seconds: float
+    latency_us: dict[str, float]
+    errors: dict[str, int]
+    wrk_cpu: float  # seconds of CPU wrk used
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+    def ms(self, percentile: str) -> float:
+        return self.latency_us[percentile] / 1000
+
+
+def run_wrk(
+    url: str,
+    kind: str,
+    *,
+    connections: int,
+    duration: int,
+    latency: bool = False,
+    max_requests: int | None = None,
+    cpu: int | None = None,
+) -> WrkResult:
+    """One wrk run; ``max_requests`` ends it after that many responses (``duration`` caps it)."""
+    argv = [*pinned(cpu), "wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--timeout", "10s"]
+    argv += ["-s", str(HERE / f"{kind}.lua")]
+    if latency:
+        argv.append("--latency")
+    argv.append(url + "/v1/chat/completions")
+    env = {k: v for k, v in os.environ.items() if k != "BENCH_MAX_REQUESTS"}
+    if max_requests is not None:
+        env["BENCH_MAX_REQUESTS"] = str(max_requests)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    summary = None
+    for line in proc.stdout:
+        if line.startswith("BENCH_STOP"):
+            proc.send_signal(signal.SIGINT)  # ends wrk's sleep; it prints its summary
+        elif line.startswith("BENCH_JSON "):
+            summary = orjson.loads(line[len("BENCH_JSON ") :])
+    stderr = proc.stderr.read()
+    proc.wait()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode != 0 or summary is None:
+        raise BenchError(f"wrk failed ({proc.returncode}): {' '.join(argv)}\n{stderr}")
+    return WrkResult(
+        requests=summary["requests"],
+        seconds=summary["duration_us"] / 1e6,
+        latency_us=summary["latency_us"],
+        errors=summary["errors"],
+        wrk_cpu=(after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime),
+    )
+
+
+# -- HTTP phase ----------------------------------------------------------------------------
+
+# (run name, wrk script, connections); throughput at 32 connections, latency at 1.
+PLAN = (
+    ("plain_throughput", "plain", CONNECTIONS),
+    ("stream_throughput", "stream", CONNECTIONS),
+    ("plain_latency", "plain", 1),
+    ("stream_latency", "stream", 1),
+)
+SUBJECTS = ("direct", "floor", "proxy")
+
+
+@dataclass
+class Measured:
+    """One subject's runs of one kind: a wrk result and CPU shares per round."""
+
+    runs: list[WrkResult] = field(default_factory=list)
+    cpu: list[dict[str, float]] = field(default_factory=list)
+
+    def median_rps(self) -> float:
+        return statistics.median(run.rps for run in self.runs)
+
+    def median_ms(self, percentile: str) -> float:
+        return statistics.median(run.ms(percentile) for run in self.runs)
+
+    def median_cpu(self) -> dict[str, float]:
+        return {key: statistics.median(c[key] for c in self.cpu) for key in self.cpu[0]}
+
+
+def measure(
+    subject: Server,
+    upstream: Server | None,
+    kind: str,
+    *,
+    connections: int,
+    duration: int,
+    pin: bool,
+) -> tuple[WrkResult, dict[str, float]]:
+    watched = {"subject": subject} | ({"upstream": upstream} if upstream else {})
+    cpu_before = {key: server.cpu_seconds() for key, server in watched.items()}
+    busy_before = busy_cpu_seconds()
+    run = run_wrk(
+        subject.url,
+        kind,
+        connections=connections,
+        duration=duration,
+        latency=connections == 1,
+        cpu=LOAD_CPU if pin else None,
+    )
+    cpu = {
+        key: (server.cpu_seconds() - cpu_before[key]) / run.seconds
+        for key, server in watched.items()
+    }
+    cpu["wrk"] = run.wrk_cpu / run.seconds
+    # Anything else busy on the machine meanwhile (other jobs skew every figure).
+    busy = (busy_cpu_seconds() - busy_before) / run.seconds
+    cpu["other"] = max(0.0, busy - sum(cpu.values()))
+    if run.errors["status"]:
+        raise BenchError(f"{subject.name}: {run.errors['status']} non-2xx answers ({kind})")
+    return run, cpu
+
+
+def http_phase(
+    settings: Settings, workdir: Path, log: Callable[[str], None]
+) -> tuple[dict[str, dict[str, Measured]], dict[str, Any]]:
+    """Every subject, every run, ``settings.rounds`` times, subjects interleaved.
+
+    All four servers stay up; only the one under load is busy. Interleaving (direct, floor,
+    proxy, direct, ...) and taking medians keeps a drift of the machine (other jobs, CPU
+    frequency) from landing on one subject only.
+    """
+    subject_cpu = SUBJECT_CPU if settings.pin else None
+    load_cpu = LOAD_CPU if settings.pin else None
+    results = {s: {name: Measured() for name, _, _ in PLAN} for s in SUBJECTS}
+    with contextlib.ExitStack() as stack:
+        direct = mock_upstream(workdir, subject_cpu)
+        stack.callback(direct.stop)
+        upstream = mock_upstream(workdir, load_cpu)
+        stack.callback(upstream.stop)
+        direct.start()
+        upstream.start()
+        middle = floor(workdir, upstream, subject_cpu)
+        stack.callback(middle.stop)
+        middle.start()
+        served = proxy(workdir, upstream, workdir / "proxy-http.db", subject_cpu)
+        stack.callback(served.stop)
+        served.start()
+        subjects = {
+            "direct": (direct, None),
+            "floor": (middle, upstream),
+            "proxy": (served, upstream),
+        }
+        for server, _ in subjects.values():
+            for kind in ("plain", "stream"):
+                run_wrk(
+                    server.url,
+                    kind,
+                    connections=CONNECTIONS,
+                    duration=settings.warmup,
+                    cpu=load_cpu,
+                )
+        for round_ in range(1, settings.rounds + 1):
+            for name, kind, connections in PLAN:
+                duration = settings.duration if connections > 1 else settings.latency_duration
+                for label, (server, behind) in subjects.items():
+                    run, cpu = measure(
+                        server,
+                        behind,
+                        kind,
+                        connections=connections,
+                        duration=duration,
+                        pin=settings.pin,
+                    )
+                    results[label][name].runs.append(run)
+                    results[label][name].cpu.append(cpu)
+                    log(
+                        f"  round {round_} {label:<6} {name:<18} {run.rps:8.1f} req/s"
+                        f"  p50 {run.ms('p50'):7.3f} ms  p99 {run.ms('p99'):7.3f} ms"
+                        f"  {_cpu_note(cpu)}"
+                    )
+        sent = sum(run.requests for m in results["proxy"].values() for run in m.runs)
+        extra: dict[str, Any] = {"store": proxy_sanity(served, sent)}
+        extra["vmhwm_kb"] = served.status_kb("VmHWM")
+        served.stop()
+        extra["outcomes"] = access_outcomes(served.log)
+    return results, extra
+
+
+def proxy_sanity(server: Server, sent: int) -> dict[str, Any]:
+    """What the proxy committed, and that its own API serves it back."""
+    health = server.get_json("/healthz")["store"]
+    page = server.get_json("/v1/chat/completions?limit=1&metadata[bench]=wrk", TOKEN)
+    if not page.get("data"):
+        raise BenchError(f"the proxy listed no stored completion after the run: {page}")
+    if health.get("writable") is False:
+        raise BenchError(f"the proxy's store stopped writing: {health}\n{server.tail()}")
+    return {
+        "sent_in_measured_runs": sent,
+        "committed_incl_warmup": health.get("committed"),
+        "failed": health.get("failed"),
+    }
+
+
+def access_outcomes(log: Path) -> dict[str, int]:
+    counts: Counter[str] = Counter()
+    with log.open("rb") as lines:
+        for line in lines:
+            with contextlib.suppress(orjson.JSONDecodeError):
+                entry = orjson.loads(line)
+                if entry.get("logger") == "proxy.access":
+                    counts[str(entry.get("outcome"))] += 1
+    return dict(counts)
+
+
+def rss_phase(settings: Settings, workdir: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    """Peak RSS of a fresh proxy after ``rss_requests`` requests, half plain, half streamed."""
+    subject_cpu = SUBJECT_CPU if settings.pin else None
+    load_cpu = LOAD_CPU if settings.pin else None
+    with contextlib.ExitStack() as stack:
+        upstream = mock_upstream(workdir, load_cpu).start()
+        stack.callback(upstream.stop)
+        served = proxy(workdir, upstream, workdir / "proxy-rss.db", subject_cpu).start()
+        stack.callback(served.stop)
+        at_start = served.status_kb("VmHWM")
+        runs = {}
+        started = time.perf_counter()
+        for kind in ("plain", "stream"):
+            runs[kind] = run_wrk(
+                served.url,
+                kind,
+                connections=CONNECTIONS,
+                duration=3600,
+                max_requests=settings.rss_requests // 2,
+                cpu=load_cpu,
+            )
+        sent = sum(run.requests for run in runs.values())
+        refused = sum(run.errors["status"] for run in runs.values())
+        if refused:
+            raise BenchError(f"proxy: {refused} non-2xx answers during the RSS run")
+        result = {
+            "requests": sent,
+            "seconds": time.perf_counter() - started,
+            "vmhwm_start_kb": at_start,
+            "vmhwm_kb": served.status_kb("VmHWM"),
+            "vmrss_kb": served.status_kb("VmRSS"),
+            "store": proxy_sanity(served, sent),
+        }
+        served.stop()
+        result["outcomes"] = access_outcomes(served.log)
+    log(
+        f"  proxy {sent} requests in {result['seconds']:.1f} s:"
+        f" VmHWM {result['vmhwm_kb'] / 1024:.1f} MB (at start {at_start / 1024:.1f} MB),"
+        f" VmRSS {result['vmrss_kb'] / 1024:.1f} MB"
+    )
+    return result
+
+
+# -- store phase ---------------------------------------------------------------------------
+
+# Shaped like the proxy's caller fingerprints (HMAC-SHA256 of the bearer token); the store
+# takes any string, so this does not depend on how proxy.callers derives it.
+CALLER = "caller_" + hmac.new(b"bench-secret", TOKEN.encode(), hashlib.sha256).hexdigest()[:32]
+CREATED_BASE = 1_700_000_000
+_ID_SLOT = b"chatcmpl-" + b"@" * 30
+ENVS = ("prod", "staging", "dev")
+USERS = 1000
+_LOREM = (
+    "A logging proxy sits between the client and the model provider. It forwards every "
+    "byte unchanged, keeps a copy of the answer, and commits it before the last byte leaves. "
+)
+
+
+def _templates() -> tuple[bytes, bytes]:
+    """A stored completion (~1.9 KB, id slot to fill) and its request (~1.0 KB)."""
+    completion = {
+        "id": _ID_SLOT.decode(),
+        "object": "chat.completion",
+        "created": CREATED_BASE,
+        "model": "gpt-4o-mini-2024-07-18",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": _LOREM * 9, "refusal": None},
+                "finish_reason": "stop",
+                "logprobs": None,
+            }
+        ],
+        "usage": {"prompt_tokens": 220, "completion_tokens": 380, "total_tokens": 600},
+        "system_fingerprint": "fp_bench",
+        "service_tier": "default",
+        "request_id": "req_bench",
+        "seed": None,
+        "temperature": 0.2,
+        "top_p": None,
+        "presence_penalty": None,
+        "frequency_penalty": None,
+        "tools": None,
+        "tool_choice": None,
+        "response_format": None,
+        "input_user": None,
+    }
+    request = {
+        "model": "gpt-4o-mini",
+        "store": True,
+        "temperature": 0.2,
+        "metadata": {"user": "user-1", "env": "prod"},
+        "messages": [
+            {"role": "system", "content": _LOREM * 2},
+            {"role": "user", "content": _LOREM * 3},
+        ],
+    }
+    return orjson.dumps(completion), orjson.dumps(request)
+
+
+COMPLETION_TEMPLATE, REQUEST_TEMPLATE = _templates()
+
+
+def completion_id(i: int, salt: bytes = b"db") -> str:
+    digest = hashlib.blake2b(i.to_bytes(8, "little"), digest_size=15, key=salt).hexdigest()
+    return "chatcmpl-" + digest
+
+
+def make_record(i: int, salt: bytes = b"db") -> CompletionRecord:
+    cid = completion_id(i, salt)
+    return CompletionRecord(
+        id=cid,
+        caller=CALLER,
+        created=CREATED_BASE + i // 20,
+        model="gpt-4o-mini",
+        metadata={"user": f"user-{i % USERS}", "env": ENVS[i % 3], "session": f"s-{i // 50}"},
+        completion=COMPLETION_TEMPLATE.replace(_ID_SLOT, cid.encode()),
+        request=REQUEST_TEMPLATE,
+        request_id="req_" + cid[9:],
+        stream=bool(i % 2),
+        outcome="complete",
+        duration_ms=412.5,
+    )
+
+
+def record_bytes() -> int:
+    record = make_record(0)
+    return len(record.completion) + len(record.request) + len(orjson.dumps(record.metadata))
+
+
+def batches(start: int, stop: int, size: int, salt: bytes = b"db") -> Iterator[list[Any]]:
+    for first in range(start, stop, size):
+        yield [make_record(i, salt) for i in range(first, min(first + size, stop))]
+
+
+async def bench_write_batch(path: Path, count: int) -> dict[str, Any]:
+    """Committed records per second through write_batch, 256 per batch, one writer."""
+    store = SQLiteStore(path)
+    await store.open()
+    try:
+        prepared = list(batches(0, count, 256, b"wb"))  # built before the clock starts
+        started = time.perf_counter()
+        written = 0
+        for batch in prepared:
+            written += await store.write_batch(batch)
+        seconds = time.perf_counter() - started
+    finally:
+        await store.close()
+    if written != count:
+        raise BenchError(f"write_batch stored {written} of {count}")
+    return {"records": written, "seconds": seconds, "per_second": written / seconds}
+
+
+async def bench_writer(path: Path, count: int, concurrency: int = 512) -> dict[str, Any]:
+    """Committed records per second through Writer, ``concurrency`` commit() calls at once."""
+    store = SQLiteStore(path)
+    await store.open()
+    writer = Writer(store, batch_size=256)
+    writer.start()
+    try:
+        records = [make_record(i, b"wr") for i in range(count)]
+        queue = iter(records)
+
+        async def client() -> None:
+            for record in queue:  # one shared iterator: each record is committed once
+                await writer.commit(record)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        seconds = time.perf_counter() - started
+        stats = writer.stats
+        committed, batches_ = stats.committed, stats.batches
+    finally:
+        await writer.close()
+        await store.close()
+    if committed != count:
+        raise BenchError(f"Writer committed {committed} of {count}")
+    return {
+        "records": committed,
+        "seconds": seconds,
+        "per_second": committed / seconds,
+        "batches": batches_,
+        "mean_batch": committed / batches_,
+        "concurrency": concurrency,
+    }
+
+
+def percentiles(samples: list[float]) -> dict[str, float]:
+    ordered = sorted(samples)
+    cut = statistics.quantiles(ordered, n=100, method="inclusive")
+    return {
+        "p50": statistics.median(ordered),
+        "p90": cut[89],
+        "p99": cut[98],
+        "max": ordered[-1],
+        "calls": len(ordered),
+    }
+
+
+async def timed(calls: int, call: Callable[[int], Awaitable[None]]) -> dict[str, float]:
+    for n in range(min(100, calls)):  # warm the caches and the thread hop
+        await call(n)
+    samples = []
+    for n in range(calls):
+        started = time.perf_counter()
+        await call(n)
+        samples.append((time.perf_counter() - started) * 1000)
+    return percentiles(samples)
+
+
+async def bench_reads(store: SQLiteStore, size: int, calls: int) -> dict[str, dict[str, float]]:
+    rng = random.Random(size)
+    picks = [rng.randrange(size) for _ in range(calls + 100)]
+
+    async def retrieve(n: int) -> None:
+        if await store.get(CALLER, completion_id(picks[n])) is None:
+            raise BenchError("retrieve found nothing")
+
+    def listing(make: Callable[[int], ListQuery]) -> Callable[[int], Awaitable[None]]:
+        async def call(n: int) -> None:
+            page = await store.list_completions(CALLER, make(picks[n]))
+            if not page.items:
+                raise BenchError("list found nothing")
+
+        return call
+
+    def user(i: int) -> tuple[str, str]:
+        return ("user", f"user-{i % USERS}")
+
+    def metadata(i: int) -> ListQuery:
+        return ListQuery(metadata=(user(i),))
+
+    def metadata_two(i: int) -> ListQuery:
+        return ListQuery(metadata=(user(i), ("env", ENVS[(i // USERS) % 3])))
+
+    def after(i: int) -> ListQuery:
+        return ListQuery(page=PageQuery(after=completion_id(min(i, size - 100))))
+
+    def metadata_after(i: int) -> ListQuery:
+        # halfway through that user's completions, so the page is never empty
+        j = i % USERS + USERS * ((i // USERS) // 2)
+        return ListQuery(page=PageQuery(after=completion_id(j)), metadata=(user(j),))
+
+    def newest(_: int) -> ListQuery:
+        return ListQuery(page=PageQuery(order="desc"))
+
+    return {
+        "retrieve": await timed(calls, retrieve),
+        "list_metadata": await timed(calls, listing(metadata)),
+        "list_after": await timed(calls, listing(after)),
+        "list_metadata_two_pairs": await timed(calls, listing(metadata_two)),
+        "list_metadata_after": await timed(calls, listing(metadata_after)),
+        "list_newest": await timed(calls, listing(newest)),
+    }
+
+
+async def build(store: SQLiteStore, start: int, stop: int) -> float:
+    started = time.perf_counter()
+    for batch in batches(start, stop, 10_000):
+        await store.write_batch(batch)
+    return time.perf_counter() - started
+
+
+async def store_phase(
+    settings: Settings, workdir: Path, log: Callable[[str], None]
+) -> dict[str, Any]:
+    result: dict[str, Any] = {"record_bytes": record_bytes()}
+    result["write_batch"] = await bench_write_batch(workdir / "write.db", settings.write_records)
+    log(f"  write_batch: {result['write_batch']['per_second']:,.0f} completions/s")
+    result["writer"] = await bench_writer(workdir / "writer.db", settings.write_records)
+    log(
+        f"  Writer: {result['writer']['per_second']:,.0f} completions/s"
+        f" (mean batch {result['writer']['mean_batch']:.0f})"
+    )
+    path = workdir / "reads.db"
+    # Built without fsync (only the build is faster; reads are the same): the write path
+    # is measured above with the proxy's default, synchronous=NORMAL.
+    store = SQLiteStore(path, synchronous="off")
+    await store.open()
+    try:
+        built = 0
+        for size in settings.store_sizes:
+            seconds = await build(store, built, size)
+            log(f"  built {size:,} completions (+{size - built:,} in {seconds:.1f} s)")
+            reads = await bench_reads(store, size, settings.read_calls)
+            result[str(size)] = {
+                "build_seconds": seconds,
+                "build_per_second": (size - built) / seconds,
+                "db_bytes": sum(p.stat().st_size for p in workdir.glob("reads.db*")),
+                "reads_ms": reads,
+            }
+            built = size
+            for name, figures in reads.items():
+                log(f"    {name:<24} p50 {figures['p50']:7.3f} ms  p99 {figures['p99']:7.3f} ms")
+    finally:
+        await store.close()
+    return result
+
+
+def run_store_phase(settings: Settings, workdir: Path, log: Callable[[str], None]) -> Any:
+    try:
+        import uvloop  # noqa: PLC0415 - the proxy runs on uvloop when it is installed
+
+        return uvloop.run(store_phase(settings, workdir, log))
+    except ImportError:
+        return asyncio.run(store_phase(settings, workdir, log))
+
+
+# -- the table -----------------------------------------------------------------------------
+
+
+@dataclass
+class Figure:
+    name: str
+    value: float
+    unit: str
+    target: str = ""
+    passed: bool | None = None
+    ratio_floor: float | None = None
+    ratio_direct: float | None = None
+    note: str = ""
+
+    def row(self) -> list[str]:
+        def ratio(r: float | None) -> str:
+            return f"{r:.3f}" if r is not None else ""
+
+        if self.unit in {"req/s", "completions/s"}:
+            value = f"{self.value:,.0f} {self.unit}"
+        else:
+            value = f"{self.value:,.3f} {self.unit}"
+        verdict = {True: "PASS", False: "FAIL", None: ""}[self.passed]
+        return [
+            self.name,
+            value,
+            self.target,
+            ratio(self.ratio_floor),
+            ratio(self.ratio_direct),
+            verdict,
+            self.note,
+        ]
+
+
+def _cpu_note(cpu: dict[str, float]) -> str:
+    return "cpu " + ", ".join(f"{k} {v:.0%}" for k, v in cpu.items())
+
+
+def _spread(values: list[float], digits: int) -> str:
+    if len(values) < 2:
+        return ""
+    return f"rounds {min(values):.{digits}f}..{max(values):.{digits}f}; "
+
+
+def http_figures(http: dict[str, dict[str, Measured]]) -> list[Figure]:
+    figures = []
+    for kind, floor_target in (("plain", 0.90), ("stream", 0.85)):
+        run = f"{kind}_throughput"
+        base = {s: http[s][run].median_rps() for s in ("direct", "floor")}
+        for subject in SUBJECTS:
+            measured = http[subject][run]
+            value = measured.median_rps()
+            figure = Figure(
+                f"{kind} throughput, {CONNECTIONS} conn [{subject}]",
+                value,
+                "req/s",
+                ratio_floor=value / base["floor"],
+                ratio_direct=value / base["direct"],
+                note=_spread([r.rps for r in measured.runs], 0) + _cpu_note(measured.median_cpu()),
+            )
+            if subject == "proxy":
+                figure.target = f">= {floor_target:.2f} x floor"
+                figure.passed = value / base["floor"] >= floor_target
+            figures.append(figure)
+    for kind in ("plain", "stream"):
+        run = f"{kind}_latency"
+        for percentile in ("p50", "p99"):
+            base = {s: http[s][run].median_ms(percentile) for s in ("direct", "floor")}
+            for subject in SUBJECTS:
+                measured = http[subject][run]
+                value = measured.median_ms(percentile)
+                figures.append(
+                    Figure(
+                        f"{kind} latency {percentile}, 1 conn [{subject}]",
+                        value,
+                        "ms",
+                        ratio_floor=value / base["floor"],
+                        ratio_direct=value / base["direct"],
+                        note=_spread([r.ms(percentile) for r in measured.runs], 3).rstrip("; "),
+                    )
+                )
+        direct = http["direct"][run].median_ms("p50")
+        added = http["proxy"][run].median_ms("p50") - direct
+        floor_added = http["floor"][run].median_ms("p50") - direct
+        figures.append(
+            Figure(
+                f"{kind} p50 added by proxy (proxy - direct)",
+                added,
+                "ms",
+                target="<= 1.0 ms",
+                passed=added <= 1.0,
+                note=f"the floor adds {floor_added:.3f} ms",
+            )
+        )
+    return figures
+
+
+def store_figures(store: dict[str, Any], settings: Settings) -> list[Figure]:
+    figures = []
+    small, large = (str(size) for size in settings.store_sizes)
+    labels = {
+        "retrieve": "retrieve by id",
+        "list_metadata": "list, metadata filter",
+        "list_after": "list, after",
+        "list_metadata_two_pairs": "list, 2-pair metadata filter",
+        "list_metadata_after": "list, metadata filter + after",
+        "list_newest": "list, newest first",
+    }
+    targets = {"retrieve": 2.0, "list_metadata": 5.0}
+    for name, label in labels.items():
+        for size in (small, large):
+            reads = store[size]["reads_ms"][name]
+            for percentile in ("p50", "p99"):
+                figure = Figure(
+                    f"store {label} {percentile} @ {int(size):,}", reads[percentile], "ms"
+                )
+                if size == large and percentile == "p50" and name in targets:
+                    figure.target = f"<= {targets[name]:.0f} ms"
+                    if large != "1000000":
+                        figure.target += " (at 1M)"
+                    figure.passed = reads["p50"] <= targets[name]
+                figures.append(figure)
+    for key, label in (("write_batch", "write_batch, 256/batch"), ("writer", "Writer.commit")):
+        write = store[key]
+        note = f"~{store['record_bytes']:,} B each, {write['records']:,} records"
+        if key == "writer":
+            note += f", {write['concurrency']} concurrent, mean batch {write['mean_batch']:.0f}"
+        figures.append(
+            Figure(
+                f"store write throughput, {label}",
+                write["per_second"],
+                "completions/s",
+                target=">= 5,000/s",
+                passed=write["per_second"] >= 5000,
+                note=note,
+            )
+        )
+    return figures
+
+
+def rss_figure(rss: dict[str, Any]) -> Figure:
+    return Figure(
+        f"proxy peak RSS (VmHWM) after {rss['requests']:,} requests",
+        rss["vmhwm_kb"] / 1024,
+        "MB",
+        target="<= 150 MB",
+        passed=rss["vmhwm_kb"] / 1024 <= 150,
+        note=f"at start {rss['vmhwm_start_kb'] / 1024:.1f} MB;"
+        f" VmRSS at end {rss['vmrss_kb'] / 1024:.1f} MB",
+    )
+
+
+def render(figures: list[Figure]) -> str:
+    header = ["figure", "value", "target", "x floor", "x direct", "result", "note"]
+    rows = [header] + [figure.row() for figure in figures]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    right = {1, 3, 4}
+    lines = []
+    for n, row in enumerate(rows):
+        cells = [
+            cell.rjust(widths[i]) if i in right else cell.ljust(widths[i])
+            for i, cell in enumerate(row)
+        ]
+        lines.append("  ".join(cells).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+# -- main ------------------------------------------------------------------------------------
+
+
+def source_digest(package: Path = ROOT / "proxy") -> str:
+    """A digest of proxy/*.py, so results can be matched to the code they measured."""
+    digest = hashlib.sha256()
+    for path in sorted(package.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.bench.run", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--quick", action="store_true", help="short runs, smaller databases")
+    parser.add_argument("--out", type=Path, default=HERE / "results.json", help="JSON results file")
+    parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
+    parser.add_argument("--workdir", type=Path, help="where databases and logs go (kept)")
+    parser.add_argument("--check", action="store_true", help="exit 3 when a target fails")
+    parser.add_argument(
+        "--only",
+        choices=("http", "rss", "store"),
+        action="append",
+        help="run only these parts (repeatable); the table then lacks the others",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if shutil.which("wrk") is None:
+        sys.stderr.write(
+            "wrk is not installed; install it with `apt-get install -y wrk`"
+            " (or `brew install wrk`), then run again.\n"
+        )
+        return 2
+    pin = not args.no_pin and shutil.which("taskset") is not None and (os.cpu_count() or 1) >= 2
+    settings = Settings.of(args.quick, pin)
+    parts = set(args.only or ("http", "rss", "store"))
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="completions-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    digest_at_start = snapshot_proxy(workdir)
+
+    def log(line: str) -> None:
+        sys.stderr.write(f"[{time.perf_counter() - started:7.1f}s] {line}\n")
+        sys.stderr.flush()
+
+    log(
+        f"{'quick' if settings.quick else 'full'} run, workdir {workdir},"
+        f" pinning {'subject on CPU 1, wrk + upstream on CPU 0' if pin else 'off'}"
+    )
+    out: dict[str, Any] = {"settings": settings.__dict__}
+    figures: list[Figure] = []
+    try:
+        if "http" in parts:
+            log("HTTP: direct, floor, proxy")
+            http, proxy_extra = http_phase(settings, workdir, log)
+            figures += http_figures(http)
+            out["http"] = {
+                subject: {
+                    name: {
+                        "rounds": [run.__dict__ | {"rps": run.rps} for run in measured.runs],
+                        "cpu": measured.cpu,
+                    }
+                    for name, measured in runs.items()
+                }
+                for subject, runs in http.items()
+            }
+            out["http"]["proxy"]["after_runs"] = proxy_extra
+        if "rss" in parts:
+            log(f"RSS: {settings.rss_requests:,} requests through a fresh proxy")
+            out["rss"] = rss_phase(settings, workdir, log)
+            figures.append(rss_figure(out["rss"]))
+        if "store" in parts:
+            log(
+                "store: write throughput, then reads at "
+                + " and ".join(f"{size:,}" for size in settings.store_sizes)
+            )
+            out["store"] = run_store_phase(settings, workdir, log)
+            figures += store_figures(out["store"], settings)
+    except BenchError as error:
+        log(f"benchmark failed: {error}")
+        return 1
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    elapsed = time.perf_counter() - started
+    out["meta"] = {
+        "command": " ".join(["python -m tests.bench.run", *(argv or sys.argv[1:])]),
+        "elapsed_seconds": elapsed,
+        "python": sys.version.split()[0],
+        "sqlite": sqlite3.sqlite_version,
+        "cpus": os.cpu_count(),
+        "machine": platform.machine(),
+        "pinning": "subject CPU 1; wrk and upstream CPU 0" if pin else "off",
+        "proxy_source_sha256": digest_at_start,
+        "proxy_source_changed_during_run": source_digest() != digest_at_start,
+        "proxy_source": "a snapshot of proxy/ taken at the start of the run",
+    }
+    if out["meta"]["proxy_source_changed_during_run"]:
+        log(
+            "note: proxy/*.py changed during the run; the servers ran the snapshot taken at"
+            f" the start ({digest_at_start}), the store phase the modules imported then"
+        )
+    out["figures"] = [figure.__dict__ for figure in figures]
+    table = render(figures)
+    sys.stdout.write(table + "\n")
+    failed = [f.name for f in figures if f.passed is False]
+    sys.stdout.write(
+        f"\n{sum(f.passed is True for f in figures)} targets pass, {len(failed)} fail;"
+        f" run took {elapsed / 60:.1f} min; results in {args.out}\n"
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_bytes(orjson.dumps(out, option=orjson.OPT_INDENT_2, default=str))
+    return 3 if args.check and failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
