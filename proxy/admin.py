@@ -13,25 +13,21 @@ Admin endpoints need a proxy key with the admin role, so they exist only with
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 import orjson
 from aiohttp import web
 
 from proxy.assemble import list_body
 from proxy.callers import Caller
-from proxy.errors import Forbidden, InvalidRequest, Unauthorized
-from proxy.keys import ACCESS, CALLERS, CONFIG, METRICS, STORE
-from proxy.models import parse_page_query
+from proxy.errors import Forbidden, InvalidRequest
+from proxy.handlers import required_caller
+from proxy.keys import CONFIG, METRICS, STORE
+from proxy.models import parse_moment, parse_page_query
 from proxy.store import UnknownCursor
 from proxy.usage import parse_groups, report
 
 
 async def _admin(request: web.Request) -> Caller:
-    caller = await request.app[CALLERS].resolve(request)
-    if caller is None:
-        raise Unauthorized()
-    request[ACCESS].caller = caller.name
+    caller = await required_caller(request)
     if caller.role != "admin":
         raise Forbidden("This endpoint is for admins (a proxy key with the admin role).")
     return caller
@@ -42,17 +38,12 @@ def _moment(request: web.Request, name: str) -> int | None:
     text = request.query.get(name)
     if not text:
         return None
-    if text.isdigit():
-        return int(text)
     try:
-        moment = datetime.fromisoformat(text)
+        return parse_moment(text)
     except ValueError:
         raise InvalidRequest(
             f"{name} must be unix seconds or an ISO 8601 date.", param=name
         ) from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return int(moment.timestamp())
 
 
 async def get_usage(request: web.Request) -> web.Response:

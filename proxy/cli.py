@@ -35,6 +35,7 @@ from proxy.app import create_app, redactor_of
 from proxy.callers import new_key
 from proxy.config import Config, ConfigError, load_config, redacted
 from proxy.logs import configure
+from proxy.models import parse_moment
 from proxy.recordings import export_to, import_from
 from proxy.store import ExportFilter, KeyExists, SQLiteStore
 from proxy.usage import parse_groups, report, table
@@ -132,17 +133,12 @@ def _pair(text: str) -> tuple[str, str]:
 
 def _moment(text: str) -> int:
     """Unix seconds, or an ISO 8601 date or date-time (UTC unless it says otherwise)."""
-    if text.isdigit():
-        return int(text)
     try:
-        moment = datetime.fromisoformat(text)
+        return parse_moment(text)
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected unix seconds or an ISO 8601 date, got {text!r}"
         ) from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return int(moment.timestamp())
 
 
 class _ProgressBar:

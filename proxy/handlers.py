@@ -43,7 +43,7 @@ def _json(body: bytes, status: int = 200) -> web.Response:
     return web.Response(body=body, status=status, content_type=JSON)
 
 
-async def _caller(request: web.Request) -> Caller:
+async def required_caller(request: web.Request) -> Caller:
     """The caller; stored completions are never served without one."""
     caller = await request.app[CALLERS].resolve(request)
     if caller is None:
@@ -135,7 +135,7 @@ def _owner_filter(request: web.Request, caller: Caller) -> str | None:
 
 
 async def list_chat_completions(request: web.Request) -> web.Response:
-    caller = await _caller(request)
+    caller = await required_caller(request)
     query = parse_list_query(request.query)
     owner = _owner_filter(request, caller)
     if owner is not None:
@@ -151,7 +151,7 @@ async def list_chat_completions(request: web.Request) -> web.Response:
 
 
 async def get_chat_completion(request: web.Request) -> web.Response:
-    caller = await _caller(request)
+    caller = await required_caller(request)
     completion_id = request.match_info["completion_id"]
     body = await request.app[STORE].get(caller.scope, completion_id)
     if body is None:
@@ -160,7 +160,7 @@ async def get_chat_completion(request: web.Request) -> web.Response:
 
 
 async def update_chat_completion(request: web.Request) -> web.Response:
-    caller = await _caller(request)
+    caller = await required_caller(request)
     completion_id = request.match_info["completion_id"]
     metadata = parse_update_body(await request.read())
     store = request.app[STORE]
@@ -172,7 +172,7 @@ async def update_chat_completion(request: web.Request) -> web.Response:
 
 async def delete_chat_completion(request: web.Request) -> web.Response:
     # The SDK sends Content-Type: application/json with no body: the body is never read.
-    caller = await _caller(request)
+    caller = await required_caller(request)
     completion_id = request.match_info["completion_id"]
     purge = request.app[CONFIG].audit.delete_purges
     if not await request.app[STORE].delete(caller.scope, completion_id, caller.name, purge=purge):
@@ -183,7 +183,7 @@ async def delete_chat_completion(request: web.Request) -> web.Response:
 
 
 async def get_chat_completion_messages(request: web.Request) -> web.Response:
-    caller = await _caller(request)
+    caller = await required_caller(request)
     completion_id = request.match_info["completion_id"]
     page = parse_page_query(request.query)
     raw = await request.app[STORE].request_of(caller.scope, completion_id)
@@ -221,7 +221,7 @@ def method_not_allowed(allowed: list[str]) -> Handler:
 async def forward(request: web.Request) -> web.StreamResponse:
     """Every other ``/v1/*`` route goes to the upstream untouched, streaming included."""
     if request.app[CALLERS].keys:
-        await _caller(request)  # with proxy keys, nothing reaches the upstream without one
+        await required_caller(request)  # with proxy keys, nothing reaches the upstream without one
     if request.app[CONFIG].replay.mode == "strict":
         raise InvalidRequest(
             "Replay is strict: the upstream is never called, and only chat completions are"

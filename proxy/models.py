@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 import orjson
@@ -81,6 +82,19 @@ def peek_chat_request(raw: bytes) -> ChatRequest:
         raise InvalidRequest("model must be a string.", param="model")
     metadata = check_metadata(body.get("metadata"))
     return ChatRequest(body=body, store=bool(store), model=model or "", metadata=metadata)
+
+
+def parse_moment(text: str) -> int:
+    """Unix seconds, or an ISO 8601 date or date-time (UTC unless it says otherwise).
+
+    Raises ValueError; the command line and the admin endpoints word their own message.
+    """
+    if text.isdigit():
+        return int(text)
+    moment = datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return int(moment.timestamp())
 
 
 def _limit(query: MultiMapping[str]) -> int:
