@@ -12,11 +12,11 @@ metadata filter is an index range read in list order rather than a scan.
 
 from __future__ import annotations
 
+import sqlite3
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 
-import aiosqlite
 import orjson
 
 from proxy.replay import request_key
@@ -27,19 +27,18 @@ class Migration:
     name: str
     statements: tuple[str, ...]
     # Python work on existing rows, run after the statements in the same transaction.
-    backfill: Callable[[aiosqlite.Connection], Awaitable[None]] | None = None
+    backfill: Callable[[sqlite3.Connection], None] | None = None
 
 
-async def _backfill_request_keys(conn: aiosqlite.Connection) -> None:
+def _backfill_request_keys(conn: sqlite3.Connection) -> None:
     """Give completions stored before replay existed their request key."""
     last = 0
     while True:
-        async with conn.execute(
+        rows = conn.execute(
             "SELECT seq, request FROM completions WHERE request_key IS NULL AND seq > ?"
             " ORDER BY seq LIMIT 1000",
             (last,),
-        ) as cursor:
-            rows = list(await cursor.fetchall())
+        ).fetchall()
         if not rows:
             return
         updates = []
@@ -50,7 +49,7 @@ async def _backfill_request_keys(conn: aiosqlite.Connection) -> None:
                 continue
             if isinstance(body, dict):
                 updates.append((request_key(body), seq))
-        await conn.executemany("UPDATE completions SET request_key = ? WHERE seq = ?", updates)
+        conn.executemany("UPDATE completions SET request_key = ? WHERE seq = ?", updates)
         last = rows[-1][0]
 
 
@@ -199,44 +198,41 @@ MIGRATIONS: tuple[Migration, ...] = (
 )
 
 
-async def applied(conn: aiosqlite.Connection) -> list[str]:
-    await conn.execute(
+def applied(conn: sqlite3.Connection) -> list[str]:
+    conn.execute(
         "CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)"
     )
-    async with conn.execute("SELECT name FROM _migrations ORDER BY rowid") as cursor:
-        return [row[0] async for row in cursor]
+    return [row[0] for row in conn.execute("SELECT name FROM _migrations ORDER BY rowid")]
 
 
-async def migrate(conn: aiosqlite.Connection) -> list[str]:
+def migrate(conn: sqlite3.Connection) -> list[str]:
     """Apply every step the database lacks, in order; return the names applied now.
 
     The connection must be in autocommit mode (``isolation_level=None``): each step opens
     its own ``BEGIN IMMEDIATE`` so two processes starting on one file cannot both apply it.
     """
-    done = set(await applied(conn))
+    done = set(applied(conn))
     names = []
     for migration in MIGRATIONS:
         if migration.name in done:
             continue
-        await conn.execute("BEGIN IMMEDIATE")
+        conn.execute("BEGIN IMMEDIATE")
         try:
-            async with conn.execute(
-                "SELECT 1 FROM _migrations WHERE name = ?", (migration.name,)
-            ) as cursor:
-                if await cursor.fetchone() is not None:  # another process applied it meanwhile
-                    await conn.execute("COMMIT")
-                    continue
+            found = conn.execute("SELECT 1 FROM _migrations WHERE name = ?", (migration.name,))
+            if found.fetchone() is not None:  # another process applied it meanwhile
+                conn.execute("COMMIT")
+                continue
             for statement in migration.statements:
-                await conn.execute(statement)
+                conn.execute(statement)
             if migration.backfill is not None:
-                await migration.backfill(conn)
-            await conn.execute(
+                migration.backfill(conn)
+            conn.execute(
                 "INSERT INTO _migrations (name, applied_at) VALUES (?, ?)",
                 (migration.name, time.time()),
             )
         except BaseException:
-            await conn.execute("ROLLBACK")
+            conn.execute("ROLLBACK")
             raise
-        await conn.execute("COMMIT")
+        conn.execute("COMMIT")
         names.append(migration.name)
     return names

@@ -17,8 +17,7 @@ nothing, and every bad line is reported with its number.
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any, Literal
 
@@ -193,14 +192,11 @@ def read_batch(
     return batch
 
 
-async def _batches(
+def _batches(
     source: IO[bytes], report: ImportReport, progress: Progress | None
-) -> AsyncIterator[list[CompletionRecord]]:
-    """Batches parsed in a worker thread, one ahead, so parsing overlaps SQLite's inserts."""
+) -> Iterator[list[CompletionRecord]]:
     lines = enumerate(source, 1)
-    ahead = asyncio.ensure_future(asyncio.to_thread(read_batch, lines, report))
-    while batch := await ahead:
-        ahead = asyncio.ensure_future(asyncio.to_thread(read_batch, lines, report))
+    while batch := read_batch(lines, report):
         if progress is not None:
             progress(report.lines)
         yield batch

@@ -4,8 +4,9 @@ Everything SQL and SQLite-specific stays in ``SQLiteStore``, so a PostgreSQL sto
 proxy instances sharing one database) can implement the same interface.
 
 SQLite specifics:
-- WAL journal; one write connection, one read connection. Writes take ``BEGIN IMMEDIATE``
-  under one lock, so batches, updates and deletes never interleave.
+- WAL journal; one write connection, owned by one thread where each write transaction
+  (``BEGIN IMMEDIATE`` … ``COMMIT``) runs whole, so writes never interleave and a commit is
+  one hand-off; one read connection; one checkpointer.
 - ``synchronous=NORMAL`` by default: a commit survives the proxy being killed (``kill -9``)
   but the last commits may be lost on power failure; ``store.synchronous: full`` closes that
   at the cost of an fsync per batch.
@@ -19,15 +20,16 @@ import asyncio
 import contextlib
 import sqlite3
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 import aiosqlite
 import orjson
 
 from proxy.assemble import with_metadata
+from proxy.connection import ThreadedConnection
 from proxy.migrations import migrate
 from proxy.models import ListQuery, Order, PageQuery
 
@@ -155,7 +157,7 @@ class Store(Protocol):
     async def recordings(self, request_key: str, caller: str | None) -> list[bytes]: ...
     def export(self, where: ExportFilter) -> AsyncIterator[list[CompletionRecord]]: ...
     async def import_records(
-        self, batches: AsyncIterable[Sequence[CompletionRecord]], accept: Callable[[], bool]
+        self, batches: Iterable[Sequence[CompletionRecord]], accept: Callable[[], bool]
     ) -> int: ...
 
 
@@ -188,6 +190,9 @@ _KEPT = (
     " outcome, stored_at, duration_ms, request_key, prompt_tokens, cached_tokens,"
     " completion_tokens"
 )
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 CHECKPOINT_INTERVAL = 0.5  # seconds between WAL checkpoints while there are writes
 
@@ -245,8 +250,299 @@ def _page_sql(
     return sql, params
 
 
+# -- the writer's transactions: each runs whole on the writer's thread ---------------------
+
+
+@contextlib.contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """``BEGIN IMMEDIATE``; committed when the block ends, rolled back when it raises."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        # SQLite may have rolled back already (SQLITE_FULL ends the transaction).
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def _fetchone(conn: sqlite3.Connection, sql: str, params: Sequence[object] = ()) -> Any:
+    return conn.execute(sql, params).fetchone()
+
+
+def _insert(conn: sqlite3.Connection, records: Sequence[CompletionRecord]) -> int:
+    """Insert inside the caller's transaction; return how many were new."""
+    base = _fetchone(conn, "SELECT coalesce(max(seq), 0) FROM completions")[0]
+    now = time.time()
+    rows = []
+    pairs = []
+    for seq, record in enumerate(records, base + 1):
+        rows.append(
+            (
+                seq,
+                record.id,
+                record.caller,
+                record.created,
+                record.model,
+                _dump_metadata(record.metadata),
+                record.completion,
+                record.request,
+                record.request_id,
+                int(record.stream),
+                record.outcome,
+                record.stored_at if record.stored_at is not None else now,
+                record.duration_ms,
+                record.request_key,
+                record.prompt_tokens,
+                record.cached_tokens,
+                record.completion_tokens,
+            )
+        )
+        pairs += [
+            (key, value, seq, record.caller, record.id) for key, value in record.metadata.items()
+        ]
+    before = conn.total_changes
+    conn.executemany(_INSERT_COMPLETION, rows)
+    inserted = conn.total_changes - before
+    if pairs:
+        conn.executemany(_INSERT_METADATA, pairs)
+    return inserted
+
+
+def _write_batch(conn: sqlite3.Connection, records: Sequence[Writable]) -> int:
+    completions = [r for r in records if isinstance(r, CompletionRecord)]
+    exchanges = [
+        (
+            r.request_id,
+            r.caller,
+            r.created,
+            r.model,
+            int(r.stream),
+            r.outcome,
+            r.status,
+            r.request,
+            r.response,
+            r.duration_ms,
+        )
+        for r in records
+        if isinstance(r, ExchangeRecord)
+    ]
+    with _transaction(conn):
+        inserted = _insert(conn, completions) if completions else 0
+        if exchanges:
+            conn.executemany(_INSERT_EXCHANGE, exchanges)
+            inserted += len(exchanges)
+    return inserted
+
+
+def _import(
+    conn: sqlite3.Connection,
+    batches: Iterable[Sequence[CompletionRecord]],
+    accept: Callable[[], bool],
+) -> int:
+    inserted = 0
+    try:
+        with _transaction(conn):
+            for batch in batches:
+                inserted += _insert(conn, batch)
+            if not accept():
+                raise _Rejected
+    except _Rejected:
+        return 0
+    return inserted
+
+
+def _probe(conn: sqlite3.Connection) -> None:
+    conn.execute(
+        "INSERT INTO settings (name, value) VALUES ('probe', ?)"
+        " ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+        (str(time.time()).encode(),),
+    )
+
+
+def _audit(  # noqa: PLR0917 - one row's columns, in the table's order
+    conn: sqlite3.Connection,
+    actor: str,
+    action: str,
+    completion_id: str | None,
+    owner: str | None,
+    detail: dict[str, object],
+) -> None:
+    conn.execute(
+        "INSERT INTO audit_log (at, actor, action, completion_id, owner, detail)"
+        " VALUES (?, ?, ?, ?, ?, ?)",
+        (time.time(), actor, action, completion_id, owner, orjson.dumps(detail)),
+    )
+
+
+def _locate(conn: sqlite3.Connection, caller: str | None, completion_id: str) -> Any:
+    """(seq, caller, created, metadata) of a completion this caller may see, or None."""
+    if caller is None:
+        return _fetchone(
+            conn,
+            "SELECT seq, caller, created, metadata FROM completions WHERE id = ?"
+            " ORDER BY seq LIMIT 1",
+            (completion_id,),
+        )
+    return _fetchone(
+        conn,
+        "SELECT seq, caller, created, metadata FROM completions WHERE caller = ? AND id = ?",
+        (caller, completion_id),
+    )
+
+
+def _update_metadata(  # noqa: PLR0917 - the operation's arguments, in order
+    conn: sqlite3.Connection,
+    caller: str | None,
+    completion_id: str,
+    metadata: dict[str, str],
+    encoded: bytes,
+    actor: str,
+) -> bytes | None:
+    with _transaction(conn):
+        found = _locate(conn, caller, completion_id)
+        if found is None:
+            return None
+        seq, owner, created, before = found
+        row = _fetchone(
+            conn,
+            "UPDATE completions SET metadata = ? WHERE seq = ? RETURNING completion",
+            (encoded, seq),
+        )
+        conn.execute("DELETE FROM completion_metadata WHERE seq = ?", (seq,))
+        conn.executemany(
+            "INSERT INTO completion_metadata (seq, key, value, caller, created)"
+            " VALUES (?, ?, ?, ?, ?)",
+            [(seq, k, v, owner, created) for k, v in metadata.items()],
+        )
+        _audit(
+            conn,
+            actor,
+            "update_metadata",
+            completion_id,
+            owner,
+            {"before": orjson.loads(before), "after": metadata},
+        )
+    completion: bytes = row[0]
+    return completion
+
+
+def _delete(
+    conn: sqlite3.Connection, caller: str | None, completion_id: str, actor: str, purge: bool
+) -> bool:
+    with _transaction(conn):
+        found = _locate(conn, caller, completion_id)
+        if found is None:
+            return False
+        seq, owner, created, metadata = found
+        if not purge:
+            conn.execute(
+                f"INSERT INTO deleted_completions ({_KEPT}, deleted_at, deleted_by)"
+                f" SELECT {_KEPT}, ?, ? FROM completions WHERE seq = ?",
+                (time.time(), actor, seq),
+            )
+        conn.execute("DELETE FROM completions WHERE seq = ?", (seq,))
+        conn.execute("DELETE FROM completion_metadata WHERE seq = ?", (seq,))
+        conn.execute(
+            "INSERT OR REPLACE INTO tombstones (caller, id, created, seq, deleted_at)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (owner, completion_id, created, seq, time.time()),
+        )
+        _audit(
+            conn,
+            actor,
+            "delete",
+            completion_id,
+            owner,
+            {"metadata": orjson.loads(metadata), "content_purged": purge},
+        )
+    return True
+
+
+def _create_key(
+    conn: sqlite3.Connection, name: str, role: str, key_id: str, key_hash: bytes
+) -> None:
+    with _transaction(conn):
+        if _fetchone(conn, "SELECT 1 FROM proxy_keys WHERE name = ?", (name,)) is not None:
+            raise KeyExists(name)
+        conn.execute(
+            "INSERT INTO proxy_keys (name, key_id, key_hash, role, created_at)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (name, key_id, key_hash, role, time.time()),
+        )
+        _audit(conn, "cli", "key_created", None, name, {"role": role})
+
+
+def _revoke_key(conn: sqlite3.Connection, name: str) -> bool:
+    with _transaction(conn):
+        row = _fetchone(
+            conn,
+            "UPDATE proxy_keys SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL"
+            " RETURNING name",
+            (time.time(), name),
+        )
+        if row is not None:
+            _audit(conn, "cli", "key_revoked", None, name, {})
+    return row is not None
+
+
+def _prune(conn: sqlite3.Connection, before: int) -> tuple[int, int]:
+    with _transaction(conn):
+        conn.execute(
+            "DELETE FROM completion_metadata WHERE seq IN"
+            " (SELECT seq FROM completions WHERE created < ?)",
+            (before,),
+        )
+        completions = conn.execute("DELETE FROM completions WHERE created < ?", (before,)).rowcount
+        exchanges = conn.execute("DELETE FROM exchanges WHERE created < ?", (before,)).rowcount
+        conn.execute("DELETE FROM tombstones WHERE created < ?", (before,))
+        conn.execute("DELETE FROM deleted_completions WHERE created < ?", (before,))
+        if completions or exchanges:
+            _audit(
+                conn,
+                "retention",
+                "prune",
+                None,
+                None,
+                {"before": before, "completions": completions, "exchanges": exchanges},
+            )
+    # Outside any transaction: VACUUM cannot run in one.
+    free = _fetchone(conn, "PRAGMA freelist_count")[0]
+    total = _fetchone(conn, "PRAGMA page_count")[0]
+    _fetchone(conn, "PRAGMA wal_checkpoint(TRUNCATE)")
+    if total and free * 4 >= total:
+        conn.execute("VACUUM")
+        _fetchone(conn, "PRAGMA wal_checkpoint(TRUNCATE)")
+    return completions, exchanges
+
+
+def _setting(conn: sqlite3.Connection, name: str, default: bytes) -> bytes:
+    conn.execute(
+        "INSERT INTO settings (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
+        (name, default),
+    )
+    value: bytes = _fetchone(conn, "SELECT value FROM settings WHERE name = ?", (name,))[0]
+    return value
+
+
+def _checkpoint(conn: sqlite3.Connection, mode: str) -> None:
+    _fetchone(conn, f"PRAGMA wal_checkpoint({mode})")
+
+
+def _prepare_writer(conn: sqlite3.Connection) -> None:
+    conn.execute("PRAGMA journal_mode = WAL")
+    # Checkpoints run on their own connection (see _checkpoint_forever), not inside the
+    # writer's commits, where they cost about 40% of write throughput. The WAL file is cut
+    # back to 64 MiB after a checkpoint that catches up.
+    _fetchone(conn, "PRAGMA wal_autocheckpoint = 0")
+    _fetchone(conn, "PRAGMA journal_size_limit = 67108864")
+    migrate(conn)
+
+
 class SQLiteStore:
-    """The SQLite store: one file, WAL, one writer connection and one reader connection."""
+    """The SQLite store: one file, WAL; a writer connection on its own thread (every write is
+    one function there, see ``connection``), a reader connection, and a checkpointer."""
 
     def __init__(
         self, path: str | Path, *, synchronous: str = "normal", max_bytes: int | None = None
@@ -254,41 +550,53 @@ class SQLiteStore:
         self.path = str(path)
         self._synchronous = synchronous.upper()
         self._max_bytes = max_bytes
-        self._writer: aiosqlite.Connection | None = None
+        self._writer: ThreadedConnection | None = None
         self._reader: aiosqlite.Connection | None = None
-        self._checkpointer: aiosqlite.Connection | None = None
+        self._checkpointer: ThreadedConnection | None = None
         self._checkpoints: asyncio.Task[None] | None = None
         self._written = False
-        self._write_lock = asyncio.Lock()
 
-    async def _connect(self) -> aiosqlite.Connection:
-        conn = await aiosqlite.connect(self.path, isolation_level=None)
-        await conn.execute("PRAGMA busy_timeout = 5000")
-        await conn.execute(f"PRAGMA synchronous = {self._synchronous}")
-        await conn.execute("PRAGMA cache_size = -16384")  # 16 MiB: index pages stay cached
-        # Deleted content is overwritten, not left in free pages: deleted means gone.
-        await conn.execute("PRAGMA secure_delete = ON")
+    def _pragmas(self, page_size: int) -> list[str]:
+        pragmas = [
+            "PRAGMA busy_timeout = 5000",
+            f"PRAGMA synchronous = {self._synchronous}",
+            "PRAGMA cache_size = -16384",  # 16 MiB: index pages stay cached
+            # Deleted content is overwritten, not left in free pages: deleted means gone.
+            "PRAGMA secure_delete = ON",
+        ]
         if self._max_bytes is not None:
             # A size cap: past it writes fail with SQLITE_FULL, exactly as on a full disk.
-            row = await self._fetchone(conn, "PRAGMA page_size")
-            page_size = row[0] if row else 4096
-            pages = max(1, self._max_bytes // page_size)
-            await self._fetchone(conn, f"PRAGMA max_page_count = {pages}")  # answers a row
+            pragmas.append(f"PRAGMA max_page_count = {max(1, self._max_bytes // page_size)}")
+        return pragmas
+
+    def _connect(self) -> sqlite3.Connection:
+        """A connection for a ``ThreadedConnection`` (called on its thread)."""
+        conn = sqlite3.connect(self.path, isolation_level=None)
+        page_size = _fetchone(conn, "PRAGMA page_size")[0]
+        for pragma in self._pragmas(page_size):
+            _fetchone(conn, pragma)
+        return conn
+
+    async def _connect_reader(self) -> aiosqlite.Connection:
+        conn = await aiosqlite.connect(self.path, isolation_level=None)
+        row = await self._fetchone(conn, "PRAGMA page_size")
+        for pragma in self._pragmas(row[0] if row else 4096):
+            await self._fetchone(conn, pragma)
         return conn
 
     async def open(self) -> None:
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        self._writer = await self._connect()
-        await self._writer.execute("PRAGMA journal_mode = WAL")
-        # Checkpoints run on their own connection (below), not inside the writer's commits,
-        # where they cost about 40% of write throughput. The WAL file is cut back to 64 MiB
-        # after a checkpoint that catches up.
-        await self._fetchone(self._writer, "PRAGMA wal_autocheckpoint = 0")
-        await self._fetchone(self._writer, "PRAGMA journal_size_limit = 67108864")
-        await migrate(self._writer)
-        self._reader = await self._connect()
-        self._checkpointer = await self._connect()
+        self._writer = ThreadedConnection(self._connect, "store-writer")
+        await self._writer.open()
+        try:
+            await self._writer.run(_prepare_writer)
+            self._reader = await self._connect_reader()
+            self._checkpointer = ThreadedConnection(self._connect, "store-checkpointer")
+            await self._checkpointer.open()
+        except BaseException:
+            await self.close()
+            raise
         self._checkpoints = asyncio.create_task(self._checkpoint_forever(), name="wal-checkpoint")
 
     async def _checkpoint_forever(self) -> None:
@@ -302,7 +610,7 @@ class SQLiteStore:
             await asyncio.sleep(CHECKPOINT_INTERVAL)
             if self._written:
                 self._written = False
-                await self._fetchone(self._checkpointer, "PRAGMA wal_checkpoint(PASSIVE)")
+                await self._checkpointer.run(_checkpoint, "PASSIVE")
 
     async def close(self) -> None:
         if self._checkpoints is not None:
@@ -312,14 +620,17 @@ class SQLiteStore:
             self._checkpoints = None
         if self._writer is not None:
             with contextlib.suppress(sqlite3.Error):  # tidy, not needed: the WAL is replayed
-                await self._fetchone(self._writer, "PRAGMA wal_checkpoint(TRUNCATE)")
-        for conn in (self._checkpointer, self._reader, self._writer):
-            if conn is not None:
-                await conn.close()
+                await self._writer.run(_checkpoint, "TRUNCATE")
+        if self._checkpointer is not None:
+            await self._checkpointer.close()
+        if self._reader is not None:
+            await self._reader.close()
+        if self._writer is not None:
+            await self._writer.close()
         self._checkpointer = self._reader = self._writer = None
 
     @property
-    def _w(self) -> aiosqlite.Connection:
+    def _w(self) -> ThreadedConnection:
         if self._writer is None:
             raise RuntimeError("store is not open")
         return self._writer
@@ -341,183 +652,44 @@ class SQLiteStore:
 
     # -- writes ------------------------------------------------------------------------------
 
-    async def _insert(self, conn: aiosqlite.Connection, records: Sequence[CompletionRecord]) -> int:
-        """Insert inside the caller's transaction; return how many were new."""
-        row = await self._fetchone(conn, "SELECT coalesce(max(seq), 0) FROM completions")
-        base = row[0] if row else 0
-        now = time.time()
-        rows = []
-        pairs = []
-        for offset, record in enumerate(records, 1):
-            seq = base + offset
-            rows.append(
-                (
-                    seq,
-                    record.id,
-                    record.caller,
-                    record.created,
-                    record.model,
-                    _dump_metadata(record.metadata),
-                    record.completion,
-                    record.request,
-                    record.request_id,
-                    int(record.stream),
-                    record.outcome,
-                    record.stored_at if record.stored_at is not None else now,
-                    record.duration_ms,
-                    record.request_key,
-                    record.prompt_tokens,
-                    record.cached_tokens,
-                    record.completion_tokens,
-                )
-            )
-            pairs += [
-                (key, value, seq, record.caller, record.id)
-                for key, value in record.metadata.items()
-            ]
-        before = conn.total_changes
-        await conn.executemany(_INSERT_COMPLETION, rows)
-        inserted = conn.total_changes - before
-        if pairs:
-            await conn.executemany(_INSERT_METADATA, pairs)
-        return inserted
+    async def _write(
+        self,
+        fn: Callable[Concatenate[sqlite3.Connection, P], T],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> T:
+        result = await self._w.run(fn, *args, **kwargs)
+        self._written = True
+        return result
 
     async def write_batch(self, records: Sequence[Writable]) -> int:
         """Write records in one transaction; return how many were new (duplicates are skipped)."""
-        completions = [r for r in records if isinstance(r, CompletionRecord)]
-        exchanges = [
-            (
-                r.request_id,
-                r.caller,
-                r.created,
-                r.model,
-                int(r.stream),
-                r.outcome,
-                r.status,
-                r.request,
-                r.response,
-                r.duration_ms,
-            )
-            for r in records
-            if isinstance(r, ExchangeRecord)
-        ]
-        async with self._transaction() as conn:
-            inserted = await self._insert(conn, completions) if completions else 0
-            if exchanges:
-                await conn.executemany(_INSERT_EXCHANGE, exchanges)
-                inserted += len(exchanges)
-        return inserted
+        return await self._write(_write_batch, records)
 
     async def import_records(
-        self, batches: AsyncIterable[Sequence[CompletionRecord]], accept: Callable[[], bool]
+        self, batches: Iterable[Sequence[CompletionRecord]], accept: Callable[[], bool]
     ) -> int:
         """Insert everything in one transaction, committed only if ``accept()`` says so at the
         end: an import with a bad line leaves nothing half-written. Duplicates (same caller
-        and id) are skipped, so importing a file twice adds nothing the second time."""
-        inserted = 0
-        try:
-            async with self._transaction() as conn:
-                async for batch in batches:
-                    inserted += await self._insert(conn, batch)
-                if not accept():
-                    raise _Rejected
-        except _Rejected:
-            return 0
-        return inserted
+        and id) are skipped, so importing a file twice adds nothing the second time.
 
-    @contextlib.asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
-        """The writer connection inside ``BEGIN IMMEDIATE`` under the write lock: committed when
-        the block ends, rolled back when it raises. A block that writes nothing commits nothing.
-        """
-        conn = self._w
-        async with self._write_lock:
-            await conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                await self._rollback(conn)
-                raise
-            await conn.execute("COMMIT")
-            self._written = True
-
-    async def _rollback(self, conn: aiosqlite.Connection) -> None:
-        # SQLite may have rolled back already (SQLITE_FULL ends the transaction).
-        with contextlib.suppress(sqlite3.Error):
-            await conn.execute("ROLLBACK")
+        ``batches`` is consumed on the writer's thread, so producing them never blocks the
+        event loop (and other writes wait for the import, as they would for its lock)."""
+        return await self._write(_import, batches, accept)
 
     async def probe_write(self) -> None:
         """A small real write, to tell whether a store that failed can write again."""
-        async with self._write_lock:
-            await self._w.execute(
-                "INSERT INTO settings (name, value) VALUES ('probe', ?)"
-                " ON CONFLICT (name) DO UPDATE SET value = excluded.value",
-                (str(time.time()).encode(),),
-            )
-
-    async def _audit(  # noqa: PLR0917 - one row's columns, in the table's order
-        self,
-        conn: aiosqlite.Connection,
-        actor: str,
-        action: str,
-        completion_id: str | None,
-        owner: str | None,
-        detail: dict[str, object],
-    ) -> None:
-        await conn.execute(
-            "INSERT INTO audit_log (at, actor, action, completion_id, owner, detail)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (time.time(), actor, action, completion_id, owner, orjson.dumps(detail)),
-        )
-
-    async def _locate(
-        self, conn: aiosqlite.Connection, caller: str | None, completion_id: str
-    ) -> sqlite3.Row | None:
-        """(seq, caller, created, metadata) of a completion this caller may see."""
-        if caller is None:
-            return await self._fetchone(
-                conn,
-                "SELECT seq, caller, created, metadata FROM completions WHERE id = ?"
-                " ORDER BY seq LIMIT 1",
-                (completion_id,),
-            )
-        return await self._fetchone(
-            conn,
-            "SELECT seq, caller, created, metadata FROM completions WHERE caller = ? AND id = ?",
-            (caller, completion_id),
-        )
+        await self._write(_probe)
 
     async def update_metadata(
         self, caller: str | None, completion_id: str, metadata: dict[str, str], actor: str
     ) -> bytes | None:
         """Replace the metadata map; the change (before and after) goes to the audit log."""
         encoded = _dump_metadata(metadata)
-        async with self._transaction() as conn:
-            found = await self._locate(conn, caller, completion_id)
-            if found is None:
-                return None
-            seq, owner, created, before = found
-            row = await self._fetchone(
-                conn,
-                "UPDATE completions SET metadata = ? WHERE seq = ? RETURNING completion",
-                (encoded, seq),
-            )
-            assert row is not None
-            await conn.execute("DELETE FROM completion_metadata WHERE seq = ?", (seq,))
-            await conn.executemany(
-                "INSERT INTO completion_metadata (seq, key, value, caller, created)"
-                " VALUES (?, ?, ?, ?, ?)",
-                [(seq, k, v, owner, created) for k, v in metadata.items()],
-            )
-            await self._audit(
-                conn,
-                actor,
-                "update_metadata",
-                completion_id,
-                owner,
-                {"before": orjson.loads(before), "after": metadata},
-            )
-        return with_metadata(row[0], encoded)
+        completion = await self._write(
+            _update_metadata, caller, completion_id, metadata, encoded, actor
+        )
+        return None if completion is None else with_metadata(completion, encoded)
 
     async def delete(
         self, caller: str | None, completion_id: str, actor: str, *, purge: bool = True
@@ -527,66 +699,22 @@ class SQLiteStore:
         Either way the deletion goes to the audit log, and the id keeps its place in the
         order (a tombstone) so paging with ``after=<deleted id>`` goes on.
         """
-        async with self._transaction() as conn:
-            found = await self._locate(conn, caller, completion_id)
-            if found is None:
-                return False
-            seq, owner, created, metadata = found
-            if not purge:
-                await conn.execute(
-                    f"INSERT INTO deleted_completions ({_KEPT}, deleted_at, deleted_by)"
-                    f" SELECT {_KEPT}, ?, ? FROM completions WHERE seq = ?",
-                    (time.time(), actor, seq),
-                )
-            await conn.execute("DELETE FROM completions WHERE seq = ?", (seq,))
-            await conn.execute("DELETE FROM completion_metadata WHERE seq = ?", (seq,))
-            await conn.execute(
-                "INSERT OR REPLACE INTO tombstones (caller, id, created, seq, deleted_at)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (owner, completion_id, created, seq, time.time()),
-            )
-            await self._audit(
-                conn,
-                actor,
-                "delete",
-                completion_id,
-                owner,
-                {"metadata": orjson.loads(metadata), "content_purged": purge},
-            )
-        return True
+        return await self._write(_delete, caller, completion_id, actor, purge)
 
     # -- keys ------------------------------------------------------------------------------
 
     async def create_key(self, name: str, role: str, key_id: str, key_hash: bytes) -> None:
         """Add a proxy key; raises ``KeyExists`` when the name is taken."""
-        async with self._transaction() as conn:
-            taken = await self._fetchone(conn, "SELECT 1 FROM proxy_keys WHERE name = ?", (name,))
-            if taken is not None:
-                raise KeyExists(name)
-            await conn.execute(
-                "INSERT INTO proxy_keys (name, key_id, key_hash, role, created_at)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (name, key_id, key_hash, role, time.time()),
-            )
-            await self._audit(conn, "cli", "key_created", None, name, {"role": role})
+        await self._write(_create_key, name, role, key_id, key_hash)
 
     async def revoke_key(self, name: str) -> bool:
-        async with self._transaction() as conn:
-            row = await self._fetchone(
-                conn,
-                "UPDATE proxy_keys SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL"
-                " RETURNING name",
-                (time.time(), name),
-            )
-            if row is not None:
-                await self._audit(conn, "cli", "key_revoked", None, name, {})
-        return row is not None
+        return await self._write(_revoke_key, name)
 
     async def list_keys(self) -> list[KeyRecord]:
-        async with self._r.execute(
+        rows = await self._r.execute_fetchall(
             "SELECT name, key_id, role, created_at, revoked_at FROM proxy_keys ORDER BY name"
-        ) as cursor:
-            return [KeyRecord(*row) async for row in cursor]
+        )
+        return [KeyRecord(*row) for row in rows]
 
     async def find_key(self, key_id: str) -> tuple[KeyRecord, bytes] | None:
         row = await self._fetchone(
@@ -616,49 +744,12 @@ class SQLiteStore:
         nor the WAL keeps what was deleted.
         """
         bytes_before = self._size()
-        async with self._transaction() as conn:
-            await conn.execute(
-                "DELETE FROM completion_metadata WHERE seq IN"
-                " (SELECT seq FROM completions WHERE created < ?)",
-                (before,),
-            )
-            cursor = await conn.execute("DELETE FROM completions WHERE created < ?", (before,))
-            completions = cursor.rowcount
-            cursor = await conn.execute("DELETE FROM exchanges WHERE created < ?", (before,))
-            exchanges = cursor.rowcount
-            await conn.execute("DELETE FROM tombstones WHERE created < ?", (before,))
-            await conn.execute("DELETE FROM deleted_completions WHERE created < ?", (before,))
-            if completions or exchanges:
-                await self._audit(
-                    conn,
-                    "retention",
-                    "prune",
-                    None,
-                    None,
-                    {"before": before, "completions": completions, "exchanges": exchanges},
-                )
-        async with self._write_lock:  # outside any transaction: VACUUM cannot run in one
-            conn = self._w
-            free = await self._fetchone(conn, "PRAGMA freelist_count")
-            total = await self._fetchone(conn, "PRAGMA page_count")
-            await self._fetchone(conn, "PRAGMA wal_checkpoint(TRUNCATE)")
-            if free and total and free[0] * 4 >= total[0]:
-                await conn.execute("VACUUM")
-                await self._fetchone(conn, "PRAGMA wal_checkpoint(TRUNCATE)")
+        completions, exchanges = await self._write(_prune, before)
         return PruneReport(completions, exchanges, bytes_before, self._size())
 
     async def setting(self, name: str, default: bytes) -> bytes:
         """The stored value of a setting, storing ``default`` first if there is none."""
-        conn = self._w
-        async with self._write_lock:
-            await conn.execute(
-                "INSERT INTO settings (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
-                (name, default),
-            )
-            row = await self._fetchone(conn, "SELECT value FROM settings WHERE name = ?", (name,))
-        assert row is not None
-        value: bytes = row[0]
-        return value
+        return await self._write(_setting, name, default)
 
     # -- reads -------------------------------------------------------------------------------
 

@@ -6,7 +6,6 @@ import asyncio
 import sqlite3
 from pathlib import Path
 
-import aiosqlite
 import orjson
 import pytest
 
@@ -67,8 +66,11 @@ async def test_reopening_applies_nothing(tmp_path: Path) -> None:
         store = SQLiteStore(path)
         await store.open()
         await store.close()
-    async with aiosqlite.connect(path, isolation_level=None) as conn:
-        assert await migrate(conn) == []
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        assert migrate(conn) == []
+    finally:
+        conn.close()
 
 
 async def test_migrates_an_old_file_forward_keeping_its_rows(tmp_path: Path) -> None:
