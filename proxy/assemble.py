@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 
-from proxy.sse import DONE, decode_stream
+from proxy.sse import DONE, event_data
 
 # Request fields a stored completion echoes, as OpenAI's stored objects do (null when not sent).
 ECHOED_FIELDS = (
@@ -34,8 +34,8 @@ class AssemblyError(ValueError):
 
 def chunks_of(stream: bytes) -> Iterable[Json]:
     """The JSON objects of an SSE stream, ``[DONE]`` and non-JSON events left out."""
-    for event in decode_stream(stream):
-        data = event.data.strip()
+    for payload in event_data(stream):
+        data = payload.strip()
         if not data or data == DONE:
             continue
         try:
@@ -117,47 +117,67 @@ def _fold(chunks: Iterable[Json]) -> Json:
                 head[key] = chunk[key]
         for part in chunk.get("choices") or ():
             index = part.get("index", 0)
-            choice = choices.get(index)
-            if choice is None:
-                choice = choices[index] = {
-                    "index": index,
-                    "message": {"role": "assistant", "content": None, "refusal": None},
-                    "finish_reason": None,
-                    "logprobs": None,
-                }
-            message = choice["message"]
             delta = part.get("delta") or {}
-            if delta.get("role"):
-                message["role"] = delta["role"]
-            for key in ("content", "refusal"):
-                piece = delta.get(key)
-                if piece is not None:  # joined once at the end: += per chunk is quadratic
-                    texts.setdefault((index, key), []).append(piece)
-            for call in delta.get("tool_calls") or ():
-                _merge_tool_call(tool_calls.setdefault(index, {}), call)
-            legacy = delta.get("function_call")
-            if legacy:
-                merged = message.setdefault("function_call", {"name": "", "arguments": ""})
-                merged["name"] = merged["name"] or legacy.get("name") or ""
-                merged["arguments"] += legacy.get("arguments") or ""
-            if delta.get("annotations"):
-                message.setdefault("annotations", []).extend(delta["annotations"])
+            if len(delta) == 1 and index in choices and "content" in delta:
+                # Most chunks: one more piece of a choice's content, nothing else.
+                piece = delta["content"]
+                if piece is not None:
+                    texts[index, "content"].append(piece)
+            else:
+                _fold_delta(choices, texts, tool_calls, index, delta)
             if part.get("finish_reason") is not None:
-                choice["finish_reason"] = part["finish_reason"]
+                choices[index]["finish_reason"] = part["finish_reason"]
             if part.get("logprobs"):
+                choice = choices[index]
                 if choice["logprobs"] is None:
                     choice["logprobs"] = {}
                 _merge_logprobs(choice["logprobs"], part["logprobs"])
     if head is None:
         raise AssemblyError("the stream carried no chat.completion.chunk")
     for (index, key), pieces in texts.items():
-        choices[index]["message"][key] = "".join(pieces)
+        if pieces:  # a choice's content stays null when no delta carried any
+            choices[index]["message"][key] = "".join(pieces)
     for index, calls in tool_calls.items():
         for call in calls.values():
             call["type"] = call["type"] or "function"
         choices[index]["message"]["tool_calls"] = [calls[i] for i in sorted(calls)]
     head["choices"] = [choices[i] for i in sorted(choices)]
     return head
+
+
+def _fold_delta(
+    choices: dict[int, Json],
+    texts: dict[tuple[int, str], list[str]],
+    tool_calls: dict[int, dict[int, Json]],
+    index: int,
+    delta: Json,
+) -> None:
+    """Everything a delta may carry into its choice (created on its first delta)."""
+    choice = choices.get(index)
+    if choice is None:
+        choice = choices[index] = {
+            "index": index,
+            "message": {"role": "assistant", "content": None, "refusal": None},
+            "finish_reason": None,
+            "logprobs": None,
+        }
+        texts[index, "content"] = []
+    message = choice["message"]
+    if delta.get("role"):
+        message["role"] = delta["role"]
+    for key in ("content", "refusal"):
+        piece = delta.get(key)
+        if piece is not None:  # joined once at the end: += per chunk is quadratic
+            texts.setdefault((index, key), []).append(piece)
+    for call in delta.get("tool_calls") or ():
+        _merge_tool_call(tool_calls.setdefault(index, {}), call)
+    legacy = delta.get("function_call")
+    if legacy:
+        merged = message.setdefault("function_call", {"name": "", "arguments": ""})
+        merged["name"] = merged["name"] or legacy.get("name") or ""
+        merged["arguments"] += legacy.get("arguments") or ""
+    if delta.get("annotations"):
+        message.setdefault("annotations", []).extend(delta["annotations"])
 
 
 def is_finished(completion: Json) -> bool:

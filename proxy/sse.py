@@ -132,6 +132,22 @@ def decode_stream(stream: bytes) -> list[Event]:
     return events
 
 
+def event_data(stream: bytes) -> list[bytes]:
+    """The data of every event of a whole captured stream; ``decode_stream``'s, faster.
+
+    What nearly every upstream sends (LF line ends, each event one ``data: `` line and a
+    blank line) is cut apart by a few C calls: when the only line ends in the stream are
+    the two after each event, splitting on ``\\n\\ndata: `` finds every event. Anything
+    else (comments, ``event:`` lines, multi-line data, CR, a cut-off end) goes through the
+    full decoder.
+    """
+    if stream.startswith(b"data: ") and stream.endswith(b"\n\n") and b"\r" not in stream:
+        data = stream[6:-2].split(b"\n\ndata: ")
+        if stream.count(b"\n") == 2 * len(data):
+            return data
+    return [event.data for event in decode_stream(stream)]
+
+
 class DoneWatch:
     """Tells, read by read and without parsing, whether the ``[DONE]`` marker may have arrived.
 

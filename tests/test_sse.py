@@ -17,6 +17,7 @@ from proxy.sse import (
     decode_events,
     decode_stream,
     ends_with_done,
+    event_data,
 )
 
 
@@ -450,3 +451,41 @@ def test_done_inside_content_is_a_candidate_but_not_the_end() -> None:
 )
 def test_decode_stream_matches_the_incremental_decoder(stream: bytes) -> None:
     assert decode_stream(stream) == list(decode_events((stream,)))
+
+
+# -- event_data: the fast split of a whole capture ------------------------------------------
+
+EVENT_DATA_STREAMS = [
+    b"",
+    b"data: a\n\n",
+    b"data: \n\n",
+    b"data: a\n\ndata: b\n\ndata: [DONE]\n\n",
+    b"data:  two spaces\n\n",
+    b"data:no-space\n\n",
+    b"data: a\n\n\n\ndata: b\n\n",  # extra blank lines
+    b"\ndata: a\n\n",  # a blank line first
+    b"data: a\ndata: b\n\n",  # multi-line data
+    b"data: a\n\n: comment\n\ndata: b\n\n",
+    b"data: a\n\nevent: error\ndata: b\n\n",
+    b"data: a\n\ndata: cut",  # no blank line at the end
+    b"data: a\n\ndata: b\n",
+    b"data: a\r\n\r\ndata: b\r\n\r\n",
+    b'data: {"text": "data: x"}\n\n',
+    b'data: {"text": "\\n\\ndata: x"}\n\n',  # escaped line ends inside the JSON
+    "data: é😀中\n\n".encode(),
+    b"id: 1\ndata: a\n\n",
+]
+
+
+@pytest.mark.parametrize("stream", EVENT_DATA_STREAMS)
+def test_event_data_matches_the_decoder(stream: bytes) -> None:
+    assert event_data(stream) == [event.data for event in decode_stream(stream)]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_event_data_matches_the_decoder_on_random_streams(seed: int) -> None:
+    rng = random.Random(seed)
+    pieces = [b"data: ", b"data:", b"x", b"\n", b"\n\n", b"\r", b": c\n", b"event: e\n", b"{}"]
+    for _ in range(200):
+        stream = b"".join(rng.choice(pieces) for _ in range(rng.randrange(12)))
+        assert event_data(stream) == [event.data for event in decode_stream(stream)], stream
