@@ -17,8 +17,14 @@ nothing, and every bad line is reported with its number.
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import itertools
+import multiprocessing
+import operator
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field, fields
 from typing import IO, Any, Literal
 
 import orjson
@@ -159,6 +165,7 @@ class ImportReport:
     inserted: int = 0
     errors: list[tuple[int, str]] = field(default_factory=list)
     error_count: int = 0
+    stopped: bool = False  # the command was interrupted: write nothing, read no further
 
     @property
     def skipped(self) -> int:
@@ -171,39 +178,90 @@ def _describe(error: ValidationError) -> str:
     return f"{where}: {first['msg']}" if where else first["msg"]
 
 
-def read_batch(
-    lines: Iterator[tuple[int, bytes]], report: ImportReport, size: int = 2000
-) -> list[CompletionRecord]:
-    """The next records of a ``jsonl`` file; bad lines go to ``report`` with their numbers."""
-    batch: list[CompletionRecord] = []
-    for number, line in lines:
+BATCH_LINES = 2000
+
+
+def _lines(source: IO[bytes]) -> Iterator[tuple[int, list[bytes]]]:
+    """The file in runs of ``BATCH_LINES`` lines, each with the number of its first line."""
+    number = 1
+    while lines := list(itertools.islice(source, BATCH_LINES)):
+        yield number, lines
+        number += len(lines)
+
+
+Parsed = tuple[list[tuple[Any, ...]], list[tuple[int, str]], int]
+
+_as_row = operator.attrgetter(*(f.name for f in fields(CompletionRecord)))
+
+
+def parse_lines(first: int, lines: list[bytes]) -> Parsed:
+    """The records of a run of ``jsonl`` lines as plain tuples (cheap to pass between
+    processes), the first 100 bad lines with their numbers, and how many were bad."""
+    rows: list[tuple[Any, ...]] = []
+    errors: list[tuple[int, str]] = []
+    bad = 0
+    for number, line in enumerate(lines, first):
         if not line.strip():
             continue
         try:
-            batch.append(ExportedCompletion.model_validate_json(line).record())
+            record = ExportedCompletion.model_validate_json(line).record()
         except ValidationError as error:
-            report.error_count += 1
-            if len(report.errors) < 100:
-                report.errors.append((number, _describe(error)))
+            bad += 1
+            if len(errors) < 100:
+                errors.append((number, _describe(error)))
             continue
-        if len(batch) >= size:
-            break
-    report.lines += len(batch)
-    return batch
+        rows.append(_as_row(record))
+    return rows, errors, bad
+
+
+def _accept(parsed: Parsed, report: ImportReport) -> list[CompletionRecord]:
+    rows, errors, bad = parsed
+    report.error_count += bad
+    report.errors += errors[: 100 - len(report.errors)]
+    report.lines += len(rows)
+    return [CompletionRecord(*row) for row in rows]
 
 
 def _batches(
     source: IO[bytes], report: ImportReport, progress: Progress | None
 ) -> Iterator[list[CompletionRecord]]:
-    lines = enumerate(source, 1)
-    while batch := read_batch(lines, report):
-        if progress is not None:
-            progress(report.lines)
-        yield batch
+    """Parsed batches, in file order. A file of more than one run of lines is parsed by two
+    worker processes, up to three runs ahead, while this process inserts: parsing (the
+    larger cost) uses whatever CPU SQLite leaves. Memory stays flat: at most four runs are
+    held at once, whatever the size of the file."""
+    runs = _lines(source)
+    first = next(runs, None)
+    if first is None:
+        return
+    second = next(runs, None)
+    if second is None:  # a small file: not worth a process
+        yield _accept(parse_lines(*first), report)
+        return
+    # spawn, not fork: this process has threads (SQLite's), which fork does not copy.
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        ahead = collections.deque([pool.submit(parse_lines, *second)])
+        parsed = parse_lines(*first)  # here, while the worker starts
+        while not report.stopped:
+            while len(ahead) < 3 and (run := next(runs, None)) is not None:
+                ahead.append(pool.submit(parse_lines, *run))
+            yield _accept(parsed, report)
+            if progress is not None:
+                progress(report.lines)
+            if not ahead:
+                return
+            parsed = ahead.popleft().result()
 
 
 async def import_from(store: Store, source: IO[bytes], progress: Progress | None) -> ImportReport:
+    """Load a ``jsonl`` export. A file with a bad line writes nothing; neither does an
+    interrupted import (what it had written is taken back)."""
     report = ImportReport()
     batches = _batches(source, report, progress)
-    report.inserted = await store.import_records(batches, accept=lambda: report.error_count == 0)
+    try:
+        report.inserted = await store.import_records(
+            batches, accept=lambda: report.error_count == 0 and not report.stopped
+        )
+    except asyncio.CancelledError:
+        report.stopped = True  # seen by the writer's thread at its next batch
+        raise
     return report

@@ -219,3 +219,36 @@ async def test_a_committed_recording_file_replays_offline(
             assert error.code == "replay_miss"
         else:
             raise AssertionError("a request never recorded must miss")
+
+
+async def test_a_large_import_is_parsed_beside_the_inserts_and_checked_whole(
+    proxy, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    """More lines than one run (2,000): the parser processes take part, line numbers stay
+    right across runs, and a bad line near the end still leaves nothing written."""
+    await record_some(proxy, upstream)
+    _, exported, _ = await cli("export", "--db", str(tmp_path / "completions.db"))
+    template = orjson.loads(exported.splitlines()[0])
+    many = []
+    for n in range(5_000):
+        line = dict(template, id=f"chatcmpl-many-{n}")
+        line["response"] = dict(template["response"], id=line["id"])
+        many.append(orjson.dumps(line))
+    dump = tmp_path / "many.jsonl"
+    dump.write_bytes(b"\n".join([*many[:4_499], b'{"id": 1}', *many[4_499:]]) + b"\n")
+    target = tmp_path / "many.db"
+    code, _, err = await cli("import", str(dump), "--db", str(target))
+    assert code == 1
+    assert [line.split(":")[1] for line in err.splitlines() if line.startswith(str(dump))] == [
+        "4500"
+    ]
+    assert count(target) == 0
+
+    dump.write_bytes(b"\n".join(many) + b"\n")
+    code, _, err = await cli("import", str(dump), "--db", str(target))
+    assert code == 0, err
+    assert "imported 5000 new completions" in err
+    _, again, _ = await cli("export", "--db", str(target))
+    assert [orjson.loads(line)["id"] for line in again.splitlines()] == [
+        f"chatcmpl-many-{n}" for n in range(5_000)
+    ]

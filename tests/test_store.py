@@ -187,3 +187,67 @@ async def test_one_writer_groups_concurrent_commits(tmp_path: Path) -> None:
     with sqlite3.connect(tmp_path / "group.db") as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert db.execute("SELECT count(*) FROM completions").fetchone()[0] == 1000
+
+
+# -- import: chunked transactions, taken back whole ------------------------------------------
+
+
+def rows_of(path: Path) -> tuple[list[str], int]:
+    with sqlite3.connect(path) as db:
+        ids = [row[0] for row in db.execute("SELECT id FROM completions ORDER BY seq")]
+        pairs = db.execute("SELECT count(*) FROM completion_metadata").fetchone()[0]
+    return ids, pairs
+
+
+async def test_import_commits_in_chunks_and_skips_duplicates(
+    store: SQLiteStore, tmp_path: Path
+) -> None:
+    await store.write_batch([record(3), record(5)])
+    batches = [[record(n) for n in range(k, k + 4)] for k in range(1, 21, 4)]  # 1..20
+    assert await store.import_records(batches, accept=lambda: True, chunk_rows=6) == 18
+    ids, pairs = rows_of(tmp_path / "store.db")
+    assert sorted(ids) == sorted(f"chatcmpl-{n}" for n in range(1, 21))
+    assert len(ids) == len(set(ids)) == 20
+    assert pairs == 2 * 20  # duplicates got no second metadata rows
+    page = await store.list_completions("caller_a", ListQuery(metadata=(("n", "20"),)))
+    assert [item_id for item_id, _ in page.items] == ["chatcmpl-20"]
+
+
+async def test_a_rejected_import_takes_back_every_committed_chunk(
+    store: SQLiteStore, tmp_path: Path
+) -> None:
+    await store.write_batch([record(3), record(100)])
+    before = rows_of(tmp_path / "store.db")
+    read: list[int] = []
+    bad_after = 4  # batches; chunks of 6 rows mean two chunks are committed by then
+
+    def batches():
+        for k in range(10):
+            read.append(k)
+            yield [record(n) for n in range(k * 4 + 1, k * 4 + 5)]
+
+    inserted = await store.import_records(
+        batches(), accept=lambda: len(read) <= bad_after, chunk_rows=6
+    )
+    assert inserted == 0
+    assert rows_of(tmp_path / "store.db") == before  # what was there before stays, nothing else
+    assert len(read) == 10  # read to the end, so every bad line can be reported
+    # The store still works normally afterwards, and nothing was audited or tombstoned.
+    assert await store.import_records([[record(7)]], accept=lambda: True) == 1
+    with sqlite3.connect(tmp_path / "store.db") as db:
+        assert db.execute("SELECT count(*) FROM tombstones").fetchone()[0] == 0
+        assert db.execute("SELECT count(*) FROM audit_log").fetchone()[0] == 0
+
+
+async def test_an_import_that_fails_to_write_takes_back_what_it_wrote(
+    store: SQLiteStore, tmp_path: Path
+) -> None:
+    before = rows_of(tmp_path / "store.db")
+
+    def batches():
+        yield [record(n) for n in range(1, 9)]
+        yield [record(9, metadata={"k": object()})]  # cannot be encoded: the write fails
+
+    with pytest.raises(TypeError):
+        await store.import_records(batches(), accept=lambda: True, chunk_rows=4)
+    assert rows_of(tmp_path / "store.db") == before
