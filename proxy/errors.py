@@ -27,8 +27,8 @@ may pass (the upstream or the store), never for a bad request.
 from __future__ import annotations
 
 import logging
+import os
 import time
-import uuid
 
 import orjson
 from aiohttp import web
@@ -110,7 +110,7 @@ class UpstreamTimeout(ProxyError):
 
 
 def new_request_id() -> str:
-    return "req_" + uuid.uuid4().hex
+    return "req_" + os.urandom(16).hex()  # 128 random bits, as a uuid4 has, for less work
 
 
 def error_body(error: ProxyError) -> bytes:
