@@ -357,7 +357,6 @@ def _import(
     conn: sqlite3.Connection,
     batches: Iterable[Sequence[CompletionRecord]],
     accept: Callable[[], bool],
-    committed: Callable[[], None],
     chunk_rows: int,
 ) -> int:
     """Insert in transactions of about ``chunk_rows`` rows, noting the seq range each one
@@ -365,9 +364,10 @@ def _import(
     is rolled back and the ranges already committed are deleted, so nothing stays behind;
     the remaining batches are still read, so every bad line gets reported.
 
-    Chunks rather than one transaction: the checkpointer copies each chunk from the WAL
-    while the next is inserted, the WAL stays small, and other processes writing to the
-    same file wait for one chunk, not the whole import. A crash mid-import leaves the
+    Chunks rather than one transaction: each chunk is checkpointed before the next starts,
+    so the WAL stays the size of a chunk (one transaction of a million rows made a WAL
+    larger than the database), and other processes writing to the same file wait for one
+    chunk, not the whole import. A crash mid-import leaves the
     chunks committed so far (whole records); importing the file again completes it.
     """
     taken: list[tuple[int, int]] = []
@@ -390,7 +390,9 @@ def _import(
                 end = _max_seq(conn)
             if end > base:
                 taken.append((base + 1, end))
-            committed()
+            # Copied out of the WAL before the next chunk starts, so that chunk writes the
+            # WAL from its start again: the WAL stays the size of one chunk, not the import.
+            _checkpoint(conn, "PASSIVE")
             if rows < chunk_rows:
                 return inserted
     except _Rejected:
@@ -739,11 +741,7 @@ class SQLiteStore:
 
         ``batches`` is consumed on the writer's thread, so producing them never blocks the
         event loop; other writes of this store wait for the import."""
-        return await self._write(_import, batches, accept, self._note_written, chunk_rows)
-
-    def _note_written(self) -> None:
-        """Called from the writer's thread as import chunks commit, for the checkpointer."""
-        self._written = True
+        return await self._write(_import, batches, accept, chunk_rows)
 
     async def probe_write(self) -> None:
         """A small real write, to tell whether a store that failed can write again."""

@@ -5,8 +5,8 @@
 Builds a store of ~3 KB completions through SQLiteStore.write_batch, then times the real
 commands as subprocesses: ``completions-proxy export`` to a file, and ``completions-proxy
 import`` of that file into a fresh database. Peak RSS of each command comes from the
-kernel (``ru_maxrss`` of the finished child), so constant memory shows as a flat figure
-whatever ``--rows`` is.
+kernel (``ru_maxrss`` of that child alone, from ``wait4``), so constant memory shows as a
+flat figure whatever ``--rows`` is.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import argparse
 import asyncio
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -79,15 +79,20 @@ async def build(path: Path, rows: int) -> float:
 
 
 def timed(args: list[str]) -> tuple[float, int, str]:
-    """Wall seconds, peak RSS in MB, and stderr of one CLI run."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    """Wall seconds, peak RSS in MB (of this command alone, from wait4), and its stderr."""
     started = time.perf_counter()
-    result = subprocess.run(
-        [sys.executable, "-m", "proxy", *args], capture_output=True, text=True, check=True
-    )
-    elapsed = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return elapsed, max(peak, before) // 1024, result.stderr.strip()
+    with tempfile.TemporaryFile() as err:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "proxy", *args], stdout=subprocess.DEVNULL, stderr=err
+        )
+        _, status, usage = os.wait4(child.pid, 0)
+        child.returncode = os.waitstatus_to_exitcode(status)
+        elapsed = time.perf_counter() - started
+        err.seek(0)
+        said = err.read().decode().strip()
+    if child.returncode != 0:
+        raise SystemExit(f"{args[0]} failed ({child.returncode}): {said}")
+    return elapsed, usage.ru_maxrss // 1024, said
 
 
 def main() -> None:
