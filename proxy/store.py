@@ -196,6 +196,7 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 CHECKPOINT_INTERVAL = 0.5  # seconds between WAL checkpoints while there are writes
+WAL_RESTART_FRAMES = 16384  # 64 MiB of 4 KiB pages: past this the writer restarts the WAL
 
 _GROUPS = {"caller": "caller", "model": "model", "day": "date(created, 'unixepoch')"}
 
@@ -588,15 +589,17 @@ def _setting(conn: sqlite3.Connection, name: str, default: bytes) -> bytes:
     return value
 
 
-def _checkpoint(conn: sqlite3.Connection, mode: str) -> None:
-    _fetchone(conn, f"PRAGMA wal_checkpoint({mode})")
+def _checkpoint(conn: sqlite3.Connection, mode: str) -> int:
+    """Run a checkpoint; return how many frames the WAL holds (-1 when none is in use)."""
+    frames: int = _fetchone(conn, f"PRAGMA wal_checkpoint({mode})")[1]
+    return frames
 
 
 def _prepare_writer(conn: sqlite3.Connection) -> None:
     conn.execute("PRAGMA journal_mode = WAL")
     # Checkpoints run on their own connection (see _checkpoint_forever), not inside the
     # writer's commits, where they cost about 40% of write throughput. The WAL file is cut
-    # back to 64 MiB after a checkpoint that catches up.
+    # back to 64 MiB when it starts over (see SQLiteStore._write).
     _fetchone(conn, "PRAGMA wal_autocheckpoint = 0")
     _fetchone(conn, "PRAGMA journal_size_limit = 67108864")
     migrate(conn)
@@ -607,9 +610,17 @@ class SQLiteStore:
     one function there, see ``connection``), a reader connection, and a checkpointer."""
 
     def __init__(
-        self, path: str | Path, *, synchronous: str = "normal", max_bytes: int | None = None
+        self,
+        path: str | Path,
+        *,
+        synchronous: str = "normal",
+        max_bytes: int | None = None,
+        checkpoint_interval: float = CHECKPOINT_INTERVAL,
+        wal_restart_frames: int = WAL_RESTART_FRAMES,
     ) -> None:
         self.path = str(path)
+        self._checkpoint_interval = checkpoint_interval
+        self._wal_restart_frames = wal_restart_frames
         self._synchronous = synchronous.upper()
         self._max_bytes = max_bytes
         self._writer: ThreadedConnection | None = None
@@ -617,6 +628,7 @@ class SQLiteStore:
         self._checkpointer: ThreadedConnection | None = None
         self._checkpoints: asyncio.Task[None] | None = None
         self._written = False
+        self._restart_wal = False  # set by the checkpointer when the WAL has grown long
 
     def _pragmas(self, page_size: int) -> list[str]:
         pragmas = [
@@ -669,10 +681,11 @@ class SQLiteStore:
         """
         assert self._checkpointer is not None
         while True:
-            await asyncio.sleep(CHECKPOINT_INTERVAL)
+            await asyncio.sleep(self._checkpoint_interval)
             if self._written:
                 self._written = False
-                await self._checkpointer.run(_checkpoint, "PASSIVE")
+                frames = await self._checkpointer.run(_checkpoint, "PASSIVE")
+                self._restart_wal = frames >= self._wal_restart_frames
 
     async def close(self) -> None:
         if self._checkpoints is not None:
@@ -722,6 +735,14 @@ class SQLiteStore:
     ) -> T:
         result = await self._w.run(fn, *args, **kwargs)
         self._written = True
+        if self._restart_wal:
+            # The WAL starts over only if, when a transaction begins, every frame in it has
+            # been copied; under steady writes the checkpointer never wins that race and the
+            # WAL would grow without end. So once it is long, the writer itself copies the
+            # little the checkpointer has not, between two transactions: the next one then
+            # writes the WAL from its start (and the file is cut back to 64 MiB).
+            self._restart_wal = False
+            await self._w.run(_checkpoint, "PASSIVE")
         return result
 
     async def write_batch(self, records: Sequence[Writable]) -> int:
