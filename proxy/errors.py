@@ -26,6 +26,7 @@ may pass (the upstream or the store), never for a bad request.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -184,8 +185,14 @@ def exchange_middleware(access_log: bool) -> Middleware:
             except Exception:
                 log.exception("unhandled error", extra={"request_id": request_id})
                 response = render(ProxyError("The proxy failed to handle the request."), request_id)
-            if not response.prepared and "x-request-id" not in response.headers:
-                response.headers["x-request-id"] = request_id
+            if not response.prepared:
+                if "x-request-id" not in response.headers:
+                    response.headers["x-request-id"] = request_id
+                # Sent here rather than after the middleware returns, so the access log and
+                # the metrics below are written after the client has its answer, not before.
+                with contextlib.suppress(ConnectionError):  # the client left; nothing to do
+                    await response.prepare(request)
+                    await response.write_eof()
             return response
         finally:
             if response is not None:
