@@ -27,9 +27,11 @@ may pass (the upstream or the store), never for a bad request.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import time
+from collections.abc import Iterator
 
 import orjson
 from aiohttp import web
@@ -110,8 +112,11 @@ class UpstreamTimeout(ProxyError):
     type = "upstream_error"
 
 
-def new_request_id() -> str:
-    return "req_" + os.urandom(16).hex()  # 128 random bits, as a uuid4 has, for less work
+def request_ids() -> Iterator[str]:
+    """Request ids: 64 random bits chosen once, then a counter. Unique across processes and
+    restarts like a uuid4, without a call into the kernel for each request."""
+    prefix = "req_" + os.urandom(8).hex()
+    return (f"{prefix}{n:016x}" for n in itertools.count(1))
 
 
 def error_body(error: ProxyError) -> bytes:
@@ -165,9 +170,11 @@ def exchange_middleware(access_log: bool) -> Middleware:
     answered with a plain 500 that says nothing of the internals.
     """
 
+    ids = request_ids()
+
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        request_id = new_request_id()
+        request_id = next(ids)
         access = AccessRecord(request_id, request.method, request.path, time.perf_counter())
         request[ACCESS] = access
         response: web.StreamResponse | None = None

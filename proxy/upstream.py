@@ -40,20 +40,19 @@ _DROP_UP = HOP_BY_HOP | {"host", "content-length", "accept-encoding", "expect"}
 _DROP_DOWN = HOP_BY_HOP | {"content-length", "content-encoding", "date", "server"}
 
 
-def _named_by_connection(headers: CIMultiDictProxy[str]) -> set[str]:
-    names: set[str] = set()
-    for value in headers.getall("Connection", ()):
-        names.update(token.strip().lower() for token in value.split(",") if token.strip())
-    return names
-
-
 def _filtered(headers: CIMultiDictProxy[str], drop: frozenset[str]) -> CIMultiDict[str]:
-    also = _named_by_connection(headers)
-    return CIMultiDict(
-        (name, value)
-        for name, value in headers.items()
-        if name.lower() not in drop and name.lower() not in also
-    )
+    if "Connection" in headers:  # names listed in Connection are hop-by-hop too
+        listed = {
+            token.strip().lower()
+            for value in headers.getall("Connection")
+            for token in value.split(",")
+        }
+        drop = drop | listed
+    kept: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        if name.lower() not in drop:
+            kept.add(name, value)
+    return kept
 
 
 def headers_up(client_headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
