@@ -13,6 +13,7 @@ commit runs beside the event loop rather than on it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import sqlite3
 import threading
@@ -76,12 +77,14 @@ class ThreadedConnection:
     def _serve(self) -> None:
         while (job := self._jobs.get()) is not None:
             future, fn, args, kwargs = job
+            outcome: tuple[Any, BaseException | None]
             try:
-                result = fn(self._conn, *args, **kwargs)
+                outcome = (fn(self._conn, *args, **kwargs), None)
             except BaseException as error:  # noqa: BLE001 - handed to the waiter
-                future.get_loop().call_soon_threadsafe(_settle, future, None, error)
-            else:
-                future.get_loop().call_soon_threadsafe(_settle, future, result, None)
+                outcome = (None, error)
+            # A loop closed meanwhile has nobody left to tell; the thread carries on.
+            with contextlib.suppress(RuntimeError):
+                future.get_loop().call_soon_threadsafe(_settle, future, *outcome)
 
     async def close(self) -> None:
         if self._thread is None:
