@@ -272,3 +272,18 @@ async def test_steady_writes_do_not_grow_the_wal_without_end(tmp_path: Path) -> 
         assert wal.stat().st_size < written / 2  # without the restart: about 3 x written
     finally:
         await store.close()
+
+
+async def test_a_write_whose_waiter_is_cancelled_still_commits_whole(
+    store: SQLiteStore, tmp_path: Path
+) -> None:
+    """The writer's thread runs a transaction to its end even if nobody waits any more."""
+    task = asyncio.create_task(store.write_batch([record(1), record(2)]))
+    await asyncio.sleep(0)  # one turn of the loop: the transaction is handed to the thread
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await store.write_batch([record(3)])  # runs after it on the same thread
+    ids, pairs = rows_of(tmp_path / "store.db")
+    assert ids == ["chatcmpl-1", "chatcmpl-2", "chatcmpl-3"]
+    assert pairs == 6
