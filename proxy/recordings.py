@@ -11,8 +11,9 @@ Formats:
   without a reply are skipped; the ``developer`` role is written as ``system``.
 
 Both directions stream: memory stays constant whatever the size of the store or file.
-Import is one transaction, idempotent by (caller, id); a file with any bad line imports
-nothing, and every bad line is reported with its number.
+Import is idempotent by (caller, id); a file with any bad line imports nothing (what was
+already committed is taken back, see ``SQLiteStore.import_records``), and every bad line is
+reported with its number.
 """
 
 from __future__ import annotations
@@ -236,6 +237,8 @@ def _batches(
     second = next(runs, None)
     if second is None:  # a small file: not worth a process
         yield _accept(parse_lines(*first), report)
+        if progress is not None:
+            progress(report.lines)
         return
     # spawn, not fork: this process has threads (SQLite's), which fork does not copy.
     with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
