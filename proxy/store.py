@@ -201,6 +201,7 @@ CHECKPOINT_INTERVAL = 0.5  # seconds between WAL checkpoints while there are wri
 # commits fast; on the bench, a 4 MiB bound gave a lower p50 and p99 at one connection than
 # 64 MiB, at the same throughput.
 WAL_RESTART_FRAMES = 1024
+IMPORT_CHUNK = 20_000  # rows per import transaction
 
 _GROUPS = {"caller": "caller", "model": "model", "day": "date(created, 'unixepoch')"}
 
@@ -277,6 +278,11 @@ def _fetchone(conn: sqlite3.Connection, sql: str, params: Sequence[object] = ())
     return conn.execute(sql, params).fetchone()
 
 
+def _max_seq(conn: sqlite3.Connection) -> int:
+    seq: int = _fetchone(conn, "SELECT coalesce(max(seq), 0) FROM completions")[0]
+    return seq
+
+
 def _insert(conn: sqlite3.Connection, records: Sequence[CompletionRecord]) -> int:
     """Insert inside the caller's transaction; return how many were new.
 
@@ -350,14 +356,6 @@ def _write_batch(conn: sqlite3.Connection, records: Sequence[Writable]) -> int:
     return inserted
 
 
-IMPORT_CHUNK = 20_000  # rows per import transaction
-
-
-def _max_seq(conn: sqlite3.Connection) -> int:
-    seq: int = _fetchone(conn, "SELECT coalesce(max(seq), 0) FROM completions")[0]
-    return seq
-
-
 def _import(
     conn: sqlite3.Connection,
     batches: Iterable[Sequence[CompletionRecord]],
@@ -372,8 +370,8 @@ def _import(
     Chunks rather than one transaction: each chunk is checkpointed before the next starts,
     so the WAL stays the size of a chunk (one transaction of a million rows made a WAL
     larger than the database), and other processes writing to the same file wait for one
-    chunk, not the whole import. A crash mid-import leaves the
-    chunks committed so far (whole records); importing the file again completes it.
+    chunk, not the whole import. A crash mid-import leaves the chunks committed so far
+    (whole records); importing the file again completes it.
     """
     taken: list[tuple[int, int]] = []
     inserted = 0
@@ -479,9 +477,7 @@ def _update_metadata(  # noqa: PLR0917 - the operation's arguments, in order
         )
         conn.execute("DELETE FROM completion_metadata WHERE seq = ?", (seq,))
         conn.executemany(
-            "INSERT INTO completion_metadata (seq, key, value, caller, created)"
-            " VALUES (?, ?, ?, ?, ?)",
-            [(seq, k, v, owner, created) for k, v in metadata.items()],
+            _INSERT_METADATA, [(seq, k, v, owner, created) for k, v in metadata.items()]
         )
         _audit(
             conn,
@@ -577,10 +573,10 @@ def _prune(conn: sqlite3.Connection, before: int) -> tuple[int, int]:
     # Outside any transaction: VACUUM cannot run in one.
     free = _fetchone(conn, "PRAGMA freelist_count")[0]
     total = _fetchone(conn, "PRAGMA page_count")[0]
-    _fetchone(conn, "PRAGMA wal_checkpoint(TRUNCATE)")
+    _checkpoint(conn, "TRUNCATE")
     if total and free * 4 >= total:
         conn.execute("VACUUM")
-        _fetchone(conn, "PRAGMA wal_checkpoint(TRUNCATE)")
+        _checkpoint(conn, "TRUNCATE")
     return completions, exchanges
 
 
