@@ -27,23 +27,30 @@ ECHOED_FIELDS = (
 
 Json = dict[str, Any]
 
+# Top-level fields of a stream's chunks that the folded completion takes from the last chunk
+# that carries one.
+_LAST_WINS = ("usage", "system_fingerprint", "service_tier")
+
 
 class AssemblyError(ValueError):
     """The captured answer is not a chat completion that can be stored."""
 
 
-def chunks_of(stream: bytes) -> Iterable[Json]:
+def chunks_of(stream: bytes) -> list[Json]:
     """The JSON objects of an SSE stream, ``[DONE]`` and non-JSON events left out."""
-    for payload in event_data(stream):
-        data = payload.strip()
-        if not data or data == DONE:
-            continue
-        try:
-            chunk = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            continue
-        if isinstance(chunk, dict):
-            yield chunk
+    payloads = [data for data in map(bytes.strip, event_data(stream)) if data and data != DONE]
+    try:
+        parsed = [orjson.loads(data) for data in payloads]
+    except orjson.JSONDecodeError:  # rare: some event is not JSON; parse them one by one
+        parsed = [value for data in payloads if (value := _json_or_none(data)) is not None]
+    return [chunk for chunk in parsed if isinstance(chunk, dict)]
+
+
+def _json_or_none(data: bytes) -> Any:
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
 
 
 def _merge_tool_call(calls: dict[int, Json], delta: Json) -> None:
@@ -94,27 +101,23 @@ def fold_chunks(chunks: Iterable[Json]) -> Json:
 
 
 def _fold(chunks: Iterable[Json]) -> Json:
-    head: Json | None = None
+    kept = [chunk for chunk in chunks if chunk.get("object") == "chat.completion.chunk"]
+    if not kept:
+        raise AssemblyError("the stream carried no chat.completion.chunk")
+    first = kept[0]
+    head: Json = {
+        "id": first.get("id"),
+        "object": "chat.completion",
+        "created": first.get("created"),
+        "model": first.get("model"),
+        "choices": [],
+    }
+    for key in _LAST_WINS:  # from the last chunk that has one: mostly found at once
+        head[key] = next((v for c in reversed(kept) if (v := c.get(key)) is not None), None)
     choices: dict[int, Json] = {}
     tool_calls: dict[int, dict[int, Json]] = {}
     texts: dict[tuple[int, str], list[str]] = {}
-    for chunk in chunks:
-        if chunk.get("object") != "chat.completion.chunk":
-            continue
-        if head is None:
-            head = {
-                "id": chunk.get("id"),
-                "object": "chat.completion",
-                "created": chunk.get("created"),
-                "model": chunk.get("model"),
-                "choices": [],
-                "usage": None,
-                "system_fingerprint": None,
-                "service_tier": None,
-            }
-        for key in ("usage", "system_fingerprint", "service_tier"):
-            if chunk.get(key) is not None:
-                head[key] = chunk[key]
+    for chunk in kept:
         for part in chunk.get("choices") or ():
             index = part.get("index", 0)
             delta = part.get("delta") or {}
@@ -132,8 +135,6 @@ def _fold(chunks: Iterable[Json]) -> Json:
                 if choice["logprobs"] is None:
                     choice["logprobs"] = {}
                 _merge_logprobs(choice["logprobs"], part["logprobs"])
-    if head is None:
-        raise AssemblyError("the stream carried no chat.completion.chunk")
     for (index, key), pieces in texts.items():
         if pieces:  # a choice's content stays null when no delta carried any
             choices[index]["message"][key] = "".join(pieces)
