@@ -150,6 +150,14 @@ class Relay:
         response = web.StreamResponse(
             status=upstream.status, reason=upstream.reason, headers=headers
         )
+        if (
+            upstream.content_length is not None
+            and upstream.content_type != "text/event-stream"
+            and "Content-Encoding" not in upstream.headers
+            and request.method != "HEAD"
+        ):
+            # A body of known length goes down with that length, not re-framed in chunks.
+            response.content_length = upstream.content_length
         try:
             await response.prepare(request)
         except _CLIENT_GONE:

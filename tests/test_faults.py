@@ -233,6 +233,21 @@ async def test_gzip_upstream_is_decoded_consistently(
     assert stored_ids(tmp_path) == ["chatcmpl-gz"]
 
 
+async def test_an_answer_of_known_length_is_relayed_with_that_length(
+    proxy, upstream: FakeUpstream
+) -> None:
+    upstream.script(Reply(json=completion(CHAT, "chatcmpl-len")))
+    async with aiohttp.ClientSession() as client:
+        response = await client.post(
+            proxy.make_url("/v1/chat/completions"), json={**CHAT, "store": False}, headers=AUTH
+        )
+        body = await response.read()
+    assert response.status == 200
+    assert "Transfer-Encoding" not in response.headers
+    assert response.headers["Content-Length"] == str(len(body))
+    assert orjson.loads(body)["id"] == "chatcmpl-len"
+
+
 async def test_hop_by_hop_headers_never_cross(proxy, upstream: FakeUpstream) -> None:
     upstream.script(
         Reply(
