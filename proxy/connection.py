@@ -14,19 +14,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import queue
 import sqlite3
 import threading
 from collections.abc import Callable
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
-log = logging.getLogger("proxy.connection")
-
 P = ParamSpec("P")
 T = TypeVar("T")
 
-_Job = tuple[asyncio.Future[Any] | None, Callable[..., Any], tuple[Any, ...], dict[str, Any]]
+_Job = tuple[asyncio.Future[Any], Callable[..., Any], tuple[Any, ...], dict[str, Any]]
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
@@ -77,18 +74,6 @@ class ThreadedConnection:
         self._jobs.put((future, fn, args, kwargs))
         return await future
 
-    def post(
-        self,
-        fn: Callable[Concatenate[sqlite3.Connection, P], Any],
-        *args: P.args,
-        **kwargs: P.kwargs,
-    ) -> None:
-        """Queue ``fn(connection, *args)`` without waiting for it: it runs after every job
-        queued before it and before any queued after. A failure is logged."""
-        if self._thread is None:
-            raise RuntimeError(f"{self._name} is not open")
-        self._jobs.put((None, fn, args, kwargs))
-
     def _serve(self) -> None:
         while (job := self._jobs.get()) is not None:
             future, fn, args, kwargs = job
@@ -97,10 +82,6 @@ class ThreadedConnection:
                 outcome = (fn(self._conn, *args, **kwargs), None)
             except BaseException as error:  # noqa: BLE001 - handed to the waiter
                 outcome = (None, error)
-            if future is None:  # posted: nobody waits
-                if outcome[1] is not None:
-                    log.warning("%s: %s failed: %s", self._name, fn.__name__, outcome[1])
-                continue
             # A loop closed meanwhile has nobody left to tell; the thread carries on.
             with contextlib.suppress(RuntimeError):
                 future.get_loop().call_soon_threadsafe(_settle, future, *outcome)

@@ -740,11 +740,9 @@ class SQLiteStore:
             # been copied; under steady writes the checkpointer never wins that race and the
             # WAL would grow without end. So once it is long, the writer itself copies the
             # little the checkpointer has not, between two transactions: the next one then
-            # writes the WAL from its start (a file over 64 MiB is cut back to that). Posted,
-            # not awaited: it runs before the next transaction, and this write's caller
-            # (a client waiting for its answer) does not wait for it.
+            # writes the WAL from its start (a file over 64 MiB is cut back to that).
             self._restart_wal = False
-            self._w.post(_checkpoint, "PASSIVE")
+            await self._w.run(_checkpoint, "PASSIVE")
         return result
 
     async def write_batch(self, records: Sequence[Writable]) -> int:
