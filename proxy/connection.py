@@ -13,6 +13,7 @@ commit runs beside the event loop rather than on it.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import queue
 import sqlite3
@@ -23,10 +24,11 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 P = ParamSpec("P")
 T = TypeVar("T")
 
-_Job = tuple[asyncio.Future[Any], Callable[..., Any], tuple[Any, ...], dict[str, Any]]
+_Waiter = asyncio.Future[Any] | concurrent.futures.Future[Any]
+_Job = tuple[_Waiter, Callable[..., Any], tuple[Any, ...], dict[str, Any]]
 
 
-def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+def _settle(future: _Waiter, result: Any, error: BaseException | None) -> None:
     if future.cancelled():
         return  # the waiter went away; the function has run all the same
     if error is not None:
@@ -74,6 +76,20 @@ class ThreadedConnection:
         self._jobs.put((future, fn, args, kwargs))
         return await future
 
+    def submit(
+        self,
+        fn: Callable[Concatenate[sqlite3.Connection, P], T],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> concurrent.futures.Future[T]:
+        """``run`` for a caller that is not on the event loop (another connection's thread):
+        the outcome comes back as a ``concurrent.futures.Future``."""
+        if self._thread is None:
+            raise RuntimeError(f"{self._name} is not open")
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._jobs.put((future, fn, args, kwargs))
+        return future
+
     def _serve(self) -> None:
         while (job := self._jobs.get()) is not None:
             future, fn, args, kwargs = job
@@ -82,6 +98,9 @@ class ThreadedConnection:
                 outcome = (fn(self._conn, *args, **kwargs), None)
             except BaseException as error:  # noqa: BLE001 - handed to the waiter
                 outcome = (None, error)
+            if isinstance(future, concurrent.futures.Future):
+                _settle(future, *outcome)
+                continue
             # A loop closed meanwhile has nobody left to tell; the thread carries on.
             with contextlib.suppress(RuntimeError):
                 future.get_loop().call_soon_threadsafe(_settle, future, *outcome)

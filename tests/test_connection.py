@@ -45,3 +45,24 @@ async def test_run_needs_an_open_connection() -> None:
     conn = ThreadedConnection(_memory, "test-conn")
     with pytest.raises(RuntimeError, match="not open"):
         await conn.run(_seen)
+
+
+async def test_submit_serves_a_caller_on_another_thread() -> None:
+    """The import's writer hands checkpoints to the checkpointer from its own thread."""
+    conn = ThreadedConnection(_memory, "test-conn")
+    with pytest.raises(RuntimeError, match="not open"):
+        conn.submit(_seen)
+    await conn.open()
+    try:
+        await conn.run(lambda c: c.execute("CREATE TABLE seen (value INTEGER)"))
+
+        def elsewhere() -> list[int]:
+            for n in range(5):
+                conn.submit(_append, n)
+            with pytest.raises(sqlite3.OperationalError, match="no_such_table"):
+                conn.submit(_fail).result()
+            return conn.submit(_seen).result()
+
+        assert await asyncio.to_thread(elsewhere) == list(range(5))
+    finally:
+        await conn.close()
