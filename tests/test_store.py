@@ -253,6 +253,21 @@ async def test_an_import_that_fails_to_write_takes_back_what_it_wrote(
     assert rows_of(tmp_path / "store.db") == before
 
 
+async def test_a_long_import_keeps_the_wal_to_about_two_chunks(
+    store: SQLiteStore, tmp_path: Path
+) -> None:
+    """Every other chunk is copied beside the next one's inserts, then the writer copies the
+    rest: the WAL starts over every two chunks, however long the import."""
+    big = orjson.dumps({"text": "x" * 3000})
+    batches = [[record(n, completion=big) for n in range(k, k + 10)] for k in range(0, 600, 10)]
+    assert await store.import_records(batches, accept=lambda: True, chunk_rows=20) == 600
+    db, wal = tmp_path / "store.db", tmp_path / "store.db-wal"
+    assert wal.stat().st_size < db.stat().st_size / 4  # never restarted: about the whole import
+    ids, pairs = rows_of(db)
+    assert len(ids) == 600
+    assert pairs == 2 * 600
+
+
 async def test_steady_writes_do_not_grow_the_wal_without_end(tmp_path: Path) -> None:
     """Writes back to back never leave the checkpointer a moment when the whole WAL is copied;
     the writer then restarts it itself, so the WAL stays bounded however much is written."""
