@@ -789,7 +789,8 @@ class SQLiteStore:
 
         ``batches`` is consumed on the writer's thread, so producing them never blocks the
         event loop; other writes of this store wait for the import."""
-        assert self._checkpointer is not None
+        if self._checkpointer is None:
+            raise RuntimeError("store is not open")
         copy_beside = functools.partial(self._checkpointer.submit, _checkpoint, "PASSIVE")
         return await self._write(
             _import,
