@@ -24,18 +24,18 @@ _STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime
 
 class JSONFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {
-            "time": round(record.created, 6),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
+        entry = head(record.created, record.levelname.lower(), record.name, record.getMessage())
         for key, value in record.__dict__.items():
             if key not in _STANDARD and not key.startswith("_"):
                 entry[key] = value
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json_line(entry)
+
+
+def head(created: float, level: str, logger: str, message: str) -> dict[str, Any]:
+    """The fields every JSON log line starts with, in their order."""
+    return {"time": round(created, 6), "level": level, "logger": logger, "message": message}
 
 
 def json_line(entry: dict[str, Any]) -> str:
@@ -125,13 +125,7 @@ class AccessRecord:
         if handler is not None:
             # The line JSONFormatter would make, written straight to its stream: the logging
             # module's record, dispatch and formatter cost twice what the line itself does.
-            entry = {
-                "time": round(time.time(), 6),
-                "level": "info",
-                "logger": logger.name,
-                "message": "request",
-                **fields,
-            }
+            entry = head(time.time(), "info", logger.name, "request") | fields
             with handler.lock or contextlib.nullcontext():
                 handler.stream.write(json_line(entry) + handler.terminator)
                 handler.flush()
