@@ -206,6 +206,22 @@ MIGRATIONS: tuple[Migration, ...] = (
             "DROP INDEX completions_id",
         ),
     ),
+    Migration(
+        "m008_caller_first_indexes",
+        (
+            # Every list index leads with the caller; an admin's list, usage and pruning read
+            # caller by caller (see store._CALLERS). Each all-caller index cost every commit
+            # one to three pages, and an import one more B-tree per row or metadata pair.
+            "DROP INDEX completions_order",
+            "DROP INDEX completions_model_order",
+            "DROP INDEX completion_metadata_all",
+            # Replay looks a request up by its key alone and checks the caller on the row (a
+            # key has few rows): the index is half the size without the caller in it, and
+            # it takes each row at a random place, so its size is what an import pays for.
+            "CREATE INDEX completions_request ON completions (request_key)",
+            "DROP INDEX completions_request_key",
+        ),
+    ),
 )
 
 

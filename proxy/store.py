@@ -185,7 +185,18 @@ INSERT INTO exchanges (
 ) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 """
 
-_COLUMNS = "c.id, c.completion, c.metadata, c.created, c.seq"
+_COLUMNS = "c.id, c.completion, c.metadata"
+
+# Every caller with a stored completion, oldest name first: one seek in the caller-order
+# index per caller (a skip scan), not a read of every row. Admins read across callers with
+# it, caller by caller, since every list index leads with the caller (see m008).
+_CALLERS = (
+    "WITH RECURSIVE callers(caller) AS ("
+    " SELECT min(caller) FROM completions"
+    " UNION ALL SELECT (SELECT min(caller) FROM completions WHERE caller > callers.caller)"
+    " FROM callers WHERE callers.caller IS NOT NULL)"
+    " SELECT caller FROM callers WHERE caller IS NOT NULL"
+)
 
 # Columns a soft delete copies into deleted_completions (named: the tables may drift).
 _KEPT = (
@@ -203,6 +214,7 @@ CHECKPOINT_INTERVAL = 0.5  # seconds between WAL checkpoints while there are wri
 # commits fast; on the bench, a 4 MiB bound gave a lower p50 and p99 at one connection than
 # 64 MiB, at the same throughput.
 WAL_RESTART_FRAMES = 1024
+CALLERS_PER_READ = 100  # callers whose keys an admin's page reads in one statement
 IMPORT_CHUNK = 20_000  # rows per import transaction
 IMPORT_CACHE_KIB = 256 * 1024  # the page cache while an import runs (see _import)
 
@@ -214,9 +226,17 @@ def _dump_metadata(metadata: dict[str, str]) -> bytes:
 
 
 def _page_sql(
-    caller: str | None, query: ListQuery, cursor: tuple[int, int] | None, order: Order, limit: int
+    caller: str,
+    query: ListQuery,
+    cursor: tuple[int, int] | None,
+    order: Order,
+    limit: int,
+    *,
+    keys_only: bool = False,
 ) -> tuple[str, list[object]]:
-    """One keyset page as SQL: driven by the first metadata pair's index when filtering."""
+    """One caller's keyset page as SQL, read in order from an index that leads with the
+    caller: the first metadata pair's when filtering, else the model's or the plain order.
+    With ``keys_only`` it reads just the page's ``(created, seq)``, from the index alone."""
     direction = "ASC" if order == "asc" else "DESC"
     compare = ">" if order == "asc" else "<"
     params: list[object] = []
@@ -224,11 +244,8 @@ def _page_sql(
     if query.metadata:
         (key, value), rest = query.metadata[0], query.metadata[1:]
         source = "completion_metadata m CROSS JOIN completions c ON c.seq = m.seq"
-        if caller is not None:
-            where.append("m.caller = ?")
-            params.append(caller)
-        where.append("m.key = ? AND m.value = ?")
-        params += [key, value]
+        where.append("m.caller = ? AND m.key = ? AND m.value = ?")
+        params += [caller, key, value]
         keys = "m.created, m.seq"
         for key, value in rest:
             where.append(
@@ -238,22 +255,19 @@ def _page_sql(
             params += [key, value]
     else:
         source = "completions c"
-        if caller is not None:
-            where.append("c.caller = ?")
-            params.append(caller)
+        where.append("c.caller = ?")
+        params.append(caller)
         keys = "c.created, c.seq"
     if query.model is not None:
         where.append("c.model = ?")
         params.append(query.model)
-    if query.owner is not None:
-        where.append("c.caller = ?")
-        params.append(query.owner)
     if cursor is not None:
         where.append(f"({keys}) {compare} (?, ?)")
         params += list(cursor)
     first, second = keys.split(", ")
     sql = (
-        f"SELECT {_COLUMNS} FROM {source} WHERE {' AND '.join(where) or '1'}"
+        f"SELECT {keys if keys_only else _COLUMNS} FROM {source}"
+        f" WHERE {' AND '.join(where)}"
         f" ORDER BY {first} {direction}, {second} {direction} LIMIT ?"
     )
     params.append(limit + 1)
@@ -579,12 +593,14 @@ def _revoke_key(conn: sqlite3.Connection, name: str) -> bool:
 
 def _prune(conn: sqlite3.Connection, before: int) -> tuple[int, int]:
     with _transaction(conn):
+        # Caller by caller: the rows before ``before`` are a range of each one's order index.
+        old = f"caller IN ({_CALLERS}) AND created < ?"
         conn.execute(
             "DELETE FROM completion_metadata WHERE seq IN"
-            " (SELECT seq FROM completions WHERE created < ?)",
+            f" (SELECT seq FROM completions WHERE {old})",
             (before,),
         )
-        completions = conn.execute("DELETE FROM completions WHERE created < ?", (before,)).rowcount
+        completions = conn.execute(f"DELETE FROM completions WHERE {old}", (before,)).rowcount
         exchanges = conn.execute("DELETE FROM exchanges WHERE created < ?", (before,)).rowcount
         conn.execute("DELETE FROM tombstones WHERE created < ?", (before,))
         conn.execute("DELETE FROM deleted_completions WHERE created < ?", (before,))
@@ -922,11 +938,46 @@ class SQLiteStore:
     async def list_completions(self, caller: str | None, query: ListQuery) -> Page:
         page: PageQuery = query.page
         cursor = await self._cursor(caller, page.after) if page.after else None
-        sql, params = _page_sql(caller, query, cursor, page.order, page.limit)
-        async with self._r.execute(sql, params) as result:
-            rows = list(await result.fetchall())
+        if query.owner is not None and caller not in (None, query.owner):
+            return Page(items=[], has_more=False)
+        scope = caller if query.owner is None else query.owner
+        if scope is None:
+            rows, has_more = await self._page_across_callers(query, cursor)
+        else:
+            sql, params = _page_sql(scope, query, cursor, page.order, page.limit)
+            rows = list(await self._r.execute_fetchall(sql, params))
+            has_more = len(rows) > page.limit
         items = [(row[0], with_metadata(row[1], row[2])) for row in rows[: page.limit]]
-        return Page(items=items, has_more=len(rows) > page.limit)
+        return Page(items=items, has_more=has_more)
+
+    async def _page_across_callers(
+        self, query: ListQuery, cursor: tuple[int, int] | None
+    ) -> tuple[list[sqlite3.Row], bool]:
+        """An admin's page: each caller's first keys, read from that caller's index, merged;
+        then the rows of the page. One short index read per caller, however many rows."""
+        page = query.page
+        callers = [row[0] for row in await self._r.execute_fetchall(_CALLERS)]
+        keys: list[tuple[int, int]] = []
+        for start in range(0, len(callers), CALLERS_PER_READ):
+            parts = [
+                _page_sql(caller, query, cursor, page.order, page.limit, keys_only=True)
+                for caller in callers[start : start + CALLERS_PER_READ]
+            ]
+            sql = " UNION ALL ".join(f"SELECT * FROM ({part})" for part, _ in parts)
+            params = [param for _, part_params in parts for param in part_params]
+            keys += [(row[0], row[1]) for row in await self._r.execute_fetchall(sql, params)]
+        keys.sort(reverse=page.order == "desc")
+        seqs = [seq for _, seq in keys[: page.limit]]
+        found = {
+            row[3]: row
+            for row in await self._r.execute_fetchall(
+                f"SELECT {_COLUMNS}, c.seq FROM completions c"
+                f" WHERE c.seq IN ({', '.join('?' * len(seqs))})",
+                seqs,
+            )
+        }
+        # A row deleted since its key was read is left out; the page is one shorter.
+        return [found[seq] for seq in seqs if seq in found], len(keys) > page.limit
 
     async def list_exchanges(self, caller: str | None, page: PageQuery) -> Page:
         """Audit records of exchanges that stored no completion, keyset-paged by request id."""
@@ -1002,6 +1053,8 @@ class SQLiteStore:
         """Completions and tokens summed per group (any of caller, model, day)."""
         columns = [_GROUPS[name] for name in group_by]
         where, params = ["1"], []
+        if since is not None or until is not None:  # a range of each caller's order index
+            where.append(f"caller IN ({_CALLERS})")
         if since is not None:
             where.append("created >= ?")
             params.append(since)
@@ -1094,8 +1147,11 @@ class SQLiteStore:
                     for row in rows
                 ]
 
-    async def explain_list(self, caller: str, query: ListQuery) -> list[str]:
+    async def explain_list(
+        self, caller: str, query: ListQuery, *, keys_only: bool = False
+    ) -> list[str]:
         """SQLite's plan for a list query, so tests can prove it reads indexes, not the table."""
-        sql, params = _page_sql(caller, query, (0, 0) if query.page.after else None, "asc", 1)
+        cursor = (0, 0) if query.page.after else None
+        sql, params = _page_sql(caller, query, cursor, "asc", 1, keys_only=keys_only)
         async with self._r.execute("EXPLAIN QUERY PLAN " + sql, params) as result:
             return [str(row[3]) async for row in result]

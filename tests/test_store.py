@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from dataclasses import replace
 from pathlib import Path
 
 import orjson
@@ -11,7 +12,7 @@ import pytest
 
 from proxy.migrations import MIGRATIONS, migrate
 from proxy.models import ListQuery, PageQuery
-from proxy.store import CompletionRecord, SQLiteStore, UnknownCursor
+from proxy.store import _CALLERS, CALLERS_PER_READ, CompletionRecord, SQLiteStore, UnknownCursor
 from proxy.writer import Writer
 
 
@@ -112,14 +113,127 @@ async def test_migrates_an_old_file_forward_keeping_its_rows(tmp_path: Path) -> 
     ],
     ids=repr,
 )
-async def test_list_plans_read_indexes_in_order(store: SQLiteStore, query: ListQuery) -> None:
-    plan = await store.explain_list("caller_a", query)
+@pytest.mark.parametrize("keys_only", [False, True], ids=["rows", "keys"])
+async def test_list_plans_read_indexes_in_order(
+    store: SQLiteStore, query: ListQuery, keys_only: bool
+) -> None:
+    plan = await store.explain_list("caller_a", query, keys_only=keys_only)
     text = " | ".join(plan)
     assert "USING INDEX" in text or "USING COVERING INDEX" in text, text
     assert "TEMP B-TREE" not in text, text  # no sort: rows come in list order from the index
     for line in plan:
         if line.startswith("SCAN"):
             raise AssertionError(f"full scan in plan: {text}")
+
+
+CALLERS = ("caller_b", "caller_a", "caller_d", "caller_c")
+
+
+def spread(n: int) -> CompletionRecord:
+    """Rows of four callers and two models, whose ``created`` does not follow insertion."""
+    return record(
+        n,
+        caller=CALLERS[n % 4],
+        created=1000 + (n * 7) % 13,
+        model=("gpt-test", "gpt-other")[n % 3 == 0],
+    )
+
+
+def listed(records: list[CompletionRecord], query: ListQuery) -> list[str]:
+    """What a list should give, worked out in Python: filters, then (created, insertion)."""
+    kept = [
+        (r.created, n, r.id)
+        for n, r in enumerate(records)
+        if (query.model is None or r.model == query.model)
+        and (query.owner is None or r.caller == query.owner)
+        and all(r.metadata.get(k) == v for k, v in query.metadata)
+    ]
+    return [id_ for _, _, id_ in sorted(kept, reverse=query.page.order == "desc")]
+
+
+async def every_page(store: SQLiteStore, query: ListQuery, limit: int) -> list[str]:
+    seen: list[str] = []
+    after = None
+    while True:
+        page = replace(query.page, limit=limit, after=after)
+        result = await store.list_completions(None, replace(query, page=page))
+        seen += [id_ for id_, _ in result.items]
+        if not result.has_more:
+            return seen
+        after = seen[-1]
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        ListQuery(),
+        ListQuery(page=PageQuery(order="desc")),
+        ListQuery(model="gpt-other"),
+        ListQuery(metadata=(("parity", "odd"),), page=PageQuery(order="desc")),
+        ListQuery(metadata=(("parity", "even"), ("n", "8")), model="gpt-test"),
+        ListQuery(owner="caller_c", metadata=(("parity", "odd"),)),
+    ],
+    ids=repr,
+)
+async def test_an_admin_pages_through_every_caller_in_one_order(
+    store: SQLiteStore, query: ListQuery
+) -> None:
+    records = [spread(n) for n in range(1, 61)]
+    await store.write_batch(records)
+    expected = listed(records, query)
+    assert expected  # every case lists something
+    for limit in (1, 7, 100):
+        assert await every_page(store, query, limit) == expected
+
+
+async def test_an_admin_lists_more_callers_than_one_read_takes(store: SQLiteStore) -> None:
+    callers = 2 * CALLERS_PER_READ + 5
+    records = [
+        record(n, caller=f"caller_{n % callers:04d}", created=1000 + n % 17) for n in range(600)
+    ]
+    await store.write_batch(records)
+    for query in (ListQuery(), ListQuery(metadata=(("parity", "odd"),))):
+        assert await every_page(store, query, 50) == listed(records, query)
+
+
+async def test_an_admin_pages_on_past_the_ids_deleted_behind_it(store: SQLiteStore) -> None:
+    records = [spread(n) for n in range(1, 41)]
+    await store.write_batch(records)
+    seen: list[str] = []
+    after = None
+    while True:
+        page = await store.list_completions(None, ListQuery(page=PageQuery(limit=6, after=after)))
+        seen += [id_ for id_, _ in page.items]
+        after = seen[-1]
+        assert await store.delete(None, after, "admin")  # the cursor's own row is gone
+        if not page.has_more:
+            break
+    assert seen == listed(records, ListQuery())
+
+
+async def test_usage_over_a_time_range_counts_every_caller(store: SQLiteStore) -> None:
+    records = [spread(n) for n in range(1, 61)]
+    await store.write_batch(records)
+    rows = await store.usage(1003, 1009, ["caller"])
+    counted = {row.group["caller"]: row.completions for row in rows}
+    for caller in CALLERS:
+        assert counted[caller] == sum(
+            1 for r in records if r.caller == caller and 1003 <= r.created < 1009
+        )
+    report = await store.prune(1005)
+    assert report.completions == sum(1 for r in records if r.created < 1005)
+    left = await every_page(store, ListQuery(), 9)
+    assert left == listed([r for r in records if r.created >= 1005], ListQuery())
+
+
+async def test_callers_are_found_by_seeks_not_a_scan(store: SQLiteStore) -> None:
+    await store.write_batch([spread(n) for n in range(1, 21)])
+    with sqlite3.connect(store.path) as db:
+        found = [row[0] for row in db.execute(_CALLERS)]
+        plan = [row[3] for row in db.execute("EXPLAIN QUERY PLAN " + _CALLERS)]
+    assert found == sorted(CALLERS)
+    assert not [line for line in plan if line.startswith("SCAN completions")], plan
+    assert any("COVERING INDEX completions_caller_order (caller>?)" in line for line in plan)
 
 
 async def test_pages_are_a_stable_total_order(store: SQLiteStore) -> None:
