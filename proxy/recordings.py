@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import itertools
 import multiprocessing
-import operator
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import IO, Any, Literal
 
 import orjson
@@ -34,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from proxy.errors import InvalidRequest
 from proxy.models import check_metadata
 from proxy.replay import request_key
-from proxy.store import CompletionRecord, ExportFilter, Store
+from proxy.store import CompletionRecord, ExportFilter, InsertRow, Store, insert_row
 
 Format = Literal["jsonl", "finetune"]
 Progress = Callable[[int], None]
@@ -179,29 +178,37 @@ def _describe(error: ValidationError) -> str:
     return f"{where}: {first['msg']}" if where else first["msg"]
 
 
-BATCH_LINES = 2000
+RUN_BYTES = 1 << 20  # the file is parsed and inserted in runs of whole lines of about this
 
 
-def _lines(source: IO[bytes]) -> Iterator[tuple[int, list[bytes]]]:
-    """The file in runs of ``BATCH_LINES`` lines, each with the number of its first line."""
+def _runs(source: IO[bytes], size: int = RUN_BYTES) -> Iterator[tuple[int, bytes]]:
+    """The file in runs of whole lines of about ``size`` bytes (a longer line is a run of
+    its own), each with the number of its first line. Read in blocks, not line by line: this
+    process only cuts the runs and counts their lines, the workers split them."""
     number = 1
-    while lines := list(itertools.islice(source, BATCH_LINES)):
-        yield number, lines
-        number += len(lines)
+    rest = b""
+    while block := source.read(size):
+        block = rest + block if rest else block
+        cut = block.rfind(b"\n") + 1
+        run, rest = block[:cut], block[cut:]
+        if run:
+            yield number, run
+            number += run.count(b"\n")
+    if rest:
+        yield number, rest
 
 
-Parsed = tuple[list[tuple[Any, ...]], list[tuple[int, str]], int]
-
-_as_row = operator.attrgetter(*(f.name for f in fields(CompletionRecord)))
+Parsed = tuple[list[InsertRow], list[tuple[int, str]], int]
 
 
-def parse_lines(first: int, lines: list[bytes]) -> Parsed:
-    """The records of a run of ``jsonl`` lines as plain tuples (cheap to pass between
-    processes), the first 100 bad lines with their numbers, and how many were bad."""
-    rows: list[tuple[Any, ...]] = []
+def parse_run(first: int, run: bytes) -> Parsed:
+    """The records of a run of ``jsonl`` lines, ready to insert (plain tuples, cheap to pass
+    between processes), the first 100 bad lines with their numbers, and how many were bad."""
+    rows: list[InsertRow] = []
     errors: list[tuple[int, str]] = []
     bad = 0
-    for number, line in enumerate(lines, first):
+    now = time.time()
+    for number, line in enumerate(run.split(b"\n"), first):
         if not line.strip():
             continue
         try:
@@ -211,42 +218,42 @@ def parse_lines(first: int, lines: list[bytes]) -> Parsed:
             if len(errors) < 100:
                 errors.append((number, _describe(error)))
             continue
-        rows.append(_as_row(record))
+        rows.append(insert_row(record, now))
     return rows, errors, bad
 
 
-def _accept(parsed: Parsed, report: ImportReport) -> list[CompletionRecord]:
+def _accept(parsed: Parsed, report: ImportReport) -> list[InsertRow]:
     rows, errors, bad = parsed
     report.error_count += bad
     report.errors += errors[: 100 - len(report.errors)]
     report.lines += len(rows)
-    return [CompletionRecord(*row) for row in rows]
+    return rows
 
 
 def _batches(
     source: IO[bytes], report: ImportReport, progress: Progress | None
-) -> Iterator[list[CompletionRecord]]:
+) -> Iterator[list[InsertRow]]:
     """Parsed batches, in file order. A file of more than one run of lines is parsed by two
     worker processes, up to three runs ahead, while this process inserts: parsing (the
     larger cost) uses whatever CPU SQLite leaves. Memory stays flat: at most four runs are
     held at once, whatever the size of the file."""
-    runs = _lines(source)
+    runs = _runs(source)
     first = next(runs, None)
     if first is None:
         return
     second = next(runs, None)
     if second is None:  # a small file: not worth a process
-        yield _accept(parse_lines(*first), report)
+        yield _accept(parse_run(*first), report)
         if progress is not None:
             progress(report.lines)
         return
     # spawn, not fork: this process has threads (SQLite's), which fork does not copy.
     with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
-        ahead = collections.deque([pool.submit(parse_lines, *second)])
-        parsed = parse_lines(*first)  # here, while the worker starts
+        ahead = collections.deque([pool.submit(parse_run, *second)])
+        parsed = parse_run(*first)  # here, while the worker starts
         while not report.stopped:
             while len(ahead) < 3 and (run := next(runs, None)) is not None:
-                ahead.append(pool.submit(parse_lines, *run))
+                ahead.append(pool.submit(parse_run, *run))
             yield _accept(parsed, report)
             if progress is not None:
                 progress(report.lines)

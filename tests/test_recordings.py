@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import sqlite3
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import openai
 import orjson
 
+from proxy.recordings import RUN_BYTES, _runs, parse_run
 from tests.conftest import sdk
 from tests.fakes import FakeUpstream, Reply
 from tests.test_replay import ASK, TOOLS, tool_completion
@@ -221,11 +223,42 @@ async def test_a_committed_recording_file_replays_offline(
             raise AssertionError("a request never recorded must miss")
 
 
+def test_a_file_is_cut_into_runs_of_whole_lines_numbered_from_one() -> None:
+    lines = [b"a" * 5, b"b" * 30, b"", b"c" * 3, b"d\r", b"e" * 12]  # one longer than a run
+    runs = list(_runs(io.BytesIO(b"\n".join(lines)), size=10))  # no newline at the end
+    assert b"".join(run for _, run in runs) == b"\n".join(lines)
+    assert all(run.endswith(b"\n") for _, run in runs[:-1])
+    numbered = [
+        (number, line)
+        for first, run in runs
+        for number, line in enumerate(run.split(b"\n"), first)
+        if line
+    ]
+    assert numbered == [(n, line) for n, line in enumerate(lines, 1) if line]
+    assert list(_runs(io.BytesIO(b""))) == []
+
+
+def test_a_run_reports_bad_lines_by_their_number_in_the_file() -> None:
+    good = orjson.dumps(
+        {
+            "id": "chatcmpl-1",
+            "caller": "c",
+            "created": 1,
+            "model": "m",
+            "request": {},
+            "response": {"id": "chatcmpl-1"},
+        }
+    )
+    rows, errors, bad = parse_run(41, b"\n".join([good, b"{", b"", good, b'{"id": 2}']) + b"\n")
+    assert len(rows) == 2 and bad == 2
+    assert [number for number, _ in errors] == [42, 45]
+
+
 async def test_a_large_import_is_parsed_beside_the_inserts_and_checked_whole(
     proxy, upstream: FakeUpstream, tmp_path: Path
 ) -> None:
-    """More lines than one run (2,000): the parser processes take part, line numbers stay
-    right across runs, and a bad line near the end still leaves nothing written."""
+    """More than one run of lines: the parser processes take part, line numbers stay right
+    across runs, and a bad line near the end still leaves nothing written."""
     await record_some(proxy, upstream)
     _, exported, _ = await cli("export", "--db", str(tmp_path / "completions.db"))
     template = orjson.loads(exported.splitlines()[0])
@@ -236,6 +269,7 @@ async def test_a_large_import_is_parsed_beside_the_inserts_and_checked_whole(
         many.append(orjson.dumps(line))
     dump = tmp_path / "many.jsonl"
     dump.write_bytes(b"\n".join([*many[:4_499], b'{"id": 1}', *many[4_499:]]) + b"\n")
+    assert dump.stat().st_size > 3 * RUN_BYTES
     target = tmp_path / "many.db"
     code, _, err = await cli("import", str(dump), "--db", str(target))
     assert code == 1

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
+import time
+from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,7 +15,15 @@ import pytest
 
 from proxy.migrations import MIGRATIONS, migrate
 from proxy.models import ListQuery, PageQuery
-from proxy.store import _CALLERS, CALLERS_PER_READ, CompletionRecord, SQLiteStore, UnknownCursor
+from proxy.store import (
+    _CALLERS,
+    CALLERS_PER_READ,
+    CompletionRecord,
+    InsertRow,
+    SQLiteStore,
+    UnknownCursor,
+    insert_row,
+)
 from proxy.writer import Writer
 
 
@@ -31,6 +42,12 @@ def record(n: int, caller: str = "caller_a", created: int = 1000, **changes) -> 
     }
     values.update(changes)
     return CompletionRecord(**values)
+
+
+def rows(records: Iterable[CompletionRecord]) -> list[InsertRow]:
+    """An import's batch: the records as its workers hand them over."""
+    now = time.time()
+    return [insert_row(r, now) for r in records]
 
 
 @pytest.fixture
@@ -308,7 +325,7 @@ async def test_one_writer_groups_concurrent_commits(tmp_path: Path) -> None:
 
 
 def rows_of(path: Path) -> tuple[list[str], int]:
-    with sqlite3.connect(path) as db:
+    with contextlib.closing(sqlite3.connect(path)) as db:
         ids = [row[0] for row in db.execute("SELECT id FROM completions ORDER BY seq")]
         pairs = db.execute("SELECT count(*) FROM completion_metadata").fetchone()[0]
     return ids, pairs
@@ -318,7 +335,7 @@ async def test_import_commits_in_chunks_and_skips_duplicates(
     store: SQLiteStore, tmp_path: Path
 ) -> None:
     await store.write_batch([record(3), record(5)])
-    batches = [[record(n) for n in range(k, k + 4)] for k in range(1, 21, 4)]  # 1..20
+    batches = [rows(record(n) for n in range(k, k + 4)) for k in range(1, 21, 4)]  # 1..20
     assert await store.import_records(batches, accept=lambda: True, chunk_rows=6) == 18
     ids, pairs = rows_of(tmp_path / "store.db")
     assert sorted(ids) == sorted(f"chatcmpl-{n}" for n in range(1, 21))
@@ -328,8 +345,68 @@ async def test_import_commits_in_chunks_and_skips_duplicates(
     assert [item_id for item_id, _ in page.items] == ["chatcmpl-20"]
 
 
-async def test_a_rejected_import_takes_back_every_committed_chunk(
+@pytest.fixture(params=["alone", "shared"])
+def journal(request: pytest.FixtureRequest, store: SQLiteStore, tmp_path: Path):
+    """The journal an import writes through: with the file to itself, a rollback journal
+    ("delete"); with another connection on it, the WAL."""
+    if request.param == "alone":
+        yield "delete"
+        return
+    with contextlib.closing(sqlite3.connect(tmp_path / "store.db")) as other:
+        other.execute("SELECT count(*) FROM completions").fetchone()
+        yield "wal"
+
+
+def journal_of(path: Path) -> str:
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        mode: str = db.execute("PRAGMA journal_mode").fetchone()[0]
+    return mode
+
+
+async def test_an_import_alone_writes_the_file_directly_then_returns_to_wal(
     store: SQLiteStore, tmp_path: Path
+) -> None:
+    path = tmp_path / "store.db"
+    await store.write_batch([record(1)])
+    seen: list[tuple[bool, str]] = []
+
+    def batches():
+        for k in range(2, 30, 4):
+            # No WAL: pages go straight into the database, under a rollback journal.
+            seen.append((Path(f"{path}-wal").exists(), journal_of(path)))
+            yield rows(record(n) for n in range(k, k + 4))
+
+    assert await store.import_records(batches(), accept=lambda: True, chunk_rows=8) == 28
+    assert set(seen) == {(False, "delete")}
+    assert journal_of(path) == "wal"
+    # The store reads and writes as before: its reader and checkpointer are back.
+    assert await store.get("caller_a", "chatcmpl-29") is not None
+    assert await store.write_batch([record(99)]) == 1
+    assert len(rows_of(path)[0]) == 30
+
+
+async def test_an_import_beside_another_connection_goes_through_the_wal(
+    store: SQLiteStore, tmp_path: Path
+) -> None:
+    path = tmp_path / "store.db"
+    with contextlib.closing(sqlite3.connect(path)) as other:  # say, a proxy serving this file
+        other.execute("SELECT count(*) FROM completions").fetchone()
+        seen: list[str] = []
+
+        def batches():
+            for k in range(0, 20, 4):
+                seen.append(journal_of(path))
+                yield rows(record(n) for n in range(k, k + 4))
+
+        assert await store.import_records(batches(), accept=lambda: True, chunk_rows=8) == 20
+        assert set(seen) == {"wal"}
+        assert other.execute("SELECT count(*) FROM completions").fetchone()[0] == 20
+    assert journal_of(path) == "wal"
+    assert await store.get("caller_a", "chatcmpl-19") is not None
+
+
+async def test_a_rejected_import_takes_back_every_committed_chunk(
+    store: SQLiteStore, tmp_path: Path, journal: str
 ) -> None:
     await store.write_batch([record(3), record(100)])
     before = rows_of(tmp_path / "store.db")
@@ -339,7 +416,8 @@ async def test_a_rejected_import_takes_back_every_committed_chunk(
     def batches():
         for k in range(10):
             read.append(k)
-            yield [record(n) for n in range(k * 4 + 1, k * 4 + 5)]
+            assert journal_of(tmp_path / "store.db") == journal
+            yield rows(record(n) for n in range(k * 4 + 1, k * 4 + 5))
 
     inserted = await store.import_records(
         batches(), accept=lambda: len(read) <= bad_after, chunk_rows=6
@@ -348,36 +426,42 @@ async def test_a_rejected_import_takes_back_every_committed_chunk(
     assert rows_of(tmp_path / "store.db") == before  # what was there before stays, nothing else
     assert len(read) == 10  # read to the end, so every bad line can be reported
     # The store still works normally afterwards, and nothing was audited or tombstoned.
-    assert await store.import_records([[record(7)]], accept=lambda: True) == 1
+    assert await store.import_records([rows([record(7)])], accept=lambda: True) == 1
     with sqlite3.connect(tmp_path / "store.db") as db:
         assert db.execute("SELECT count(*) FROM tombstones").fetchone()[0] == 0
         assert db.execute("SELECT count(*) FROM audit_log").fetchone()[0] == 0
 
 
 async def test_an_import_that_fails_to_write_takes_back_what_it_wrote(
-    store: SQLiteStore, tmp_path: Path
+    store: SQLiteStore, tmp_path: Path, journal: str
 ) -> None:
     before = rows_of(tmp_path / "store.db")
 
     def batches():
-        yield [record(n) for n in range(1, 9)]
-        yield [record(9, metadata={"k": object()})]  # cannot be encoded: the write fails
+        assert journal_of(tmp_path / "store.db") == journal
+        yield rows(record(n) for n in range(1, 9))
+        [(columns, pairs)] = rows([record(9)])
+        yield [((*columns[:5], object(), *columns[6:]), pairs)]  # cannot be bound: it fails
 
-    with pytest.raises(TypeError):
+    with pytest.raises(sqlite3.Error):
         await store.import_records(batches(), accept=lambda: True, chunk_rows=4)
     assert rows_of(tmp_path / "store.db") == before
+    assert journal_of(tmp_path / "store.db") == "wal"
 
 
 async def test_a_long_import_keeps_the_wal_to_about_two_chunks(
     store: SQLiteStore, tmp_path: Path
 ) -> None:
-    """Every other chunk is copied beside the next one's inserts, then the writer copies the
-    rest: the WAL starts over every two chunks, however long the import."""
+    """Through the WAL (another connection is on the file), every other chunk is copied
+    beside the next one's inserts, then the writer copies the rest: the WAL starts over every
+    two chunks, however long the import."""
     big = orjson.dumps({"text": "x" * 3000})
-    batches = [[record(n, completion=big) for n in range(k, k + 10)] for k in range(0, 600, 10)]
-    assert await store.import_records(batches, accept=lambda: True, chunk_rows=20) == 600
+    batches = [rows(record(n, completion=big) for n in range(k, k + 10)) for k in range(0, 600, 10)]
     db, wal = tmp_path / "store.db", tmp_path / "store.db-wal"
-    assert wal.stat().st_size < db.stat().st_size / 4  # never restarted: about the whole import
+    with contextlib.closing(sqlite3.connect(db)) as other:
+        other.execute("SELECT count(*) FROM completions").fetchone()
+        assert await store.import_records(batches, accept=lambda: True, chunk_rows=20) == 600
+        assert wal.stat().st_size < db.stat().st_size / 4  # never restarted: the whole import
     ids, pairs = rows_of(db)
     assert len(ids) == 600
     assert pairs == 2 * 600
