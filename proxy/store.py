@@ -166,7 +166,7 @@ class Store(Protocol):
         self,
         batches: Iterable[Sequence[InsertRow]],
         accept: Callable[[], bool],
-        chunk_rows: int = ...,
+        chunk_rows: int | None = ...,
     ) -> int: ...
 
 
@@ -219,7 +219,13 @@ CHECKPOINT_INTERVAL = 0.5  # seconds between WAL checkpoints while there are wri
 # 64 MiB, at the same throughput.
 WAL_RESTART_FRAMES = 1024
 CALLERS_PER_READ = 100  # callers whose keys an admin's page reads in one statement
-IMPORT_CHUNK = 20_000  # rows per import transaction
+IMPORT_CHUNK = 20_000  # rows per import transaction through the WAL (see _import)
+# Rows per transaction when the import writes the file directly (see _go_direct). Larger,
+# since no WAL has to stay small: once an index that takes rows at random places (the
+# request key's) has fewer leaf pages than a chunk has rows, every chunk rewrites, and
+# journals, nearly all of them. A million rows: 100,000 rows per chunk wrote 27% fewer
+# bytes than 20,000 and ran 13% faster (two interleaved pairs).
+IMPORT_CHUNK_DIRECT = 100_000
 IMPORT_CACHE_KIB = 256 * 1024  # the page cache while an import runs (see _import)
 
 _GROUPS = {"caller": "caller", "model": "model", "day": "date(created, 'unixepoch')"}
@@ -393,8 +399,9 @@ def _import(
     is rolled back and the ranges already committed are deleted, so nothing stays behind;
     the remaining batches are still read, so every bad line gets reported.
 
-    Chunks rather than one transaction: the WAL stays the size of two chunks (one
-    transaction of a million rows made a WAL larger than the database), and other processes
+    Chunks rather than one transaction: through the WAL, the WAL stays the size of two
+    chunks (one transaction of a million rows made a WAL larger than the database); when
+    direct, a chunk's journal and dirty pages stay bounded; and other processes
     writing to the same file wait for one chunk, not the whole import. A crash mid-import
     leaves the chunks committed so far (whole records); importing the file again completes
     it.
@@ -847,7 +854,7 @@ class SQLiteStore:
         self,
         batches: Iterable[Sequence[InsertRow]],
         accept: Callable[[], bool],
-        chunk_rows: int = IMPORT_CHUNK,
+        chunk_rows: int | None = None,
     ) -> int:
         """Insert every batch; return how many were new. Duplicates (same caller and id) are
         skipped, so importing a file twice adds nothing the second time. If ``accept()`` is
@@ -858,7 +865,9 @@ class SQLiteStore:
         event loop. The import writes the file directly, in rollback-journal mode, when no
         other connection is on it (see ``_go_direct``): this store's reader and checkpointer
         are closed for it and reopened after, so its reads fail meanwhile and its other
-        writes wait. With another connection on the file, it writes through the WAL."""
+        writes wait. With another connection on the file, it writes through the WAL.
+        ``chunk_rows`` is the rows per transaction: by default ``IMPORT_CHUNK_DIRECT`` when
+        direct, ``IMPORT_CHUNK`` through the WAL."""
         writer = self._w
         await self._close_beside()
         direct = False
@@ -870,7 +879,7 @@ class SQLiteStore:
                 _import,
                 batches,
                 accept,
-                chunk_rows,
+                chunk_rows or (IMPORT_CHUNK_DIRECT if direct else IMPORT_CHUNK),
                 copy_beside=None if direct else self._copy_beside,
                 cache_kib=IMPORT_CACHE_KIB,
             )
