@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import sqlite3
 import sys
 import time
 from collections.abc import Sequence
@@ -352,6 +353,9 @@ def serve(config: Config) -> int:
     except OSError as error:
         log.error("cannot start: %s", error)
         return 1
+    except sqlite3.Error as error:  # not a database, locked past the busy timeout, ...
+        log.error("cannot open the store at %s: %s", config.store.path, error)
+        return 1
     return 0
 
 
@@ -380,6 +384,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         _check_serve(config)
     except OSError as error:
         sys.stderr.write(f"completions-proxy: {error.strerror}: {error.filename}\n")
+        return 1
+    except sqlite3.Error as error:  # not a database, locked past the busy timeout, ...
+        sys.stderr.write(f"completions-proxy: the store failed: {error}\n")
         return 1
     except ConfigError as error:
         sys.stderr.write(f"completions-proxy: {error}\n")

@@ -519,6 +519,32 @@ def test_a_bad_flag_exits_2_with_one_message(
     assert not (tmp_path / "x.db").exists(), "a rejected serve created its database"
 
 
+@pytest.mark.parametrize("command", ["serve", "export", "import", "usage"])
+def test_a_file_that_is_not_a_database_exits_1_with_one_message(
+    tmp_path: Path, command: str
+) -> None:
+    """The same way a database locked by another process past the busy timeout fails."""
+    db = tmp_path / "notes.db"
+    db.write_bytes(b"these are my notes, not a database\n" * 200)
+    args = {
+        "serve": ("serve", "--port", str(free_port()), "--db", str(db)),
+        "export": ("export", "--db", str(db)),
+        "import": ("import", "-", "--db", str(db)),
+        "usage": ("usage", "--db", str(db)),
+    }[command]
+    result = run_cli(*args)
+    assert result.returncode == 1, result
+    assert result.stdout == ""
+    assert "Traceback" not in result.stderr, result.stderr
+    if command == "serve":  # the server logs JSON lines
+        [line] = [orjson.loads(line) for line in result.stderr.splitlines()[1:]]
+        assert line["level"] == "error"
+        assert line["message"] == f"cannot open the store at {db}: file is not a database"
+    else:
+        assert result.stderr == "completions-proxy: the store failed: file is not a database\n"
+    assert db.read_bytes() == b"these are my notes, not a database\n" * 200  # untouched
+
+
 def test_serve_with_an_unknown_config_key_exits_2(tmp_path: Path) -> None:
     path = tmp_path / "proxy.yaml"
     path.write_text("store:\n  path: x.db\n  fsync_everything: true\n", encoding="utf-8")
