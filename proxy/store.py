@@ -57,9 +57,9 @@ class CompletionRecord:
     completion_tokens: int = 0
 
 
-# A completion as the insert takes it: its columns after seq (the metadata encoded), then
-# its metadata pairs. An import's worker processes build these, off the writer's thread.
-InsertRow = tuple[tuple[Any, ...], tuple[tuple[str, str], ...]]
+# A completion as the insert takes it: its columns but seq (the metadata encoded), then its
+# metadata. An import's worker processes build these, off the writer's thread.
+InsertRow = tuple[tuple[Any, ...], dict[str, str]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,10 +172,10 @@ class Store(Protocol):
 
 _INSERT_COMPLETION = """
 INSERT INTO completions (
-    seq, id, caller, created, model, metadata, completion, request,
+    id, caller, created, model, metadata, completion, request,
     request_id, stream, outcome, stored_at, duration_ms, request_key,
     prompt_tokens, cached_tokens, completion_tokens
-) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (caller, id) DO NOTHING
 """
 
@@ -331,7 +331,7 @@ def insert_row(record: CompletionRecord, now: float) -> InsertRow:
             record.cached_tokens,
             record.completion_tokens,
         ),
-        tuple(record.metadata.items()),
+        record.metadata,
     )
 
 
@@ -340,22 +340,21 @@ def _insert(conn: sqlite3.Connection, rows: Iterable[InsertRow]) -> int:
 
     One statement per completion, so a duplicate (same caller and id, kept as first written)
     is known at once and gets no metadata rows; the metadata rows then go in as plain values,
-    which costs less than half what deriving them from the completion rows did.
+    which costs less than half what deriving them from the completion rows did. SQLite
+    gives each new row the next seq (the largest plus one: the table has no AUTOINCREMENT).
     """
-    seq = base = _max_seq(conn)
     cursor = conn.cursor()
     pairs = []
+    inserted = 0
     for columns, metadata in rows:
-        seq += 1
-        cursor.execute(_INSERT_COMPLETION, (seq, *columns))
-        if cursor.rowcount:
-            caller, created = columns[1], columns[2]
-            pairs += [(seq, key, value, caller, created) for key, value in metadata]
-        else:
-            seq -= 1  # a duplicate took no seq
+        cursor.execute(_INSERT_COMPLETION, columns)
+        if cursor.rowcount:  # zero for a duplicate
+            inserted += 1
+            seq, caller, created = cursor.lastrowid, columns[1], columns[2]
+            pairs += [(seq, key, value, caller, created) for key, value in metadata.items()]
     if pairs:
         conn.executemany(_INSERT_METADATA, pairs)
-    return seq - base
+    return inserted
 
 
 def _write_batch(conn: sqlite3.Connection, records: Sequence[Writable]) -> int:
