@@ -4,13 +4,16 @@
 
 What runs, in order (one run, one table, one JSON file):
 
-1. HTTP, with ``wrk`` (one thread) as the client, for three subjects:
+1. HTTP, with ``wrk`` (one thread) as the client, for four subjects:
    - direct: the mock upstream (``mock_upstream.py``) called directly;
    - floor: ``floor.py``, a bare aiohttp passthrough, in front of the mock;
+   - relay: the proxy below, sent ``"store": false``: forwarded, neither captured nor
+     stored, which shows what capture and commit add to a request;
    - proxy: ``python -m proxy serve`` in front of the mock, fresh database;
    every request is ``POST /v1/chat/completions`` with ``"store": true`` (``plain.lua``,
-   ``stream.lua``: 50-chunk SSE). Throughput at 32 connections for a fixed time, then
-   p50/p99 latency at 1 connection; three rounds, subjects interleaved, medians reported.
+   ``stream.lua``: 50-chunk SSE), except relay's. Throughput at 32 connections for a fixed
+   time, then p50/p99 latency at 1 connection; three rounds, subjects interleaved, medians
+   reported.
    The proxy runs from a copy of ``proxy/`` taken at the start, so one run measures one
    version of the code even while it is being edited.
 2. Peak RSS: a fresh proxy and database, 100,000 requests (half plain, half streamed), then
@@ -257,14 +260,18 @@ def run_wrk(
     latency: bool = False,
     max_requests: int | None = None,
     cpu: int | None = None,
+    store: bool = True,
 ) -> WrkResult:
-    """One wrk run; ``max_requests`` ends it after that many responses (``duration`` caps it)."""
+    """One wrk run; ``max_requests`` ends it after that many responses (``duration`` caps it);
+    ``store=False`` sends ``"store": false``."""
     argv = [*pinned(cpu), "wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--timeout", "10s"]
     argv += ["-s", str(HERE / f"{kind}.lua")]
     if latency:
         argv.append("--latency")
     argv.append(url + "/v1/chat/completions")
-    env = {k: v for k, v in os.environ.items() if k != "BENCH_MAX_REQUESTS"}
+    env = {k: v for k, v in os.environ.items() if k not in {"BENCH_MAX_REQUESTS", "BENCH_STORE"}}
+    if not store:
+        env["BENCH_STORE"] = "0"
     if max_requests is not None:
         env["BENCH_MAX_REQUESTS"] = str(max_requests)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -301,7 +308,7 @@ PLAN = (
     ("plain_latency", "plain", 1),
     ("stream_latency", "stream", 1),
 )
-SUBJECTS = ("direct", "floor", "proxy")
+SUBJECTS = ("direct", "floor", "relay", "proxy")
 
 
 @dataclass
@@ -329,6 +336,7 @@ def measure(
     connections: int,
     duration: int,
     pin: bool,
+    store: bool = True,
 ) -> tuple[WrkResult, dict[str, float]]:
     watched = {"subject": subject} | ({"upstream": upstream} if upstream else {})
     cpu_before = {key: server.cpu_seconds() for key, server in watched.items()}
@@ -340,6 +348,7 @@ def measure(
         duration=duration,
         latency=connections == 1,
         cpu=LOAD_CPU if pin else None,
+        store=store,
     )
     cpu = {
         key: (server.cpu_seconds() - cpu_before[key]) / run.seconds
@@ -359,8 +368,9 @@ def http_phase(
 ) -> tuple[dict[str, dict[str, Measured]], dict[str, Any]]:
     """Every subject, every run, ``settings.rounds`` times, subjects interleaved.
 
-    All four servers stay up; only the one under load is busy. Interleaving (direct, floor,
-    proxy, direct, ...) and taking medians keeps a drift of the machine (other jobs, CPU
+    All four servers stay up; only the one under load is busy (relay and proxy are the same
+    server, sent ``"store": false`` and ``true``). Interleaving (direct, floor, relay, proxy,
+    direct, ...) and taking medians keeps a drift of the machine (other jobs, CPU
     frequency) from landing on one subject only.
     """
     subject_cpu = SUBJECT_CPU if settings.pin else None
@@ -379,12 +389,14 @@ def http_phase(
         served = proxy(workdir, upstream, workdir / "proxy-http.db", subject_cpu)
         stack.callback(served.stop)
         served.start()
+        # label: (server, the upstream behind it, whether requests ask for store)
         subjects = {
-            "direct": (direct, None),
-            "floor": (middle, upstream),
-            "proxy": (served, upstream),
+            "direct": (direct, None, True),
+            "floor": (middle, upstream, True),
+            "relay": (served, upstream, False),
+            "proxy": (served, upstream, True),
         }
-        for server, _ in subjects.values():
+        for server, _, store in subjects.values():
             for kind in ("plain", "stream"):
                 run_wrk(
                     server.url,
@@ -392,11 +404,12 @@ def http_phase(
                     connections=CONNECTIONS,
                     duration=settings.warmup,
                     cpu=load_cpu,
+                    store=store,
                 )
         for round_ in range(1, settings.rounds + 1):
             for name, kind, connections in PLAN:
                 duration = settings.duration if connections > 1 else settings.latency_duration
-                for label, (server, behind) in subjects.items():
+                for label, (server, behind, store) in subjects.items():
                     run, cpu = measure(
                         server,
                         behind,
@@ -404,6 +417,7 @@ def http_phase(
                         connections=connections,
                         duration=duration,
                         pin=settings.pin,
+                        store=store,
                     )
                     results[label][name].runs.append(run)
                     results[label][name].cpu.append(cpu)
@@ -838,6 +852,7 @@ def http_figures(http: dict[str, dict[str, Measured]]) -> list[Figure]:
         direct = http["direct"][run].median_ms("p50")
         added = http["proxy"][run].median_ms("p50") - direct
         floor_added = http["floor"][run].median_ms("p50") - direct
+        relay_added = http["relay"][run].median_ms("p50") - direct
         figures.append(
             Figure(
                 f"{kind} p50 added by proxy (proxy - direct)",
@@ -845,7 +860,8 @@ def http_figures(http: dict[str, dict[str, Measured]]) -> list[Figure]:
                 "ms",
                 target="<= 1.0 ms",
                 passed=added <= 1.0,
-                note=f"the floor adds {floor_added:.3f} ms",
+                note=f"the floor adds {floor_added:.3f} ms, relay (store: false)"
+                f" {relay_added:.3f} ms",
             )
         )
     return figures
@@ -980,7 +996,7 @@ def main(argv: list[str] | None = None) -> int:
     figures: list[Figure] = []
     try:
         if "http" in parts:
-            log("HTTP: direct, floor, proxy")
+            log("HTTP: direct, floor, relay, proxy")
             http, proxy_extra = http_phase(settings, workdir, log)
             figures += http_figures(http)
             out["http"] = {

@@ -2,6 +2,8 @@
 -- a bearer token (the proxy needs one to own a stored completion), an optional request
 -- cap and a machine-readable summary.
 --
+-- BENCH_STORE=0 sends "store": false instead: the proxy forwards without capturing.
+--
 -- BENCH_MAX_REQUESTS=N stops after N responses (per wrk thread; run.py uses -t1): the
 -- thread stops and prints "BENCH_STOP"; wrk's main thread still sleeps out -d, so run.py
 -- sends it SIGINT on that line, which ends the run and prints the summary at once.
@@ -10,7 +12,8 @@
 local M = {}
 
 function M.setup(stream)
-  local body = '{"model":"gpt-4o-mini","store":true,'
+  local store = os.getenv("BENCH_STORE") == "0" and "false" or "true"
+  local body = '{"model":"gpt-4o-mini","store":' .. store .. ','
   if stream then
     body = body .. '"stream":true,'
   end
