@@ -155,6 +155,10 @@ class Redactor:
         self._rules = tuple(rules)
         self._hints = tuple(sorted({h.encode() for rule in self._rules for h in rule.hints}))
         self._unhinted = any(not rule.hints for rule in self._rules)
+        # Each rule with its hints as bytes, to test a document's JSON before decoding it.
+        self._byte_hints = tuple(
+            (rule, tuple(hint.encode() for hint in rule.hints)) for rule in self._rules
+        )
 
     @classmethod
     def build(cls, builtin: Sequence[str], custom: Mapping[str, str]) -> Redactor:
@@ -195,37 +199,47 @@ class Redactor:
         """False when there are no rules: callers may skip redaction altogether."""
         return bool(self._rules)
 
-    def text(self, value: str) -> tuple[str, int]:
-        """The masked text and the number of replacements."""
+    def text(self, value: str, rules: Sequence[Rule] | None = None) -> tuple[str, int]:
+        """The masked text and the number of replacements (by ``rules``, else all of them)."""
         total = 0
-        for rule in self._rules:
+        for rule in self._rules if rules is None else rules:
             if rule.may_match(value) and rule.pattern.search(value) is not None:
                 value, count = _apply(rule, value)
                 total += count
         return value, total
 
     def document(self, encoded: bytes, value: Any) -> tuple[Any, int]:
-        """Like ``json``, for a document also at hand as its JSON bytes: when no rule could
-        match anywhere in them (one fast byte search per hint), the walk is skipped.
+        """Like ``json``, for a document also at hand as its JSON bytes, which say which rules
+        can match at all (one fast byte search per hint): none, and the walk is skipped;
+        some, and only those walk it.
 
-        The bytes are what orjson or the client wrote; a client that spells ASCII letters as
-        ``\\u`` escapes defeats this shortcut, which is for secrets pasted by accident.
+        The bytes are what orjson or the client wrote. A hint's characters can hide in them
+        only as ``\\u`` escapes, so when the bytes hold one, every rule walks a document that
+        has any hint. A document with no hint at all is still skipped: a client that spells a
+        secret's prefix in ``\\u`` escapes, with no other hint around, defeats this shortcut,
+        which is for secrets pasted by accident.
         """
         if not self._rules:
             return value, 0
-        if not self._unhinted and not any(hint in encoded for hint in self._hints):
+        if self._unhinted:
+            return self.json(value)
+        if not any(hint in encoded for hint in self._hints):  # most documents: one pass, done
             return value, 0
-        return self.json(value)
+        if b"\\u" in encoded:
+            return self.json(value)
+        present = [rule for rule, hints in self._byte_hints if any(h in encoded for h in hints)]
+        return self.json(value, present)
 
-    def json(self, value: Any) -> tuple[Any, int]:
-        """A copy of parsed JSON with every string value masked, and the replacement count.
+    def json(self, value: Any, rules: Sequence[Rule] | None = None) -> tuple[Any, int]:
+        """A copy of parsed JSON with every string value masked (by ``rules``, else all of
+        them), and the replacement count.
 
         Dict keys, numbers, booleans and null are kept as they are; dicts and lists are new
         objects, so the input is never mutated. Iterative rather than recursive: a request
         nested as deep as the JSON parser allows must not hit Python's recursion limit.
         """
         if isinstance(value, str):
-            return self.text(value)
+            return self.text(value, rules)
         if not isinstance(value, dict | list):
             return value, 0
         total = 0
@@ -238,7 +252,7 @@ class Redactor:
             for key, item in items:
                 out = item
                 if isinstance(item, str):
-                    out, count = self.text(item)
+                    out, count = self.text(item, rules)
                     total += count
                 elif isinstance(item, dict | list):
                     out = {} if isinstance(item, dict) else []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import json
 import random
 import re
 import string
@@ -476,6 +477,78 @@ def test_stored_chat_completion() -> None:
     assert masked["usage"] == completion["usage"]
     assert masked["id"] == "chatcmpl-abc123"
     assert completion == before
+
+
+# -- document(): the JSON bytes decide which rules walk ------------------------------------------
+
+# Fragments a document's strings are made of: secrets, things that carry a hint but are no
+# secret ("task-based", "@decorator"), plain prose and non-ASCII text.
+FRAGMENTS = [
+    OPENAI_LEGACY,
+    ANTHROPIC,
+    AWS,
+    JWT,
+    f"Bearer {fake(24)}",
+    "jane@example.com",
+    "a task-based plan",
+    "@dataclass",
+    "plain prose, nothing to see",
+    "naïve café",
+    "日本語のテキスト",
+]
+
+
+def random_document(seed: int) -> dict[str, Any]:
+    rnd = random.Random(seed)
+
+    def text() -> str:
+        return " ".join(rnd.sample(FRAGMENTS, rnd.randint(1, 3)))
+
+    return {
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": text()} for _ in range(rnd.randint(1, 3))],
+        "metadata": {"note": text()},
+        "n": rnd.randint(1, 5),
+    }
+
+
+@pytest.mark.parametrize("ascii_only", [False, True], ids=["utf-8", "ensure_ascii"])
+def test_document_masks_what_json_masks(ascii_only: bool) -> None:
+    """Whichever rules the bytes let walk, the outcome is the full walk's (the bytes as orjson
+    writes them, and as a client writes them with ``\\u`` escapes for non-ASCII)."""
+    for seed in range(300):
+        document = random_document(seed)
+        encoded = json.dumps(document, ensure_ascii=ascii_only).encode()
+        assert FULL.document(encoded, document) == FULL.json(document), seed
+
+
+def test_document_without_any_hint_is_returned_as_it_is() -> None:
+    document = {"messages": [{"role": "user", "content": "plain prose, nothing to see"}]}
+    masked, count = FULL.document(orjson.dumps(document), document)
+    assert masked is document
+    assert count == 0
+
+
+def test_document_walks_with_the_rules_whose_hints_it_holds() -> None:
+    document = {"content": f"mail jane@example.com the key {OPENAI_LEGACY}", "id": AWS}
+    masked, count = FULL.document(orjson.dumps(document), document)
+    assert count == 3
+    assert masked == {
+        "content": f"mail {marker('email')} the key {marker('openai_key')}",
+        "id": marker("aws_access_key_id"),
+    }
+
+
+def test_document_with_escapes_walks_with_every_rule() -> None:
+    """A key whose prefix is a ``\\u`` escape has no hint in the bytes; an e-mail address
+    elsewhere makes the document walk, and then every rule walks it, not only ``email``."""
+    document = {"content": f"{OPENAI_LEGACY} from jane@example.com"}
+    encoded = orjson.dumps(document).replace(b"sk-", b"\\u0073k-")
+    assert b"sk-" not in encoded
+    assert orjson.loads(encoded) == document
+    masked, count = FULL.document(encoded, document)
+    assert count == 2
+    assert masked == {"content": f"{marker('openai_key')} from {marker('email')}"}
 
 
 # -- disabled ------------------------------------------------------------------------------------
