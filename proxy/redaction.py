@@ -153,12 +153,13 @@ class Redactor:
 
     def __init__(self, rules: Sequence[Rule]) -> None:
         self._rules = tuple(rules)
-        self._hints = tuple(sorted({h.encode() for rule in self._rules for h in rule.hints}))
         self._unhinted = any(not rule.hints for rule in self._rules)
-        # Each rule with its hints as bytes, to test a document's JSON before decoding it.
+        # Each rule with its hints as bytes, to test a document's JSON before decoding it,
+        # and all of them in one flat tuple for the first pass, which most documents end.
         self._byte_hints = tuple(
             (rule, tuple(hint.encode() for hint in rule.hints)) for rule in self._rules
         )
+        self._hints = tuple(sorted({hint for _, hints in self._byte_hints for hint in hints}))
 
     @classmethod
     def build(cls, builtin: Sequence[str], custom: Mapping[str, str]) -> Redactor:
