@@ -18,6 +18,7 @@ from proxy.models import ListQuery, PageQuery
 from proxy.store import (
     _CALLERS,
     CALLERS_PER_READ,
+    PAGE_SIZE,
     CompletionRecord,
     InsertRow,
     SQLiteStore,
@@ -486,6 +487,31 @@ async def test_steady_writes_do_not_grow_the_wal_without_end(tmp_path: Path) -> 
         assert wal.stat().st_size < written / 2  # without the restart: about 3 x written
     finally:
         await store.close()
+
+
+async def test_a_new_database_gets_small_pages_and_an_existing_one_keeps_its_own(
+    tmp_path: Path,
+) -> None:
+    """New files are made with PAGE_SIZE pages (less to write per commit); a file made
+    elsewhere with other pages keeps them, through opens, writes and a VACUUM by pruning."""
+    fresh, old = tmp_path / "fresh.db", tmp_path / "old.db"
+    with contextlib.closing(sqlite3.connect(old)) as conn:
+        conn.execute("PRAGMA page_size = 4096")
+        conn.execute("CREATE TABLE kept (a)")
+    for path in (fresh, old):
+        store = SQLiteStore(path)
+        await store.open()
+        try:
+            await store.write_batch([record(n, created=100) for n in range(50)])
+            assert (await store.prune(before=200)).completions == 50  # all: VACUUM runs
+        finally:
+            await store.close()
+    sizes = {}
+    for path in (fresh, old):
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            sizes[path.name] = conn.execute("PRAGMA page_size").fetchone()[0]
+    assert PAGE_SIZE != 4096
+    assert sizes == {"fresh.db": PAGE_SIZE, "old.db": 4096}
 
 
 async def test_a_write_whose_waiter_is_cancelled_still_commits_whole(
