@@ -222,8 +222,9 @@ WAL_RESTART_FRAMES = 1024
 # writes every B-tree page it changes to the WAL whole, and most of them are index leaves
 # that gain a few bytes: one bench completion wrote 13.3 pages (54 KiB) at 4 KiB and 15.8
 # pages (32 KiB) at 2 KiB. The WAL is fsynced before each checkpoint, and while that runs,
-# commits wait; with 40% fewer bytes to sync, the bench's p99 at one connection fell from
-# 7-10 ms to 5-6 ms (plain; streamed unchanged), p50 and batched writes alike or better.
+# commits stall; with 40% fewer bytes to sync, plain p99 at one connection fell from 7-10 ms
+# to 5-6 ms (the bench's requests, five interleaved rounds; streamed p99 unchanged). p50,
+# reads and batched writes measured the same within noise (README, Storage).
 PAGE_SIZE = 2048
 CALLERS_PER_READ = 100  # callers whose keys an admin's page reads in one statement
 IMPORT_CHUNK = 20_000  # rows per import transaction through the WAL (see _import)
