@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import functools
 import inspect
+import itertools
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
@@ -318,11 +319,18 @@ def _import(
     conn.execute(f"PRAGMA cache_size = -{int(cache_kib)}")
     try:
         while True:
+            # A chunk's first batch is awaited before its transaction begins, so a producer
+            # that is slow to start (parsing a large file) keeps no other writer waiting.
+            first = next(pending, None)
+            if first is None:
+                if not accept():
+                    raise _Rejected
+                return inserted
             with _transaction(conn):
                 base = _last_seq(conn)
                 rows = 0
                 now = time.time()
-                for batch in pending:
+                for batch in itertools.chain([first], pending):
                     if not accept():
                         raise _Rejected
                     inserted += _insert(conn, batch, now)
