@@ -22,7 +22,6 @@ from aiohttp.typedefs import Handler
 from proxy import admin, handlers, openapi
 from proxy.callers import Callers
 from proxy.config import Config, ConfigError
-from proxy.errors import exchange_middleware
 from proxy.keys import (
     CALLERS,
     CONFIG,
@@ -35,6 +34,7 @@ from proxy.keys import (
     WRITER,
 )
 from proxy.metrics import Metrics
+from proxy.middleware import exchange_middleware
 from proxy.redaction import DEFAULT_BUILTIN, Redactor
 from proxy.relay import Relay
 from proxy.replay import Replayer
