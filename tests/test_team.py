@@ -10,9 +10,8 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import sdk
 from tests.fakes import FakeUpstream, Reply, chunks, sse
-from tests.test_recordings import cli
+from tests.helpers import cli, sdk
 
 UPSTREAM_KEY = "sk-upstream-team-secret-0123456789abcdef"
 PRICES = {"gpt-test": {"input": 1.0, "cached_input": 0.5, "output": 2.0}}
