@@ -347,7 +347,7 @@ async def test_metrics_are_scraped(team, upstream: FakeUpstream) -> None:
     async with sdk(proxy, keys["alice"]) as alice:
         await alice.chat.completions.create(model="gpt-test", messages=ask("x"), store=True)
         await alice.chat.completions.list()
-    response = await proxy.get("/metrics")
+    response = await proxy.get("/metrics", headers={"Authorization": f"Bearer {keys['root']}"})
     assert response.status == 200
     families = {f.name: f for f in text_string_to_metric_families(await response.text())}
     requests = families["completions_proxy_requests"].samples
