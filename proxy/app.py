@@ -78,7 +78,9 @@ async def _store(app: web.Application) -> AsyncIterator[None]:
             on_committed=_count_stored(app),
             on_failed=_count_failed(app),
         )
-        app[METRICS] = Metrics(queue_depth=lambda: writer.depth)
+        app[METRICS] = Metrics(
+            queue_depth=lambda: writer.depth, caller_label=config.metrics.caller_label
+        )
         writer.start()
         app[STORE] = store
         app[WRITER] = writer
