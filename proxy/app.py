@@ -22,7 +22,6 @@ from aiohttp.typedefs import Handler
 from proxy import admin, handlers, openapi
 from proxy.callers import Callers
 from proxy.config import Config, ConfigError
-from proxy.errors import exchange_middleware
 from proxy.keys import (
     CALLERS,
     CONFIG,
@@ -35,6 +34,7 @@ from proxy.keys import (
     WRITER,
 )
 from proxy.metrics import Metrics
+from proxy.middleware import exchange_middleware
 from proxy.redaction import DEFAULT_BUILTIN, Redactor
 from proxy.relay import Relay
 from proxy.replay import Replayer
@@ -78,7 +78,9 @@ async def _store(app: web.Application) -> AsyncIterator[None]:
             on_committed=_count_stored(app),
             on_failed=_count_failed(app),
         )
-        app[METRICS] = Metrics(queue_depth=lambda: writer.depth)
+        app[METRICS] = Metrics(
+            queue_depth=lambda: writer.depth, caller_label=config.metrics.caller_label
+        )
         writer.start()
         app[STORE] = store
         app[WRITER] = writer

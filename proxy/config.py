@@ -153,6 +153,10 @@ class Price(_Section):
 
 class MetricsConfig(_Section):
     enabled: bool = True
+    # auto: an admin proxy key with auth.mode keys (callers are people's key names there),
+    # open otherwise (callers are token fingerprints); open or admin to choose.
+    access: Literal["auto", "open", "admin"] = "auto"
+    caller_label: bool = True
 
 
 class ReplayConfig(_Section):
@@ -185,6 +189,15 @@ class Config(_Section):
     metrics: MetricsConfig = MetricsConfig()
     replay: ReplayConfig = ReplayConfig()
     logging: LoggingConfig = LoggingConfig()
+
+    @model_validator(mode="after")
+    def _admins_exist(self) -> Config:
+        if self.metrics.access == "admin" and self.auth.mode != "keys":
+            raise ValueError(
+                "metrics.access: admin needs auth.mode: keys (passthrough callers are never"
+                " admins); use open, or auto"
+            )
+        return self
 
     def with_overrides(self, overrides: dict[str, dict[str, Any]]) -> Config:
         """A copy with the given section values replaced, validated like the file."""

@@ -117,7 +117,8 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
         status = error.status
         raise
     except asyncio.CancelledError:
-        access.outcome = Outcome.CLIENT_GONE
+        if access.outcome is None:
+            access.outcome = Outcome.CLIENT_GONE
         raise
     finally:
         if access.outcome in _FAILED:

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import io
 import sqlite3
-import sys
 from pathlib import Path
 
 import openai
@@ -14,24 +12,8 @@ import orjson
 import pytest
 
 from proxy.recordings import RUN_BYTES, _runs, parse_run
-from tests.conftest import sdk
 from tests.fakes import FakeUpstream, Reply
-from tests.test_replay import ASK, TOOLS, tool_completion
-
-
-async def cli(*args: str, stdin: bytes | None = None) -> tuple[int, bytes, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy",
-        *args,
-        stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(process.communicate(stdin), 120)
-    assert process.returncode is not None
-    return process.returncode, out, err.decode()
+from tests.helpers import ASK, TOOLS, cli, sdk, tool_completion
 
 
 def lines(data: bytes) -> list[dict]:
