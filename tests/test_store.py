@@ -615,3 +615,33 @@ async def test_a_rejected_import_takes_back_only_its_own_rows_beside_another_wri
     inserted = await store.import_records(batches(), accept=lambda: len(read) < 4, chunk_rows=8)
     assert inserted == 0
     assert rows_of(path)[0] == ["chatcmpl-other"]
+
+
+# -- several metadata pairs: the rarest drives -------------------------------------------------
+
+
+async def test_a_list_with_several_pairs_walks_the_rarest_one(store: SQLiteStore) -> None:
+    """Whatever order the pairs come in, the page is read from the rarest pair's rows (each
+    checked for the others), and the answer is the same."""
+    records = [
+        record(n, metadata={"env": "prod", "user": "u1" if n in (3, 7) else f"x{n}"})
+        for n in range(1, 41)
+    ] + [record(n, metadata={"env": "dev", "user": "u2"}) for n in range(41, 61)]
+    await store.write_batch(records)
+    common, rare, other = ("env", "prod"), ("user", "u1"), ("user", "u2")
+    assert await store._rarest("caller_a", (common, rare)) == 1
+    assert await store._rarest("caller_a", (rare, common)) == 0
+    assert await store._rarest("caller_a", (common, other)) == 1  # 20 rows against 40
+    for pairs in ((common, rare), (rare, common)):
+        for order in ("asc", "desc"):
+            page = await store.list_completions(
+                "caller_a", ListQuery(metadata=pairs, page=PageQuery(order=order))
+            )
+            expected = ["chatcmpl-3", "chatcmpl-7"]
+            assert [item.id for item in page.items] == (
+                expected if order == "asc" else expected[::-1]
+            )
+    for pairs in ((common, other), (other, common)):  # many rows each, never the same one
+        page = await store.list_completions("caller_a", ListQuery(metadata=pairs))
+        assert page.items == []
+        assert not page.has_more
