@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import orjson
 
 from proxy.replay import request_key
+from proxy.store.sqlite.signature import signature
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +51,23 @@ def _backfill_request_keys(conn: sqlite3.Connection) -> None:
             if isinstance(body, dict):
                 updates.append((request_key(body), seq))
         conn.executemany("UPDATE completions SET request_key = ? WHERE seq = ?", updates)
+        last = rows[-1][0]
+
+
+def _backfill_signatures(conn: sqlite3.Connection) -> None:
+    """Give the metadata rows stored before m010 their completion's signature."""
+    last = 0
+    while True:
+        rows = conn.execute(
+            "SELECT seq, metadata FROM completions WHERE seq > ? ORDER BY seq LIMIT 5000",
+            (last,),
+        ).fetchall()
+        if not rows:
+            return
+        conn.executemany(
+            "UPDATE completion_metadata SET sig = ? WHERE seq = ?",
+            [(signature(orjson.loads(metadata).items()), seq) for seq, metadata in rows],
+        )
         last = rows[-1][0]
 
 
@@ -266,6 +284,24 @@ MIGRATIONS: tuple[Migration, ...] = (
             " (SELECT coalesce(max(seq), 0) FROM completions),"
             " (SELECT coalesce(max(seq), 0) FROM tombstones),"
             " (SELECT coalesce(max(seq), 0) FROM deleted_completions))",
+        ),
+    ),
+    Migration(
+        "m010_metadata_signature",
+        (
+            # The signature of the completion's whole metadata on each of its pairs' rows
+            # (see signature.py): a list with several pairs walks one pair's index range
+            # and checks the others there, instead of one lookup per row.
+            "ALTER TABLE completion_metadata ADD COLUMN sig INTEGER NOT NULL DEFAULT 0",
+            "DROP INDEX completion_metadata_lookup",
+        ),
+        _backfill_signatures,
+    ),
+    Migration(
+        "m011_metadata_lookup_with_signature",
+        (
+            "CREATE INDEX completion_metadata_lookup"
+            " ON completion_metadata (caller, key, value, created, seq, sig)",
         ),
     ),
 )
