@@ -8,7 +8,8 @@ from pathlib import Path
 
 import orjson
 
-from proxy.store import CompletionRecord, SQLiteStore
+from proxy.store import CompletionRecord
+from proxy.store.sqlite import SQLiteStore
 from tests.conftest import sdk
 from tests.test_recordings import cli
 
