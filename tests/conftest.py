@@ -39,10 +39,12 @@ BOTH_BACKENDS = frozenset({"test_backends"})
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     module = metafunc.module.__name__.rsplit(".", 1)[-1]
-    if module in BOTH_BACKENDS and "store_url" in metafunc.fixturenames:
-        if not any(mark.name == "parametrize" and "store_url" in mark.args[0]
-                   for mark in metafunc.definition.iter_markers()):
-            metafunc.parametrize("store_url", BACKENDS, indirect=True)
+    chosen = any(
+        mark.name == "parametrize" and "store_url" in mark.args[0]
+        for mark in metafunc.definition.iter_markers()
+    )
+    if module in BOTH_BACKENDS and "store_url" in metafunc.fixturenames and not chosen:
+        metafunc.parametrize("store_url", BACKENDS, indirect=True)
 
 
 @pytest.fixture(scope="session")
@@ -83,7 +85,7 @@ def make_config(
 ) -> Config:
     data: dict[str, Any] = {
         "upstream": {"url": upstream_url, "connect_timeout": 2, "read_timeout": 5},
-        "store": {"path": store_url or str(tmp_path / "completions.db")},
+        "store": {"url": store_url or str(tmp_path / "completions.db")},
         "logging": {"format": "json"},
     }
     for name, values in sections.items():

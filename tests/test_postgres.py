@@ -8,7 +8,7 @@ import asyncio
 
 import asyncpg
 
-from proxy.postgres.migrations import MIGRATIONS, applied, migrate
+from proxy.store.postgres.migrations import MIGRATIONS, applied, migrate
 
 
 async def test_two_instances_starting_at_once_migrate_exactly_once(pg_url: str) -> None:

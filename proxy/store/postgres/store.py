@@ -154,7 +154,9 @@ def _exchange_columns(records: Sequence[ExchangeRecord]) -> list[list[Any]]:
     ]
 
 
-def _stage_rows(records: Sequence[CompletionRecord], now: float, first: int) -> Iterator[tuple[Any, ...]]:
+def _stage_rows(
+    records: Sequence[CompletionRecord], now: float, first: int
+) -> Iterator[tuple[Any, ...]]:
     """Rows for COPY into the import stage: the completion's columns and their file order."""
     for order, r in enumerate(records, first):
         yield (
@@ -225,7 +227,7 @@ class PostgresStore:
     """The PostgreSQL store: a pool of connections to one database (or one schema of it, when
     the URL sets ``search_path``), shared with other proxy instances."""
 
-    def __init__(  # noqa: PLR0917 - the pool's settings
+    def __init__(
         self,
         url: str,
         *,
@@ -633,7 +635,8 @@ class PostgresStore:
             counts = await self._p.fetchrow(sql, *params)
             assert counts is not None
             rare = tuple(
-                pair for pair, count in zip(query.metadata, counts, strict=True)
+                pair
+                for pair, count in zip(query.metadata, counts, strict=True)
                 if count < queries.RARE
             )
         sql, params = queries.page(scope, query, cursor, rare)
@@ -716,8 +719,7 @@ class PostgresStore:
         sequence, so every instance sees them in the same order)."""
         if caller is None:
             rows = await self._p.fetch(
-                "SELECT completion FROM completions WHERE request_key = $1"
-                " ORDER BY seq LIMIT 1000",
+                "SELECT completion FROM completions WHERE request_key = $1 ORDER BY seq LIMIT 1000",
                 request_key,
             )
         else:
@@ -747,11 +749,13 @@ class PostgresStore:
             )
         names = ", ".join(queries.COMPLETION_COLUMNS)
         sql = f"SELECT {names} FROM completions WHERE {' AND '.join(clauses)} ORDER BY seq"
-        async with self._acquire() as conn:
-            async with conn.transaction(isolation="repeatable_read", readonly=True):
-                cursor = await conn.cursor(sql, *p.values)
-                while rows := await cursor.fetch(EXPORT_BATCH):
-                    yield [_record(row) for row in rows]
+        async with (
+            self._acquire() as conn,
+            conn.transaction(isolation="repeatable_read", readonly=True),
+        ):
+            cursor = await conn.cursor(sql, *p.values)
+            while rows := await cursor.fetch(EXPORT_BATCH):
+                yield [_record(row) for row in rows]
 
 
 def _record(row: asyncpg.Record) -> CompletionRecord:

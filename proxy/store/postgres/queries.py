@@ -156,7 +156,9 @@ def page_keys(  # noqa: PLR0917 - one page's coordinates
             f" AND key = {p(key)} AND value = {p(value)}"
             for key, value in rare
         ]
-        source = f"completions k WHERE k.seq IN ({' INTERSECT '.join(sets)}) AND k.caller = {caller}"
+        source = (
+            f"completions k WHERE k.seq IN ({' INTERSECT '.join(sets)}) AND k.caller = {caller}"
+        )
         keys = "k.created, k.seq"
         alias = "k"
     elif common:
