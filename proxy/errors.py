@@ -17,7 +17,8 @@ Hierarchy (status → OpenAI SDK exception)::
     ├── MethodNotAllowed      405  APIStatusError
     ├── PayloadTooLarge       413  APIStatusError
     ├── UpstreamUnreachable   502  InternalServerError      refused / reset before an answer
-    ├── StoreUnavailable      503  InternalServerError      store known broken; store=true refused
+    ├── StoreUnavailable      503  InternalServerError      store known broken; store=true refused;
+    │                                                       also any StoreError a handler meets
     └── UpstreamTimeout       504  InternalServerError      no answer within the read timeout
 
 The SDK retries 408, 409, 429 and >= 500, so those statuses are used only for failures that
@@ -40,6 +41,7 @@ from aiohttp.typedefs import Handler, Middleware
 from proxy.keys import ACCESS, METRICS
 from proxy.logs import AccessRecord
 from proxy.outcome import Outcome
+from proxy.store.errors import StoreError
 
 log = logging.getLogger("proxy.errors")
 access_logger = logging.getLogger("proxy.access")
@@ -189,6 +191,12 @@ def exchange_middleware(access_log: bool) -> Middleware:
                     raise
                 response = render(_from_http_exception(exc), request_id)
                 access.outcome = access.outcome or Outcome.REFUSED
+            except StoreError as error:  # the database failed a read: it may pass, so 503
+                log.warning("store failed", extra={"request_id": request_id, "reason": str(error)})
+                unavailable = StoreUnavailable(
+                    f"The completion store failed ({error}).", code="store_unavailable"
+                )
+                response = render(unavailable, request_id)
             except Exception:
                 log.exception("unhandled error", extra={"request_id": request_id})
                 response = render(ProxyError("The proxy failed to handle the request."), request_id)
