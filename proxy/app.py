@@ -38,7 +38,7 @@ from proxy.metrics import Metrics
 from proxy.redaction import DEFAULT_BUILTIN, Redactor
 from proxy.relay import Relay
 from proxy.replay import Replayer
-from proxy.store import CompletionRecord, open_store
+from proxy.store import CompletionRecord, StoreError, open_store
 from proxy.upstream import make_session
 from proxy.usage import cost
 from proxy.writer import Writer
@@ -168,7 +168,7 @@ async def _upstream(app: web.Application) -> AsyncIterator[None]:
 def create_app(config: Config) -> web.Application:
     app = web.Application(
         client_max_size=config.server.max_body_bytes,
-        middlewares=[exchange_middleware(config.logging.access_log)],
+        middlewares=[exchange_middleware(config.logging.access_log, unavailable=(StoreError,))],
     )
     app[CONFIG] = config
     app[OPENAPI] = orjson.dumps(openapi.document())

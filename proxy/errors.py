@@ -41,7 +41,6 @@ from aiohttp.typedefs import Handler, Middleware
 from proxy.keys import ACCESS, METRICS
 from proxy.logs import AccessRecord
 from proxy.outcome import Outcome
-from proxy.store.errors import StoreError
 
 log = logging.getLogger("proxy.errors")
 access_logger = logging.getLogger("proxy.access")
@@ -164,12 +163,16 @@ def _from_http_exception(exc: web.HTTPException) -> ProxyError:
     return error
 
 
-def exchange_middleware(access_log: bool) -> Middleware:
+def exchange_middleware(
+    access_log: bool, unavailable: tuple[type[Exception], ...] = ()
+) -> Middleware:
     """Give every request an id and an access record; render every failure of the proxy's own.
 
     Only ``ProxyError`` (and aiohttp's own HTTP errors, such as a body over the size limit)
-    become OpenAI-shaped answers; anything unexpected is logged with its traceback and
-    answered with a plain 500 that says nothing of the internals.
+    become OpenAI-shaped answers; an ``unavailable`` error (the store's, passed in by the
+    app so this module imports nothing of the store) is a 503 that says why; anything
+    unexpected is logged with its traceback and answered with a plain 500 that says nothing
+    of the internals.
     """
 
     ids = request_ids()
@@ -191,12 +194,12 @@ def exchange_middleware(access_log: bool) -> Middleware:
                     raise
                 response = render(_from_http_exception(exc), request_id)
                 access.outcome = access.outcome or Outcome.REFUSED
-            except StoreError as error:  # the database failed a read: it may pass, so 503
+            except unavailable as error:  # the store failed (a read): it may pass, so 503
                 log.warning("store failed", extra={"request_id": request_id, "reason": str(error)})
-                unavailable = StoreUnavailable(
+                failed = StoreUnavailable(
                     f"The completion store failed ({error}).", code="store_unavailable"
                 )
-                response = render(unavailable, request_id)
+                response = render(failed, request_id)
             except Exception:
                 log.exception("unhandled error", extra={"request_id": request_id})
                 response = render(ProxyError("The proxy failed to handle the request."), request_id)
