@@ -31,8 +31,8 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from proxy.errors import InvalidRequest
+from proxy.identity import request_key
 from proxy.models import check_metadata
-from proxy.replay import request_key
 from proxy.store import CompletionRecord, ExportFilter, InsertRow, Store, insert_row
 
 Format = Literal["jsonl", "finetune"]
