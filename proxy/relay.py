@@ -290,7 +290,7 @@ class Relay:
         access.completion_id = record.id
         try:
             await self._writer.commit(record)
-        except WriteFailed:
-            access.outcome = Outcome.STORE_FAILED
+        except WriteFailed as error:
+            access.outcome = Outcome.UNSTORABLE if error.rejected else Outcome.STORE_FAILED
             return
         access.outcome = Outcome.COMPLETE

@@ -5,9 +5,11 @@ to ``batch_size``) and commits it in one transaction, so under load many complet
 one commit and at rest a single one commits at once.
 
 When a batch fails, its records are retried one by one, so one bad record cannot sink its
-neighbours. A record that still cannot be written is logged with its id and counted, and
-the store is marked unhealthy: from then on ``store: true`` requests are refused with 503
-before any upstream call, until a probe write succeeds again.
+neighbours. A record that still cannot be written is logged with its id and counted. Then
+the store is asked whether it can write at all (a probe write): if it can, the record was at
+fault (a value the store cannot hold) and only that record failed (``WriteFailed.rejected``);
+if it cannot, the store is marked unhealthy: from then on ``store: true`` requests are
+refused with 503 before any upstream call, until a probe write succeeds again.
 """
 
 from __future__ import annotations
@@ -26,7 +28,12 @@ PROBE_INTERVAL = 2.0
 
 
 class WriteFailed(Exception):
-    """The record could not be committed."""
+    """The record could not be committed; ``rejected`` when the store is fine and the record
+    itself was refused."""
+
+    def __init__(self, reason: str, *, rejected: bool = False) -> None:
+        super().__init__(reason)
+        self.rejected = rejected
 
 
 @dataclass(slots=True)
@@ -139,7 +146,7 @@ class Writer:
         if not job.done.done():
             job.done.set_result(None)
 
-    def _fail(self, job: _Job, reason: str) -> None:
+    def _fail(self, job: _Job, reason: str, *, rejected: bool = False) -> None:
         record = job.record
         record_id = record.id if isinstance(record, CompletionRecord) else record.request_id
         self.stats.failed += 1
@@ -154,7 +161,7 @@ class Writer:
         if self._on_failed is not None:
             self._on_failed()
         if not job.done.done():
-            job.done.set_exception(WriteFailed(reason))
+            job.done.set_exception(WriteFailed(reason, rejected=rejected))
 
     def _note_duplicates(self, jobs: list[_Job], inserted: int) -> None:
         if inserted < len(jobs):
@@ -169,13 +176,24 @@ class Writer:
         try:
             inserted = await self._store.write_batch([job.record])
         except Exception as error:  # noqa: BLE001 - reported, counted and surfaced in _fail
-            self._fail(job, str(error))
-            self._mark_broken(str(error))
+            if await self._store_writes():
+                self._fail(job, f"the store refused this record: {error}", rejected=True)
+            else:
+                self._fail(job, str(error))
+                self._mark_broken(str(error))
             return
         self.stats.batches += 1
         self.stats.committed += inserted
         self._note_duplicates([job], inserted)
         self._succeed(job)
+
+    async def _store_writes(self) -> bool:
+        """Whether the store can write at all, asked after one record failed alone."""
+        try:
+            await self._store.probe_write()
+        except Exception:  # noqa: BLE001 - the answer is no
+            return False
+        return True
 
     def _mark_broken(self, reason: str) -> None:
         if self.broken is None:
