@@ -4,12 +4,15 @@ A handler submits a record and awaits its commit; the writer takes everything qu
 to ``batch_size``) and commits it in one transaction, so under load many completions share
 one commit and at rest a single one commits at once.
 
-When a batch fails, its records are retried one by one, so one bad record cannot sink its
-neighbours. A record that still cannot be written is logged with its id and counted. Then
-the store is asked whether it can write at all (a probe write): if it can, the record was at
-fault (a value the store cannot hold) and only that record failed (``WriteFailed.rejected``);
-if it cannot, the store is marked unhealthy: from then on ``store: true`` requests are
-refused with 503 before any upstream call, until a probe write succeeds again.
+When the driver refuses a batch for a record's own values (``OverflowError``, ``ValueError``,
+``TypeError``: a number outside 64 bits, say), its records are retried one by one, so one bad
+record cannot sink its neighbours, and only that record fails (``WriteFailed.rejected``).
+Any other failure is the store's (full, read-only, locked, gone): the batch's records fail,
+and the store is marked unhealthy: from then on ``store: true`` requests are refused with 503
+before any upstream call, and records still queued fail at once rather than each waiting out
+the store's lock timeout (so a shutdown is prompt), until a probe write succeeds again. (A
+probe cannot tell the two kinds apart: a full SQLite file still takes its one-row update.)
+Every record that fails is logged with its id and counted.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from proxy.store import CompletionRecord, Store, Writable
 log = logging.getLogger("proxy.writer")
 
 PROBE_INTERVAL = 2.0
+# What drivers raise for a value they cannot encode (asyncpg's DataError is a ValueError).
+_REJECTED = (OverflowError, ValueError, TypeError)
 
 
 class WriteFailed(Exception):
@@ -127,12 +132,23 @@ class Writer:
                     self._queue.task_done()
 
     async def _write(self, jobs: list[_Job]) -> None:
+        if self.broken is not None:
+            # Known broken (the probe decides when it is back): each write would only wait
+            # out the store's lock timeout, and a shutdown would wait for all of them.
+            for job in jobs:
+                self._fail(job, f"the store is unavailable ({self.broken})")
+            return
         try:
             inserted = await self._store.write_batch([job.record for job in jobs])
-        except Exception as error:  # noqa: BLE001 - any failure is retried one by one below
+        except _REJECTED as error:
             log.warning("batch of %d failed (%s); retrying one by one", len(jobs), error)
             for job in jobs:
                 await self._write_one(job)
+            return
+        except Exception as error:  # noqa: BLE001 - the store's failure: every record fails
+            for job in jobs:
+                self._fail(job, str(error))
+            self._mark_broken(str(error))
             return
         self.stats.batches += 1
         self.stats.committed += inserted
@@ -173,10 +189,13 @@ class Writer:
             )
 
     async def _write_one(self, job: _Job) -> None:
+        if self.broken is not None:
+            self._fail(job, f"the store is unavailable ({self.broken})")
+            return
         try:
             inserted = await self._store.write_batch([job.record])
         except Exception as error:  # noqa: BLE001 - reported, counted and surfaced in _fail
-            if await self._store_writes():
+            if isinstance(error, _REJECTED):
                 self._fail(job, f"the store refused this record: {error}", rejected=True)
             else:
                 self._fail(job, str(error))
@@ -186,14 +205,6 @@ class Writer:
         self.stats.committed += inserted
         self._note_duplicates([job], inserted)
         self._succeed(job)
-
-    async def _store_writes(self) -> bool:
-        """Whether the store can write at all, asked after one record failed alone."""
-        try:
-            await self._store.probe_write()
-        except Exception:  # noqa: BLE001 - the answer is no
-            return False
-        return True
 
     def _mark_broken(self, reason: str) -> None:
         if self.broken is None:

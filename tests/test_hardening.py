@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import signal
 import sqlite3
 import time
 import tracemalloc
@@ -16,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 
@@ -25,6 +27,7 @@ from proxy.store import CompletionRecord, SQLiteStore
 from proxy.writer import WriteFailed, Writer
 from tests.conftest import sdk
 from tests.fakes import FakeUpstream, Reply, chunks, completion, sse
+from tests.processes import ProxyProcess
 
 UPSTREAM_KEY = "sk-proj-TEAMKEY0123456789abcdefghijklmnopqrstuvwxyzTAIL"
 AUTH = {"Authorization": "Bearer sk-test-alice"}
@@ -464,3 +467,89 @@ async def test_the_writer_fails_only_the_record_the_store_rejects(tmp_path: Path
     with sqlite3.connect(tmp_path / "w.db") as db:
         ids = {row[0] for row in db.execute("SELECT id FROM completions")}
     assert ids == {"chatcmpl-good-1", "chatcmpl-good-2", "chatcmpl-good-3"}
+
+
+# 8. Smaller ones (R19, R3) ---------------------------------------------------------------
+
+
+async def fill_until_broken(client: Any, base: str) -> list[str]:
+    """Store completions until the store is full and refuses; returns the stored ids."""
+    ids: list[str] = []
+    for n in range(400):
+        response = await client.post(
+            base + "/v1/chat/completions",
+            json={"model": "gpt-test", "store": True, "messages": ask(f"{n} " + "x" * 6000)},
+            headers=AUTH,
+        )
+        if response.status == 503:
+            return ids
+        assert response.status == 200
+        ids.append((await response.json())["id"])
+    raise AssertionError("the store never filled up")
+
+
+async def test_sigterm_exits_promptly_when_the_store_is_broken(
+    upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text("store:\n  max_bytes: 262144\nserver:\n  shutdown_timeout: 30\n")
+    process = ProxyProcess(
+        db=tmp_path / "completions.db",
+        upstream_url=upstream.url,  # type: ignore[attr-defined]
+        log_path=tmp_path / "proxy.log",
+        extra_args=["--config", str(config)],
+    )
+    process.start()
+    try:
+        await process.wait_healthy()
+        async with aiohttp.ClientSession() as client:
+            await fill_until_broken(client, process.url)
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        code = await process.wait_exit(20)
+        took = time.monotonic() - started
+    finally:
+        process.stop()
+    assert code == 0, process.log_tail()
+    assert took < 5, (took, process.log_tail())
+
+
+async def test_sigterm_exits_promptly_while_the_store_is_locked(
+    upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    process = ProxyProcess(
+        db=tmp_path / "completions.db",
+        upstream_url=upstream.url,  # type: ignore[attr-defined]
+        log_path=tmp_path / "proxy.log",
+    )
+    process.start()
+    lock = None
+    try:
+        await process.wait_healthy()
+        lock = sqlite3.connect(tmp_path / "completions.db", isolation_level=None, timeout=1)
+        lock.execute("BEGIN IMMEDIATE")  # another program holds the write lock: nothing commits
+        async with aiohttp.ClientSession() as client:
+            requests = [
+                asyncio.ensure_future(
+                    client.post(
+                        process.base_url + "/chat/completions",
+                        json={"model": "gpt-test", "store": True, "messages": ask(str(n))},
+                        headers=AUTH,
+                    )
+                )
+                for n in range(6)
+            ]
+            await eventually(lambda: len(upstream.chat_requests()) == 6)
+            started = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            code = await process.wait_exit(30)
+            took = time.monotonic() - started
+            answers = await asyncio.gather(*requests, return_exceptions=True)
+    finally:
+        if lock is not None:
+            lock.close()
+        process.stop()
+    assert code == 0, process.log_tail()
+    assert took < 12, (took, process.log_tail())
+    assert all(not isinstance(a, BaseException) and a.status == 200 for a in answers), answers
+    assert process.log_tail(400).count("completion not stored") == 6
