@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import replace
 
 import orjson
@@ -191,12 +193,30 @@ async def get_chat_completion(request: web.Request) -> web.Response:
     return _json(body)
 
 
+@contextlib.contextmanager
+def _store_change(request: web.Request) -> Iterator[None]:
+    """A change the store could not make (full disk, read-only, locked) is a 503 in OpenAI's
+    shape, never a bare 500; nothing was changed, so the client may try again."""
+    try:
+        yield
+    except Exception as error:  # noqa: BLE001 - whatever the backend raises: the store's failure
+        log.warning(
+            "store change failed",
+            extra={"request_id": request[ACCESS].request_id, "reason": str(error)[:300]},
+        )
+        raise StoreUnavailable(
+            "The completion store could not make this change; nothing was changed.",
+            code="store_unavailable",
+        ) from None
+
+
 async def update_chat_completion(request: web.Request) -> web.Response:
     caller = await required_caller(request)
     completion_id = request.match_info["completion_id"]
     metadata = parse_update_body(await read_body(request))
     store = request.app[STORE]
-    body = await store.update_metadata(caller.scope, completion_id, metadata, caller.name)
+    with _store_change(request):
+        body = await store.update_metadata(caller.scope, completion_id, metadata, caller.name)
     if body is None:
         raise _not_found(completion_id)
     return _json(body)
@@ -207,7 +227,11 @@ async def delete_chat_completion(request: web.Request) -> web.Response:
     caller = await required_caller(request)
     completion_id = request.match_info["completion_id"]
     purge = request.app[CONFIG].audit.delete_purges
-    if not await request.app[STORE].delete(caller.scope, completion_id, caller.name, purge=purge):
+    with _store_change(request):
+        deleted = await request.app[STORE].delete(
+            caller.scope, completion_id, caller.name, purge=purge
+        )
+    if not deleted:
         raise _not_found(completion_id)
     return _json(
         orjson.dumps({"object": "chat.completion.deleted", "id": completion_id, "deleted": True})
