@@ -553,3 +553,122 @@ async def test_sigterm_exits_promptly_while_the_store_is_locked(
     assert took < 12, (took, process.log_tail())
     assert all(not isinstance(a, BaseException) and a.status == 200 for a in answers), answers
     assert process.log_tail(400).count("completion not stored") == 6
+
+
+@pytest.mark.parametrize(
+    "limit", ["\uff11\uff10", "1_0", " 5", "+5", "\u00b2", "5 ", "0x10", "0" * 20 + "5"]
+)
+async def test_limit_takes_plain_ascii_digits_only(proxy, limit: str) -> None:
+    for path in ("/v1/chat/completions", "/v1/chat/completions/chatcmpl-1/messages"):
+        response = await proxy.get(path, params={"limit": limit}, headers=AUTH)
+        assert response.status == 400, (path, limit)
+        assert (await response.json())["error"]["param"] == "limit"
+
+
+@pytest.mark.parametrize("name", ["metadata[topic", "metadata", "metadatatopic]", "metadata]x["])
+async def test_a_malformed_metadata_filter_is_a_400(proxy, name: str) -> None:
+    response = await proxy.get("/v1/chat/completions", params={name: "demo"}, headers=AUTH)
+    assert response.status == 400
+    assert (await response.json())["error"]["param"] == "metadata"
+
+
+@pytest.mark.parametrize(
+    ("path", "param"),
+    [
+        ("/admin/audit?after=18446744073709551616", "after"),
+        ("/admin/audit?after=\uff19", "after"),
+        ("/admin/audit?limit=1_0", "limit"),
+        ("/admin/usage?since=99999999999999999999", "since"),
+        ("/admin/usage?until=18446744073709551616", "until"),
+    ],
+)
+async def test_admin_parameters_out_of_range_are_400(team, path: str, param: str) -> None:
+    proxy, keys = await team()
+    response = await proxy.get(path, headers={"Authorization": f"Bearer {keys['root']}"})
+    assert response.status == 400
+    assert (await response.json())["error"]["param"] == param
+
+
+async def test_an_answer_with_an_empty_id_is_not_stored(
+    proxy, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    blank = completion({"model": "gpt-test", "messages": ask("x")}, "")
+    upstream.script(Reply(json=blank))
+    response = await proxy.post(
+        "/v1/chat/completions",
+        json={"model": "gpt-test", "messages": ask("x"), "store": True},
+        headers=AUTH,
+    )
+    assert response.status == 200
+    assert await response.json() == blank
+    rows = await eventually(lambda: exchanges(tmp_path))
+    assert rows[0][0] == "unstorable"
+    assert stored_ids(tmp_path) == set()
+
+
+async def test_update_and_delete_on_a_full_store_are_503(
+    proxy_factory, upstream: FakeUpstream
+) -> None:
+    proxy = await proxy_factory(store={"max_bytes": 256 * 1024})
+    ids = await fill_until_broken(proxy, "")
+    update = await proxy.post(
+        f"/v1/chat/completions/{ids[0]}",
+        json={"metadata": {"k": "v" * 500, "l": "w" * 500}},
+        headers=AUTH,
+    )
+    assert update.status == 503
+    error = (await update.json())["error"]
+    assert error["code"] == "store_unavailable"
+    assert set(error) == {"message", "type", "param", "code"}
+    deleted = await proxy.delete(f"/v1/chat/completions/{ids[1]}", headers=AUTH)
+    assert deleted.status in {200, 503}  # a delete may fit in a full file; never a bare 500
+    if deleted.status == 503:
+        assert (await deleted.json())["error"]["code"] == "store_unavailable"
+
+
+# 9. Matching OpenAI's published schema (R18) ---------------------------------------------
+
+
+async def test_a_stream_without_usage_stores_those_keys_absent(
+    proxy, upstream: FakeUpstream
+) -> None:
+    request = {"model": "gpt-test", "messages": ask("bare"), "stream": True, "store": True}
+    bare = [
+        {k: v for k, v in c.items() if k != "system_fingerprint"}
+        for c in chunks(request, "chatcmpl-bare")
+    ]
+    upstream.script(Reply(sse=sse(bare)))
+    response = await proxy.post("/v1/chat/completions", json=request, headers=AUTH)
+    await response.read()
+    async with sdk(proxy, "sk-test-alice") as alice:
+        raw = await alice.chat.completions.with_raw_response.retrieve("chatcmpl-bare")
+    stored = orjson.loads(raw.content)
+    for key in ("usage", "system_fingerprint", "service_tier"):
+        assert key not in stored, key
+    assert stored["choices"][0]["message"]["content"] == "echo: bare"
+
+
+async def test_openapi_describes_create_as_the_upstream_answer_and_the_admin_endpoints(
+    proxy, upstream: FakeUpstream
+) -> None:
+    document = await (await proxy.get("/openapi.json")).json()
+    ok = document["paths"]["/v1/chat/completions"]["post"]["responses"]["200"]["content"]
+    ref = ok["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]
+    schema = document["components"]["schemas"][ref]
+    assert "metadata" not in schema["required"]
+    answer = await (
+        await proxy.post(
+            "/v1/chat/completions",
+            json={"model": "gpt-test", "messages": ask("x"), "store": True},
+            headers=AUTH,
+        )
+    ).json()
+    assert set(schema["required"]) <= set(answer)
+    assert "text/event-stream" in ok
+    operations = {
+        path: op["operationId"]
+        for path, methods in document["paths"].items()
+        for op in methods.values()
+        if isinstance(op, dict) and "operationId" in op
+    }
+    assert {"/admin/usage", "/admin/exchanges", "/admin/audit"} <= set(operations)
