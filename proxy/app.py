@@ -24,6 +24,7 @@ from proxy.config import Config, ConfigError
 from proxy.keys import (
     CALLERS,
     CONFIG,
+    FORWARDING,
     METRICS,
     OPENAPI,
     REDACTOR,
@@ -38,7 +39,7 @@ from proxy.redaction import DEFAULT_BUILTIN, Redactor
 from proxy.relay import Relay
 from proxy.replay import Replayer
 from proxy.store import CompletionRecord, open_store
-from proxy.upstream import make_session
+from proxy.upstream import RETARGETING, ForwardRules, make_session
 from proxy.usage import cost
 from proxy.writer import Writer
 
@@ -158,9 +159,23 @@ async def _upstream(app: web.Application) -> AsyncIterator[None]:
         if not upstream_key:
             raise RuntimeError(f"auth.mode is keys but {config.auth.upstream_key_env} is not set")
     session = make_session(config.upstream)
-    app[RELAY] = Relay(session, config.upstream.url, app[WRITER], upstream_key)
+    drop = (
+        frozenset() if upstream_key is None else RETARGETING - _lower(config.auth.forward_headers)
+    )
+    app[RELAY] = Relay(
+        session,
+        config.upstream.url,
+        app[WRITER],
+        upstream_key,
+        drop_headers=drop,
+        max_answer_bytes=config.capture.max_answer_bytes,
+    )
     yield
     await session.close()
+
+
+def _lower(names: list[str]) -> frozenset[str]:
+    return frozenset(name.lower() for name in names)
 
 
 def create_app(config: Config) -> web.Application:
@@ -171,6 +186,7 @@ def create_app(config: Config) -> web.Application:
     app[CONFIG] = config
     app[OPENAPI] = orjson.dumps(openapi.document())
     app[REDACTOR] = redactor_of(config)
+    app[FORWARDING] = ForwardRules(config.auth.forward, config.auth.admin_forward)
     app.cleanup_ctx.append(_store)
     app.cleanup_ctx.append(_retention)
     app.cleanup_ctx.append(_upstream)

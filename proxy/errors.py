@@ -37,6 +37,7 @@ from aiohttp import web
 class ProxyError(Exception):
     status = 500
     type = "server_error"
+    close_connection = False  # the connection is closed after the answer
 
     def __init__(
         self,
@@ -84,6 +85,7 @@ class MethodNotAllowed(ProxyError):
 class RequestTimeout(ProxyError):
     status = 408
     type = "invalid_request_error"
+    close_connection = True
 
 
 class PayloadTooLarge(ProxyError):
@@ -125,12 +127,15 @@ def error_body(error: ProxyError) -> bytes:
 
 
 def render(error: ProxyError, request_id: str) -> web.Response:
-    return web.Response(
+    response = web.Response(
         status=error.status,
         body=error_body(error),
         content_type="application/json",
         headers={**error.headers, "x-request-id": request_id},
     )
+    if error.close_connection:
+        response.force_close()
+    return response
 
 
 def from_http_exception(exc: web.HTTPException) -> ProxyError:

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from proxy.errors import ProxyError, from_http_exception, render
+from proxy.errors import InvalidRequest, ProxyError, from_http_exception, render
 from proxy.keys import ACCESS, METRICS
 from proxy.logs import AccessRecord
 from proxy.outcome import Outcome
@@ -53,6 +53,13 @@ def exchange_middleware(access_log: bool) -> Middleware:
         response: web.StreamResponse | None = None
         try:
             try:
+                if len(request.headers.getall("Authorization", ())) > 1:
+                    # Which one a server or the upstream would pick differs: refuse to guess.
+                    raise InvalidRequest(
+                        "The request has more than one Authorization header.",
+                        param="Authorization",
+                        code="duplicate_authorization",
+                    )
                 response = await handler(request)
             except ProxyError as error:
                 response = render(error, request_id)
