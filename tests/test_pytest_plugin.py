@@ -1,0 +1,321 @@
+"""The pytest plugin, run by pytest on small generated projects (pytester).
+
+Each project's tests call the official SDK with no base URL of their own; the plugin points
+them at its proxy. Recording goes to a real fake upstream served on a loopback port; replay
+runs with that upstream stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+from aiohttp import web
+
+from tests.fakes import FakeUpstream
+
+pytest_plugins = ["pytester"]
+
+# In-process runs share this process, where the package is already imported: pytest says it
+# cannot rewrite its asserts (a fresh process marks it before importing it, and says nothing).
+INI = """
+[pytest]
+asyncio_mode = auto
+asyncio_default_fixture_loop_scope = function
+filterwarnings =
+    error
+    ignore:Module already imported so cannot be rewritten:pytest.PytestAssertRewriteWarning
+"""
+
+TESTS = """
+import json, os
+import openai
+import pytest
+
+QUESTION = [{"role": "user", "content": "hello"}]
+
+
+def note(name, *ids):
+    with open(os.environ["PLUGIN_TEST_NOTES"], "a") as notes:
+        notes.write(json.dumps([name, *ids]) + "\\n")
+
+
+@pytest.mark.completions
+def test_sync_plain():
+    client = openai.OpenAI()
+    first = client.chat.completions.create(model="gpt-test", messages=QUESTION)
+    second = client.chat.completions.create(model="gpt-test", messages=QUESTION)
+    assert first.choices[0].message.content == "echo: hello"
+    assert first.id != second.id  # two recordings of one request play in order
+    note("sync_plain", first.id, second.id)
+
+
+@pytest.mark.completions
+async def test_async_stream():
+    async with openai.AsyncOpenAI() as client:
+        stream = await client.chat.completions.create(
+            model="gpt-test", messages=QUESTION, stream=True, stream_options={"include_usage": True}
+        )
+        chunks = [chunk async for chunk in stream]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "echo: hello"
+    assert chunks[-1].usage.total_tokens == 12
+    note("async_stream", chunks[0].id)
+
+
+def test_fixture_with_a_client_built_by_hand(completions_proxy):
+    client = openai.OpenAI(base_url=completions_proxy, api_key="sk-anything")
+    answer = client.chat.completions.create(
+        model="gpt-test", messages=[{"role": "user", "content": "by hand"}], n=2
+    )
+    assert [c.message.content for c in answer.choices] == ["echo: by hand"] * 2
+    note("by_hand", answer.id)
+"""
+
+
+class UpstreamThread:
+    """The fake upstream served on a loopback port from its own thread and loop."""
+
+    def __init__(self) -> None:
+        self.fake = FakeUpstream()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.runner = web.AppRunner(self.fake.app)
+        self.url = ""
+
+    async def _start(self) -> str:
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        return f"http://127.0.0.1:{self.runner.addresses[0][1]}/v1"
+
+    def start(self) -> None:
+        self.thread.start()
+        self.url = asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(10)
+
+    def stop(self) -> None:
+        if self.loop.is_closed():
+            return
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+    def chat_calls(self) -> int:
+        return len(self.fake.chat_requests())
+
+
+@pytest.fixture
+def upstream_thread() -> Iterator[UpstreamThread]:
+    server = UpstreamThread()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def project(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
+    pytester.makeini(INI)
+    pytester.makepyfile(test_chat=TESTS)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-recorder-secret-token")
+    monkeypatch.setenv("PLUGIN_TEST_NOTES", str(pytester.path / "notes.jsonl"))
+    return pytester
+
+
+def record(project: pytest.Pytester, upstream: UpstreamThread, *args: str) -> None:
+    result = project.runpytest_inprocess(
+        "--completions-mode=record", f"--completions-upstream={upstream.url}", *args
+    )
+    result.assert_outcomes(passed=len(args) or 3)
+
+
+def recording(project: pytest.Pytester, test: str) -> Path:
+    return project.path / "recordings" / "test_chat" / f"{test}.jsonl"
+
+
+def notes(project: pytest.Pytester) -> dict[str, list[str]]:
+    path = project.path / "notes.jsonl"
+    found = {}
+    for line in path.read_text().splitlines():
+        name, *ids = orjson.loads(line)
+        found[name] = ids
+    path.unlink()
+    return found
+
+
+def test_record_then_replay_offline(
+    project: pytest.Pytester, upstream_thread: UpstreamThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    record(project, upstream_thread)
+    assert upstream_thread.chat_calls() == 4
+    recorded = notes(project)
+    lines = recording(project, "test_sync_plain").read_bytes().splitlines()
+    assert len(lines) == 2
+    first = orjson.loads(lines[0])
+    assert list(first) == ["request", "response"]
+    assert first["request"] == {
+        "messages": [{"content": "hello", "role": "user"}],
+        "model": "gpt-test",
+    }
+    assert first["response"]["id"] == recorded["sync_plain"][0]
+    assert "request_id" not in first["response"] and "caller" not in first
+    streamed = orjson.loads(recording(project, "test_async_stream").read_bytes())
+    assert streamed["request"]["stream"] is True
+    assert streamed["response"]["object"] == "chat.completion"  # folded
+    for path in (project.path / "recordings").rglob("*"):
+        if path.is_file():
+            assert b"sk-recorder-secret-token" not in path.read_bytes()
+
+    upstream_thread.stop()
+    monkeypatch.delenv("OPENAI_API_KEY")  # CI without a key
+    result = project.runpytest_inprocess()
+    result.assert_outcomes(passed=3)
+    assert notes(project) == recorded
+
+
+def test_a_request_with_no_recording_fails_the_test_and_says_why(
+    project: pytest.Pytester, upstream_thread: UpstreamThread
+) -> None:
+    record(project, upstream_thread, "test_chat.py::test_sync_plain")
+    upstream_thread.stop()
+    project.makepyfile(test_chat=TESTS.replace('"content": "hello"', '"content": "hullo"'))
+    result = project.runpytest_inprocess("test_chat.py::test_sync_plain")
+    result.assert_outcomes(failed=1)
+    text = result.stdout.str()
+    assert "test_chat.py::test_sync_plain sent a chat completion request (model 'gpt-test')" in text
+    assert "Closest recording: recordings/test_chat/test_sync_plain.jsonl, line 1" in text
+    assert "first difference at messages[0].content: recorded 'hello', sent 'hullo'" in text
+    assert "pytest --completions-mode=record 'test_chat.py::test_sync_plain'" in text
+    # A test that catches the error still fails; a test never recorded says so.
+    project.makepyfile(
+        test_caught="""
+import openai, pytest
+
+@pytest.mark.completions
+def test_swallows_the_error():
+    try:
+        openai.OpenAI().chat.completions.create(model="gpt-4o", messages=[])
+    except openai.BadRequestError as error:
+        assert error.code == "replay_miss"
+"""
+    )
+    result = project.runpytest_inprocess("test_caught.py")
+    result.assert_outcomes(failed=1)
+    assert "recordings/test_caught/test_swallows_the_error.jsonl does not exist" in (
+        result.stdout.str()
+    )
+
+
+def test_a_plain_recording_replays_to_a_streaming_test(
+    project: pytest.Pytester, upstream_thread: UpstreamThread
+) -> None:
+    plain = """
+import openai, pytest
+
+@pytest.mark.completions
+def test_weather():
+    client = openai.OpenAI()
+    answer = client.chat.completions.create(
+        model="gpt-test", messages=[{"role": "user", "content": "weather?"}]
+    )
+    assert answer.choices[0].message.content == "echo: weather?"
+"""
+    project.makepyfile(test_chat=plain)
+    record(project, upstream_thread, "test_chat.py::test_weather")
+    assert (
+        orjson.loads(recording(project, "test_weather").read_bytes())["request"].get("stream")
+        is None
+    )
+    upstream_thread.stop()
+    streamed = plain.replace(
+        '''    answer = client.chat.completions.create(
+        model="gpt-test", messages=[{"role": "user", "content": "weather?"}]
+    )
+    assert answer.choices[0].message.content == "echo: weather?"''',
+        '''    with client.chat.completions.stream(
+        model="gpt-test", messages=[{"role": "user", "content": "weather?"}]
+    ) as stream:
+        final = stream.get_final_completion()
+    assert final.choices[0].message.content == "echo: weather?"''',
+    )
+    assert streamed != plain
+    project.makepyfile(test_chat=streamed)
+    project.runpytest_inprocess().assert_outcomes(passed=1)
+
+
+def test_re_recording_one_test_rewrites_only_its_file(
+    project: pytest.Pytester, upstream_thread: UpstreamThread
+) -> None:
+    record(project, upstream_thread)
+    before = {
+        name: recording(project, name).read_bytes()
+        for name in (
+            "test_sync_plain",
+            "test_async_stream",
+            "test_fixture_with_a_client_built_by_hand",
+        )
+    }
+    record(project, upstream_thread, "test_chat.py::test_async_stream")
+    assert recording(project, "test_async_stream").read_bytes() != before["test_async_stream"]
+    for name in ("test_sync_plain", "test_fixture_with_a_client_built_by_hand"):
+        assert recording(project, name).read_bytes() == before[name]
+    # Replaying the same recordings again and again changes nothing.
+    upstream_thread.stop()
+    project.runpytest_inprocess("--completions-mode=fallback").assert_outcomes(passed=3)
+    assert recording(project, "test_sync_plain").read_bytes() == before["test_sync_plain"]
+
+
+def test_same_answers_alone_in_any_order_and_under_xdist(
+    project: pytest.Pytester, upstream_thread: UpstreamThread
+) -> None:
+    record(project, upstream_thread)
+    recorded = notes(project)
+    upstream_thread.stop()
+    names = ["test_sync_plain", "test_async_stream", "test_fixture_with_a_client_built_by_hand"]
+    project.runpytest_inprocess(*[f"test_chat.py::{n}" for n in reversed(names)]).assert_outcomes(
+        passed=3
+    )
+    assert notes(project) == recorded
+    for name in names:
+        project.runpytest_inprocess(f"test_chat.py::{name}").assert_outcomes(passed=1)
+    assert notes(project) == recorded
+    # Two workers; plugins this project does not use stay unloaded, so they start faster.
+    result = project.runpytest_subprocess(
+        "-n", "2", "-p", "xdist", "-p", "no:schemathesis", "-p", "no:hypothesispytest"
+    )
+    result.assert_outcomes(passed=3)
+    assert notes(project) == recorded
+
+
+def test_mode_off_leaves_the_client_alone(
+    project: pytest.Pytester, upstream_thread: UpstreamThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OPENAI_BASE_URL", upstream_thread.url)
+    result = project.runpytest_inprocess("--completions-mode=off")
+    result.assert_outcomes(passed=3)
+    assert upstream_thread.chat_calls() == 4
+    assert not (project.path / "recordings").exists()
+
+
+def test_installed_but_unused_the_plugin_changes_nothing(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytester.makeini(INI)
+    pytester.makepyfile(
+        """
+import os
+
+def test_plain():
+    assert "OPENAI_BASE_URL" not in os.environ or os.environ["OPENAI_BASE_URL"] == "untouched"
+"""
+    )
+    monkeypatch.setenv("OPENAI_BASE_URL", "untouched")
+    result = pytester.runpytest_inprocess("--fixtures")
+    assert "completions_proxy" in result.stdout.str()
+    pytester.runpytest_inprocess().assert_outcomes(passed=1)
+    assert not (pytester.path / "recordings").exists()
