@@ -16,6 +16,9 @@ import orjson
 import pytest
 from aiohttp import web
 
+from proxy.identity import essential, request_key
+from proxy.testing.files import Exchange, RecordingFileError, file_name, read
+from proxy.testing.mismatch import closest, differences
 from tests.fakes import FakeUpstream
 
 pytest_plugins = ["pytester"]
@@ -157,7 +160,7 @@ def test_record_then_replay_offline(
     lines = recording(project, "test_sync_plain").read_bytes().splitlines()
     assert len(lines) == 2
     first = orjson.loads(lines[0])
-    assert list(first) == ["request", "response"]
+    assert list(first) == ["key", "request", "response"]
     assert first["request"] == {
         "messages": [{"content": "hello", "role": "user"}],
         "model": "gpt-test",
@@ -319,3 +322,76 @@ def test_plain():
     assert "completions_proxy" in result.stdout.str()
     pytester.runpytest_inprocess().assert_outcomes(passed=1)
     assert not (pytester.path / "recordings").exists()
+
+
+def test_secrets_in_a_prompt_are_redacted_and_the_test_still_replays(
+    project: pytest.Pytester, upstream_thread: UpstreamThread
+) -> None:
+    project.makepyfile(
+        test_chat="""
+import openai, pytest
+
+@pytest.mark.completions
+def test_mail():
+    with openai.OpenAI() as client:
+        answer = client.chat.completions.create(
+            model="gpt-test",
+            messages=[{"role": "user", "content": "write to ada@example.com, key sk-proj-%s"}],
+        )
+    assert answer.choices[0].message.content.startswith("echo: write to")
+"""
+        % ("x" * 30)
+    )
+    record(project, upstream_thread, "test_chat.py::test_mail")
+    text = recording(project, "test_mail").read_text()
+    assert "ada@example.com" not in text and "x" * 30 not in text
+    assert "[REDACTED:email]" in text
+    assert orjson.loads(text)["key"].startswith("v1:")
+    upstream_thread.stop()
+    project.runpytest_inprocess().assert_outcomes(passed=1)
+
+
+def test_an_edited_recording_is_matched_on_its_request() -> None:
+    plain = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    stale = request_key({"model": "old"})
+    assert Exchange(plain, {"id": "x"}, stale).replay_key() == request_key(plain)
+    redacted = {"model": "m", "messages": [{"role": "user", "content": "[REDACTED:email]"}]}
+    assert Exchange(redacted, {"id": "x"}, stale).replay_key() == stale
+
+
+def test_the_first_difference_is_found_in_key_order() -> None:
+    recorded = {"model": "m", "messages": [{"role": "user", "content": "a"}], "temperature": 1.0}
+    sent = {"model": "m", "messages": [{"role": "user", "content": "b"}], "temperature": 1}
+    assert [str(d) for d in differences(essential(recorded), essential(sent))] == [
+        "messages[0].content: recorded 'a', sent 'b'"
+    ]
+    sent_more = {**sent, "messages": [*sent["messages"], {"role": "user", "content": "c"}]}
+    found = list(differences(essential(recorded), essential(sent_more)))
+    assert [d.path for d in found] == ["messages[0].content", "messages[1]"]
+    assert str(found[1]).startswith("messages[1]: recorded (absent), sent {")
+
+
+def test_the_closest_recording_has_the_fewest_differences() -> None:
+    sent = {"model": "m", "messages": [{"role": "user", "content": "x"}], "seed": 2}
+    recorded = [
+        {"model": "n", "messages": [{"role": "user", "content": "y"}], "seed": 2},
+        {"model": "m", "messages": [{"role": "user", "content": "x"}], "seed": 1},
+        {"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": True},
+    ]
+    near = closest(recorded, sent)
+    assert near is not None
+    assert (near.index, near.count, near.first.path) == (1, 1, "seed")
+    assert closest([], sent) is None
+
+
+def test_recording_file_names_are_safe_and_unique() -> None:
+    assert file_name("TestA.test_b[gpt-4o/mini]") == "TestA.test_b[gpt-4o_mini].jsonl"
+    long = file_name("test_" + "x" * 300)
+    assert len(long) <= 126 and long != file_name("test_" + "x" * 301)
+
+
+def test_a_bad_recording_file_names_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"request": {}, "response": {"id": "a"}}\n{"request": 1}\n')
+    with pytest.raises(RecordingFileError, match=r"t.jsonl:2: expected an object"):
+        read(path)

@@ -4,8 +4,13 @@
 parametrized one keeps its id (``test[gpt-4o]``). Each line is ``{"request": ...,
 "response": ...}`` with sorted keys: the request as the client sent it (after redaction) and
 the upstream's chat.completion (a streamed answer folded into one), in the order the test
-made them. Nothing else: no caller, no timings, so re-recording an unchanged test changes
-only what the upstream answered differently.
+made them, and ``key``, the request key (``proxy.identity``) of the request as sent.
+Nothing else: no caller, no timings, so re-recording an unchanged test changes only what the
+upstream answered differently.
+
+The key is what replay matches on when the stored request was redacted (it no longer hashes
+to the key of what the test sends); a request without redaction markers is matched on its
+own key, so editing a request by hand needs no key to be updated.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from typing import Any
 
 import orjson
 
-from proxy.identity import request_key
+from proxy.identity import key_version, request_key
 from proxy.outcome import Outcome
 from proxy.replay import recorded_answer
 from proxy.store import CompletionRecord
@@ -36,10 +41,20 @@ class RecordingFileError(Exception):
     """A recording file that cannot be read: its path, line and what is wrong."""
 
 
+_REDACTED = b"[REDACTED:"
+
+
 @dataclass(frozen=True, slots=True)
 class Exchange:
     request: Json
     response: Json
+    key: str | None = None  # the request key of the request as sent, before redaction
+
+    def replay_key(self) -> str:
+        """What replay matches this exchange on."""
+        if self.key is not None and _REDACTED in orjson.dumps(self.request):
+            return self.key
+        return request_key(self.request)
 
 
 def file_name(test: str) -> str:
@@ -78,15 +93,21 @@ def read(path: Path) -> list[Exchange]:
             )
         if not isinstance(response.get("id"), str):
             raise RecordingFileError(f"{path}:{number}: the response has no id")
-        exchanges.append(Exchange(request, response))
+        key = item.get("key")
+        if key is not None:
+            try:
+                key_version(key)
+            except (ValueError, AttributeError):
+                raise RecordingFileError(f"{path}:{number}: not a request key: {key!r}") from None
+        exchanges.append(Exchange(request, response, key))
     return exchanges
 
 
 def line(exchange: Exchange) -> bytes:
-    return orjson.dumps(
-        {"request": exchange.request, "response": exchange.response},
-        option=orjson.OPT_SORT_KEYS,
-    )
+    item: Json = {"request": exchange.request, "response": exchange.response}
+    if exchange.key is not None:
+        item["key"] = exchange.key
+    return orjson.dumps(item, option=orjson.OPT_SORT_KEYS)
 
 
 def write(path: Path, exchanges: Iterable[Exchange]) -> None:
@@ -115,9 +136,13 @@ def to_record(exchange: Exchange, number: int) -> CompletionRecord:
         request_id=None,
         stream=exchange.request.get("stream") is True,
         outcome=Outcome.COMPLETE,
-        request_key=request_key(exchange.request),
+        request_key=exchange.replay_key(),
     )
 
 
 def from_record(record: CompletionRecord) -> Exchange:
-    return Exchange(orjson.loads(record.request), recorded_answer(orjson.loads(record.completion)))
+    return Exchange(
+        orjson.loads(record.request),
+        recorded_answer(orjson.loads(record.completion)),
+        record.request_key,
+    )
