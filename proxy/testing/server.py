@@ -44,7 +44,7 @@ def proxy_config(mode: Mode, upstream: str, db: Path) -> Config:
     return validate(
         {
             "upstream": {"url": upstream},
-            "store": {"path": str(db)},
+            "store": {"url": str(db)},
             "capture": {"policy": "all"},
             "replay": {"mode": replay, "shared": True},
             "logging": {"access_log": False},
