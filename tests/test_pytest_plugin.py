@@ -194,6 +194,17 @@ def test_a_request_with_no_recording_fails_the_test_and_says_why(
     assert "Closest recording: recordings/test_chat/test_sync_plain.jsonl, line 1" in text
     assert "first difference at messages[0].content: recorded 'hello', sent 'hullo'" in text
     assert "pytest --completions-mode=record 'test_chat.py::test_sync_plain'" in text
+    # A renamed test has no recordings of its own: the closest is found in its module's.
+    project.makepyfile(test_chat=TESTS.replace("def test_sync_plain", "def test_renamed"))
+    result = project.runpytest_inprocess("test_chat.py::test_renamed")
+    result.assert_outcomes(failed=1)
+    text = result.stdout.str()
+    assert "This test has no recordings (recordings/test_chat/test_renamed.jsonl does not" in text
+    assert (
+        "The same request is recorded for another test: recordings/test_chat/test_sync_plain.jsonl"
+        in text
+    )
+    assert "During handling" not in text  # the misses alone, not the SDK's error before them
     # A test that catches the error still fails; a test never recorded says so.
     project.makepyfile(
         test_caught="""
@@ -369,6 +380,14 @@ def test_the_first_difference_is_found_in_key_order() -> None:
     found = list(differences(essential(recorded), essential(sent_more)))
     assert [d.path for d in found] == ["messages[0].content", "messages[1]"]
     assert str(found[1]).startswith("messages[1]: recorded (absent), sent {")
+    long = differences(
+        "You are a careful assistant. Answer in French.",
+        "You are a careful assistant. Answer in German.",
+    )
+    assert [str(d) for d in long] == [
+        "(the request) (from character 19): recorded '...ssistant. Answer in French.',"
+        " sent '...ssistant. Answer in German.'"
+    ]
 
 
 def test_the_closest_recording_has_the_fewest_differences() -> None:
@@ -376,11 +395,12 @@ def test_the_closest_recording_has_the_fewest_differences() -> None:
     recorded = [
         {"model": "n", "messages": [{"role": "user", "content": "y"}], "seed": 2},
         {"model": "m", "messages": [{"role": "user", "content": "x"}], "seed": 1},
-        {"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": True},
     ]
     near = closest(recorded, sent)
-    assert near is not None
+    assert near is not None and near.first is not None
     assert (near.index, near.count, near.first.path) == (1, 1, "seed")
+    same = closest([*recorded, {**sent, "stream": True}], sent)
+    assert same is not None and (same.index, same.count, same.first) == (2, 0, None)
     assert closest([], sent) is None
 
 

@@ -21,6 +21,7 @@ class _Missing:
 
 
 MISSING: Any = _Missing()
+_CONTEXT = 20  # characters shown before the point where two long texts differ
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,7 +32,19 @@ class Difference:
 
     def __str__(self) -> str:
         where = self.path or "(the request)"
-        return f"{where}: recorded {_show(self.recorded)}, sent {_show(self.sent)}"
+        recorded, sent = self.recorded, self.sent
+        if isinstance(recorded, str) and isinstance(sent, str):
+            pairs = zip(recorded, sent, strict=False)
+            at = next(
+                (i for i, (r, t) in enumerate(pairs) if r != t), min(len(recorded), len(sent))
+            )
+            if at > _CONTEXT:  # show where long texts part, not their shared beginning
+                start = at - _CONTEXT
+                return (
+                    f"{where} (from character {start}): recorded"
+                    f" {_show('...' + recorded[start:])}, sent {_show('...' + sent[start:])}"
+                )
+        return f"{where}: recorded {_show(recorded)}, sent {_show(sent)}"
 
 
 def _show(value: Any, limit: int = 80) -> str:
@@ -66,7 +79,7 @@ def differences(recorded: Any, sent: Any, path: str = "") -> Iterator[Difference
 @dataclass(frozen=True, slots=True)
 class Closest:
     index: int
-    first: Difference
+    first: Difference | None  # None: the same request (its key differs: another test's)
     count: int
 
 
@@ -76,8 +89,6 @@ def closest(recorded: Sequence[Json], sent: Json) -> Closest | None:
     best: Closest | None = None
     for index, request in enumerate(recorded):
         found = list(differences(essential(request), target))
-        if not found:
-            continue  # the same request: its recordings were used up elsewhere
         if best is None or len(found) < best.count:
-            best = Closest(index, found[0], len(found))
+            best = Closest(index, found[0] if found else None, len(found))
     return best

@@ -37,6 +37,8 @@ if TYPE_CHECKING:  # the proxy is imported only when a test asks for it
     from proxy.testing.files import Exchange
     from proxy.testing.server import Mode
 
+Json = dict[str, Any]
+
 MODES = ("record", "replay", "fallback", "off")
 DEFAULT_UPSTREAM = "https://api.openai.com/v1"
 FIXTURE = "completions_proxy"
@@ -99,13 +101,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
+    failure: Exception | None = None
     try:
         result = yield
-    except BaseException:
+    except Exception as error:  # noqa: BLE001 - raised again below; interrupts pass through
         item.stash[_FAILED] = True
-        _fail_on_misses(item)
-        raise
-    _fail_on_misses(item)
+        failure = error
+    _fail_on_misses(item)  # outside the except: the report shows the misses alone
+    if failure is not None:
+        raise failure
     return result
 
 
@@ -131,38 +135,64 @@ def _shown(path: Path, root: Path) -> str:
 
 @dataclass(frozen=True, slots=True)
 class _Explainer:
-    """Describes a replay miss of one test (runs on the proxy's thread: reads only)."""
+    """Describes a replay miss of one test (runs on the proxy's thread: reads only).
+
+    The closest recording is looked for among the test's own; a test with none (new, or
+    renamed) is compared with the other recordings of its module, so a rename shows.
+    """
 
     nodeid: str
-    path: str
+    path: Path
+    root: Path
     recorded: list[Exchange]
+
+    def _candidates(self) -> list[tuple[Path, int, Json]]:
+        from proxy.testing.files import RecordingFileError, read  # noqa: PLC0415
+
+        if self.recorded:
+            return [(self.path, n, e.request) for n, e in enumerate(self.recorded, 1)]
+        found = []
+        for other in sorted(self.path.parent.glob("*.jsonl")):
+            try:
+                exchanges = read(other)
+            except RecordingFileError:
+                continue
+            found += [(other, n, e.request) for n, e in enumerate(exchanges, 1)]
+        return found
 
     def __call__(self, method: str, route: str, body: Any) -> str:
         from proxy.testing.mismatch import closest  # noqa: PLC0415 - loaded only when used
 
-        hint = (
-            f"To record it: pytest --completions-mode=record '{self.nodeid}'"
-            " (or --completions-mode=fallback to add only what is missing)"
-        )
         if method != "POST" or not route.endswith("/chat/completions"):
             return (
                 f"{self.nodeid}: {method} {route} has no recording: only chat completions"
-                f" are recorded and replayed, and replay never calls the upstream."
+                " are recorded and replayed, and replay never calls the upstream."
             )
         model = body.get("model") if isinstance(body, dict) else None
         lines = [
             f"{self.nodeid} sent a chat completion request (model {model!r}) with no recording."
         ]
-        requests = [e.request for e in self.recorded]
-        near = closest(requests, body) if isinstance(body, dict) else None
-        if near is not None:
+        if not self.recorded:
             lines.append(
-                f"Closest recording: {self.path}, line {near.index + 1}; first difference at"
-                f" {near.first} ({near.count} field(s) differ)."
+                f"This test has no recordings ({_shown(self.path, self.root)} does not exist)."
             )
-        elif not self.recorded:
-            lines.append(f"This test has no recordings ({self.path} does not exist).")
-        lines.append(hint)
+        candidates = self._candidates() if isinstance(body, dict) else []
+        near = closest([request for _, _, request in candidates], body) if candidates else None
+        if near is not None:
+            where, number, _ = candidates[near.index]
+            shown = f"{_shown(where, self.root)}, line {number}"
+            if near.first is None:
+                lines.append(f"The same request is recorded for another test: {shown}.")
+            else:
+                whose = "" if where == self.path else " (another test's)"
+                lines.append(
+                    f"Closest recording{whose}: {shown}; first difference at {near.first}"
+                    f" ({near.count} field(s) differ)."
+                )
+        lines.append(
+            f"To record it: pytest --completions-mode=record '{self.nodeid}'"
+            " (or --completions-mode=fallback to add only what is missing)"
+        )
         return "\n".join(lines)
 
 
@@ -182,7 +212,7 @@ def completions_proxy(
     mode: Mode = settings.mode  # type: ignore[assignment]
     path = files.recording_path(Path(node.path), test_name(node))
     recorded = [] if mode == "record" else files.read(path)
-    explain = _Explainer(node.nodeid, _shown(path, request.config.rootpath), recorded)
+    explain = _Explainer(node.nodeid, path, request.config.rootpath, recorded)
     proxy = ProxyThread(mode, settings.upstream, recorded, explain)
     base_url = proxy.start()
     node.stash[_MISSES] = proxy.misses
