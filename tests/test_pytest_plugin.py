@@ -134,7 +134,7 @@ def record(project: pytest.Pytester, upstream: UpstreamThread, *args: str) -> No
     result = project.runpytest_inprocess(
         "--completions-mode=record", f"--completions-upstream={upstream.url}", *args
     )
-    result.assert_outcomes(passed=len(args) or 3)
+    assert result.ret == 0, result.stdout.str()
 
 
 def recording(project: pytest.Pytester, test: str) -> Path:
@@ -415,3 +415,33 @@ def test_a_bad_recording_file_names_its_line(tmp_path: Path) -> None:
     path.write_text('{"request": {}, "response": {"id": "a"}}\n{"request": 1}\n')
     with pytest.raises(RecordingFileError, match=r"t.jsonl:2: expected an object"):
         read(path)
+
+
+def test_a_marked_module_with_classes_and_parameters(
+    project: pytest.Pytester, upstream_thread: UpstreamThread
+) -> None:
+    project.makepyfile(
+        test_chat="""
+import openai, pytest
+
+pytestmark = pytest.mark.completions
+
+
+class TestModels:
+    @pytest.mark.parametrize("model", ["gpt-a", "gpt-b/mini"])
+    async def test_each(self, model):
+        async with openai.AsyncOpenAI() as client:
+            answer = await client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": model}]
+            )
+        assert answer.choices[0].message.content == "echo: " + model
+"""
+    )
+    record(project, upstream_thread, "test_chat.py")
+    folder = project.path / "recordings" / "test_chat"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "TestModels.test_each[gpt-a].jsonl",
+        "TestModels.test_each[gpt-b_mini].jsonl",
+    ]
+    upstream_thread.stop()
+    project.runpytest_inprocess().assert_outcomes(passed=2)
