@@ -10,6 +10,7 @@ the directory is removed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import tempfile
 import threading
@@ -34,7 +35,7 @@ Explain = Callable[[str, str, Any], str]
 
 T = TypeVar("T")
 HOST = "127.0.0.1"
-_START_TIMEOUT = 30.0
+_TIMEOUT = 30.0
 
 
 def proxy_config(mode: Mode, upstream: str, db: Path) -> Config:
@@ -99,6 +100,8 @@ class ProxyThread:
         try:
             self.base_url = self._call(self._start())
         except BaseException:
+            with contextlib.suppress(Exception):  # the error that stopped the start matters
+                self._call(self._stop())
             self._end_loop()
             raise
         return self.base_url
@@ -111,11 +114,11 @@ class ProxyThread:
             self._end_loop()
 
     def _call(self, coroutine: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(_START_TIMEOUT)
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(_TIMEOUT)
 
     def _end_loop(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(_START_TIMEOUT)
+        self._thread.join(_TIMEOUT)
         self._loop.close()
         shutil.rmtree(self._directory, ignore_errors=True)
 
@@ -123,7 +126,10 @@ class ProxyThread:
         config = proxy_config(self.mode, self._upstream, self._directory / "completions.db")
         app = create_app(config)
         app.middlewares.append(_miss_watcher(self._explain, self.misses))
-        runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+        # A request still open when the test ends (an abandoned stream) is cut after 5 s.
+        runner = web.AppRunner(
+            app, access_log=None, handler_cancellation=True, shutdown_timeout=5.0
+        )
         await runner.setup()
         self._runner = runner
         if self._recordings:
