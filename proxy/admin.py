@@ -18,7 +18,7 @@ from __future__ import annotations
 import orjson
 from aiohttp import web
 
-from proxy.assemble import list_body
+from proxy import responses
 from proxy.callers import Caller
 from proxy.config import Config
 from proxy.errors import Forbidden, InvalidRequest
@@ -68,9 +68,7 @@ async def list_exchanges(request: web.Request) -> web.Response:
         result = await request.app[STORE].list_exchanges(request.query.get("caller"), page)
     except UnknownCursor:
         raise InvalidRequest(f"after: no exchange '{page.after}'.", param="after") from None
-    return web.Response(
-        body=list_body(result.items, result.has_more), content_type="application/json"
-    )
+    return web.Response(body=responses.exchange_page(result), content_type="application/json")
 
 
 async def list_audit(request: web.Request) -> web.Response:
@@ -83,8 +81,7 @@ async def list_audit(request: web.Request) -> web.Response:
     if not 1 <= limit <= 1000:
         raise InvalidRequest("limit must be between 1 and 1000.", param="limit")
     entries = await request.app[STORE].audit_entries(after, limit)
-    body = b'{"object":"list","data":[' + b",".join(entries) + b"]}"
-    return web.Response(body=body, content_type="application/json")
+    return web.Response(body=responses.audit_page(entries), content_type="application/json")
 
 
 def metrics_need_admin(config: Config) -> bool:

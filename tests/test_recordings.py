@@ -67,6 +67,7 @@ async def test_export_import_export_gives_the_same_records(
     assert set(first) == {
         "id", "caller", "created", "model", "metadata", "request", "response",
         "request_id", "stream", "outcome", "stored_at", "duration_ms",
+        "prompt_tokens", "cached_tokens", "completion_tokens",
     }  # fmt: skip
     assert first["caller"].startswith("caller_") and first["outcome"] == "complete"
     assert first["request"]["messages"][1]["content"] == "q0"

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import orjson
 
-from proxy.store import CompletionRecord, SQLiteStore
+from proxy.store import CompletionRecord
+from proxy.store.sqlite import SQLiteStore
 from tests.helpers import cli, sdk
 
 CANARY = b"CANARY-7f3a9c-deleted-content"
