@@ -4,8 +4,10 @@
 - ``GET /admin/exchanges?caller=&after=&limit=&order=``: exchanges that stored no completion
   (upstream errors, cut streams, clients gone), with their outcome (admins).
 - ``GET /admin/audit?after=&limit=``: the append-only audit log (admins).
-- ``GET /metrics``: Prometheus metrics (no token: scrapers rarely carry one; it holds counts,
-  caller names and fingerprints, never content).
+- ``GET /metrics``: Prometheus metrics: counts, timings, and callers' names or fingerprints,
+  never content. ``metrics.access`` decides who may read it: with ``auto`` (the default) an
+  admin key in keys mode, where callers are people's key names, and anyone who can reach the
+  port in passthrough mode, where callers are only token fingerprints.
 
 Admin endpoints need a proxy key with the admin role, so they exist only with
 ``auth.mode: keys``; in passthrough mode they answer 403.
@@ -18,10 +20,11 @@ from aiohttp import web
 
 from proxy import responses
 from proxy.callers import Caller
+from proxy.config import Config
 from proxy.errors import Forbidden, InvalidRequest
 from proxy.handlers import required_caller
 from proxy.keys import CONFIG, METRICS, STORE
-from proxy.models import parse_moment, parse_page_query
+from proxy.models import INT64_MAX, is_digits, parse_moment, parse_page_query
 from proxy.store import UnknownCursor
 from proxy.usage import parse_groups, report
 
@@ -40,9 +43,9 @@ def _moment(request: web.Request, name: str) -> int | None:
         return None
     try:
         return parse_moment(text)
-    except ValueError:
+    except (ValueError, OverflowError):
         raise InvalidRequest(
-            f"{name} must be unix seconds or an ISO 8601 date.", param=name
+            f"{name} must be unix seconds (64 bits at most) or an ISO 8601 date.", param=name
         ) from None
 
 
@@ -70,18 +73,26 @@ async def list_exchanges(request: web.Request) -> web.Response:
 
 async def list_audit(request: web.Request) -> web.Response:
     await _admin(request)
-    try:
-        after = int(request.query.get("after", "0"))
-        limit = int(request.query.get("limit", "100"))
-    except ValueError:
-        raise InvalidRequest("after and limit must be integers.") from None
-    if not 1 <= limit <= 1000:
-        raise InvalidRequest("limit must be between 1 and 1000.", param="limit")
+    after_text = request.query.get("after", "0")
+    limit_text = request.query.get("limit", "100")
+    if not is_digits(after_text) or int(after_text) > INT64_MAX:
+        raise InvalidRequest("after must be an audit entry number (0 and up).", param="after")
+    if not is_digits(limit_text) or not 1 <= int(limit_text) <= 1000:
+        raise InvalidRequest("limit must be an integer from 1 to 1000.", param="limit")
+    after, limit = int(after_text), int(limit_text)
     entries = await request.app[STORE].audit_entries(after, limit)
     return web.Response(body=responses.audit_page(entries), content_type="application/json")
 
 
+def metrics_need_admin(config: Config) -> bool:
+    """Whether ``/metrics`` asks for an admin proxy key under this configuration."""
+    access = config.metrics.access
+    return access == "admin" or (access == "auto" and config.auth.mode == "keys")
+
+
 async def metrics(request: web.Request) -> web.Response:
+    if metrics_need_admin(request.app[CONFIG]):
+        await _admin(request)
     body, content_type = request.app[METRICS].render()
     response = web.Response(body=body)
     response.headers["Content-Type"] = content_type

@@ -1,10 +1,13 @@
 """Fixtures: the fake upstream as a real server, the proxy in front of it, SDK clients, and
-the store each proxy uses (``store_url``: SQLite by default; PostgreSQL where a test or a
-module asks for both backends, see ``BOTH_BACKENDS`` and tests/pg.py)."""
+the proxy's JSON log lines captured in a buffer, and the store each proxy uses (``store_url``:
+SQLite by default; PostgreSQL where a test or a module asks for both backends, see
+``BOTH_BACKENDS`` and tests/pg.py)."""
 
 from __future__ import annotations
 
 import asyncio
+import io
+import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -17,8 +20,10 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from proxy.app import create_app
 from proxy.config import Config, validate
+from proxy.logs import JSONFormatter
 from tests import pg
 from tests.fakes import FakeUpstream
+from tests.helpers import sdk
 
 ProxyFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
 
@@ -114,12 +119,6 @@ async def proxy(proxy_factory: ProxyFactory) -> TestClient[web.Request, web.Appl
     return await proxy_factory()
 
 
-def sdk(
-    proxy: TestClient[web.Request, web.Application], key: str = "sk-test-alice"
-) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=str(proxy.make_url("/v1")), api_key=key, max_retries=0)
-
-
 @pytest.fixture
 async def alice(proxy: TestClient[web.Request, web.Application]) -> openai.AsyncOpenAI:
     async with sdk(proxy, "sk-test-alice") as client:
@@ -130,3 +129,18 @@ async def alice(proxy: TestClient[web.Request, web.Application]) -> openai.Async
 async def bob(proxy: TestClient[web.Request, web.Application]) -> openai.AsyncOpenAI:
     async with sdk(proxy, "sk-test-bob") as client:
         yield client  # type: ignore[misc]
+
+
+@pytest.fixture
+def json_logs() -> Iterator[io.StringIO]:
+    """The proxy's real log pipeline with the JSON formatter, into a buffer."""
+    buffer = io.StringIO()
+    handler = logging.StreamHandler(buffer)
+    handler.setFormatter(JSONFormatter())
+    root = logging.getLogger()
+    previous = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    yield buffer
+    root.removeHandler(handler)
+    root.setLevel(previous)

@@ -10,8 +10,7 @@ import orjson
 
 from proxy.store import CompletionRecord
 from proxy.store.sqlite import SQLiteStore
-from tests.conftest import sdk
-from tests.test_recordings import cli
+from tests.helpers import cli, sdk
 
 CANARY = b"CANARY-7f3a9c-deleted-content"
 DAY = 86400
