@@ -327,7 +327,9 @@ async def test_keys_roles_audit_usage_and_metrics(team, store_url: str) -> None:
     assert usage[0]["cost_usd"] == round((5 * 1.0 + 7 * 2.0) / 1e6, 6)
     families = {
         f.name: f
-        for f in text_string_to_metric_families(await (await proxy.get("/metrics")).text())
+        for f in text_string_to_metric_families(
+            await (await proxy.get("/metrics", headers=admin)).text()
+        )
     }
     stored = [
         (s.labels["caller"], s.value)
