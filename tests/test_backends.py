@@ -213,6 +213,7 @@ async def test_replay_strict_and_fallback(proxy_factory, upstream: FakeUpstream)
             model="gpt-test", messages=ask("r"), store=True
         )
         await _final_of_stream(client, model="gpt-test", messages=ask("s"), store=True)
+        await client.chat.completions.create(model="gpt-test", messages=ask("p"), store=True)
         upstream.script(Reply(json={**TOOL_ANSWER, "id": "chatcmpl-second"}))
         await client.chat.completions.create(model="gpt-test", messages=ask("r"), store=True)
     calls = len(upstream.received)
@@ -223,6 +224,9 @@ async def test_replay_strict_and_fallback(proxy_factory, upstream: FakeUpstream)
         second = await client.chat.completions.create(model="gpt-test", messages=ask("r"))
         assert second.id == "chatcmpl-second"
         assert await _final_of_stream(client, model="gpt-test", messages=ask("s")) == "echo: s"
+        as_plain = await client.chat.completions.create(model="gpt-test", messages=ask("s"))
+        assert as_plain.choices[0].message.content == "echo: s"  # recorded streamed
+        assert await _final_of_stream(client, model="gpt-test", messages=ask("p")) == "echo: p"
         with pytest.raises(openai.BadRequestError):
             await client.chat.completions.create(model="gpt-test", messages=ask("never"))
     assert len(upstream.received) == calls

@@ -14,7 +14,10 @@ For each backend, in this process through ``open_store`` (the proxy's own way in
   same one, a rare pair with a common one), p50 / p99 over ``--calls`` calls;
 - import: ``import_records`` of ``--import-rows`` completions into an empty store (records
   built in memory: the file parsing that ``completions-proxy import`` adds is measured by
-  ``recordings_bench``).
+  ``recordings_bench``);
+- with ``--http ROUNDS``: the proxy as a process (``serve``) on each backend in front of the
+  bench's mock upstream, ``wrk`` at 32 connections, plain and streamed, ``"store": true``,
+  10 s per run, the backends interleaved round by round (medians reported).
 
 PostgreSQL runs in a database made for the run (``bench_<random>``) and dropped after.
 Results go to ``--out`` as JSON and are printed as one table.
@@ -42,7 +45,20 @@ from proxy.config import StoreConfig
 from proxy.models import ListQuery, PageQuery
 from proxy.store import CompletionRecord, Store, open_store
 from proxy.writer import Writer
-from tests.bench.run import CALLER, BenchError, completion_id, make_record, record_bytes, timed
+from tests.bench.run import (
+    CALLER,
+    CONNECTIONS,
+    PYTHON,
+    BenchError,
+    Server,
+    completion_id,
+    make_record,
+    mock_upstream,
+    record_bytes,
+    run_wrk,
+    snapshot_proxy,
+    timed,
+)
 
 PAIRS = 400  # "a" and "b" metadata values: each matches rows / PAIRS rows, never the same one
 
@@ -227,12 +243,62 @@ def table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+async def http_phase(args: argparse.Namespace, workdir: Path) -> dict[str, dict[str, float]]:
+    """Proxy throughput (req/s) per backend and kind; medians over interleaved rounds."""
+    snapshot_proxy(workdir)
+    backends = args.backend or ["sqlite", "postgres"]
+    runs: dict[str, dict[str, list[float]]] = {b: {"plain": [], "stream": []} for b in backends}
+    async with contextlib.AsyncExitStack() as stack:
+        upstream = mock_upstream(workdir, None)
+        stack.callback(upstream.stop)
+        upstream.start()
+        servers = {}
+        for backend in backends:
+            if backend == "sqlite":
+                url = str(workdir / "http.db")
+            else:
+                store = await stack.enter_async_context(
+                    store_at("postgres", workdir, args.pg, "http")
+                )
+                url = store.url  # type: ignore[attr-defined]
+            argv = [PYTHON, "-m", "proxy", "serve", "--host", "127.0.0.1", "--port", "{port}"]
+            argv += ["--upstream", upstream.url + "/v1", "--db", url]
+            server = Server(f"proxy-{backend}", argv, workdir / f"http-{backend}.log", None)
+            server.cwd = workdir / "src"
+            stack.callback(server.stop)
+            servers[backend] = server.start()
+        for server in servers.values():  # warm up
+            for kind in ("plain", "stream"):
+                await asyncio.to_thread(
+                    run_wrk, server.url, kind, connections=CONNECTIONS, duration=2
+                )
+        for round_ in range(args.http):
+            for kind in ("plain", "stream"):
+                for backend, server in servers.items():
+                    run = await asyncio.to_thread(
+                        run_wrk, server.url, kind, connections=CONNECTIONS, duration=10
+                    )
+                    runs[backend][kind].append(run.rps)
+                    print(f"[http] round {round_ + 1} {backend:<8} {kind:<6} {run.rps:8.0f} req/s")
+    return {
+        backend: {kind: sorted(values)[len(values) // 2] for kind, values in kinds.items()}
+        for backend, kinds in runs.items()
+    }
+
+
 async def main_async(args: argparse.Namespace) -> None:
     results: dict[str, dict[str, Any]] = {}
+    http: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="store-bench-") as scratch:
-        for backend in args.backend or ["sqlite", "postgres"]:
-            results[backend] = await run_backend(backend, args, Path(scratch))
-    print(table(results))
+        if args.http:
+            http = await http_phase(args, Path(scratch))
+        if args.rows:
+            for backend in args.backend or ["sqlite", "postgres"]:
+                results[backend] = await run_backend(backend, args, Path(scratch))
+    if results:
+        print(table(results))
+    for backend, kinds in http.items():
+        print(f"proxy {backend}: plain {kinds['plain']:,.0f} req/s, stream {kinds['stream']:,.0f}")
     meta = {
         "rows": args.rows,
         "calls": args.calls,
@@ -241,18 +307,21 @@ async def main_async(args: argparse.Namespace) -> None:
         "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     Path(args.out).write_bytes(
-        orjson.dumps({"meta": meta, "results": results}, option=orjson.OPT_INDENT_2)
+        orjson.dumps(
+            {"meta": meta, "results": results, "http_rps": http}, option=orjson.OPT_INDENT_2
+        )
     )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backend", action="append", choices=("sqlite", "postgres"))
-    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--rows", type=int, default=1_000_000, help="0: no store phase")
     parser.add_argument("--calls", type=int, default=2_000)
     parser.add_argument("--write-records", type=int, default=50_000)
     parser.add_argument("--import-rows", type=int, default=1_000_000)
     parser.add_argument("--pg", default="postgresql://postgres@127.0.0.1:5432")
+    parser.add_argument("--http", type=int, default=0, metavar="ROUNDS", help="proxy req/s")
     parser.add_argument("--out", default="tests/bench/backends.json")
     args = parser.parse_args()
     try:
