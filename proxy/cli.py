@@ -39,6 +39,7 @@ from proxy.logs import configure
 from proxy.models import parse_moment
 from proxy.recordings import export_to, import_from
 from proxy.store import ExportFilter, KeyExists, SQLiteStore
+from proxy.supervisor import WorkersFailed, run_worker, supervise, worker_config
 from proxy.usage import parse_groups, report, table
 
 log = logging.getLogger("proxy")
@@ -61,11 +62,22 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--upstream", metavar="URL", help="upstream base URL, ending in /v1")
     serve.add_argument("--db", metavar="PATH", help="SQLite database file")
     serve.add_argument(
+        "--workers",
+        metavar="N",
+        help="processes serving the port (default 1; auto: one per CPU)",
+    )
+    serve.add_argument(
         "--replay",
         choices=("off", "strict", "fallback"),
         help="answer chat completions from recordings: strict never calls the upstream,"
         " fallback forwards and records what is not recorded",
     )
+
+    # Started by the supervisor of ``serve --workers N``, not by people: no help line.
+    worker = commands.add_parser("serve-worker")
+    worker.add_argument("--index", type=int, required=True)
+    worker.add_argument("--ready-fd", type=int, required=True)
+    worker.add_argument("--life-fd", type=int, required=True)
 
     check = commands.add_parser("check-config", help="validate a config file and print it")
     check.add_argument("file", metavar="FILE")
@@ -293,7 +305,7 @@ def _serve_config(args: argparse.Namespace) -> Config:
     config = load_config(args.config)
     return config.with_overrides(
         {
-            "server": {"host": args.host, "port": args.port},
+            "server": {"host": args.host, "port": args.port, "workers": args.workers},
             "upstream": {"url": args.upstream},
             "store": {"path": args.db},
             "replay": {"mode": args.replay},
@@ -329,6 +341,8 @@ def _install_uvloop() -> None:
 
 def serve(config: Config) -> int:
     configure(config.logging)
+    if config.server.worker_count() > 1:
+        return _supervise(config)
     _install_uvloop()
     app = create_app(config)
     log.info(
@@ -359,9 +373,35 @@ def serve(config: Config) -> int:
     return 0
 
 
+def _supervise(config: Config) -> int:
+    try:
+        return supervise(config)
+    except WorkersFailed as error:
+        sys.stderr.write(f"completions-proxy: workers cannot start: {error}\n")
+    except OSError as error:
+        sys.stderr.write(
+            f"completions-proxy: cannot listen on {config.server.host}:{config.server.port}:"
+            f" {error.strerror}\n"
+        )
+    except sqlite3.Error as error:  # not a database, locked past the busy timeout, ...
+        sys.stderr.write(
+            f"completions-proxy: cannot open the store at {config.store.path}: {error}\n"
+        )
+    return 1
+
+
+def _serve_worker(args: argparse.Namespace) -> int:
+    config = worker_config(sys.stdin.buffer.read())
+    configure(config.logging)
+    _install_uvloop()
+    return run_worker(config, args.index, args.ready_fd, args.life_fd)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.command == "serve-worker":
+            return _serve_worker(args)
         if args.command == "check-config":
             config = load_config(args.file)
             _check_secret(config)

@@ -27,6 +27,21 @@ class ServerConfig(_Section):
     port: int = Field(8080, ge=0, le=65535)
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
     shutdown_timeout: float = Field(30.0, gt=0)
+    # Processes serving the port; "auto" is one per CPU this process may run on.
+    workers: int | Literal["auto"] = 1
+
+    @field_validator("workers")
+    @classmethod
+    def _positive(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("must be at least 1, or auto")
+        return value
+
+    def worker_count(self) -> int:
+        """The number of worker processes, with ``auto`` resolved on this machine."""
+        if self.workers == "auto":
+            return max(1, len(os.sched_getaffinity(0)))
+        return self.workers
 
 
 class UpstreamConfig(_Section):
