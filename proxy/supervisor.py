@@ -38,7 +38,6 @@ import os
 import shutil
 import signal
 import socket
-import sqlite3
 import sys
 import tempfile
 import time
@@ -50,7 +49,7 @@ from prometheus_client import multiprocess
 
 from proxy.app import create_app
 from proxy.config import Config, validate
-from proxy.store import SQLiteStore
+from proxy.store import StoreError, open_store
 
 log = logging.getLogger("proxy.supervisor")
 
@@ -272,8 +271,7 @@ async def _read_all(fd: int) -> bytes:
 
 async def _prepare_store(config: Config) -> None:
     """Open the store once and close it: migrations run here, in one process."""
-    store = SQLiteStore(config.store.path, synchronous=config.store.synchronous)
-    await store.open()
+    store = await open_store(config.store.url, config.store)
     await store.close()
 
 
@@ -281,7 +279,7 @@ def supervise(config: Config) -> int:
     """Run ``config.server.worker_count()`` workers on one port until SIGTERM; the exit code.
 
     Raises ``WorkersFailed`` (workers could not start), ``OSError`` (the port cannot be bound)
-    or ``sqlite3.Error`` (the store cannot be opened), each before serving anything.
+    or ``StoreError`` (the store cannot be opened), each before serving anything.
     """
     count = config.server.worker_count()
     holder = reuse_port_socket(config.server.host, config.server.port)
@@ -371,8 +369,8 @@ def run_worker(config: Config, index: int, ready_fd: int, life_fd: int) -> int:
     except _CannotStart as error:
         _tell(ready_fd, f"{error}\n".encode())
         return 1
-    except sqlite3.Error as error:  # not a database, locked past the busy timeout, ...
-        message = f"cannot open the store at {config.store.path}: {error}"
+    except StoreError as error:  # not a database, locked past the busy timeout, ...
+        message = f"cannot open the store at {config.store.url}: {error}"
         if told:
             log.error("worker failed: %s", message, extra={"worker": index})
         else:
