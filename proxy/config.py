@@ -68,6 +68,9 @@ class UpstreamConfig(_Section):
 class SQLiteSettings(_Section):
     synchronous: Literal["normal", "full"] = "normal"
     max_bytes: int | None = Field(None, ge=65536)
+    # false: another process on the same file copies the WAL into it (serve --workers sets
+    # this for every worker but the first, so a file has one checkpointer).
+    checkpoints: bool = True
 
 
 class PostgresSettings(_Section):

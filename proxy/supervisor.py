@@ -22,9 +22,8 @@
 A worker watches a pipe only the parent holds open: if the parent dies, even by ``kill -9``,
 the pipe ends and the worker shuts down gracefully on its own.
 
-Work that must happen once per server, not once per worker: retention runs in worker 0 only
-(a replacement for worker 0 takes it over); the SQLite store elects its one checkpointer
-itself. Metrics: workers keep prometheus_client's multiprocess files in a directory the
+Work that must happen once per server, not once per worker: retention and the SQLite
+store's WAL checkpoints run in worker 0 only (a replacement for worker 0 takes them over). Metrics: workers keep prometheus_client's multiprocess files in a directory the
 parent makes (``PROMETHEUS_MULTIPROC_DIR``) and removes at exit, so ``/metrics``, whichever
 worker answers it, reports the whole server.
 """
@@ -107,8 +106,9 @@ class Supervisor:
 
     def _worker_config(self, index: int) -> bytes:
         data = self._config.model_dump(mode="json")
-        if index != 0:  # retention once per server, not once per worker
+        if index != 0:  # retention and WAL checkpoints once per server, not once per worker
             data["retention"]["days"] = None
+            data["store"]["sqlite"]["checkpoints"] = False
         return orjson.dumps(data)
 
     async def _spawn(self, slot: _Slot) -> str | None:
