@@ -7,7 +7,7 @@
 - Portkey's open-source gateway (``@portkey-ai/gateway`` from npm): ``node
   build/start-server.js --headless``; each request names the provider and the mock's URL in
   ``x-portkey-provider`` / ``x-portkey-custom-host`` (127.0.0.1 is a trusted custom host by
-  default).
+  default). Plain requests only: its streamed answers fail (see ``peer_subjects``).
 
 Both are single processes pinned like the proxy (subject CPU) and sent ``"store": false``:
 neither stores completions, so their figures compare with relay (forwarding only). What
@@ -26,7 +26,7 @@ from typing import Any
 
 import orjson
 
-from tests.bench.run import SUBJECT_CPU, BenchError, Server, Subject
+from tests.bench.run import SUBJECT_CPU, TOKEN, BenchError, Server, Subject
 
 INSTALL_TIMEOUT = 1200  # seconds; litellm[proxy] pulls in a hundred packages
 
@@ -116,6 +116,11 @@ def peer_subjects(  # noqa: PLR0917 - what the run hands over, in its order
             "      model: openai/gpt-4o-mini\n"
             f"      api_base: {upstream.url}/v1\n"
             "      api_key: sk-bench-upstream\n"
+            "general_settings:\n"
+            # The bench's bearer token, so every request passes LiteLLM's own key check, as
+            # it would in use; LiteLLM refuses to start without one.
+            f"  master_key: {TOKEN}\n"
+            "  dangerously_permit_weak_or_unset_master_key: true\n"
         )
         server = Server(
             "litellm",
@@ -168,5 +173,10 @@ def peer_subjects(  # noqa: PLR0917 - what the run hands over, in its order
                 "x-portkey-provider": "openai",
                 "x-portkey-custom-host": upstream.url + "/v1",
             }
-            subjects.append(Subject("portkey", server, upstream, store=False, headers=headers))
+            # Streams fail in 1.15.2 on Node 20 ("TypeError: immutable": it appends a header
+            # to the upstream's fetch Response); plain requests are measured.
+            plain = ("plain_throughput", "plain_latency")
+            subjects.append(
+                Subject("portkey", server, upstream, store=False, runs=plain, headers=headers)
+            )
     return subjects

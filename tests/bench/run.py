@@ -952,6 +952,8 @@ def http_figures(http: dict[str, dict[str, Measured]]) -> list[Figure]:
         run = f"{kind}_throughput"
         base = {s: http[s][run].median_rps() for s in ("direct", "floor") if s in http}
         for subject in labels:
+            if run not in http[subject]:
+                continue
             measured = http[subject][run]
             value = measured.median_rps()
             floor_rps = base.get("floor")
@@ -975,6 +977,8 @@ def http_figures(http: dict[str, dict[str, Measured]]) -> list[Figure]:
             figures.append(figure)
         floor_cpu = http["floor"][run].median_cpu_us() if "floor" in http else None
         for subject in labels:
+            if run not in http[subject]:
+                continue
             measured = http[subject][run]
             value = measured.median_cpu_us()
             reference = floor_cpu
