@@ -45,6 +45,8 @@ from proxy.writer import Writer
 
 log = logging.getLogger("proxy.app")
 
+QUEUE_SAMPLE_SECONDS = 1.0
+
 
 def redactor_of(config: Config) -> Redactor:
     """The configured redaction rules; a bad rule is a configuration error."""
@@ -82,10 +84,24 @@ async def _store(app: web.Application) -> AsyncIterator[None]:
         app[STORE] = store
         app[WRITER] = writer
         app[REPLAYER] = Replayer(store, shared=config.replay.shared)
+        sampler = None
+        if app[METRICS].multiprocess:
+            sampler = asyncio.create_task(_sample_queue_forever(app[METRICS]))
         yield
+        if sampler is not None:
+            sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sampler
         await writer.close()
     finally:
         await store.close()
+
+
+async def _sample_queue_forever(metrics: Metrics) -> None:
+    """Several workers: a scrape reads every worker's gauge files, so each refreshes its own."""
+    while True:
+        metrics.sample_queue()
+        await asyncio.sleep(QUEUE_SAMPLE_SECONDS)
 
 
 def _count_stored(app: web.Application) -> Callable[[CompletionRecord], None]:
