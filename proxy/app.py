@@ -22,7 +22,6 @@ from aiohttp.typedefs import Handler
 from proxy import admin, admin_keys, console, handlers, openapi
 from proxy.callers import Callers
 from proxy.config import Config, ConfigError
-from proxy.errors import exchange_middleware
 from proxy.keys import (
     CALLERS,
     CONFIG,
@@ -35,10 +34,11 @@ from proxy.keys import (
     WRITER,
 )
 from proxy.metrics import Metrics
+from proxy.middleware import exchange_middleware
 from proxy.redaction import DEFAULT_BUILTIN, Redactor
 from proxy.relay import Relay
 from proxy.replay import Replayer
-from proxy.store import CompletionRecord, SQLiteStore
+from proxy.store import CompletionRecord, open_store
 from proxy.upstream import make_session
 from proxy.usage import cost
 from proxy.writer import Writer
@@ -57,12 +57,7 @@ def redactor_of(config: Config) -> Redactor:
 
 async def _store(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
-    store = SQLiteStore(
-        config.store.path,
-        synchronous=config.store.synchronous,
-        max_bytes=config.store.max_bytes,
-    )
-    await store.open()
+    store = await open_store(config.store.url, config.store)
     try:
         secret = os.environ.get(config.callers.secret_env)
         key = (
@@ -83,7 +78,9 @@ async def _store(app: web.Application) -> AsyncIterator[None]:
             on_committed=_count_stored(app),
             on_failed=_count_failed(app),
         )
-        app[METRICS] = Metrics(queue_depth=lambda: writer.depth)
+        app[METRICS] = Metrics(
+            queue_depth=lambda: writer.depth, caller_label=config.metrics.caller_label
+        )
         writer.start()
         app[STORE] = store
         app[WRITER] = writer
@@ -145,13 +142,13 @@ async def _prune_forever(app: web.Application, days: float, interval_hours: floa
             log.exception("retention run failed")
         else:
             if report.completions or report.exchanges:
+                sizes = {"bytes_before": report.bytes_before, "bytes_after": report.bytes_after}
                 log.info(
                     "retention",
                     extra={
                         "completions": report.completions,
                         "exchanges": report.exchanges,
-                        "bytes_before": report.bytes_before,
-                        "bytes_after": report.bytes_after,
+                        **{name: size for name, size in sizes.items() if size is not None},
                     },
                 )
         await asyncio.sleep(interval_hours * 3600)

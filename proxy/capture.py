@@ -104,7 +104,7 @@ class Capture:
             completion_tokens=output,
         )
 
-    def exchange(self, outcome: str, status: int | None, keep_bytes: int) -> ExchangeRecord:
+    def exchange(self, outcome: Outcome, status: int | None, keep_bytes: int) -> ExchangeRecord:
         """The audit record of an exchange that stored no completion."""
         response = bytes(self.response[:keep_bytes]) if self.response else None
         if response is not None and self.redactor.enabled:

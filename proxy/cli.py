@@ -1,16 +1,22 @@
 """The ``completions-proxy`` command: the only module that prints or exits.
 
-    completions-proxy serve [--config FILE] [--host HOST] [--port PORT] [--upstream URL] [--db PATH]
+    completions-proxy serve [--host HOST] [--port PORT] [--upstream URL] [STORE]
     completions-proxy check-config FILE
-    completions-proxy export [--db PATH] [--format jsonl|finetune] [--model M]
-                             [--metadata k=v ...] [--since T] [--until T] [-o FILE]
-    completions-proxy import FILE [--db PATH]
-    completions-proxy keys create NAME [--role member|admin] | keys list | keys revoke NAME
-    completions-proxy usage [--since T] [--until T] [--group-by caller,model,day] [--json]
-    completions-proxy prune [--days N]
+    completions-proxy export [--format jsonl|finetune] [--model M]
+                             [--metadata k=v ...] [--since T] [--until T] [-o FILE] [STORE]
+    completions-proxy import FILE [STORE]
+    completions-proxy keys create NAME [--role member|admin] | keys list | keys revoke NAME [STORE]
+    completions-proxy usage [--since T] [--until T] [--group-by caller,model,day] [--json] [STORE]
+    completions-proxy prune [--days N] [STORE]
+
+STORE is ``--config FILE --db URL_OR_PATH``, the same for every command: the store is
+``--db`` if given, else the config's ``store.url`` (default ``./completions.db``), opened with
+the config's store settings. ``--db`` is a SQLite file path or a ``postgresql://`` URL.
+Commands that change nothing, and those that cannot act on an empty store (``keys revoke``,
+``prune``), refuse a store that does not exist rather than create one.
 
 Flags override the config file. A bad config or flag ends with one readable message and
-exit code 2.
+exit code 2; a store that cannot be opened, with one line and exit code 1.
 """
 
 from __future__ import annotations
@@ -20,10 +26,9 @@ import asyncio
 import contextlib
 import logging
 import os
-import sqlite3
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from typing import IO
 
@@ -38,7 +43,7 @@ from proxy.config import Config, ConfigError, load_config, redacted
 from proxy.logs import configure
 from proxy.models import parse_moment
 from proxy.recordings import export_to, import_from
-from proxy.store import ExportFilter, KeyExists, SQLiteStore
+from proxy.store import ExportFilter, KeyExists, Store, StoreError, StoreMissing, open_store
 from proxy.usage import parse_groups, report, table
 
 log = logging.getLogger("proxy")
@@ -55,11 +60,10 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the proxy")
-    serve.add_argument("--config", metavar="FILE", help="YAML config file")
+    _store_flags(serve)
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (default 8080)")
     serve.add_argument("--upstream", metavar="URL", help="upstream base URL, ending in /v1")
-    serve.add_argument("--db", metavar="PATH", help="SQLite database file")
     serve.add_argument(
         "--replay",
         choices=("off", "strict", "fallback"),
@@ -71,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("file", metavar="FILE")
 
     export = commands.add_parser("export", help="write stored completions as JSON lines")
-    export.add_argument("--db", metavar="PATH", default="./completions.db")
+    _store_flags(export)
     export.add_argument("--format", choices=("jsonl", "finetune"), default="jsonl")
     export.add_argument("--model", help="only completions asked of this model")
     export.add_argument(
@@ -88,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
 
     load = commands.add_parser("import", help="load a jsonl export (idempotent by id)")
     load.add_argument("file", metavar="FILE", help="a jsonl export, or - for stdin")
-    load.add_argument("--db", metavar="PATH", default="./completions.db")
+    _store_flags(load)
 
     keys = commands.add_parser("keys", help="manage proxy keys (auth.mode: keys)")
     keys_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
@@ -99,11 +103,10 @@ def _parser() -> argparse.ArgumentParser:
     revoke = keys_commands.add_parser("revoke", help="revoke a key at once")
     revoke.add_argument("name")
     for sub in (create, listing, revoke):
-        sub.add_argument("--db", metavar="PATH", default="./completions.db")
+        _store_flags(sub)
 
     usage = commands.add_parser("usage", help="tokens and cost per caller, model and day")
-    usage.add_argument("--config", metavar="FILE", help="config with the price table")
-    usage.add_argument("--db", metavar="PATH", help="database (default: the config's)")
+    _store_flags(usage, config="config with the store and the price table")
     usage.add_argument("--since", metavar="T", type=_moment, help="created at or after T")
     usage.add_argument("--until", metavar="T", type=_moment, help="created before T")
     usage.add_argument(
@@ -112,10 +115,20 @@ def _parser() -> argparse.ArgumentParser:
     usage.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     prune = commands.add_parser("prune", help="apply retention now and give space back")
-    prune.add_argument("--config", metavar="FILE", help="config with retention.days")
-    prune.add_argument("--db", metavar="PATH", help="database (default: the config's)")
+    _store_flags(prune, config="config with the store and retention.days")
     prune.add_argument("--days", type=float, help="keep this many days (default: the config's)")
     return parser
+
+
+def _store_flags(parser: argparse.ArgumentParser, config: str = "YAML config file") -> None:
+    """The ``--config FILE --db URL_OR_PATH`` pair every command that opens the store takes."""
+    parser.add_argument("--config", metavar="FILE", help=config)
+    parser.add_argument(
+        "--db",
+        metavar="URL_OR_PATH",
+        help="the store: a SQLite file or a postgresql:// URL"
+        " (default: the config's store.url, ./completions.db)",
+    )
 
 
 def _groups(text: str) -> list[str]:
@@ -165,31 +178,35 @@ class _ProgressBar:
             sys.stderr.write("\n")
 
 
-async def _export(args: argparse.Namespace, out: IO[bytes]) -> int:
-    store = SQLiteStore(args.db)
-    await store.open()
+@contextlib.asynccontextmanager
+async def _opened(
+    args: argparse.Namespace, config: Config, *, must_exist: bool
+) -> AsyncIterator[Store]:
+    """The store ``--db`` (else the config) names, open for the block."""
+    store = await open_store(_db_of(args, config), config.store, must_exist=must_exist)
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+async def _export(args: argparse.Namespace, config: Config, out: IO[bytes]) -> int:
     where = ExportFilter(
         model=args.model, metadata=tuple(args.metadata), since=args.since, until=args.until
     )
     bar = _ProgressBar("exported")
-    try:
+    async with _opened(args, config, must_exist=True) as store:
         count = await export_to(store, where, args.format, out, bar if bar.enabled else None)
         out.flush()
-    finally:
-        await store.close()
     bar.done()
     sys.stderr.write(f"exported {count} completions ({args.format})\n")
     return 0
 
 
-async def _import(args: argparse.Namespace, source: IO[bytes]) -> int:
-    store = SQLiteStore(args.db)
-    await store.open()
+async def _import(args: argparse.Namespace, config: Config, source: IO[bytes]) -> int:
     bar = _ProgressBar("read")
-    try:
+    async with _opened(args, config, must_exist=False) as store:
         report = await import_from(store, source, bar if bar.enabled else None)
-    finally:
-        await store.close()
     bar.done()
     if report.error_count:
         for number, message in report.errors:
@@ -217,13 +234,11 @@ def _stream(
 
 
 def _db_of(args: argparse.Namespace, config: Config) -> str:
-    return str(args.db) if args.db else config.store.path
+    return str(args.db) if args.db else config.store.url
 
 
-async def _keys(args: argparse.Namespace) -> int:
-    store = SQLiteStore(args.db)
-    await store.open()
-    try:
+async def _keys(args: argparse.Namespace, config: Config) -> int:
+    async with _opened(args, config, must_exist=args.keys_command != "create") as store:
         if args.keys_command == "create":
             key, key_id, key_hash = new_key()
             try:
@@ -244,8 +259,6 @@ async def _keys(args: argparse.Namespace) -> int:
             sys.stderr.write(f"revoked {args.name!r}\n")
             return 0
         rows = await store.list_keys()
-    finally:
-        await store.close()
     sys.stdout.write(f"{'name':<24} {'role':<7} {'key id':<14} {'created':<20} revoked\n")
     for row in rows:
         created = _when(row.created_at)
@@ -259,12 +272,8 @@ def _when(seconds: float) -> str:
 
 
 async def _usage(args: argparse.Namespace, config: Config) -> int:
-    store = SQLiteStore(_db_of(args, config))
-    await store.open()
-    try:
+    async with _opened(args, config, must_exist=True) as store:
         data = await report(store, args.since, args.until, args.group_by, config.prices)
-    finally:
-        await store.close()
     if args.json:
         sys.stdout.write(orjson.dumps(data).decode() + "\n")
     else:
@@ -276,15 +285,14 @@ async def _prune(args: argparse.Namespace, config: Config) -> int:
     days = args.days if args.days is not None else config.retention.days
     if days is None:
         raise ConfigError("prune needs --days or retention.days in the config")
-    store = SQLiteStore(_db_of(args, config))
-    await store.open()
-    try:
+    async with _opened(args, config, must_exist=True) as store:
         report = await store.prune(int(time.time() - days * 86400))
-    finally:
-        await store.close()
+    size = ""
+    if report.bytes_before is not None and report.bytes_after is not None:
+        size = f"; {report.bytes_before:,} -> {report.bytes_after:,} bytes"
     sys.stderr.write(
         f"pruned {report.completions} completions and {report.exchanges} audit records older"
-        f" than {days:g} days; {report.bytes_before:,} -> {report.bytes_after:,} bytes\n"
+        f" than {days:g} days{size}\n"
     )
     return 0
 
@@ -295,7 +303,7 @@ def _serve_config(args: argparse.Namespace) -> Config:
         {
             "server": {"host": args.host, "port": args.port},
             "upstream": {"url": args.upstream},
-            "store": {"path": args.db},
+            "store": {"url": args.db},
             "replay": {"mode": args.replay},
         }
     )
@@ -337,7 +345,7 @@ def serve(config: Config) -> int:
             "host": config.server.host,
             "port": config.server.port,
             "upstream": config.upstream.url,
-            "db": config.store.path,
+            "db": config.store.url,
         },
     )
     try:
@@ -353,8 +361,8 @@ def serve(config: Config) -> int:
     except OSError as error:
         log.error("cannot start: %s", error)
         return 1
-    except sqlite3.Error as error:  # not a database, locked past the busy timeout, ...
-        log.error("cannot open the store at %s: %s", config.store.path, error)
+    except StoreError as error:  # not a database, locked past the busy timeout, ...
+        log.error("cannot open the store at %s: %s", config.store.url, error)
         return 1
     return 0
 
@@ -369,23 +377,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout.write(yaml.safe_dump(redacted(config), sort_keys=False))
             return 0
         if args.command == "keys":
-            return asyncio.run(_keys(args))
+            return asyncio.run(_keys(args, load_config(args.config)))
         if args.command == "usage":
             return asyncio.run(_usage(args, load_config(args.config)))
         if args.command == "prune":
             return asyncio.run(_prune(args, load_config(args.config)))
         if args.command == "export":
+            config = load_config(args.config)
             with _stream(args.output, "wb", sys.stdout.buffer) as out:
-                return asyncio.run(_export(args, out))
+                return asyncio.run(_export(args, config, out))
         if args.command == "import":
+            config = load_config(args.config)
             with _stream(args.file, "rb", sys.stdin.buffer) as source:
-                return asyncio.run(_import(args, source))
+                return asyncio.run(_import(args, config, source))
         config = _serve_config(args)
         _check_serve(config)
     except OSError as error:
         sys.stderr.write(f"completions-proxy: {error.strerror}: {error.filename}\n")
         return 1
-    except sqlite3.Error as error:  # not a database, locked past the busy timeout, ...
+    except StoreMissing as error:
+        sys.stderr.write(f"completions-proxy: {error}\n")
+        return 1
+    except StoreError as error:  # not a database, locked past the busy timeout, ...
         sys.stderr.write(f"completions-proxy: the store failed: {error}\n")
         return 1
     except ConfigError as error:

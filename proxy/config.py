@@ -11,7 +11,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class ConfigError(Exception):
@@ -43,12 +50,70 @@ class UpstreamConfig(_Section):
         return value.rstrip("/")
 
 
-class StoreConfig(_Section):
-    path: str = "./completions.db"
+class SQLiteSettings(_Section):
     synchronous: Literal["normal", "full"] = "normal"
+    max_bytes: int | None = Field(None, ge=65536)
+
+
+class PostgresSettings(_Section):
+    pool_min: int = Field(2, ge=0)
+    pool_max: int = Field(10, ge=1)
+    connect_timeout: float = Field(10.0, gt=0)  # seconds to open a connection
+    statement_timeout: float = Field(30.0, gt=0)  # seconds a statement may run
+
+    @model_validator(mode="after")
+    def _pool_bounds(self) -> PostgresSettings:
+        if self.pool_min > self.pool_max:
+            raise ValueError("pool_min must not exceed pool_max")
+        return self
+
+
+# Keys of the store section that moved: each old name is still read, as its new place.
+_STORE_MOVED = {
+    "path": ("url",),
+    "synchronous": ("sqlite", "synchronous"),
+    "max_bytes": ("sqlite", "max_bytes"),
+}
+
+
+class StoreConfig(_Section):
+    """``url``: a SQLite file path (or ``sqlite:///path``) or a ``postgresql://`` URL."""
+
+    url: str = "./completions.db"
     queue_size: int = Field(10_000, ge=1)
     batch_size: int = Field(256, ge=1)
-    max_bytes: int | None = Field(None, ge=65536)
+    sqlite: SQLiteSettings = SQLiteSettings()
+    postgres: PostgresSettings = PostgresSettings()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data: Any) -> Any:
+        """``store.path``, ``store.synchronous`` and ``store.max_bytes`` are the old names of
+        ``store.url``, ``store.sqlite.synchronous`` and ``store.sqlite.max_bytes``."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for old, new in _STORE_MOVED.items():
+            if old not in data:
+                continue
+            value = data.pop(old)
+            if value is None:
+                continue
+            section = data
+            if len(new) == 2:
+                inner = section.get(new[0])
+                section = dict(inner) if isinstance(inner, dict) else {}
+                data[new[0]] = section
+            if section.get(new[-1]) not in (None, value):
+                place = ".".join(new)
+                raise ValueError(f"{old} is the old name of store.{place}: give only one")
+            section[new[-1]] = value
+        return data
+
+    @property
+    def path(self) -> str:
+        """The old name of ``url``, for code that read it."""
+        return self.url
 
 
 class CallersConfig(_Section):
@@ -88,6 +153,10 @@ class Price(_Section):
 
 class MetricsConfig(_Section):
     enabled: bool = True
+    # auto: an admin proxy key with auth.mode keys (callers are people's key names there),
+    # open otherwise (callers are token fingerprints); open or admin to choose.
+    access: Literal["auto", "open", "admin"] = "auto"
+    caller_label: bool = True
 
 
 class ReplayConfig(_Section):
@@ -126,6 +195,15 @@ class Config(_Section):
     replay: ReplayConfig = ReplayConfig()
     logging: LoggingConfig = LoggingConfig()
     console: ConsoleConfig = ConsoleConfig()
+
+    @model_validator(mode="after")
+    def _admins_exist(self) -> Config:
+        if self.metrics.access == "admin" and self.auth.mode != "keys":
+            raise ValueError(
+                "metrics.access: admin needs auth.mode: keys (passthrough callers are never"
+                " admins); use open, or auto"
+            )
+        return self
 
     def with_overrides(self, overrides: dict[str, dict[str, Any]]) -> Config:
         """A copy with the given section values replaced, validated like the file."""

@@ -1,7 +1,7 @@
 """Errors the proxy itself raises, and the one place that renders them in OpenAI's shape.
 
 Every non-2xx answer the proxy produces (as opposed to relaying an upstream's) is a
-``ProxyError`` rendered by ``error_middleware`` as::
+``ProxyError`` rendered by ``render`` (called from ``proxy.middleware``) as::
 
     {"error": {"message": str, "type": str, "param": str | None, "code": str | None}}
 
@@ -15,34 +15,23 @@ Hierarchy (status → OpenAI SDK exception)::
     ├── Forbidden             403  PermissionDeniedError    a member asking for an admin's view
     ├── NotFound              404  NotFoundError
     ├── MethodNotAllowed      405  APIStatusError
+    ├── RequestTimeout        408  APIStatusError           the client's body did not arrive in time
     ├── PayloadTooLarge       413  APIStatusError
     ├── UpstreamUnreachable   502  InternalServerError      refused / reset before an answer
     ├── StoreUnavailable      503  InternalServerError      store known broken; store=true refused
+    ├── Busy                  503  InternalServerError      too many open client connections
     └── UpstreamTimeout       504  InternalServerError      no answer within the read timeout
 
 The SDK retries 408, 409, 429 and >= 500, so those statuses are used only for failures that
-may pass (the upstream or the store), never for a bad request.
+may pass (the upstream or the store, a slow client), never for a bad request.
+
+This module imports nothing of the project's: every other module may raise these errors.
 """
 
 from __future__ import annotations
 
-import contextlib
-import itertools
-import logging
-import os
-import time
-from collections.abc import Iterator
-
 import orjson
 from aiohttp import web
-from aiohttp.typedefs import Handler, Middleware
-
-from proxy.keys import ACCESS, METRICS
-from proxy.logs import AccessRecord
-from proxy.outcome import Outcome
-
-log = logging.getLogger("proxy.errors")
-access_logger = logging.getLogger("proxy.access")
 
 
 class ProxyError(Exception):
@@ -92,6 +81,11 @@ class MethodNotAllowed(ProxyError):
     type = "invalid_request_error"
 
 
+class RequestTimeout(ProxyError):
+    status = 408
+    type = "invalid_request_error"
+
+
 class PayloadTooLarge(ProxyError):
     status = 413
     type = "invalid_request_error"
@@ -107,16 +101,14 @@ class StoreUnavailable(ProxyError):
     type = "server_error"
 
 
+class Busy(ProxyError):
+    status = 503
+    type = "server_error"
+
+
 class UpstreamTimeout(ProxyError):
     status = 504
     type = "upstream_error"
-
-
-def request_ids() -> Iterator[str]:
-    """Request ids: 64 random bits chosen once, then a counter. Unique across processes and
-    restarts like a uuid4, without a call into the kernel for each request."""
-    prefix = "req_" + os.urandom(8).hex()
-    return (f"{prefix}{n:016x}" for n in itertools.count(1))
 
 
 def error_body(error: ProxyError) -> bytes:
@@ -141,7 +133,7 @@ def render(error: ProxyError, request_id: str) -> web.Response:
     )
 
 
-def _from_http_exception(exc: web.HTTPException) -> ProxyError:
+def from_http_exception(exc: web.HTTPException) -> ProxyError:
     if exc.status == 413:
         return PayloadTooLarge(
             "Request body is larger than the proxy's limit (server.max_body_bytes).",
@@ -160,81 +152,3 @@ def _from_http_exception(exc: web.HTTPException) -> ProxyError:
     error.status = exc.status
     error.type = "invalid_request_error" if exc.status < 500 else "server_error"
     return error
-
-
-def exchange_middleware(access_log: bool) -> Middleware:
-    """Give every request an id and an access record; render every failure of the proxy's own.
-
-    Only ``ProxyError`` (and aiohttp's own HTTP errors, such as a body over the size limit)
-    become OpenAI-shaped answers; anything unexpected is logged with its traceback and
-    answered with a plain 500 that says nothing of the internals.
-    """
-
-    ids = request_ids()
-
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        request_id = next(ids)
-        access = AccessRecord(request_id, request.method, request.path, time.perf_counter())
-        request[ACCESS] = access
-        response: web.StreamResponse | None = None
-        try:
-            try:
-                response = await handler(request)
-            except ProxyError as error:
-                response = render(error, request_id)
-                access.outcome = access.outcome or Outcome.REFUSED
-            except web.HTTPException as exc:
-                if exc.status < 400:
-                    raise
-                response = render(_from_http_exception(exc), request_id)
-                access.outcome = access.outcome or Outcome.REFUSED
-            except Exception:
-                log.exception("unhandled error", extra={"request_id": request_id})
-                response = render(ProxyError("The proxy failed to handle the request."), request_id)
-            if not response.prepared:
-                if "x-request-id" not in response.headers:
-                    response.headers["x-request-id"] = request_id
-                # Sent here rather than after the middleware returns, so the access log and
-                # the metrics below are written after the client has its answer, not before.
-                with contextlib.suppress(ConnectionError):  # the client left; nothing to do
-                    await response.prepare(request)
-                    await response.write_eof()
-            return response
-        finally:
-            if response is not None:
-                access.status = response.status
-            elif access.outcome is None:
-                access.outcome = Outcome.CLIENT_GONE
-            if access_log:
-                access.emit(access_logger)
-            metrics = request.app.get(METRICS)
-            if metrics is not None:
-                metrics.request(
-                    route=_ROUTES.get(getattr(request.match_info.handler, "__name__", ""), "other"),
-                    status=access.status,
-                    model=access.model,
-                    stream=access.stream,
-                    outcome=access.outcome,
-                    upstream_seconds=None
-                    if access.upstream_ms is None
-                    else access.upstream_ms / 1000,
-                    proxy_seconds=None if access.proxy_ms is None else access.proxy_ms / 1000,
-                )
-
-    return middleware
-
-
-# Handler names → the low-cardinality route label of metrics.
-_ROUTES = {
-    "create_chat_completion": "create",
-    "list_chat_completions": "list",
-    "get_chat_completion": "retrieve",
-    "update_chat_completion": "update",
-    "delete_chat_completion": "delete",
-    "get_chat_completion_messages": "messages",
-    "forward": "forward",
-    "get_usage": "admin",
-    "list_exchanges": "admin",
-    "list_audit": "admin",
-}

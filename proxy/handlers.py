@@ -9,6 +9,7 @@ import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from proxy import responses
 from proxy.assemble import input_messages, list_body
 from proxy.callers import Caller
 from proxy.capture import Capture
@@ -116,7 +117,8 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
         status = error.status
         raise
     except asyncio.CancelledError:
-        access.outcome = Outcome.CLIENT_GONE
+        if access.outcome is None:
+            access.outcome = Outcome.CLIENT_GONE
         raise
     finally:
         if access.outcome in _FAILED:
@@ -147,16 +149,16 @@ async def list_chat_completions(request: web.Request) -> web.Response:
         raise InvalidRequest(
             f"after: no chat completion with id '{query.page.after}'.", param="after"
         ) from None
-    return _json(list_body(page.items, page.has_more))
+    return _json(responses.completion_page(page))
 
 
 async def get_chat_completion(request: web.Request) -> web.Response:
     caller = await required_caller(request)
     completion_id = request.match_info["completion_id"]
-    body = await request.app[STORE].get(caller.scope, completion_id)
-    if body is None:
+    stored = await request.app[STORE].get(caller.scope, completion_id)
+    if stored is None:
         raise _not_found(completion_id)
-    return _json(body)
+    return _json(responses.stored_completion(stored))
 
 
 async def update_chat_completion(request: web.Request) -> web.Response:
@@ -164,10 +166,10 @@ async def update_chat_completion(request: web.Request) -> web.Response:
     completion_id = request.match_info["completion_id"]
     metadata = parse_update_body(await request.read())
     store = request.app[STORE]
-    body = await store.update_metadata(caller.scope, completion_id, metadata, caller.name)
-    if body is None:
+    stored = await store.update_metadata(caller.scope, completion_id, metadata, caller.name)
+    if stored is None:
         raise _not_found(completion_id)
-    return _json(body)
+    return _json(responses.stored_completion(stored))
 
 
 async def delete_chat_completion(request: web.Request) -> web.Response:

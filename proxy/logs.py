@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 
 from proxy.config import LoggingConfig
+from proxy.outcome import Outcome, OutcomeSet
 
 # Attributes every LogRecord has; anything else was passed through ``extra=``.
 _STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
@@ -99,7 +100,10 @@ def configure(config: LoggingConfig) -> None:
 
 @dataclass(slots=True)
 class AccessRecord:
-    """What the access log says of one request; handlers fill in what they learn."""
+    """What the access log says of one request; handlers fill in what they learn.
+
+    ``outcome`` is set once: a second assignment raises ``OutcomeSet``.
+    """
 
     request_id: str
     method: str
@@ -109,11 +113,21 @@ class AccessRecord:
     caller: str | None = None
     model: str | None = None
     stream: bool | None = None
-    outcome: str | None = None
+    _outcome: Outcome | None = None
     completion_id: str | None = None
     upstream_request_id: str | None = None
     upstream_ms: float | None = None
     proxy_ms: float | None = None
+
+    @property
+    def outcome(self) -> Outcome | None:
+        return self._outcome
+
+    @outcome.setter
+    def outcome(self, value: Outcome) -> None:
+        if self._outcome is not None:
+            raise OutcomeSet(self._outcome, value)
+        self._outcome = value
 
     def emit(self, logger: logging.Logger) -> None:
         if not logger.isEnabledFor(logging.INFO):
@@ -137,4 +151,4 @@ class AccessRecord:
         )
 
 
-_LOGGED = tuple(f.name for f in fields(AccessRecord) if f.name != "started")
+_LOGGED = tuple(f.name.lstrip("_") for f in fields(AccessRecord) if f.name != "started")

@@ -108,7 +108,6 @@ class Relay:
             is_stream = upstream.content_type == "text/event-stream"
             if capture is not None and upstream.status != 200:
                 capture.storable = False  # relayed as it came; kept only as an audit record
-                access.outcome = Outcome.UPSTREAM_ERROR
             if capture is not None and capture.storable and not is_stream:
                 return await self._plain(upstream, down, capture, access)
             if capture is not None:
@@ -200,7 +199,9 @@ class Relay:
         if capture is not None and capture.storable and not committed:
             # No [DONE] (some providers end at EOF): store if every choice finished.
             await self._commit(capture, access)
-        elif capture is None and access.outcome is None:
+        elif capture is not None and not capture.storable:
+            access.outcome = Outcome.UPSTREAM_ERROR
+        elif capture is None:
             access.outcome = Outcome.COMPLETE
         # Everything was written; a client that closed before the terminator changes nothing.
         with contextlib.suppress(*_CLIENT_GONE):

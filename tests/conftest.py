@@ -1,8 +1,11 @@
-"""Fixtures: the fake upstream as a real server, the proxy in front of it, and SDK clients."""
+"""Fixtures: the fake upstream as a real server, the proxy in front of it, SDK clients, and
+the proxy's JSON log lines captured in a buffer."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import io
+import logging
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +16,9 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from proxy.app import create_app
 from proxy.config import Config, validate
+from proxy.logs import JSONFormatter
 from tests.fakes import FakeUpstream
+from tests.helpers import sdk
 
 ProxyFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
 
@@ -58,12 +63,6 @@ async def proxy(proxy_factory: ProxyFactory) -> TestClient[web.Request, web.Appl
     return await proxy_factory()
 
 
-def sdk(
-    proxy: TestClient[web.Request, web.Application], key: str = "sk-test-alice"
-) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=str(proxy.make_url("/v1")), api_key=key, max_retries=0)
-
-
 @pytest.fixture
 async def alice(proxy: TestClient[web.Request, web.Application]) -> openai.AsyncOpenAI:
     async with sdk(proxy, "sk-test-alice") as client:
@@ -74,3 +73,18 @@ async def alice(proxy: TestClient[web.Request, web.Application]) -> openai.Async
 async def bob(proxy: TestClient[web.Request, web.Application]) -> openai.AsyncOpenAI:
     async with sdk(proxy, "sk-test-bob") as client:
         yield client  # type: ignore[misc]
+
+
+@pytest.fixture
+def json_logs() -> Iterator[io.StringIO]:
+    """The proxy's real log pipeline with the JSON formatter, into a buffer."""
+    buffer = io.StringIO()
+    handler = logging.StreamHandler(buffer)
+    handler.setFormatter(JSONFormatter())
+    root = logging.getLogger()
+    previous = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    yield buffer
+    root.removeHandler(handler)
+    root.setLevel(previous)

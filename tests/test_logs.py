@@ -13,6 +13,7 @@ import pytest
 
 from proxy.config import LoggingConfig
 from proxy.logs import AccessRecord, configure
+from proxy.outcome import Outcome
 
 
 @contextlib.contextmanager
@@ -32,7 +33,7 @@ def configured(monkeypatch: pytest.MonkeyPatch) -> Iterator[io.StringIO]:
 
 
 def _access() -> AccessRecord:
-    return AccessRecord(
+    record = AccessRecord(
         request_id="req_1",
         method="POST",
         path="/v1/chat/completions\r\nforged\u2028line",
@@ -41,8 +42,9 @@ def _access() -> AccessRecord:
         caller="caller_abc",
         model="gpt-4o-mini",
         stream=False,
-        outcome="complete",
     )
+    record.outcome = Outcome.COMPLETE
+    return record
 
 
 def test_the_direct_line_is_the_line_logging_would_write(

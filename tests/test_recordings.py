@@ -2,34 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import io
 import sqlite3
-import sys
 from pathlib import Path
 
 import openai
 import orjson
 
 from proxy.recordings import RUN_BYTES, _runs, parse_run
-from tests.conftest import sdk
 from tests.fakes import FakeUpstream, Reply
-from tests.test_replay import ASK, TOOLS, tool_completion
-
-
-async def cli(*args: str, stdin: bytes | None = None) -> tuple[int, bytes, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy",
-        *args,
-        stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(process.communicate(stdin), 120)
-    assert process.returncode is not None
-    return process.returncode, out, err.decode()
+from tests.helpers import ASK, TOOLS, cli, sdk, tool_completion
 
 
 def lines(data: bytes) -> list[dict]:
@@ -85,6 +67,7 @@ async def test_export_import_export_gives_the_same_records(
     assert set(first) == {
         "id", "caller", "created", "model", "metadata", "request", "response",
         "request_id", "stream", "outcome", "stored_at", "duration_ms",
+        "prompt_tokens", "cached_tokens", "completion_tokens",
     }  # fmt: skip
     assert first["caller"].startswith("caller_") and first["outcome"] == "complete"
     assert first["request"]["messages"][1]["content"] == "q0"

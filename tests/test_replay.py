@@ -7,54 +7,8 @@ import pytest
 
 from proxy.assemble import fold_chunks
 from proxy.replay import recorded_answer, request_key, stream_chunks
-from tests.conftest import sdk
 from tests.fakes import FakeUpstream, Reply, sse
-
-TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "weather",
-            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
-        },
-    }
-]
-ASK = [{"role": "user", "content": "weather in Paris?"}]
-
-
-def tool_completion(completion_id: str) -> dict:
-    return {
-        "id": completion_id,
-        "object": "chat.completion",
-        "created": 1700000001,
-        "model": "gpt-test-2024-01-01",
-        "choices": [
-            {
-                "index": 0,
-                "message": {
-                    "role": "assistant",
-                    "content": None,
-                    "refusal": None,
-                    "tool_calls": [
-                        {
-                            "id": "call_a",
-                            "type": "function",
-                            "function": {"name": "weather", "arguments": '{"city":'},
-                        },
-                        {
-                            "id": "call_b",
-                            "type": "function",
-                            "function": {"name": "weather", "arguments": '{"city": "Lyon"}'},
-                        },
-                    ],
-                },
-                "finish_reason": "tool_calls",
-                "logprobs": None,
-            }
-        ],
-        "usage": {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13},
-        "system_fingerprint": "fp_tools",
-    }
+from tests.helpers import ASK, TOOLS, sdk, tool_completion
 
 
 def tool_chunks(completion_id: str) -> list[dict]:

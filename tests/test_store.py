@@ -13,18 +13,12 @@ from pathlib import Path
 import orjson
 import pytest
 
-from proxy.migrations import MIGRATIONS, migrate
 from proxy.models import ListQuery, PageQuery
-from proxy.store import (
-    _CALLERS,
-    CALLERS_PER_READ,
-    PAGE_SIZE,
-    CompletionRecord,
-    InsertRow,
-    SQLiteStore,
-    UnknownCursor,
-    insert_row,
-)
+from proxy.responses import stored_completion
+from proxy.store import CompletionRecord, StoreError, UnknownCursor
+from proxy.store.sqlite import SQLiteStore
+from proxy.store.sqlite.migrations import MIGRATIONS, migrate
+from proxy.store.sqlite.store import _CALLERS, CALLERS_PER_READ, PAGE_SIZE
 from proxy.writer import Writer
 
 
@@ -45,10 +39,16 @@ def record(n: int, caller: str = "caller_a", created: int = 1000, **changes) -> 
     return CompletionRecord(**values)
 
 
-def rows(records: Iterable[CompletionRecord]) -> list[InsertRow]:
+def rows(records: Iterable[CompletionRecord]) -> list[CompletionRecord]:
     """An import's batch: the records as its workers hand them over."""
     now = time.time()
-    return [insert_row(r, now) for r in records]
+    return [replace(r, stored_at=now) for r in records]
+
+
+async def body(store: SQLiteStore, caller: str | None, completion_id: str) -> bytes | None:
+    """A stored completion as the API serves it."""
+    found = await store.get(caller, completion_id)
+    return None if found is None else stored_completion(found)
 
 
 @pytest.fixture
@@ -107,7 +107,9 @@ async def test_migrates_an_old_file_forward_keeping_its_rows(tmp_path: Path) -> 
     store = SQLiteStore(path)
     await store.open()
     try:
-        assert await store.get("caller_a", "chatcmpl-old") == b'{"id":"chatcmpl-old","metadata":{}}'
+        assert await body(store, "caller_a", "chatcmpl-old") == (
+            b'{"id":"chatcmpl-old","metadata":{}}'
+        )
         assert await store.delete("caller_a", "chatcmpl-old", "tester")  # uses the tombstones step
     finally:
         await store.close()
@@ -175,7 +177,7 @@ async def every_page(store: SQLiteStore, query: ListQuery, limit: int) -> list[s
     while True:
         page = replace(query.page, limit=limit, after=after)
         result = await store.list_completions(None, replace(query, page=page))
-        seen += [id_ for id_, _ in result.items]
+        seen += [item.id for item in result.items]
         if not result.has_more:
             return seen
         after = seen[-1]
@@ -222,7 +224,7 @@ async def test_an_admin_pages_on_past_the_ids_deleted_behind_it(store: SQLiteSto
     after = None
     while True:
         page = await store.list_completions(None, ListQuery(page=PageQuery(limit=6, after=after)))
-        seen += [id_ for id_, _ in page.items]
+        seen += [item.id for item in page.items]
         after = seen[-1]
         assert await store.delete(None, after, "admin")  # the cursor's own row is gone
         if not page.has_more:
@@ -264,10 +266,10 @@ async def test_pages_are_a_stable_total_order(store: SQLiteStore) -> None:
         page = await store.list_completions(
             "caller_a", ListQuery(page=PageQuery(after=after, limit=3))
         )
-        seen += [item_id for item_id, _ in page.items]
+        seen += [item.id for item in page.items]
         if not page.has_more:
             break
-        after = page.items[-1][0]
+        after = page.items[-1].id
     assert seen == [f"chatcmpl-{n}" for n in range(1, 21)]
 
 
@@ -282,7 +284,7 @@ async def test_unknown_cursor(store: SQLiteStore) -> None:
 async def test_duplicate_ids_keep_the_first_and_get_no_extra_metadata(store: SQLiteStore) -> None:
     assert await store.write_batch([record(1)]) == 1
     assert await store.write_batch([record(1, metadata={"x": "y"}), record(2)]) == 1
-    assert orjson.loads(await store.get("caller_a", "chatcmpl-1"))["metadata"] == {
+    assert orjson.loads(await body(store, "caller_a", "chatcmpl-1") or b"")["metadata"] == {
         "n": "1",
         "parity": "odd",
     }
@@ -343,7 +345,7 @@ async def test_import_commits_in_chunks_and_skips_duplicates(
     assert len(ids) == len(set(ids)) == 20
     assert pairs == 2 * 20  # duplicates got no second metadata rows
     page = await store.list_completions("caller_a", ListQuery(metadata=(("n", "20"),)))
-    assert [item_id for item_id, _ in page.items] == ["chatcmpl-20"]
+    assert [item.id for item in page.items] == ["chatcmpl-20"]
 
 
 @pytest.fixture(params=["alone", "shared"])
@@ -441,10 +443,9 @@ async def test_an_import_that_fails_to_write_takes_back_what_it_wrote(
     def batches():
         assert journal_of(tmp_path / "store.db") == journal
         yield rows(record(n) for n in range(1, 9))
-        [(columns, pairs)] = rows([record(9)])
-        yield [((*columns[:5], object(), *columns[6:]), pairs)]  # cannot be bound: it fails
+        yield [record(9, completion=object())]  # cannot be bound: it fails
 
-    with pytest.raises(sqlite3.Error):
+    with pytest.raises(StoreError):
         await store.import_records(batches(), accept=lambda: True, chunk_rows=4)
     assert rows_of(tmp_path / "store.db") == before
     assert journal_of(tmp_path / "store.db") == "wal"

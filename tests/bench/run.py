@@ -66,7 +66,8 @@ from typing import Any
 import orjson
 
 from proxy.models import ListQuery, PageQuery
-from proxy.store import CompletionRecord, SQLiteStore
+from proxy.store import CompletionRecord
+from proxy.store.sqlite import SQLiteStore
 from proxy.writer import Writer
 
 HERE = Path(__file__).resolve().parent

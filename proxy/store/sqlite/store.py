@@ -1,9 +1,5 @@
-"""Where completions live: the ``Store`` interface and its SQLite implementation.
+"""The SQLite store: ``SQLiteStore`` implements ``proxy.store.Store`` on one database file.
 
-Everything SQL and SQLite-specific stays in ``SQLiteStore``, so a PostgreSQL store (several
-proxy instances sharing one database) can implement the same interface.
-
-SQLite specifics:
 - WAL journal; one write connection, owned by one thread where each write transaction
   (``BEGIN IMMEDIATE`` … ``COMMIT``) runs whole, so writes never interleave and a commit is
   one hand-off; one read connection; one checkpointer.
@@ -18,156 +14,38 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import inspect
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import aiosqlite
 import orjson
 
-from proxy.assemble import with_metadata
-from proxy.connection import ThreadedConnection
-from proxy.migrations import migrate
 from proxy.models import ListQuery, Order, PageQuery
-
-
-@dataclass(frozen=True, slots=True)
-class CompletionRecord:
-    """One captured completion, ready to be written."""
-
-    id: str
-    caller: str
-    created: int
-    model: str
-    metadata: dict[str, str]
-    completion: bytes  # the stored chat.completion JSON, without metadata
-    request: bytes  # the client's request body, as sent
-    request_id: str | None
-    stream: bool
-    outcome: str
-    duration_ms: float | None = None
-    request_key: str | None = None  # what replay matches on (see replay.request_key)
-    stored_at: float | None = None  # set on import; now when None
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    completion_tokens: int = 0
-
-
-# A completion as the insert takes it: its columns but seq (the metadata encoded), then its
-# metadata. An import's worker processes build these, off the writer's thread.
-InsertRow = tuple[tuple[Any, ...], dict[str, str]]
-
-
-@dataclass(frozen=True, slots=True)
-class ExchangeRecord:
-    """An exchange that ended without a stored completion (failed, aborted), kept for audit."""
-
-    request_id: str
-    caller: str
-    created: int
-    model: str
-    stream: bool
-    outcome: str
-    status: int | None
-    request: bytes
-    response: bytes | None  # the error body or the partial answer, capped
-    duration_ms: float | None
-
-
-Writable = CompletionRecord | ExchangeRecord
-
-
-@dataclass(frozen=True, slots=True)
-class KeyRecord:
-    name: str
-    key_id: str
-    role: str
-    created_at: float
-    revoked_at: float | None
-
-
-@dataclass(frozen=True, slots=True)
-class UsageRow:
-    group: dict[str, str]
-    completions: int
-    prompt_tokens: int
-    cached_tokens: int
-    completion_tokens: int
-
-
-@dataclass(frozen=True, slots=True)
-class PruneReport:
-    completions: int
-    exchanges: int
-    bytes_before: int
-    bytes_after: int
-
-
-@dataclass(frozen=True, slots=True)
-class ExportFilter:
-    model: str | None = None
-    metadata: tuple[tuple[str, str], ...] = ()
-    since: int | None = None  # created >= since
-    until: int | None = None  # created < until
-
-
-@dataclass(frozen=True, slots=True)
-class Page:
-    items: list[tuple[str, bytes]]  # (id, API JSON)
-    has_more: bool
-
-
-class UnknownCursor(LookupError):
-    """``after`` names an id this caller never had."""
-
-
-class KeyExists(ValueError):
-    """A proxy key with this name exists already."""
+from proxy.store.errors import KeyExists, StoreError, StoreMissing, UnknownCursor
+from proxy.store.records import (
+    AuditEntry,
+    CompletionRecord,
+    ExchangeRecord,
+    ExportFilter,
+    KeyRecord,
+    Page,
+    PruneReport,
+    StoredCompletion,
+    UsageRow,
+    Writable,
+)
+from proxy.store.sqlite.connection import ThreadedConnection
+from proxy.store.sqlite.migrations import migrate
 
 
 class _Rejected(Exception):
     """An import whose file had bad lines: everything it wrote is taken back."""
-
-
-class Store(Protocol):
-    """The store. ``caller=None`` means every caller's records (an admin's view)."""
-
-    async def open(self) -> None: ...
-    async def close(self) -> None: ...
-    async def write_batch(self, records: Sequence[Writable]) -> int: ...
-    async def probe_write(self) -> None: ...
-    async def get(self, caller: str | None, completion_id: str) -> bytes | None: ...
-    async def request_of(self, caller: str | None, completion_id: str) -> bytes | None: ...
-    async def list_completions(self, caller: str | None, query: ListQuery) -> Page: ...
-    async def update_metadata(
-        self, caller: str | None, completion_id: str, metadata: dict[str, str], actor: str
-    ) -> bytes | None: ...
-    async def delete(
-        self, caller: str | None, completion_id: str, actor: str, *, purge: bool = True
-    ) -> bool: ...
-    async def list_exchanges(self, caller: str | None, page: PageQuery) -> Page: ...
-    async def audit_entries(self, after: int, limit: int) -> list[bytes]: ...
-    async def create_key(self, name: str, role: str, key_id: str, key_hash: bytes) -> None: ...
-    async def revoke_key(self, name: str) -> bool: ...
-    async def list_keys(self) -> list[KeyRecord]: ...
-    async def find_key(self, key_id: str) -> tuple[KeyRecord, bytes] | None: ...
-    async def usage(
-        self, since: int | None, until: int | None, group_by: Sequence[str]
-    ) -> list[UsageRow]: ...
-    async def prune(self, before: int) -> PruneReport: ...
-    async def setting(self, name: str, default: bytes) -> bytes: ...
-    async def recordings(self, request_key: str, caller: str | None) -> list[bytes]: ...
-    def export(self, where: ExportFilter) -> AsyncIterator[list[CompletionRecord]]: ...
-    async def import_records(
-        self,
-        batches: Iterable[Sequence[InsertRow]],
-        accept: Callable[[], bool],
-        chunk_rows: int | None = ...,
-    ) -> int: ...
 
 
 _INSERT_COMPLETION = """
@@ -314,53 +192,52 @@ def _fetchone(conn: sqlite3.Connection, sql: str, params: Sequence[object] = ())
     return conn.execute(sql, params).fetchone()
 
 
-def _max_seq(conn: sqlite3.Connection) -> int:
-    seq: int = _fetchone(conn, "SELECT coalesce(max(seq), 0) FROM completions")[0]
-    return seq
+def _last_seq(conn: sqlite3.Connection) -> int:
+    """The largest seq ever given to a completion (AUTOINCREMENT's counter: a deleted
+    completion's seq is never given again)."""
+    row = _fetchone(conn, "SELECT seq FROM sqlite_sequence WHERE name = 'completions'")
+    return 0 if row is None else int(row[0])
 
 
-def insert_row(record: CompletionRecord, now: float) -> InsertRow:
+def _columns(record: CompletionRecord, now: float) -> tuple[Any, ...]:
     """``record`` as the insert takes it; ``now`` is its stored_at unless it has one."""
     return (
-        (
-            record.id,
-            record.caller,
-            record.created,
-            record.model,
-            _dump_metadata(record.metadata),
-            record.completion,
-            record.request,
-            record.request_id,
-            int(record.stream),
-            record.outcome,
-            record.stored_at if record.stored_at is not None else now,
-            record.duration_ms,
-            record.request_key,
-            record.prompt_tokens,
-            record.cached_tokens,
-            record.completion_tokens,
-        ),
-        record.metadata,
+        record.id,
+        record.caller,
+        record.created,
+        record.model,
+        _dump_metadata(record.metadata),
+        record.completion,
+        record.request,
+        record.request_id,
+        int(record.stream),
+        record.outcome,
+        record.stored_at if record.stored_at is not None else now,
+        record.duration_ms,
+        record.request_key,
+        record.prompt_tokens,
+        record.cached_tokens,
+        record.completion_tokens,
     )
 
 
-def _insert(conn: sqlite3.Connection, rows: Iterable[InsertRow]) -> int:
+def _insert(conn: sqlite3.Connection, records: Iterable[CompletionRecord], now: float) -> int:
     """Insert inside the caller's transaction; return how many were new.
 
     One statement per completion, so a duplicate (same caller and id, kept as first written)
     is known at once and gets no metadata rows; the metadata rows then go in as plain values,
     which costs less than half what deriving them from the completion rows did. SQLite
-    gives each new row the next seq (the largest plus one: the table has no AUTOINCREMENT).
+    gives each new row the next seq, never one a deleted row had (AUTOINCREMENT, m009).
     """
     cursor = conn.cursor()
     pairs = []
     inserted = 0
-    for columns, metadata in rows:
-        cursor.execute(_INSERT_COMPLETION, columns)
+    for record in records:
+        cursor.execute(_INSERT_COMPLETION, _columns(record, now))
         if cursor.rowcount:  # zero for a duplicate
             inserted += 1
-            seq, caller, created = cursor.lastrowid, columns[1], columns[2]
-            pairs += [(seq, key, value, caller, created) for key, value in metadata.items()]
+            seq, caller, created = cursor.lastrowid, record.caller, record.created
+            pairs += [(seq, key, value, caller, created) for key, value in record.metadata.items()]
     if pairs:
         conn.executemany(_INSERT_METADATA, pairs)
     return inserted
@@ -386,7 +263,7 @@ def _write_batch(conn: sqlite3.Connection, records: Sequence[Writable]) -> int:
     ]
     with _transaction(conn):
         now = time.time()
-        inserted = _insert(conn, [insert_row(r, now) for r in completions]) if completions else 0
+        inserted = _insert(conn, completions, now) if completions else 0
         if exchanges:
             conn.executemany(_INSERT_EXCHANGE, exchanges)
             inserted += len(exchanges)
@@ -395,7 +272,7 @@ def _write_batch(conn: sqlite3.Connection, records: Sequence[Writable]) -> int:
 
 def _import(
     conn: sqlite3.Connection,
-    batches: Iterable[Sequence[InsertRow]],
+    batches: Iterable[Sequence[CompletionRecord]],
     accept: Callable[[], bool],
     chunk_rows: int,
     *,
@@ -406,6 +283,12 @@ def _import(
     took. When ``accept()`` turns false (a bad line) or anything fails, the open transaction
     is rolled back and the ranges already committed are deleted, so nothing stays behind;
     the remaining batches are still read, so every bad line gets reported.
+
+    The ranges hold this import's rows and nothing else, whoever else writes to the file
+    meanwhile (another proxy, another import): each is read from AUTOINCREMENT's counter
+    at the start and end of its own ``BEGIN IMMEDIATE`` transaction, which no other writer
+    can interleave with, and a seq is never given twice, so a row written later by someone
+    else never falls in one, even after the import's newest row was deleted.
 
     Chunks rather than one transaction: through the WAL, the WAL stays the size of two
     chunks (one transaction of a million rows made a WAL larger than the database); when
@@ -436,18 +319,19 @@ def _import(
     try:
         while True:
             with _transaction(conn):
-                base = _max_seq(conn)
+                base = _last_seq(conn)
                 rows = 0
+                now = time.time()
                 for batch in pending:
                     if not accept():
                         raise _Rejected
-                    inserted += _insert(conn, batch)
+                    inserted += _insert(conn, batch, now)
                     rows += len(batch)
                     if rows >= chunk_rows:
                         break
                 if not accept():
                     raise _Rejected
-                end = _max_seq(conn)
+                end = _last_seq(conn)
             if end > base:
                 taken.append((base + 1, end))
             if rows < chunk_rows:
@@ -707,6 +591,53 @@ def _prepare_writer(conn: sqlite3.Connection) -> None:
     migrate(conn)
 
 
+def _make_room(path: str, *, must_exist: bool) -> None:
+    """Make the folder a new database file goes in; or, with ``must_exist``, refuse a file
+    that is not there (a read-only command must not leave an empty database behind)."""
+    if must_exist and not Path(path).is_file():
+        raise StoreMissing(f"no database at {path}")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+
+
+Cls = TypeVar("Cls", bound=type)
+
+
+def _store_errors(cls: Cls) -> Cls:
+    """Every public coroutine (and the export generator) of ``cls`` raises ``StoreError``
+    where SQLite raised ``sqlite3.Error``, so nothing outside this package sees SQLite's."""
+
+    def coroutine(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        async def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return await fn(*args, **kwargs)
+            except sqlite3.Error as error:
+                raise StoreError(str(error)) from error
+
+        return wrapper
+
+    def generator(fn: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+        @functools.wraps(fn)
+        async def wrapper(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+            try:
+                async for item in fn(*args, **kwargs):
+                    yield item
+            except sqlite3.Error as error:
+                raise StoreError(str(error)) from error
+
+        return wrapper
+
+    for name, fn in list(vars(cls).items()):
+        if name.startswith("_"):
+            continue
+        if inspect.iscoroutinefunction(fn):
+            setattr(cls, name, coroutine(fn))
+        elif inspect.isasyncgenfunction(fn):
+            setattr(cls, name, generator(fn))
+    return cls
+
+
+@_store_errors
 class SQLiteStore:
     """The SQLite store: one file, WAL; a writer connection on its own thread (every write is
     one function there, see ``connection``), a reader connection, and a checkpointer."""
@@ -719,8 +650,10 @@ class SQLiteStore:
         max_bytes: int | None = None,
         checkpoint_interval: float = CHECKPOINT_INTERVAL,
         wal_restart_frames: int = WAL_RESTART_FRAMES,
+        must_exist: bool = False,
     ) -> None:
         self.path = str(path)
+        self._must_exist = must_exist
         self._checkpoint_interval = checkpoint_interval
         self._wal_restart_frames = wal_restart_frames
         self._synchronous = synchronous.upper()
@@ -763,8 +696,9 @@ class SQLiteStore:
         return conn
 
     async def open(self) -> None:
+        """Open the file (made, with its folder, unless ``must_exist``) and migrate it."""
         if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            _make_room(self.path, must_exist=self._must_exist)
         self._writer = ThreadedConnection(self._connect, "store-writer")
         await self._writer.open()
         try:
@@ -862,7 +796,7 @@ class SQLiteStore:
 
     async def import_records(
         self,
-        batches: Iterable[Sequence[InsertRow]],
+        batches: Iterable[Sequence[CompletionRecord]],
         accept: Callable[[], bool],
         chunk_rows: int | None = None,
     ) -> int:
@@ -911,13 +845,13 @@ class SQLiteStore:
 
     async def update_metadata(
         self, caller: str | None, completion_id: str, metadata: dict[str, str], actor: str
-    ) -> bytes | None:
+    ) -> StoredCompletion | None:
         """Replace the metadata map; the change (before and after) goes to the audit log."""
         encoded = _dump_metadata(metadata)
         completion = await self._write(
             _update_metadata, caller, completion_id, metadata, encoded, actor
         )
-        return None if completion is None else with_metadata(completion, encoded)
+        return None if completion is None else StoredCompletion(completion_id, completion, encoded)
 
     async def delete(
         self, caller: str | None, completion_id: str, actor: str, *, purge: bool = True
@@ -996,9 +930,9 @@ class SQLiteStore:
             (caller, completion_id),
         )
 
-    async def get(self, caller: str | None, completion_id: str) -> bytes | None:
-        row = await self._one("completion, metadata", caller, completion_id)
-        return None if row is None else with_metadata(row[0], row[1])
+    async def get(self, caller: str | None, completion_id: str) -> StoredCompletion | None:
+        row = await self._one("id, completion, metadata", caller, completion_id)
+        return None if row is None else StoredCompletion(row[0], row[1], row[2])
 
     async def request_of(self, caller: str | None, completion_id: str) -> bytes | None:
         row = await self._one("request", caller, completion_id)
@@ -1023,7 +957,9 @@ class SQLiteStore:
             raise UnknownCursor(after)
         return row[0], row[1]
 
-    async def list_completions(self, caller: str | None, query: ListQuery) -> Page:
+    async def list_completions(
+        self, caller: str | None, query: ListQuery
+    ) -> Page[StoredCompletion]:
         page: PageQuery = query.page
         cursor = await self._cursor(caller, page.after) if page.after else None
         if query.owner is not None and caller not in (None, query.owner):
@@ -1035,7 +971,7 @@ class SQLiteStore:
             sql, params = _page_sql(scope, query, cursor, page.order, page.limit)
             rows = list(await self._r.execute_fetchall(sql, params))
             has_more = len(rows) > page.limit
-        items = [(row[0], with_metadata(row[1], row[2])) for row in rows[: page.limit]]
+        items = [StoredCompletion(row[0], row[1], row[2]) for row in rows[: page.limit]]
         return Page(items=items, has_more=has_more)
 
     async def _page_across_callers(
@@ -1067,7 +1003,7 @@ class SQLiteStore:
         # A row deleted since its key was read is left out; the page is one shorter.
         return [found[seq] for seq in seqs if seq in found], len(keys) > page.limit
 
-    async def list_exchanges(self, caller: str | None, page: PageQuery) -> Page:
+    async def list_exchanges(self, caller: str | None, page: PageQuery) -> Page[ExchangeRecord]:
         """Audit records of exchanges that stored no completion, keyset-paged by request id."""
         where, params = (["caller = ?"], [caller]) if caller is not None else ([], [])
         compare, direction = (">", "ASC") if page.order == "asc" else ("<", "DESC")
@@ -1086,52 +1022,32 @@ class SQLiteStore:
         )
         async with self._r.execute(sql, [*params, page.limit + 1]) as result:
             rows = list(await result.fetchall())
-        items = []
-        for row in rows[: page.limit]:
-            response = row[8]
-            items.append(
-                (
-                    row[0],
-                    orjson.dumps(
-                        {
-                            "object": "exchange",
-                            "request_id": row[0],
-                            "caller": row[1],
-                            "created": row[2],
-                            "model": row[3],
-                            "stream": bool(row[4]),
-                            "outcome": row[5],
-                            "status": row[6],
-                            "request": orjson.Fragment(row[7]),
-                            "response": None
-                            if response is None
-                            else bytes(response).decode("utf-8", "replace"),
-                            "duration_ms": row[9],
-                        }
-                    ),
-                )
+        items = [
+            ExchangeRecord(
+                request_id=row[0],
+                caller=row[1],
+                created=row[2],
+                model=row[3],
+                stream=bool(row[4]),
+                outcome=row[5],
+                status=row[6],
+                request=bytes(row[7]),
+                response=None if row[8] is None else bytes(row[8]),
+                duration_ms=row[9],
             )
+            for row in rows[: page.limit]
+        ]
         return Page(items=items, has_more=len(rows) > page.limit)
 
-    async def audit_entries(self, after: int, limit: int) -> list[bytes]:
-        """The audit log from ``after`` (a seq), oldest first, each entry as JSON."""
+    async def audit_entries(self, after: int, limit: int) -> list[AuditEntry]:
+        """The audit log from ``after`` (a seq), oldest first."""
         async with self._r.execute(
             "SELECT seq, at, actor, action, completion_id, owner, detail FROM audit_log"
             " WHERE seq > ? ORDER BY seq LIMIT ?",
             (after, limit),
         ) as cursor:
             return [
-                orjson.dumps(
-                    {
-                        "seq": row[0],
-                        "at": row[1],
-                        "actor": row[2],
-                        "action": row[3],
-                        "completion_id": row[4],
-                        "owner": row[5],
-                        "detail": orjson.Fragment(row[6]),
-                    }
-                )
+                AuditEntry(row[0], row[1], row[2], row[3], row[4], row[5], bytes(row[6]))
                 async for row in cursor
             ]
 
@@ -1208,7 +1124,8 @@ class SQLiteStore:
             params += [key, value]
         sql = (
             "SELECT id, caller, created, model, metadata, completion, request, request_id,"
-            " stream, outcome, duration_ms, request_key, stored_at FROM completions"
+            " stream, outcome, duration_ms, request_key, stored_at, prompt_tokens,"
+            " cached_tokens, completion_tokens FROM completions"
             f" WHERE {' AND '.join(clauses)} ORDER BY seq"
         )
         async with self._r.execute(sql, params) as cursor:
@@ -1231,6 +1148,9 @@ class SQLiteStore:
                         duration_ms=row[10],
                         request_key=row[11],
                         stored_at=row[12],
+                        prompt_tokens=row[13],
+                        cached_tokens=row[14],
+                        completion_tokens=row[15],
                     )
                     for row in rows
                 ]

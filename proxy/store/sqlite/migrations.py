@@ -222,6 +222,52 @@ MIGRATIONS: tuple[Migration, ...] = (
             "DROP INDEX completions_request_key",
         ),
     ),
+    Migration(
+        "m009_seq_never_reused",
+        (
+            # A seq places a completion in the list order and is what a deleted id's
+            # tombstone keeps; without AUTOINCREMENT, deleting the newest completion let the
+            # next insert take its seq, and a list after the deleted id skipped the new one.
+            # SQLite cannot add AUTOINCREMENT to a table, so the table is rebuilt.
+            """
+            CREATE TABLE completions_m009 (
+                seq INTEGER PRIMARY KEY AUTOINCREMENT,
+                id TEXT NOT NULL,
+                caller TEXT NOT NULL,
+                created INTEGER NOT NULL,
+                model TEXT NOT NULL,
+                metadata BLOB NOT NULL,
+                completion BLOB NOT NULL,
+                request BLOB NOT NULL,
+                request_id TEXT,
+                stream INTEGER NOT NULL,
+                outcome TEXT NOT NULL,
+                stored_at REAL NOT NULL,
+                duration_ms REAL,
+                request_key TEXT,
+                prompt_tokens INTEGER NOT NULL DEFAULT 0,
+                cached_tokens INTEGER NOT NULL DEFAULT 0,
+                completion_tokens INTEGER NOT NULL DEFAULT 0
+            )
+            """,
+            "INSERT INTO completions_m009 SELECT seq, id, caller, created, model, metadata,"
+            " completion, request, request_id, stream, outcome, stored_at, duration_ms,"
+            " request_key, prompt_tokens, cached_tokens, completion_tokens FROM completions",
+            "DROP TABLE completions",
+            "ALTER TABLE completions_m009 RENAME TO completions",
+            "CREATE UNIQUE INDEX completions_id_caller ON completions (id, caller)",
+            "CREATE INDEX completions_caller_order ON completions (caller, created, seq)",
+            "CREATE INDEX completions_caller_model_order"
+            " ON completions (caller, model, created, seq)",
+            "CREATE INDEX completions_request ON completions (request_key)",
+            # New seqs start past every seq a deleted completion had, too.
+            "DELETE FROM sqlite_sequence WHERE name = 'completions'",
+            "INSERT INTO sqlite_sequence (name, seq) SELECT 'completions', max("
+            " (SELECT coalesce(max(seq), 0) FROM completions),"
+            " (SELECT coalesce(max(seq), 0) FROM tombstones),"
+            " (SELECT coalesce(max(seq), 0) FROM deleted_completions))",
+        ),
+    ),
 )
 
 

@@ -1,0 +1,122 @@
+"""The request middleware: request ids, the access record, metrics, and the call into the one
+error renderer (``proxy.errors.render``).
+
+Every request gets an id and an access record; every failure of the proxy's own becomes an
+OpenAI-shaped answer; the access line and the metrics are written once the client has its
+answer, with the exchange's one outcome.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import time
+from collections.abc import Iterator
+
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+
+from proxy.errors import ProxyError, from_http_exception, render
+from proxy.keys import ACCESS, METRICS
+from proxy.logs import AccessRecord
+from proxy.outcome import Outcome
+
+log = logging.getLogger("proxy.middleware")
+access_logger = logging.getLogger("proxy.access")
+
+
+def request_ids() -> Iterator[str]:
+    """Request ids: 64 random bits chosen once, then a counter. Unique across processes and
+    restarts like a uuid4, without a call into the kernel for each request."""
+    prefix = "req_" + os.urandom(8).hex()
+    return (f"{prefix}{n:016x}" for n in itertools.count(1))
+
+
+def exchange_middleware(access_log: bool) -> Middleware:
+    """Give every request an id and an access record; render every failure of the proxy's own.
+
+    Only ``ProxyError`` (and aiohttp's own HTTP errors, such as a body over the size limit)
+    become OpenAI-shaped answers; anything unexpected is logged with its traceback and
+    answered with a plain 500 that says nothing of the internals. Once a response has
+    started, nothing more is written: a failure after that point closes the connection.
+    """
+
+    ids = request_ids()
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        request_id = next(ids)
+        access = AccessRecord(request_id, request.method, request.path, time.perf_counter())
+        request[ACCESS] = access
+        response: web.StreamResponse | None = None
+        try:
+            try:
+                response = await handler(request)
+            except ProxyError as error:
+                response = render(error, request_id)
+                if access.outcome is None:
+                    access.outcome = Outcome.REFUSED
+            except web.HTTPException as exc:
+                if exc.status < 400:
+                    raise
+                response = render(from_http_exception(exc), request_id)
+                if access.outcome is None:
+                    access.outcome = Outcome.REFUSED
+            except Exception:
+                log.exception("unhandled error", extra={"request_id": request_id})
+                response = render(ProxyError("The proxy failed to handle the request."), request_id)
+            if response.prepared:
+                return response
+            if request.writer.output_size:
+                # A response already began on this connection (the handler failed after
+                # preparing one): another status line would land inside its body.
+                request.protocol.force_close()
+                response = None
+                raise ConnectionResetError("response already started")
+            if "x-request-id" not in response.headers:
+                response.headers["x-request-id"] = request_id
+            # Sent here rather than after the middleware returns, so the access log and
+            # the metrics below are written after the client has its answer, not before.
+            with contextlib.suppress(ConnectionError):  # the client left; nothing to do
+                await response.prepare(request)
+                await response.write_eof()
+            return response
+        finally:
+            if response is not None:
+                access.status = response.status
+            elif access.outcome is None:
+                access.outcome = Outcome.CLIENT_GONE
+            if access_log:
+                access.emit(access_logger)
+            metrics = request.app.get(METRICS)
+            if metrics is not None:
+                metrics.request(
+                    route=_ROUTES.get(getattr(request.match_info.handler, "__name__", ""), "other"),
+                    status=access.status,
+                    model=access.model,
+                    stream=access.stream,
+                    outcome=access.outcome,
+                    upstream_seconds=None
+                    if access.upstream_ms is None
+                    else access.upstream_ms / 1000,
+                    proxy_seconds=None if access.proxy_ms is None else access.proxy_ms / 1000,
+                )
+
+    return middleware
+
+
+# Handler names → the low-cardinality route label of metrics.
+_ROUTES = {
+    "create_chat_completion": "create",
+    "list_chat_completions": "list",
+    "get_chat_completion": "retrieve",
+    "update_chat_completion": "update",
+    "delete_chat_completion": "delete",
+    "get_chat_completion_messages": "messages",
+    "forward": "forward",
+    "get_usage": "admin",
+    "list_exchanges": "admin",
+    "list_audit": "admin",
+}
