@@ -13,7 +13,7 @@ from urllib.parse import urlencode
 import orjson
 from aiohttp import web
 
-from proxy import admin_keys
+from proxy import admin_keys, responses
 from proxy.console.auth import Visitor, form_text, redirect, signed_in
 from proxy.console.render import page
 from proxy.console.state import CONSOLE
@@ -49,7 +49,10 @@ async def audit(request: web.Request, visitor: Visitor) -> web.StreamResponse:
     more = True
     # Filters apply to what is read; read on until the page is full or the trail ends.
     while more and len(entries) < AUDIT_PAGE:
-        batch = [orjson.loads(e) for e in await request.app[STORE].audit_entries(last, 500)]
+        batch = [
+            orjson.loads(responses.audit_entry(e))
+            for e in await request.app[STORE].audit_entries(last, 500)
+        ]
         more = len(batch) == 500
         for entry in batch:
             last = entry["seq"]
@@ -83,12 +86,12 @@ async def exchanges(request: web.Request, visitor: Visitor) -> web.StreamRespons
     after = request.query.get("after", "").strip() or None
     try:
         result = await request.app[STORE].list_exchanges(
-            caller, PageQuery(after=after, limit=100, order="desc")
+            caller, PageQuery(after=after, limit=100, order="desc"), outcome=outcome or None
         )
     except UnknownCursor:
         raise InvalidRequest(f"No exchange '{after}'.", param="after") from None
-    rows = [orjson.loads(body) for _, body in result.items]
-    shown = [r for r in rows if not outcome or r["outcome"] == outcome]
+    rows = [orjson.loads(responses.exchange(r)) for r in result.items]
+    shown = rows
     for row in shown:
         row["request_text"] = orjson.dumps(row["request"], option=orjson.OPT_INDENT_2).decode()
     query = {k: v for k, v in (("caller", caller or ""), ("outcome", outcome)) if v}

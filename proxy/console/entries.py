@@ -1,105 +1,139 @@
-"""The log's rows: what a page of completions looks like to a person, read from the store."""
+"""The log's rows: stored completions (or, filtered by a failed outcome, the exchanges that
+ended that way) as a person reads them, with their cost."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any
 
 import orjson
 
 from proxy.config import Price
 from proxy.console.filters import PAGE_SIZE, LogView
 from proxy.models import ListQuery, PageQuery
-from proxy.store import Store
+from proxy.outcome import Outcome
+from proxy.store import ExchangeRecord, LogEntry, Store, UnknownCursor
+from proxy.store.text import preview
 from proxy.usage import cost
 
-PREVIEW_CHARS = 160
+# Outcomes of exchanges that stored nothing; the log shows them when its filter asks.
+FAILED = (
+    Outcome.UPSTREAM_ERROR,
+    Outcome.UPSTREAM_FAILED,
+    Outcome.CLIENT_GONE,
+    Outcome.UNSTORABLE,
+)
 
 
 @dataclass(frozen=True, slots=True)
-class Entry:
+class Row:
     id: str
+    caller: str
     created: int
     model: str
-    caller: str | None
-    outcome: str | None
+    outcome: str
     duration_ms: float | None
-    prompt_tokens: int
-    cached_tokens: int
-    completion_tokens: int
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    cost: float | None
     metadata: dict[str, str]
     preview: str
-    cost: float | None = None
+    stored: bool  # a completion with its own page (else a failed exchange)
+    status: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class LogPage:
-    entries: list[Entry]
+    rows: list[Row]
     newer: bool  # there are newer rows than the first shown
     older: bool
 
 
-def preview(request: Any) -> str:
-    """The last user message's text, shortened: what the exchange was about."""
-    messages = request.get("messages") if isinstance(request, dict) else None
-    for message in reversed(messages if isinstance(messages, list) else []):
-        if isinstance(message, dict) and message.get("role") == "user":
-            content = message.get("content")
-            if isinstance(content, list):
-                content = " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
-            text = " ".join(str(content or "").split())
-            return text if len(text) <= PREVIEW_CHARS else text[: PREVIEW_CHARS - 1] + "…"
-    return ""
-
-
-def priced(entry: Entry, prices: Mapping[str, Price]) -> Entry:
-    dollars = cost(
-        prices, entry.model, entry.prompt_tokens, entry.cached_tokens, entry.completion_tokens
+def completion_row(entry: LogEntry, prices: Mapping[str, Price]) -> Row:
+    return Row(
+        id=entry.id,
+        caller=entry.caller,
+        created=entry.created,
+        model=entry.model,
+        outcome=entry.outcome,
+        duration_ms=entry.duration_ms,
+        prompt_tokens=entry.prompt_tokens,
+        completion_tokens=entry.completion_tokens,
+        cost=cost(
+            prices,
+            entry.model,
+            entry.prompt_tokens,
+            entry.cached_tokens,
+            entry.completion_tokens,
+        ),
+        metadata=entry.metadata,
+        preview=entry.preview,
+        stored=True,
     )
-    return replace(entry, cost=dollars)
 
 
-def _from_api(body: bytes, request: bytes | None) -> Entry:
-    data = orjson.loads(body)
-    usage = data.get("usage") or {}
-    details = usage.get("prompt_tokens_details") or {}
-    return Entry(
-        id=data["id"],
-        created=int(data.get("created") or 0),
-        model=str(data.get("model") or ""),
-        caller=None,
-        outcome=None,
-        duration_ms=None,
-        prompt_tokens=int(usage.get("prompt_tokens") or 0),
-        cached_tokens=int(details.get("cached_tokens") or 0),
-        completion_tokens=int(usage.get("completion_tokens") or 0),
-        metadata=data.get("metadata") or {},
-        preview=preview(orjson.loads(request)) if request else "",
+def exchange_row(record: ExchangeRecord) -> Row:
+    try:
+        sent = orjson.loads(record.request)
+    except orjson.JSONDecodeError:
+        sent = None
+    messages = sent.get("messages") if isinstance(sent, dict) else None
+    last = messages[-1] if isinstance(messages, list) and messages else None
+    return Row(
+        id=record.request_id,
+        caller=record.caller,
+        created=record.created,
+        model=record.model,
+        outcome=record.outcome,
+        duration_ms=record.duration_ms,
+        prompt_tokens=None,
+        completion_tokens=None,
+        cost=None,
+        metadata={},
+        preview=preview(last.get("content")) if isinstance(last, dict) else "",
+        stored=False,
+        status=record.status,
     )
 
 
 async def log_page(
     store: Store, scope: str | None, view: LogView, prices: Mapping[str, Price]
 ) -> LogPage:
-    """Newest first; ``after`` pages to older rows, ``before`` to newer ones."""
+    """Newest first; ``after`` pages to older rows, ``before`` to newer ones. An id from
+    another view (a deleted row's page, an edited URL) starts again from the newest."""
     newer_side = bool(view.before) and not view.after
-    query = ListQuery(
-        page=PageQuery(
-            after=(view.before if newer_side else view.after) or None,
-            limit=PAGE_SIZE,
-            order="asc" if newer_side else "desc",
-        ),
-        model=view.model or None,
-        metadata=view.meta,
-        owner=view.caller or None,
+    page = PageQuery(
+        after=(view.before if newer_side else view.after) or None,
+        limit=PAGE_SIZE,
+        order="asc" if newer_side else "desc",
     )
-    page = await store.list_completions(scope, query)
-    entries = [
-        priced(_from_api(body, await store.request_of(scope, cid)), prices)
-        for cid, body in page.items
-    ]
+    try:
+        if view.outcome in FAILED:
+            owner = view.caller or None
+            if owner is not None and scope not in (None, owner):
+                rows: list[Row] = []
+                has_more = False
+            else:
+                exchanges = await store.list_exchanges(
+                    owner if scope is None else scope, page, outcome=view.outcome
+                )
+                rows, has_more = [exchange_row(r) for r in exchanges.items], exchanges.has_more
+        else:
+            query = ListQuery(
+                page=page,
+                model=view.model or None,
+                metadata=view.meta,
+                owner=view.caller or None,
+                since=view.since_seconds(),
+                until=view.until_seconds(),
+                search=view.q or None,
+            )
+            entries = await store.log_entries(scope, query)
+            rows = [completion_row(e, prices) for e in entries.items]
+            has_more = entries.has_more
+    except UnknownCursor:
+        return await log_page(store, scope, replace(view, after="", before=""), prices)
     if newer_side:
-        entries.reverse()
-        return LogPage(entries, newer=page.has_more, older=True)
-    return LogPage(entries, newer=bool(view.after), older=page.has_more)
+        rows.reverse()
+        return LogPage(rows, newer=has_more, older=True)
+    return LogPage(rows, newer=bool(view.after), older=has_more)

@@ -10,18 +10,18 @@ from __future__ import annotations
 import orjson
 from aiohttp import web
 
+from proxy import responses
 from proxy.console import conversation
 from proxy.console.auth import Visitor, error_page, form_text, redirect, signed_in
-from proxy.console.entries import log_page
+from proxy.console.entries import FAILED, log_page
 from proxy.console.filters import parse_view
 from proxy.console.render import page
 from proxy.console.state import CONSOLE
 from proxy.errors import InvalidRequest, ProxyError
 from proxy.keys import CONFIG, STORE
 from proxy.models import check_metadata
+from proxy.store import LogEntry
 from proxy.usage import cost
-
-OUTCOMES = ("complete", "replayed")
 
 
 @signed_in()
@@ -29,7 +29,7 @@ async def log(request: web.Request, visitor: Visitor) -> web.StreamResponse:
     view = parse_view(request.query, admin=visitor.admin)
     config = request.app[CONFIG]
     result = await log_page(request.app[STORE], visitor.caller.scope, view, config.prices)
-    entries = result.entries
+    entries = result.rows
     return page(
         request.app[CONSOLE].env,
         "log.html",
@@ -40,21 +40,24 @@ async def log(request: web.Request, visitor: Visitor) -> web.StreamResponse:
             "newer_url": view.page_url(before=entries[0].id) if result.newer and entries else None,
             "older_url": view.page_url(after=entries[-1].id) if result.older and entries else None,
             "newest_url": view.page_url() if view.after or view.before else None,
-            "outcomes": OUTCOMES,
+            "outcomes": [str(o) for o in FAILED],
             "deleted": request.query.get("deleted", ""),
             "nav": "log",
         },
     )
 
 
-async def _completion(request: web.Request, visitor: Visitor) -> tuple[str, bytes, bytes]:
+async def _completion(request: web.Request, visitor: Visitor) -> tuple[str, bytes, bytes, LogEntry]:
+    """(id, the stored JSON as the API serves it, the request as sent, its log row)."""
     completion_id = request.match_info["completion_id"]
     store = request.app[STORE]
-    body = await store.get(visitor.caller.scope, completion_id)
-    raw = await store.request_of(visitor.caller.scope, completion_id)
-    if body is None or raw is None:
+    scope = visitor.caller.scope
+    found = await store.get(scope, completion_id)
+    raw = await store.request_of(scope, completion_id)
+    entry = await store.log_entry(scope, completion_id)
+    if found is None or raw is None or entry is None:
         raise _NotFound(completion_id)
-    return completion_id, body, raw
+    return completion_id, responses.stored_completion(found), raw, entry
 
 
 class _NotFound(ProxyError):
@@ -70,7 +73,7 @@ def _base_url(request: web.Request) -> str:
 
 @signed_in()
 async def completion(request: web.Request, visitor: Visitor) -> web.StreamResponse:
-    completion_id, body, raw = await _completion(request, visitor)
+    completion_id, body, raw, entry = await _completion(request, visitor)
     stored = orjson.loads(body)
     sent = orjson.loads(raw)
     if not isinstance(sent, dict):
@@ -89,6 +92,7 @@ async def completion(request: web.Request, visitor: Visitor) -> web.StreamRespon
             "visitor": visitor,
             "nav": "log",
             "id": completion_id,
+            "entry": entry,
             "stored": stored,
             "model": model,
             "messages": conversation.input_messages(sent),
@@ -134,7 +138,7 @@ async def update_metadata(request: web.Request, visitor: Visitor) -> web.StreamR
 
 @signed_in()
 async def confirm_delete(request: web.Request, visitor: Visitor) -> web.StreamResponse:
-    completion_id, body, _ = await _completion(request, visitor)
+    completion_id, body, _, _ = await _completion(request, visitor)
     stored = orjson.loads(body)
     return page(
         request.app[CONSOLE].env,
