@@ -128,6 +128,24 @@ def choices_reply(completion_id: str) -> Reply:
     )
 
 
+def march_reply(completion_id: str) -> Reply:
+    return Reply(
+        json={
+            "id": completion_id,
+            "object": "chat.completion",
+            "created": 1710000000,  # 2024-03-09
+            "model": "gpt-test",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "In March."},
+                    "finish_reason": "stop",
+                }
+            ],
+        }
+    )
+
+
 class Team:
     """The module's proxy, its keys and the ids of what was stored."""
 
@@ -223,6 +241,10 @@ def team(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Team]:
         ).id
         ids["other_model"] = alice.chat.completions.create(
             model="gpt-other", messages=ask("a different model"), store=True
+        ).id
+        servers.upstream.script(march_reply("chatcmpl-march001"))
+        ids["march"] = alice.chat.completions.create(
+            model="gpt-test", messages=ask("a question from March"), store=True
         ).id
         ids["bob"] = bob.chat.completions.create(
             model="gpt-test", messages=ask("bob's private plan"), store=True
@@ -321,7 +343,8 @@ def test_log_newest_first_with_each_column(
     page = sign_in(context, team, "root")
     shoot(page, shots, "log")
     ids = log_ids(page)
-    assert ids[0] == team.ids["bob"]  # newest first, everyone's for an admin
+    assert ids[0] == team.ids["march"]  # newest first (by created), everyone's for an admin
+    assert ids[1] == team.ids["bob"]
     row = page.locator("table.log tbody tr", has=page.locator(f"a[href$='{team.ids['plain']}']"))
     expect(row).to_contain_text("alice")
     expect(row).to_contain_text("gpt-test")
@@ -353,15 +376,65 @@ def test_log_pages_by_keyset_without_skips_or_repeats(context: BrowserContext, t
     page = sign_in(context, team, "alice")
     first = log_ids(page)
     assert len(first) == 50 and team.ids["bob"] not in first
+    assert page.locator("th:text('Caller')").count() == 0  # a member's log has no caller
     page.keyboard.press("l")  # older
     page.wait_for_url("**after=**")
     second = log_ids(page)
-    total = FILLERS + 6
+    total = FILLERS + 7
     assert len(second) == total - 50 and not set(first) & set(second)
     expect(page.locator("a[rel=next]")).to_have_count(0)
     page.keyboard.press("h")  # newer
     page.wait_for_url("**before=**")
     assert log_ids(page) == first
+
+
+def test_search_from_the_log_with_filters(context: BrowserContext, team: Team, shots: Path) -> None:
+    page = sign_in(context, team, "alice")
+    page.keyboard.press("/")  # the keyboard's way to the search box
+    page.keyboard.type("lighthouses")
+    page.keyboard.press("Enter")
+    page.wait_for_url("**q=lighthouses**")
+    assert log_ids(page) == [team.ids["stream"]]
+    shoot(page, shots, "search")
+    page.fill("#q", "celsius")  # a tool call's arguments
+    page.press("#q", "Enter")
+    page.wait_for_url("**q=celsius**")
+    assert log_ids(page) == [team.ids["tool"]]
+    page.goto(team.url + "/ui/log?q=filler+number+7")
+    assert len(log_ids(page)) == 1
+    page.goto(team.url + "/ui/log?q=filler&model=gpt-other")
+    assert log_ids(page) == []
+    expect(page.locator(".empty")).to_contain_text("Nothing found")
+    page.goto(team.url + "/ui/log?q=private+plan")
+    assert log_ids(page) == []  # bob's words, not for alice
+    admin = sign_in(context.browser.new_context(), team, "root")  # type: ignore[union-attr]
+    admin.goto(team.url + "/ui/log?q=private+plan")
+    assert log_ids(admin) == [team.ids["bob"]]
+    admin.goto(team.url + "/ui/log?q=filler&caller=bob")
+    assert log_ids(admin) == []
+    admin.context.close()
+
+
+def test_log_time_range_and_failed_outcomes(context: BrowserContext, team: Team) -> None:
+    page = sign_in(context, team, "alice")
+    page.fill("input[name=since]", "2024-03-01")
+    page.fill("input[name=until]", "2024-03-09")  # a whole day: the 9th is in
+    page.click("button:text('Apply')")
+    page.wait_for_url("**since=2024-03-01**")
+    assert log_ids(page) == [team.ids["march"]]
+    page.goto(team.url + "/ui/log?until=2024-03-08")
+    assert team.ids["march"] not in log_ids(page)
+    page.goto(team.url + "/ui/log?since=2024-99-01")
+    assert page.locator("h1").inner_text().startswith("Not done")
+    page.goto(team.url + "/ui/log")
+    page.select_option("select[name=outcome]", "upstream_error")
+    page.click("button:text('Apply')")
+    page.wait_for_url("**outcome=upstream_error**")
+    rows = page.locator("table.log tbody tr")
+    expect(rows).to_have_count(1)
+    expect(rows).to_contain_text("fails")
+    expect(rows).to_contain_text("500")
+    assert log_ids(page) == []  # a failed exchange has no completion page
 
 
 # -- one completion --------------------------------------------------------------------------
