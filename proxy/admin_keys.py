@@ -58,19 +58,19 @@ def check_new_key(name: Any, role: Any) -> tuple[str, str]:
     return name, role
 
 
-async def create(store: Store, name: str, role: str) -> tuple[str, KeyRecord]:
+async def create(store: Store, name: str, role: str, actor: str) -> tuple[str, KeyRecord]:
     """A new key: (the key, shown once; its record). Raises InvalidRequest on a taken name."""
     key, key_id, key_hash = new_key()
     try:
-        await store.create_key(name, role, key_id, key_hash)
+        await store.create_key(name, role, key_id, key_hash, actor=actor)
     except KeyExists:
         raise InvalidRequest(f"A key named {name!r} exists already.", param="name") from None
     record = next(k for k in await store.list_keys() if k.key_id == key_id)
     return key, record
 
 
-async def revoke(store: Store, name: str) -> None:
-    if not await store.revoke_key(name):
+async def revoke(store: Store, name: str, actor: str) -> None:
+    if not await store.revoke_key(name, actor=actor):
         raise NotFound(f"No live key named {name!r}.", param="name")
 
 
@@ -83,7 +83,7 @@ async def list_keys(request: web.Request) -> web.Response:
 
 
 async def create_key(request: web.Request) -> web.Response:
-    await admin_caller(request)
+    admin = await admin_caller(request)
     try:
         body = orjson.loads(await request.read())
     except orjson.JSONDecodeError as error:
@@ -94,16 +94,16 @@ async def create_key(request: web.Request) -> web.Response:
     if unknown:
         raise InvalidRequest(f"Unknown parameter: {unknown[0]}.", param=unknown[0])
     name, role = check_new_key(body.get("name"), body.get("role", "member"))
-    key, record = await create(request.app[STORE], name, role)
+    key, record = await create(request.app[STORE], name, role, admin.name)
     return web.Response(
         body=orjson.dumps({**key_json(record), "key": key}), content_type="application/json"
     )
 
 
 async def revoke_key(request: web.Request) -> web.Response:
-    await admin_caller(request)
+    admin = await admin_caller(request)
     name = request.match_info["name"]
     store = request.app[STORE]
-    await revoke(store, name)
+    await revoke(store, name, admin.name)
     record = next(k for k in await store.list_keys() if k.name == name)
     return web.Response(body=orjson.dumps(key_json(record)), content_type="application/json")

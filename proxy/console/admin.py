@@ -138,7 +138,7 @@ async def create_key(request: web.Request, visitor: Visitor) -> web.StreamRespon
         name, role = admin_keys.check_new_key(
             form_text(form, "name").strip(), form_text(form, "role")
         )
-        key, record = await admin_keys.create(request.app[STORE], name, role)
+        key, record = await admin_keys.create(request.app[STORE], name, role, visitor.caller.name)
     except InvalidRequest as error:
         return await _keys_page(request, visitor, error=error.message, status=400)
     return await _keys_page(request, visitor, made={"name": record.name, "key": key})
@@ -146,5 +146,5 @@ async def create_key(request: web.Request, visitor: Visitor) -> web.StreamRespon
 
 @signed_in(admin=True, changes=True)
 async def revoke_key(request: web.Request, visitor: Visitor) -> web.StreamResponse:
-    await admin_keys.revoke(request.app[STORE], request.match_info["name"])
+    await admin_keys.revoke(request.app[STORE], request.match_info["name"], visitor.caller.name)
     return redirect("/ui/keys")

@@ -62,6 +62,8 @@ def count(value: float | None) -> str:
 def millis(value: float | None) -> str:
     if value is None:
         return NONE
+    if value < 1:
+        return "<1 ms"
     return f"{value / 1000:.2f} s" if value >= 1000 else f"{value:.0f} ms"
 
 

@@ -89,7 +89,8 @@ async def usage(request: web.Request, visitor: Visitor) -> web.StreamResponse:
         "requests": sum(line.requests for line in lines),
         "prompt_tokens": sum(line.prompt_tokens for line in lines),
         "completion_tokens": sum(line.completion_tokens for line in lines),
-        "cost": None if None in costs else sum(c or 0.0 for c in costs),
+        "cost": sum(c for c in costs if c is not None) if costs else None,
+        "unpriced": sorted({line.model for line in lines if line.cost is None}),
     }
     return page(
         request.app[CONSOLE].env,

@@ -75,10 +75,14 @@ class Store(Protocol):
     async def audit_entries(self, after: int, limit: int) -> list[AuditEntry]:
         """The audit log after entry ``after`` (its seq), oldest first."""
 
-    async def create_key(self, name: str, role: str, key_id: str, key_hash: bytes) -> None:
+    async def create_key(
+        self, name: str, role: str, key_id: str, key_hash: bytes, *, actor: str = "cli"
+    ) -> None:
         """Add a proxy key; raises ``KeyExists`` when the name is taken."""
 
-    async def revoke_key(self, name: str) -> bool: ...
+    async def revoke_key(self, name: str, *, actor: str = "cli") -> bool:
+        """Revoke a live key; ``actor`` (who did it) goes to the audit trail."""
+
     async def list_keys(self) -> list[KeyRecord]: ...
     async def find_key(self, key_id: str) -> tuple[KeyRecord, bytes] | None: ...
     async def usage(

@@ -584,8 +584,8 @@ def _delete(
     return True
 
 
-def _create_key(
-    conn: sqlite3.Connection, name: str, role: str, key_id: str, key_hash: bytes
+def _create_key(  # noqa: PLR0917 - the operation's arguments, in order
+    conn: sqlite3.Connection, name: str, role: str, key_id: str, key_hash: bytes, actor: str
 ) -> None:
     with _transaction(conn):
         if _fetchone(conn, "SELECT 1 FROM proxy_keys WHERE name = ?", (name,)) is not None:
@@ -595,10 +595,10 @@ def _create_key(
             " VALUES (?, ?, ?, ?, ?)",
             (name, key_id, key_hash, role, time.time()),
         )
-        _audit(conn, "cli", "key_created", None, name, {"role": role})
+        _audit(conn, actor, "key_created", None, name, {"role": role})
 
 
-def _revoke_key(conn: sqlite3.Connection, name: str) -> bool:
+def _revoke_key(conn: sqlite3.Connection, name: str, actor: str) -> bool:
     with _transaction(conn):
         row = _fetchone(
             conn,
@@ -607,7 +607,7 @@ def _revoke_key(conn: sqlite3.Connection, name: str) -> bool:
             (time.time(), name),
         )
         if row is not None:
-            _audit(conn, "cli", "key_revoked", None, name, {})
+            _audit(conn, actor, "key_revoked", None, name, {})
     return row is not None
 
 
@@ -942,12 +942,14 @@ class SQLiteStore:
 
     # -- keys ------------------------------------------------------------------------------
 
-    async def create_key(self, name: str, role: str, key_id: str, key_hash: bytes) -> None:
+    async def create_key(
+        self, name: str, role: str, key_id: str, key_hash: bytes, *, actor: str = "cli"
+    ) -> None:
         """Add a proxy key; raises ``KeyExists`` when the name is taken."""
-        await self._write(_create_key, name, role, key_id, key_hash)
+        await self._write(_create_key, name, role, key_id, key_hash, actor)
 
-    async def revoke_key(self, name: str) -> bool:
-        return await self._write(_revoke_key, name)
+    async def revoke_key(self, name: str, *, actor: str = "cli") -> bool:
+        return await self._write(_revoke_key, name, actor)
 
     async def list_keys(self) -> list[KeyRecord]:
         rows = await self._r.execute_fetchall(
