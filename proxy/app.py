@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -60,13 +59,10 @@ async def _store(app: web.Application) -> AsyncIterator[None]:
     store = await open_store(config.store.url, config.store)
     try:
         secret = os.environ.get(config.callers.secret_env)
-        key = (
-            secret.encode()
-            if secret
-            else await store.setting("caller_secret", secrets.token_bytes(32))
-        )
+        # A new database stores no secret (b""): portable fingerprints, see proxy.callers.
+        key = secret.encode() if secret else await store.setting("caller_secret", b"")
         app[CALLERS] = Callers(
-            key,
+            key or None,
             store=store,
             keys=config.auth.mode == "keys",
             cache_seconds=config.auth.key_cache_seconds,

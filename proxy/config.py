@@ -256,6 +256,6 @@ def redacted(config: Config) -> dict[str, Any]:
     shown = "set, value hidden" if os.environ.get(upstream_key) else "unset"
     data["auth"]["upstream_key_env"] = f"{upstream_key} ({shown})"
     name = config.callers.secret_env
-    state = "set, value hidden" if os.environ.get(name) else "unset: a generated key in the db"
+    state = "set, value hidden" if os.environ.get(name) else "unset: portable fingerprints"
     data["callers"]["secret_env"] = f"{name} ({state})"
     return data

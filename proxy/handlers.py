@@ -90,11 +90,7 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
             access.outcome = Outcome.REPLAYED
             return replayed
         if mode == "strict":
-            raise InvalidRequest(
-                "No recording matches this request, and replay is strict: the upstream is"
-                " never called.",
-                code="replay_miss",
-            )
+            raise await app[REPLAYER].miss(chat.body, caller.name if caller else None)
         record = True
     if not record:
         return await app[RELAY].forward(request, raw, access)
