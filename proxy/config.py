@@ -226,6 +226,11 @@ class LoggingConfig(_Section):
     access_log: bool = True
 
 
+class ConsoleConfig(_Section):
+    enabled: bool = True
+    session_hours: float = Field(12.0, gt=0, le=24 * 30)
+
+
 class Config(_Section):
     server: ServerConfig = ServerConfig()
     upstream: UpstreamConfig = UpstreamConfig()
@@ -240,6 +245,7 @@ class Config(_Section):
     metrics: MetricsConfig = MetricsConfig()
     replay: ReplayConfig = ReplayConfig()
     logging: LoggingConfig = LoggingConfig()
+    console: ConsoleConfig = ConsoleConfig()
 
     @model_validator(mode="after")
     def _admins_exist(self) -> Config:
