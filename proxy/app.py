@@ -18,7 +18,7 @@ import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from proxy import admin, handlers, openapi
+from proxy import admin, admin_keys, console, handlers, openapi
 from proxy.callers import Callers
 from proxy.config import Config, ConfigError
 from proxy.keys import (
@@ -44,6 +44,8 @@ from proxy.usage import cost
 from proxy.writer import Writer
 
 log = logging.getLogger("proxy.app")
+
+QUEUE_SAMPLE_SECONDS = 1.0
 
 
 def redactor_of(config: Config) -> Redactor:
@@ -82,10 +84,24 @@ async def _store(app: web.Application) -> AsyncIterator[None]:
         app[STORE] = store
         app[WRITER] = writer
         app[REPLAYER] = Replayer(store, shared=config.replay.shared)
+        sampler = None
+        if app[METRICS].multiprocess:
+            sampler = asyncio.create_task(_sample_queue_forever(app[METRICS]))
         yield
+        if sampler is not None:
+            sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sampler
         await writer.close()
     finally:
         await store.close()
+
+
+async def _sample_queue_forever(metrics: Metrics) -> None:
+    """Several workers: a scrape reads every worker's gauge files, so each refreshes its own."""
+    while True:
+        metrics.sample_queue()
+        await asyncio.sleep(QUEUE_SAMPLE_SECONDS)
 
 
 def _count_stored(app: web.Application) -> Callable[[CompletionRecord], None]:
@@ -215,6 +231,11 @@ def create_app(config: Config) -> web.Application:
     app.router.add_get("/admin/usage", admin.get_usage, allow_head=False)
     app.router.add_get("/admin/exchanges", admin.list_exchanges, allow_head=False)
     app.router.add_get("/admin/audit", admin.list_audit, allow_head=False)
+    app.router.add_get("/admin/keys", admin_keys.list_keys, allow_head=False)
+    app.router.add_post("/admin/keys", admin_keys.create_key)
+    app.router.add_post("/admin/keys/{name}/revoke", admin_keys.revoke_key)
+    if config.console.enabled:
+        console.setup(app)
     if config.metrics.enabled:
         app.router.add_get("/metrics", admin.metrics, allow_head=False)
     app.router.add_route("*", "/v1/{tail:.*}", handlers.forward)

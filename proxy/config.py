@@ -41,6 +41,21 @@ class ServerConfig(_Section):
     header_timeout: float = Field(30.0, gt=0)
     body_timeout: float = Field(60.0, gt=0)
     max_connections: int = Field(1024, ge=1)
+    # Processes serving the port; "auto" is one per CPU this process may run on.
+    workers: int | Literal["auto"] = 1
+
+    @field_validator("workers")
+    @classmethod
+    def _positive(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("must be at least 1, or auto")
+        return value
+
+    def worker_count(self) -> int:
+        """The number of worker processes, with ``auto`` resolved on this machine."""
+        if self.workers == "auto":
+            return max(1, len(os.sched_getaffinity(0)))
+        return self.workers
 
 
 class UpstreamConfig(_Section):
@@ -60,6 +75,9 @@ class UpstreamConfig(_Section):
 class SQLiteSettings(_Section):
     synchronous: Literal["normal", "full"] = "normal"
     max_bytes: int | None = Field(None, ge=65536)
+    # false: another process on the same file copies the WAL into it (serve --workers sets
+    # this for every worker but the first, so a file has one checkpointer).
+    checkpoints: bool = True
 
 
 class PostgresSettings(_Section):
@@ -209,6 +227,11 @@ class LoggingConfig(_Section):
     access_log: bool = True
 
 
+class ConsoleConfig(_Section):
+    enabled: bool = True
+    session_hours: float = Field(12.0, gt=0, le=24 * 30)
+
+
 class Config(_Section):
     server: ServerConfig = ServerConfig()
     upstream: UpstreamConfig = UpstreamConfig()
@@ -223,6 +246,7 @@ class Config(_Section):
     metrics: MetricsConfig = MetricsConfig()
     replay: ReplayConfig = ReplayConfig()
     logging: LoggingConfig = LoggingConfig()
+    console: ConsoleConfig = ConsoleConfig()
 
     @model_validator(mode="after")
     def _admins_exist(self) -> Config:

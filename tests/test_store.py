@@ -471,7 +471,8 @@ async def test_a_long_import_keeps_the_wal_to_about_two_chunks(
 
 async def test_steady_writes_do_not_grow_the_wal_without_end(tmp_path: Path) -> None:
     """Writes back to back never leave the checkpointer a moment when the whole WAL is copied;
-    the writer then restarts it itself, so the WAL stays bounded however much is written."""
+    it then copies the rest holding the write lock, so the next transaction restarts the WAL,
+    which stays bounded however much is written."""
     path = tmp_path / "steady.db"
     store = SQLiteStore(path, checkpoint_interval=0.02, wal_restart_frames=64)
     await store.open()
