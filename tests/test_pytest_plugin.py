@@ -19,7 +19,8 @@ from aiohttp import web
 from proxy.identity import essential, request_key
 from proxy.testing.files import Exchange, RecordingFileError, file_name, read
 from proxy.testing.mismatch import closest, differences
-from tests.fakes import FakeUpstream
+from tests.fakes import FakeUpstream, Reply, sse
+from tests.helpers import tool_completion
 
 pytest_plugins = ["pytester"]
 
@@ -225,40 +226,78 @@ def test_swallows_the_error():
     )
 
 
-def test_a_plain_recording_replays_to_a_streaming_test(
-    project: pytest.Pytester, upstream_thread: UpstreamThread
-) -> None:
-    plain = """
+TOOL_TEST = """
 import openai, pytest
+
+TOOLS = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
+
 
 @pytest.mark.completions
 def test_weather():
     client = openai.OpenAI()
-    answer = client.chat.completions.create(
-        model="gpt-test", messages=[{"role": "user", "content": "weather?"}]
-    )
-    assert answer.choices[0].message.content == "echo: weather?"
+    ASK
+    message = final.choices[0].message
+    calls = [(c.id, c.function.name, c.function.arguments) for c in message.tool_calls]
+    assert calls == [("call_a", "weather", '{"city":'), ("call_b", "weather", '{"city": "Lyon"}')]
+    assert final.choices[0].finish_reason == "tool_calls" and final.usage.total_tokens == 13
 """
-    project.makepyfile(test_chat=plain)
-    record(project, upstream_thread, "test_chat.py::test_weather")
-    assert (
-        orjson.loads(recording(project, "test_weather").read_bytes())["request"].get("stream")
-        is None
-    )
-    upstream_thread.stop()
-    streamed = plain.replace(
-        '''    answer = client.chat.completions.create(
-        model="gpt-test", messages=[{"role": "user", "content": "weather?"}]
-    )
-    assert answer.choices[0].message.content == "echo: weather?"''',
-        '''    with client.chat.completions.stream(
-        model="gpt-test", messages=[{"role": "user", "content": "weather?"}]
+PLAIN = """final = client.chat.completions.create(
+        model="gpt-test", messages=[{"role": "user", "content": "weather?"}], tools=TOOLS
+    )"""
+STREAMED = """with client.chat.completions.stream(
+        model="gpt-test",
+        messages=[{"role": "user", "content": "weather?"}],
+        tools=TOOLS,
+        stream_options={"include_usage": True},
     ) as stream:
-        final = stream.get_final_completion()
-    assert final.choices[0].message.content == "echo: weather?"''',
-    )
-    assert streamed != plain
-    project.makepyfile(test_chat=streamed)
+        final = stream.get_final_completion()"""
+
+
+def streamed_tool_calls(completion_id: str) -> list[dict]:
+    """``tool_completion``'s answer as an upstream streams it, arguments cut mid-token."""
+    base = {"id": completion_id, "object": "chat.completion.chunk", "created": 1, "model": "m"}
+
+    def delta(d: dict, finish: str | None = None) -> dict:
+        return {**base, "choices": [{"index": 0, "delta": d, "finish_reason": finish}]}
+
+    def call(index: int, arguments: str, **first: str) -> dict:
+        named = {"id": first["id"], "type": "function"} if first else {}
+        function = (
+            {"name": "weather", "arguments": arguments} if first else {"arguments": arguments}
+        )
+        return delta({"tool_calls": [{"index": index, **named, "function": function}]})
+
+    return [
+        delta({"role": "assistant", "content": None}),
+        call(0, "", id="call_a"),
+        call(0, '{"city":'),
+        call(1, '{"city": ', id="call_b"),
+        call(1, '"Lyon"}'),
+        delta({}, "tool_calls"),
+        {
+            **base,
+            "choices": [],
+            "usage": {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13},
+        },
+    ]
+
+
+def test_a_plain_recording_replays_to_a_streaming_test(
+    project: pytest.Pytester, upstream_thread: UpstreamThread
+) -> None:
+    """Tool calls and the usage chunk included; then the other way round."""
+    upstream_thread.fake.script(Reply(json=tool_completion("chatcmpl-tools")))
+    project.makepyfile(test_chat=TOOL_TEST.replace("ASK", PLAIN))
+    record(project, upstream_thread, "test_chat.py::test_weather")
+    assert "stream" not in orjson.loads(recording(project, "test_weather").read_bytes())["request"]
+    project.makepyfile(test_chat=TOOL_TEST.replace("ASK", STREAMED))
+    project.runpytest_inprocess().assert_outcomes(passed=1)
+
+    upstream_thread.fake.script(Reply(sse=sse(streamed_tool_calls("chatcmpl-streamed"))))
+    record(project, upstream_thread, "test_chat.py::test_weather")
+    assert orjson.loads(recording(project, "test_weather").read_bytes())["request"]["stream"]
+    upstream_thread.stop()
+    project.makepyfile(test_chat=TOOL_TEST.replace("ASK", PLAIN))
     project.runpytest_inprocess().assert_outcomes(passed=1)
 
 
