@@ -17,7 +17,7 @@ import pytest
 from aiohttp import web
 
 from proxy.identity import essential, request_key
-from proxy.testing.files import Exchange, RecordingFileError, file_name, read
+from proxy.testing.files import Exchange, RecordingFileError, file_name, read, write
 from proxy.testing.mismatch import closest, differences
 from tests.fakes import FakeUpstream, Reply, sse
 from tests.helpers import tool_completion
@@ -484,3 +484,20 @@ class TestModels:
     ]
     upstream_thread.stop()
     project.runpytest_inprocess().assert_outcomes(passed=2)
+
+
+def test_a_file_orders_lines_by_key_whatever_order_they_came_in(tmp_path: Path) -> None:
+    def exchange(text: str, answer: str) -> Exchange:
+        request = {"model": "m", "messages": [{"role": "user", "content": text}]}
+        return Exchange(request, {"id": answer}, request_key(request))
+
+    made = [exchange("a", "1"), exchange("b", "2"), exchange("a", "3"), exchange("c", "4")]
+    one, other = tmp_path / "one.jsonl", tmp_path / "other.jsonl"
+    write(one, made)
+    write(other, [made[3], made[1], made[0], made[2]])  # as concurrent requests may finish
+    assert one.read_bytes() == other.read_bytes()
+    answers = [e.response["id"] for e in read(one)]
+    assert answers.index("1") < answers.index("3")  # one request's recordings keep their order
+    assert [e.key for e in read(one)] == sorted(e.key for e in made)
+    write(one, [])
+    assert not one.exists()
