@@ -501,3 +501,31 @@ def test_a_file_orders_lines_by_key_whatever_order_they_came_in(tmp_path: Path) 
     assert [e.key for e in read(one)] == sorted(e.key for e in made)
     write(one, [])
     assert not one.exists()
+
+
+def test_fallback_records_only_what_is_missing(
+    project: pytest.Pytester, upstream_thread: UpstreamThread
+) -> None:
+    record(project, upstream_thread, "test_chat.py::test_sync_plain")
+    before = recording(project, "test_sync_plain").read_bytes().splitlines()
+    calls = upstream_thread.chat_calls()
+    extra = """
+    third = client.chat.completions.create(
+        model="gpt-test", messages=[{"role": "user", "content": "one more"}]
+    )
+    assert third.choices[0].message.content == "echo: one more"
+    note("sync_plain", first.id, second.id)"""
+    project.makepyfile(
+        test_chat=TESTS.replace('\n    note("sync_plain", first.id, second.id)', extra, 1)
+    )
+    result = project.runpytest_inprocess(
+        "--completions-mode=fallback",
+        f"--completions-upstream={upstream_thread.url}",
+        "test_chat.py::test_sync_plain",
+    )
+    result.assert_outcomes(passed=1)
+    assert upstream_thread.chat_calls() == calls + 1  # only the new request went upstream
+    after = recording(project, "test_sync_plain").read_bytes().splitlines()
+    assert len(after) == 3 and set(before) <= set(after)
+    upstream_thread.stop()
+    project.runpytest_inprocess("test_chat.py::test_sync_plain").assert_outcomes(passed=1)
