@@ -529,3 +529,29 @@ def test_fallback_records_only_what_is_missing(
     assert len(after) == 3 and set(before) <= set(after)
     upstream_thread.stop()
     project.runpytest_inprocess("test_chat.py::test_sync_plain").assert_outcomes(passed=1)
+
+
+def test_a_broken_record_run_keeps_the_recording(
+    project: pytest.Pytester, upstream_thread: UpstreamThread
+) -> None:
+    record(project, upstream_thread, "test_chat.py::test_sync_plain")
+    before = recording(project, "test_sync_plain").read_bytes()
+    project.makeconftest(
+        """
+import pytest
+
+@pytest.fixture
+def broken():
+    raise RuntimeError("a fixture of the test fails before it asks anything")
+"""
+    )
+    project.makepyfile(
+        test_chat=TESTS.replace("def test_sync_plain():", "def test_sync_plain(broken):")
+    )
+    result = project.runpytest_inprocess(
+        "--completions-mode=record",
+        f"--completions-upstream={upstream_thread.url}",
+        "test_chat.py::test_sync_plain",
+    )
+    result.assert_outcomes(errors=1)
+    assert recording(project, "test_sync_plain").read_bytes() == before
