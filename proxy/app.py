@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -25,6 +24,7 @@ from proxy.config import Config, ConfigError
 from proxy.keys import (
     CALLERS,
     CONFIG,
+    FORWARDING,
     METRICS,
     OPENAPI,
     REDACTOR,
@@ -39,7 +39,7 @@ from proxy.redaction import DEFAULT_BUILTIN, Redactor
 from proxy.relay import Relay
 from proxy.replay import Replayer
 from proxy.store import CompletionRecord, open_store
-from proxy.upstream import make_session
+from proxy.upstream import RETARGETING, ForwardRules, make_session
 from proxy.usage import cost
 from proxy.writer import Writer
 
@@ -62,13 +62,10 @@ async def _store(app: web.Application) -> AsyncIterator[None]:
     store = await open_store(config.store.url, config.store)
     try:
         secret = os.environ.get(config.callers.secret_env)
-        key = (
-            secret.encode()
-            if secret
-            else await store.setting("caller_secret", secrets.token_bytes(32))
-        )
+        # A new database stores no secret (b""): portable fingerprints, see proxy.callers.
+        key = secret.encode() if secret else await store.setting("caller_secret", b"")
         app[CALLERS] = Callers(
-            key,
+            key or None,
             store=store,
             keys=config.auth.mode == "keys",
             cache_seconds=config.auth.key_cache_seconds,
@@ -178,9 +175,23 @@ async def _upstream(app: web.Application) -> AsyncIterator[None]:
         if not upstream_key:
             raise RuntimeError(f"auth.mode is keys but {config.auth.upstream_key_env} is not set")
     session = make_session(config.upstream)
-    app[RELAY] = Relay(session, config.upstream.url, app[WRITER], upstream_key)
+    drop = (
+        frozenset() if upstream_key is None else RETARGETING - _lower(config.auth.forward_headers)
+    )
+    app[RELAY] = Relay(
+        session,
+        config.upstream.url,
+        app[WRITER],
+        upstream_key,
+        drop_headers=drop,
+        max_answer_bytes=config.capture.max_answer_bytes,
+    )
     yield
     await session.close()
+
+
+def _lower(names: list[str]) -> frozenset[str]:
+    return frozenset(name.lower() for name in names)
 
 
 def create_app(config: Config) -> web.Application:
@@ -191,6 +202,7 @@ def create_app(config: Config) -> web.Application:
     app[CONFIG] = config
     app[OPENAPI] = orjson.dumps(openapi.document())
     app[REDACTOR] = redactor_of(config)
+    app[FORWARDING] = ForwardRules(config.auth.forward, config.auth.admin_forward)
     app.cleanup_ctx.append(_store)
     app.cleanup_ctx.append(_retention)
     app.cleanup_ctx.append(_upstream)

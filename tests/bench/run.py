@@ -43,6 +43,7 @@ import contextlib
 import dataclasses
 import hashlib
 import hmac
+import importlib.util
 import os
 import platform
 import random
@@ -93,12 +94,15 @@ class Settings:
     read_calls: int
     write_records: int
     pin: bool
+    baseline: str | None = None  # a git revision whose store the multi-pair lists also run on
 
     @classmethod
-    def of(cls, quick: bool, pin: bool) -> Settings:
+    def of(cls, quick: bool, pin: bool, baseline: str | None = None) -> Settings:
         if quick:
-            return cls(True, 3, 3, 1, 1, 10_000, (10_000, 100_000), 2_000, 20_000, pin)
-        return cls(False, 10, 10, 2, 3, 100_000, (100_000, 1_000_000), 2_000, 100_000, pin)
+            return cls(True, 3, 3, 1, 1, 10_000, (10_000, 100_000), 2_000, 20_000, pin, baseline)
+        return cls(
+            False, 10, 10, 2, 3, 100_000, (100_000, 1_000_000), 2_000, 100_000, pin, baseline
+        )
 
 
 # -- processes ---------------------------------------------------------------------------
@@ -638,6 +642,12 @@ _LOREM = (
 )
 
 
+def env_of(user: int) -> str:
+    """Each user works in one environment: a user's filter and another environment's each
+    match many completions, and never the same one."""
+    return ENVS[user % 3]
+
+
 def _templates() -> tuple[bytes, bytes]:
     """A stored completion (~1.9 KB, id slot to fill) and its request (~1.0 KB)."""
     completion = {
@@ -695,7 +705,7 @@ def make_record(i: int, salt: bytes = b"db") -> CompletionRecord:
         caller=CALLER,
         created=CREATED_BASE + i // 20,
         model="gpt-4o-mini",
-        metadata={"user": f"user-{i % USERS}", "env": ENVS[i % 3], "session": f"s-{i // 50}"},
+        metadata={"user": f"user-{i % USERS}", "env": env_of(i % USERS), "session": f"s-{i // 50}"},
         completion=COMPLETION_TEMPLATE.replace(_ID_SLOT, cid.encode()),
         request=REQUEST_TEMPLATE,
         request_id="req_" + cid[9:],
@@ -790,7 +800,12 @@ async def timed(calls: int, call: Callable[[int], Awaitable[None]]) -> dict[str,
     return percentiles(samples)
 
 
-async def bench_reads(store: SQLiteStore, size: int, calls: int) -> dict[str, dict[str, float]]:
+async def bench_reads(
+    store: Any, size: int, calls: int, *, baseline: Any = None
+) -> dict[str, dict[str, float]]:
+    """Retrieve and list latencies; with ``baseline`` (the store module of another
+    revision, open on the same file), the multi-pair lists are timed on it too, right
+    after the same case on ``store``."""
     rng = random.Random(size)
     picks = [rng.randrange(size) for _ in range(calls + 100)]
 
@@ -798,11 +813,13 @@ async def bench_reads(store: SQLiteStore, size: int, calls: int) -> dict[str, di
         if await store.get(CALLER, completion_id(picks[n])) is None:
             raise BenchError("retrieve found nothing")
 
-    def listing(make: Callable[[int], ListQuery]) -> Callable[[int], Awaitable[None]]:
+    def listing(
+        make: Callable[[int], ListQuery], *, empty: bool = False, on: Any = store
+    ) -> Callable[[int], Awaitable[None]]:
         async def call(n: int) -> None:
-            page = await store.list_completions(CALLER, make(picks[n]))
-            if not page.items:
-                raise BenchError("list found nothing")
+            page = await on.list_completions(CALLER, make(picks[n]))
+            if bool(page.items) == empty:
+                raise BenchError("list found nothing" if not empty else "list found something")
 
         return call
 
@@ -813,7 +830,16 @@ async def bench_reads(store: SQLiteStore, size: int, calls: int) -> dict[str, di
         return ListQuery(metadata=(user(i),))
 
     def metadata_two(i: int) -> ListQuery:
-        return ListQuery(metadata=(user(i), ("env", ENVS[(i // USERS) % 3])))
+        return ListQuery(metadata=(user(i), ("env", env_of(i % USERS))))
+
+    def other_env(i: int) -> tuple[str, str]:
+        return ("env", ENVS[(i % USERS + 1 + (i // USERS) % 2) % 3])
+
+    def disjoint(i: int) -> ListQuery:  # the user's ~size/1000 rows, a third of all: none shared
+        return ListQuery(metadata=(user(i), other_env(i)))
+
+    def disjoint_common_first(i: int) -> ListQuery:
+        return ListQuery(metadata=(other_env(i), user(i)))
 
     def after(i: int) -> ListQuery:
         return ListQuery(page=PageQuery(after=completion_id(min(i, size - 100))))
@@ -826,7 +852,7 @@ async def bench_reads(store: SQLiteStore, size: int, calls: int) -> dict[str, di
     def newest(_: int) -> ListQuery:
         return ListQuery(page=PageQuery(order="desc"))
 
-    return {
+    result = {
         "retrieve": await timed(calls, retrieve),
         "list_metadata": await timed(calls, listing(metadata)),
         "list_after": await timed(calls, listing(after)),
@@ -834,6 +860,38 @@ async def bench_reads(store: SQLiteStore, size: int, calls: int) -> dict[str, di
         "list_metadata_after": await timed(calls, listing(metadata_after)),
         "list_newest": await timed(calls, listing(newest)),
     }
+    several = {
+        "list_metadata_two_pairs": (metadata_two, False),
+        "list_metadata_disjoint": (disjoint, True),
+        "list_metadata_disjoint_common_first": (disjoint_common_first, True),
+    }
+    for name, (make, empty) in several.items():
+        if name not in result:
+            result[name] = await timed(calls, listing(make, empty=empty))
+        if baseline is not None:
+            result[f"{name} (baseline)"] = await timed(
+                calls, listing(make, empty=empty, on=baseline)
+            )
+    return result
+
+
+def baseline_store(revision: str, path: Path) -> Any:
+    """``SQLiteStore`` as it is at ``revision`` (its ``proxy/store/sqlite/store.py``, loaded
+    beside this one), for the same database file."""
+    source = subprocess.run(
+        ["git", "show", f"{revision}:proxy/store/sqlite/store.py"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    ).stdout
+    module_path = path.parent / f"baseline_store_{revision}.py"
+    module_path.write_bytes(source)
+    spec = importlib.util.spec_from_file_location(f"baseline_store_{revision}", module_path)
+    if spec is None or spec.loader is None:
+        raise BenchError(f"cannot load the store at {revision}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.SQLiteStore(path)
 
 
 async def build(store: SQLiteStore, start: int, stop: int) -> float:
@@ -859,12 +917,16 @@ async def store_phase(
     # is measured above with the proxy's default, synchronous=NORMAL.
     store = SQLiteStore(path, synchronous="off")
     await store.open()
+    baseline = None
+    if settings.baseline is not None:
+        baseline = baseline_store(settings.baseline, path)
+        await baseline.open()
     try:
         built = 0
         for size in settings.store_sizes:
             seconds = await build(store, built, size)
             log(f"  built {size:,} completions (+{size - built:,} in {seconds:.1f} s)")
-            reads = await bench_reads(store, size, settings.read_calls)
+            reads = await bench_reads(store, size, settings.read_calls, baseline=baseline)
             result[str(size)] = {
                 "build_seconds": seconds,
                 "build_per_second": (size - built) / seconds,
@@ -875,6 +937,8 @@ async def store_phase(
             for name, figures in reads.items():
                 log(f"    {name:<24} p50 {figures['p50']:7.3f} ms  p99 {figures['p99']:7.3f} ms")
     finally:
+        if baseline is not None:
+            await baseline.close()
         await store.close()
     return result
 
@@ -1039,17 +1103,28 @@ def store_figures(store: dict[str, Any], settings: Settings) -> list[Figure]:
         "list_metadata": "list, metadata filter",
         "list_after": "list, after",
         "list_metadata_two_pairs": "list, 2-pair metadata filter",
+        "list_metadata_disjoint": "list, 2 pairs never together",
+        "list_metadata_disjoint_common_first": "list, 2 pairs never together, common first",
         "list_metadata_after": "list, metadata filter + after",
         "list_newest": "list, newest first",
     }
-    targets = {"retrieve": 2.0, "list_metadata": 5.0}
+    targets = {
+        "retrieve": 2.0,
+        "list_metadata": 5.0,
+        "list_metadata_two_pairs": 5.0,
+        "list_metadata_disjoint": 5.0,
+        "list_metadata_disjoint_common_first": 5.0,
+    }
     for name, label in labels.items():
         for size in (small, large):
             reads = store[size]["reads_ms"][name]
+            baseline = store[size]["reads_ms"].get(f"{name} (baseline)")
             for percentile in ("p50", "p99"):
                 figure = Figure(
                     f"store {label} {percentile} @ {int(size):,}", reads[percentile], "ms"
                 )
+                if baseline is not None:
+                    figure.note = f"at {settings.baseline}: {baseline[percentile]:.3f} ms"
                 if size == large and percentile == "p50" and name in targets:
                     figure.target = f"<= {targets[name]:.0f} ms"
                     if large != "1000000":
@@ -1140,8 +1215,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--baseline",
         metavar="REV",
-        help="also measure relay@base and proxy@base: proxy/ as of this git revision,"
-        " in the same interleaved rounds (to measure a change against the code before it)",
+        help="compare with git revision REV: HTTP measures relay@base and proxy@base (proxy/"
+        " as of REV) in the same interleaved rounds; the store part times the multi-pair"
+        " lists with REV's SQLite store on the same database, right after each case",
     )
     parser.add_argument(
         "--peers",
@@ -1164,7 +1240,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     pin = not args.no_pin and shutil.which("taskset") is not None and (os.cpu_count() or 1) >= 2
-    settings = Settings.of(args.quick, pin)
+    settings = Settings.of(args.quick, pin, args.baseline)
     if args.rounds is not None:
         settings = dataclasses.replace(settings, rounds=args.rounds)
     if args.seconds is not None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from proxy.replay import request_key
+from proxy.identity import request_key
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,6 +17,7 @@ import contextlib
 import fcntl
 import functools
 import inspect
+import itertools
 import os
 import sqlite3
 import time
@@ -108,6 +109,9 @@ WAL_RESTART_FRAMES = 1024
 # reads and batched writes measured the same within noise (README, Storage).
 PAGE_SIZE = 2048
 CALLERS_PER_READ = 100  # callers whose keys an admin's page reads in one statement
+# A list with several metadata pairs walks the rarest pair's rows; each pair's rows are
+# counted up to this many to find it (an index range each, about 50 ns a row).
+RAREST_CAP = 5_000
 IMPORT_CHUNK = 20_000  # rows per import transaction through the WAL (see _import)
 # Rows per transaction when the import writes the file directly (see _go_direct). Larger,
 # since no WAL has to stay small: once an index that takes rows at random places (the
@@ -132,24 +136,30 @@ def _page_sql(
     limit: int,
     *,
     keys_only: bool = False,
+    driver: int = 0,
 ) -> tuple[str, list[object]]:
     """One caller's keyset page as SQL, read in order from an index that leads with the
-    caller: the first metadata pair's when filtering, else the model's or the plain order.
-    With ``keys_only`` it reads just the page's ``(created, seq)``, from the index alone."""
+    caller: when filtering by metadata, the index range of pair ``driver`` (the rarest, see
+    ``_rarest``), each row checked for the other pairs by primary key before its completion
+    is read; else the model's or the plain order. With ``keys_only`` it reads just the
+    page's ``(created, seq)``, from the indexes alone when there is no model filter."""
     direction = "ASC" if order == "asc" else "DESC"
     compare = ">" if order == "asc" else "<"
     params: list[object] = []
     where: list[str] = []
     if query.metadata:
-        (key, value), rest = query.metadata[0], query.metadata[1:]
-        source = "completion_metadata m CROSS JOIN completions c ON c.seq = m.seq"
+        (key, value) = query.metadata[driver]
+        rest = query.metadata[:driver] + query.metadata[driver + 1 :]
+        source = "completion_metadata m"
+        if not keys_only or query.model is not None:
+            source += " CROSS JOIN completions c ON c.seq = m.seq"
         where.append("m.caller = ? AND m.key = ? AND m.value = ?")
         params += [caller, key, value]
         keys = "m.created, m.seq"
         for key, value in rest:
             where.append(
                 "EXISTS (SELECT 1 FROM completion_metadata x"
-                " WHERE x.seq = c.seq AND x.key = ? AND x.value = ?)"
+                " WHERE x.seq = m.seq AND x.key = ? AND x.value = ?)"
             )
             params += [key, value]
     else:
@@ -171,6 +181,20 @@ def _page_sql(
     )
     params.append(limit + 1)
     return sql, params
+
+
+def _rarest_sql(caller: str, pairs: Sequence[tuple[str, str]]) -> tuple[str, list[object]]:
+    """How many rows each pair has for ``caller``, each counted up to ``RAREST_CAP``: a
+    range of the metadata index, read from the index alone."""
+    counts = ", ".join(
+        "(SELECT count(*) FROM (SELECT 1 FROM completion_metadata"
+        " WHERE caller = ? AND key = ? AND value = ? LIMIT ?))"
+        for _ in pairs
+    )
+    params: list[object] = []
+    for key, value in pairs:
+        params += [caller, key, value, RAREST_CAP]
+    return f"SELECT {counts}", params
 
 
 # -- the writer's transactions: each runs whole on the writer's thread ---------------------
@@ -320,11 +344,18 @@ def _import(
     conn.execute(f"PRAGMA cache_size = -{int(cache_kib)}")
     try:
         while True:
+            # A chunk's first batch is awaited before its transaction begins, so a producer
+            # that is slow to start (parsing a large file) keeps no other writer waiting.
+            first = next(pending, None)
+            if first is None:
+                if not accept():
+                    raise _Rejected
+                return inserted
             with _transaction(conn):
                 base = _last_seq(conn)
                 rows = 0
                 now = time.time()
-                for batch in pending:
+                for batch in itertools.chain([first], pending):
                     if not accept():
                         raise _Rejected
                     inserted += _insert(conn, batch, now)
@@ -1022,11 +1053,23 @@ class SQLiteStore:
         if scope is None:
             rows, has_more = await self._page_across_callers(query, cursor)
         else:
-            sql, params = _page_sql(scope, query, cursor, page.order, page.limit)
+            driver = await self._rarest(scope, query.metadata)
+            sql, params = _page_sql(scope, query, cursor, page.order, page.limit, driver=driver)
             rows = list(await self._r.execute_fetchall(sql, params))
             has_more = len(rows) > page.limit
         items = [StoredCompletion(row[0], row[1], row[2]) for row in rows[: page.limit]]
         return Page(items=items, has_more=has_more)
+
+    async def _rarest(self, caller: str, pairs: Sequence[tuple[str, str]]) -> int:
+        """The index of the pair with the fewest rows for ``caller`` (0 for fewer than two
+        pairs). Walking it and checking the others costs its rows, not the first pair's:
+        two pairs that each match thousands of rows but never the same one read only the
+        rarer one's. Past ``RAREST_CAP`` rows pairs count as equal, and the first wins."""
+        if len(pairs) < 2:
+            return 0
+        row = await self._fetchone(self._r, *_rarest_sql(caller, pairs))
+        counts = list(row) if row is not None else [0]
+        return counts.index(min(counts))
 
     async def _page_across_callers(
         self, query: ListQuery, cursor: tuple[int, int] | None
@@ -1214,6 +1257,7 @@ class SQLiteStore:
     ) -> list[str]:
         """SQLite's plan for a list query, so tests can prove it reads indexes, not the table."""
         cursor = (0, 0) if query.page.after else None
-        sql, params = _page_sql(caller, query, cursor, "asc", 1, keys_only=keys_only)
+        driver = await self._rarest(caller, query.metadata)
+        sql, params = _page_sql(caller, query, cursor, "asc", 1, keys_only=keys_only, driver=driver)
         async with self._r.execute("EXPLAIN QUERY PLAN " + sql, params) as result:
             return [str(row[3]) async for row in result]
