@@ -209,13 +209,29 @@ class Supervisor:
                     "delay_s": delay,
                 },
             )
+            await self._restart(slot, delay)
+
+    async def _restart(self, slot: _Slot, delay: float) -> None:
+        """Start a new worker in ``slot`` after ``delay`` seconds, however many tries it takes
+        to make a process; a worker that then fails to start is seen exiting by ``_watch``."""
+        while True:
             if delay:
                 await asyncio.sleep(delay)
-            reason = await self._spawn(slot)
+            try:
+                reason = await self._spawn(slot)
+            except OSError as error:  # no process could be made (out of memory, pids, ...)
+                log.error(
+                    "worker did not start",
+                    extra={"worker": slot.index, "reason": f"cannot start a process: {error}"},
+                )
+                delay = slot.backoff
+                slot.backoff = min(MAX_BACKOFF, max(FIRST_BACKOFF, slot.backoff * 2))
+                continue
             if reason is not None:
                 log.error("worker did not start", extra={"worker": slot.index, "reason": reason})
             else:
                 log.info("worker ready", extra={"worker": slot.index, "pid": self._pid(slot)})
+            return
 
     async def _stop_all(self) -> None:
         """SIGTERM to every worker; wait for them to drain; kill what outlives the grace."""
