@@ -29,9 +29,8 @@ from typing import IO
 
 import orjson
 import yaml
-from aiohttp import web
 
-from proxy import __version__
+from proxy import __version__, server
 from proxy.app import create_app, redactor_of
 from proxy.callers import new_key
 from proxy.config import Config, ConfigError, load_config, redacted
@@ -341,15 +340,7 @@ def serve(config: Config) -> int:
         },
     )
     try:
-        web.run_app(
-            app,
-            host=config.server.host,
-            port=config.server.port,
-            access_log=None,
-            print=None,
-            shutdown_timeout=config.server.shutdown_timeout,
-            handler_cancellation=True,
-        )
+        server.run(app, config.server)  # limits and timeouts of client connections
     except OSError as error:
         log.error("cannot start: %s", error)
         return 1
