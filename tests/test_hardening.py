@@ -7,6 +7,7 @@ Raw requests go over a plain socket where an HTTP client would tidy the request 
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import contextlib
 import gzip
@@ -30,7 +31,8 @@ from proxy.app import create_app
 from proxy.callers import new_key
 from proxy.config import LoggingConfig
 from proxy.keys import STORE, WRITER
-from proxy.logs import RepeatFilter, configure
+from proxy.logs import AccessRecord, RepeatFilter, configure
+from proxy.outcome import Outcome, OutcomeSet
 from proxy.server import ProxyRunner, ProxyServer
 from proxy.store import CompletionRecord, SQLiteStore
 from proxy.writer import WriteFailed, Writer
@@ -877,3 +879,72 @@ def debug_config(tmp_path: Path) -> Path:
     path = tmp_path / "config.yaml"
     path.write_text("logging:\n  level: debug\n")
     return path
+
+
+# Structure: no import loop; one outcome per exchange ----------------------------------------
+
+PACKAGE = Path(__file__).resolve().parents[1] / "proxy"
+
+
+def module_of(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def runtime_imports(path: Path, known: set[str]) -> set[str]:
+    """The project's modules ``path`` imports when it runs (``if TYPE_CHECKING:`` left out)."""
+    tree = ast.parse(path.read_text())
+    skipped = {
+        id(node)
+        for block in ast.walk(tree)
+        if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
+        for inner in block.body
+        for node in ast.walk(inner)
+    }
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
+        names: list[str] = []
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        elif isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        found |= {name for name in names if name in known}
+    return found
+
+
+def test_the_package_has_no_import_cycle() -> None:
+    files = {module_of(path): path for path in PACKAGE.rglob("*.py")}
+    graph = {name: runtime_imports(path, set(files)) - {name} for name, path in files.items()}
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(name: str, trail: list[str]) -> None:
+        state[name] = 1
+        for target in sorted(graph[name]):
+            if state.get(target) == 1:
+                loop = [*trail[trail.index(target) :], target] if target in trail else [target]
+                raise AssertionError(f"import cycle: {' -> '.join(loop)}")
+            if target not in state:
+                visit(target, [*trail, target])
+        state[name] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+
+
+def test_errors_imports_nothing_of_ours_and_keys_names_real_types() -> None:
+    files = {module_of(path) for path in PACKAGE.rglob("*.py")}
+    assert runtime_imports(PACKAGE / "errors.py", files) == set()
+    keys = (PACKAGE / "keys.py").read_text()
+    assert "TYPE_CHECKING" not in keys
+    assert 'AppKey["' not in keys and 'RequestKey["' not in keys
+
+
+def test_an_outcome_is_set_once() -> None:
+    access = AccessRecord("req_1", "POST", "/v1/chat/completions", time.perf_counter())
+    access.outcome = Outcome.COMPLETE
+    with pytest.raises(OutcomeSet):
+        access.outcome = Outcome.CLIENT_GONE
+    assert access.outcome is Outcome.COMPLETE
