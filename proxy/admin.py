@@ -4,8 +4,10 @@
 - ``GET /admin/exchanges?caller=&after=&limit=&order=``: exchanges that stored no completion
   (upstream errors, cut streams, clients gone), with their outcome (admins).
 - ``GET /admin/audit?after=&limit=``: the append-only audit log (admins).
-- ``GET /metrics``: Prometheus metrics (no token: scrapers rarely carry one; it holds counts,
-  caller names and fingerprints, never content).
+- ``GET /metrics``: Prometheus metrics: counts, timings, and callers' names or fingerprints,
+  never content. ``metrics.access`` decides who may read it: with ``auto`` (the default) an
+  admin key in keys mode, where callers are people's key names, and anyone who can reach the
+  port in passthrough mode, where callers are only token fingerprints.
 
 Admin endpoints need a proxy key with the admin role, so they exist only with
 ``auth.mode: keys``; in passthrough mode they answer 403.
@@ -16,8 +18,9 @@ from __future__ import annotations
 import orjson
 from aiohttp import web
 
-from proxy.assemble import list_body
+from proxy import responses
 from proxy.callers import Caller
+from proxy.config import Config
 from proxy.errors import Forbidden, InvalidRequest
 from proxy.handlers import required_caller
 from proxy.keys import CONFIG, METRICS, STORE
@@ -65,9 +68,7 @@ async def list_exchanges(request: web.Request) -> web.Response:
         result = await request.app[STORE].list_exchanges(request.query.get("caller"), page)
     except UnknownCursor:
         raise InvalidRequest(f"after: no exchange '{page.after}'.", param="after") from None
-    return web.Response(
-        body=list_body(result.items, result.has_more), content_type="application/json"
-    )
+    return web.Response(body=responses.exchange_page(result), content_type="application/json")
 
 
 async def list_audit(request: web.Request) -> web.Response:
@@ -80,11 +81,18 @@ async def list_audit(request: web.Request) -> web.Response:
         raise InvalidRequest("limit must be an integer from 1 to 1000.", param="limit")
     after, limit = int(after_text), int(limit_text)
     entries = await request.app[STORE].audit_entries(after, limit)
-    body = b'{"object":"list","data":[' + b",".join(entries) + b"]}"
-    return web.Response(body=body, content_type="application/json")
+    return web.Response(body=responses.audit_page(entries), content_type="application/json")
+
+
+def metrics_need_admin(config: Config) -> bool:
+    """Whether ``/metrics`` asks for an admin proxy key under this configuration."""
+    access = config.metrics.access
+    return access == "admin" or (access == "auto" and config.auth.mode == "keys")
 
 
 async def metrics(request: web.Request) -> web.Response:
+    if metrics_need_admin(request.app[CONFIG]):
+        await _admin(request)
     body, content_type = request.app[METRICS].render()
     response = web.Response(body=body)
     response.headers["Content-Type"] = content_type

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -19,7 +18,7 @@ import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from proxy import admin, handlers, openapi
+from proxy import admin, admin_keys, console, handlers, openapi
 from proxy.callers import Callers
 from proxy.config import Config, ConfigError
 from proxy.keys import (
@@ -39,12 +38,14 @@ from proxy.middleware import exchange_middleware
 from proxy.redaction import DEFAULT_BUILTIN, Redactor
 from proxy.relay import Relay
 from proxy.replay import Replayer
-from proxy.store import CompletionRecord, SQLiteStore
+from proxy.store import CompletionRecord, open_store
 from proxy.upstream import RETARGETING, ForwardRules, make_session
 from proxy.usage import cost
 from proxy.writer import Writer
 
 log = logging.getLogger("proxy.app")
+
+QUEUE_SAMPLE_SECONDS = 1.0
 
 
 def redactor_of(config: Config) -> Redactor:
@@ -58,21 +59,13 @@ def redactor_of(config: Config) -> Redactor:
 
 async def _store(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
-    store = SQLiteStore(
-        config.store.path,
-        synchronous=config.store.synchronous,
-        max_bytes=config.store.max_bytes,
-    )
-    await store.open()
+    store = await open_store(config.store.url, config.store)
     try:
         secret = os.environ.get(config.callers.secret_env)
-        key = (
-            secret.encode()
-            if secret
-            else await store.setting("caller_secret", secrets.token_bytes(32))
-        )
+        # A new database stores no secret (b""): portable fingerprints, see proxy.callers.
+        key = secret.encode() if secret else await store.setting("caller_secret", b"")
         app[CALLERS] = Callers(
-            key,
+            key or None,
             store=store,
             keys=config.auth.mode == "keys",
             cache_seconds=config.auth.key_cache_seconds,
@@ -84,15 +77,31 @@ async def _store(app: web.Application) -> AsyncIterator[None]:
             on_committed=_count_stored(app),
             on_failed=_count_failed(app),
         )
-        app[METRICS] = Metrics(queue_depth=lambda: writer.depth)
+        app[METRICS] = Metrics(
+            queue_depth=lambda: writer.depth, caller_label=config.metrics.caller_label
+        )
         writer.start()
         app[STORE] = store
         app[WRITER] = writer
         app[REPLAYER] = Replayer(store, shared=config.replay.shared)
+        sampler = None
+        if app[METRICS].multiprocess:
+            sampler = asyncio.create_task(_sample_queue_forever(app[METRICS]))
         yield
+        if sampler is not None:
+            sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sampler
         await writer.close()
     finally:
         await store.close()
+
+
+async def _sample_queue_forever(metrics: Metrics) -> None:
+    """Several workers: a scrape reads every worker's gauge files, so each refreshes its own."""
+    while True:
+        metrics.sample_queue()
+        await asyncio.sleep(QUEUE_SAMPLE_SECONDS)
 
 
 def _count_stored(app: web.Application) -> Callable[[CompletionRecord], None]:
@@ -146,13 +155,13 @@ async def _prune_forever(app: web.Application, days: float, interval_hours: floa
             log.exception("retention run failed")
         else:
             if report.completions or report.exchanges:
+                sizes = {"bytes_before": report.bytes_before, "bytes_after": report.bytes_after}
                 log.info(
                     "retention",
                     extra={
                         "completions": report.completions,
                         "exchanges": report.exchanges,
-                        "bytes_before": report.bytes_before,
-                        "bytes_after": report.bytes_after,
+                        **{name: size for name, size in sizes.items() if size is not None},
                     },
                 )
         await asyncio.sleep(interval_hours * 3600)
@@ -222,6 +231,11 @@ def create_app(config: Config) -> web.Application:
     app.router.add_get("/admin/usage", admin.get_usage, allow_head=False)
     app.router.add_get("/admin/exchanges", admin.list_exchanges, allow_head=False)
     app.router.add_get("/admin/audit", admin.list_audit, allow_head=False)
+    app.router.add_get("/admin/keys", admin_keys.list_keys, allow_head=False)
+    app.router.add_post("/admin/keys", admin_keys.create_key)
+    app.router.add_post("/admin/keys/{name}/revoke", admin_keys.revoke_key)
+    if config.console.enabled:
+        console.setup(app)
     if config.metrics.enabled:
         app.router.add_get("/metrics", admin.metrics, allow_head=False)
     app.router.add_route("*", "/v1/{tail:.*}", handlers.forward)

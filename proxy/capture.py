@@ -24,10 +24,10 @@ from proxy.assemble import (
     is_finished,
     stored_completion,
 )
+from proxy.identity import request_key
 from proxy.models import ChatRequest
 from proxy.outcome import Outcome
 from proxy.redaction import Redactor
-from proxy.replay import request_key
 from proxy.store import CompletionRecord, ExchangeRecord
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1

@@ -11,7 +11,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class ConfigError(Exception):
@@ -33,6 +40,21 @@ class ServerConfig(_Section):
     header_timeout: float = Field(30.0, gt=0)
     body_timeout: float = Field(60.0, gt=0)
     max_connections: int = Field(1024, ge=1)
+    # Processes serving the port; "auto" is one per CPU this process may run on.
+    workers: int | Literal["auto"] = 1
+
+    @field_validator("workers")
+    @classmethod
+    def _positive(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("must be at least 1, or auto")
+        return value
+
+    def worker_count(self) -> int:
+        """The number of worker processes, with ``auto`` resolved on this machine."""
+        if self.workers == "auto":
+            return max(1, len(os.sched_getaffinity(0)))
+        return self.workers
 
 
 class UpstreamConfig(_Section):
@@ -49,12 +71,73 @@ class UpstreamConfig(_Section):
         return value.rstrip("/")
 
 
-class StoreConfig(_Section):
-    path: str = "./completions.db"
+class SQLiteSettings(_Section):
     synchronous: Literal["normal", "full"] = "normal"
+    max_bytes: int | None = Field(None, ge=65536)
+    # false: another process on the same file copies the WAL into it (serve --workers sets
+    # this for every worker but the first, so a file has one checkpointer).
+    checkpoints: bool = True
+
+
+class PostgresSettings(_Section):
+    pool_min: int = Field(2, ge=0)
+    pool_max: int = Field(10, ge=1)
+    connect_timeout: float = Field(10.0, gt=0)  # seconds to open a connection
+    statement_timeout: float = Field(30.0, gt=0)  # seconds a statement may run
+
+    @model_validator(mode="after")
+    def _pool_bounds(self) -> PostgresSettings:
+        if self.pool_min > self.pool_max:
+            raise ValueError("pool_min must not exceed pool_max")
+        return self
+
+
+# Keys of the store section that moved: each old name is still read, as its new place.
+_STORE_MOVED = {
+    "path": ("url",),
+    "synchronous": ("sqlite", "synchronous"),
+    "max_bytes": ("sqlite", "max_bytes"),
+}
+
+
+class StoreConfig(_Section):
+    """``url``: a SQLite file path (or ``sqlite:///path``) or a ``postgresql://`` URL."""
+
+    url: str = "./completions.db"
     queue_size: int = Field(10_000, ge=1)
     batch_size: int = Field(256, ge=1)
-    max_bytes: int | None = Field(None, ge=65536)
+    sqlite: SQLiteSettings = SQLiteSettings()
+    postgres: PostgresSettings = PostgresSettings()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data: Any) -> Any:
+        """``store.path``, ``store.synchronous`` and ``store.max_bytes`` are the old names of
+        ``store.url``, ``store.sqlite.synchronous`` and ``store.sqlite.max_bytes``."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for old, new in _STORE_MOVED.items():
+            if old not in data:
+                continue
+            value = data.pop(old)
+            if value is None:
+                continue
+            section = data
+            if len(new) == 2:
+                inner = section.get(new[0])
+                section = dict(inner) if isinstance(inner, dict) else {}
+                data[new[0]] = section
+            if section.get(new[-1]) not in (None, value):
+                place = ".".join(new)
+                raise ValueError(f"{old} is the old name of store.{place}: give only one")
+            section[new[-1]] = value
+        return data
+
+    @property
+    def path(self) -> str:
+        """The old name of ``url``, for code that read it."""
+        return self.url
 
 
 class CallersConfig(_Section):
@@ -121,6 +204,10 @@ class Price(_Section):
 
 class MetricsConfig(_Section):
     enabled: bool = True
+    # auto: an admin proxy key with auth.mode keys (callers are people's key names there),
+    # open otherwise (callers are token fingerprints); open or admin to choose.
+    access: Literal["auto", "open", "admin"] = "auto"
+    caller_label: bool = True
 
 
 class ReplayConfig(_Section):
@@ -139,6 +226,11 @@ class LoggingConfig(_Section):
     access_log: bool = True
 
 
+class ConsoleConfig(_Section):
+    enabled: bool = True
+    session_hours: float = Field(12.0, gt=0, le=24 * 30)
+
+
 class Config(_Section):
     server: ServerConfig = ServerConfig()
     upstream: UpstreamConfig = UpstreamConfig()
@@ -153,6 +245,16 @@ class Config(_Section):
     metrics: MetricsConfig = MetricsConfig()
     replay: ReplayConfig = ReplayConfig()
     logging: LoggingConfig = LoggingConfig()
+    console: ConsoleConfig = ConsoleConfig()
+
+    @model_validator(mode="after")
+    def _admins_exist(self) -> Config:
+        if self.metrics.access == "admin" and self.auth.mode != "keys":
+            raise ValueError(
+                "metrics.access: admin needs auth.mode: keys (passthrough callers are never"
+                " admins); use open, or auto"
+            )
+        return self
 
     def with_overrides(self, overrides: dict[str, dict[str, Any]]) -> Config:
         """A copy with the given section values replaced, validated like the file."""
@@ -205,6 +307,6 @@ def redacted(config: Config) -> dict[str, Any]:
     shown = "set, value hidden" if os.environ.get(upstream_key) else "unset"
     data["auth"]["upstream_key_env"] = f"{upstream_key} ({shown})"
     name = config.callers.secret_env
-    state = "set, value hidden" if os.environ.get(name) else "unset: a generated key in the db"
+    state = "set, value hidden" if os.environ.get(name) else "unset: portable fingerprints"
     data["callers"]["secret_env"] = f"{name} ({state})"
     return data

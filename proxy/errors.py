@@ -18,7 +18,8 @@ Hierarchy (status → OpenAI SDK exception)::
     ├── RequestTimeout        408  APIStatusError           the client's body did not arrive in time
     ├── PayloadTooLarge       413  APIStatusError
     ├── UpstreamUnreachable   502  InternalServerError      refused / reset before an answer
-    ├── StoreUnavailable      503  InternalServerError      store known broken; store=true refused
+    ├── StoreUnavailable      503  InternalServerError      store known broken; store=true refused;
+    │                                                       also any StoreError a handler meets
     ├── Busy                  503  InternalServerError      too many open client connections
     └── UpstreamTimeout       504  InternalServerError      no answer within the read timeout
 

@@ -12,6 +12,7 @@ import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from proxy import responses
 from proxy.assemble import input_messages, list_body
 from proxy.callers import Caller
 from proxy.capture import Capture
@@ -39,7 +40,7 @@ from proxy.keys import (
 )
 from proxy.models import parse_list_query, parse_page_query, parse_update_body, peek_chat_request
 from proxy.outcome import Outcome
-from proxy.store import UnknownCursor
+from proxy.store import StoreError, UnknownCursor
 from proxy.upstream import BadPath, canonical_path, names_stored_api
 
 log = logging.getLogger("proxy.handlers")
@@ -117,11 +118,7 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
             access.outcome = Outcome.REPLAYED
             return replayed
         if mode == "strict":
-            raise InvalidRequest(
-                "No recording matches this request, and replay is strict: the upstream is"
-                " never called.",
-                code="replay_miss",
-            )
+            raise await app[REPLAYER].miss(chat.body, caller.name if caller else None)
         record = True
     if not record:
         return await app[RELAY].forward(request, raw, access, path=_CREATE)
@@ -181,16 +178,16 @@ async def list_chat_completions(request: web.Request) -> web.Response:
         raise InvalidRequest(
             f"after: no chat completion with id '{query.page.after}'.", param="after"
         ) from None
-    return _json(list_body(page.items, page.has_more))
+    return _json(responses.completion_page(page))
 
 
 async def get_chat_completion(request: web.Request) -> web.Response:
     caller = await required_caller(request)
     completion_id = request.match_info["completion_id"]
-    body = await request.app[STORE].get(caller.scope, completion_id)
-    if body is None:
+    stored = await request.app[STORE].get(caller.scope, completion_id)
+    if stored is None:
         raise _not_found(completion_id)
-    return _json(body)
+    return _json(responses.stored_completion(stored))
 
 
 @contextlib.contextmanager
@@ -199,7 +196,7 @@ def _store_change(request: web.Request) -> Iterator[None]:
     shape, never a bare 500; nothing was changed, so the client may try again."""
     try:
         yield
-    except Exception as error:  # noqa: BLE001 - whatever the backend raises: the store's failure
+    except StoreError as error:
         log.warning(
             "store change failed",
             extra={"request_id": request[ACCESS].request_id, "reason": str(error)[:300]},
@@ -216,10 +213,10 @@ async def update_chat_completion(request: web.Request) -> web.Response:
     metadata = parse_update_body(await read_body(request))
     store = request.app[STORE]
     with _store_change(request):
-        body = await store.update_metadata(caller.scope, completion_id, metadata, caller.name)
-    if body is None:
+        stored = await store.update_metadata(caller.scope, completion_id, metadata, caller.name)
+    if stored is None:
         raise _not_found(completion_id)
-    return _json(body)
+    return _json(responses.stored_completion(stored))
 
 
 async def delete_chat_completion(request: web.Request) -> web.Response:

@@ -7,10 +7,14 @@ collide on series. ``render()`` produces the exposition text for a ``/metrics`` 
 Recording is on the request path, so the label children each call needs are looked up once
 per label set and cached in plain dicts keyed by the label tuple: after the first request of
 a kind, a call is a dict lookup and an ``inc``/``observe`` per series.
+
+With ``caller_label=False`` the per-caller series (completions stored, tokens, cost) carry
+only the model: totals stay, who made them does not appear in the exposition at all.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 from prometheus_client import (
@@ -20,6 +24,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     generate_latest,
+    multiprocess,
 )
 
 PREFIX = "completions_proxy_"
@@ -69,9 +74,14 @@ class _Bounded:
 class Metrics:
     """Prometheus metrics of one proxy application, in its own registry."""
 
-    def __init__(self, queue_depth: Callable[[], int]) -> None:
+    def __init__(self, queue_depth: Callable[[], int], *, caller_label: bool = True) -> None:
         self.registry = CollectorRegistry()
         registry = self.registry
+        self._caller_label = caller_label
+        # Requests finished since start, all routes and statuses: a shutdown reports the
+        # difference as the requests it drained.
+        self.finished = 0
+        owner = ["caller"] if caller_label else []
 
         self._requests = Counter(
             PREFIX + "requests_total",
@@ -97,9 +107,16 @@ class Metrics:
             PREFIX + "store_queue_depth",
             "Completions waiting to be written to the store.",
             registry=registry,
+            multiprocess_mode="livesum",
         )
-        # Read at scrape time, so the writer needs no hook to keep a gauge up to date.
-        queue.set_function(queue_depth)
+        # Several workers (see supervisor): each keeps its values in files of this directory,
+        # and a scrape of any of them reads every worker's files.
+        self._multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        self._queue = queue
+        self._queue_depth = queue_depth
+        if not self._multiprocess:
+            # Read at scrape time, so the writer needs no hook to keep a gauge up to date.
+            queue.set_function(queue_depth)
         self._write_failures = Counter(
             PREFIX + "store_write_failures_total",
             "Failed writes of completions to the store.",
@@ -108,19 +125,19 @@ class Metrics:
         self._stored = Counter(
             PREFIX + "completions_stored_total",
             "Completions committed to the store.",
-            ["caller", "model"],
+            [*owner, "model"],
             registry=registry,
         )
         self._tokens = Counter(
             PREFIX + "tokens_total",
             "Tokens of stored completions, by kind (prompt, cached, completion).",
-            ["caller", "model", "kind"],
+            [*owner, "model", "kind"],
             registry=registry,
         )
         self._cost = Counter(
             PREFIX + "cost_usd_total",
             "Cost in US dollars of stored completions whose cost is known.",
-            ["caller", "model"],
+            [*owner, "model"],
             registry=registry,
         )
 
@@ -147,6 +164,7 @@ class Metrics:
     ) -> None:
         """One finished request. route is a low-cardinality name like "create", "list",
         "retrieve", "update", "delete", "messages", "forward", "admin", "other"."""
+        self.finished += 1
         stream_label = _stream_label(stream)
         key = (route, status, self._models(model or ""), stream_label, outcome or "")
         child = self._request_children.get(key)
@@ -178,17 +196,18 @@ class Metrics:
         cost: float | None,
     ) -> None:
         """One completion committed to the store."""
-        caller, model = self._callers(caller), self._models(model)
-        key = (caller, model)
+        model = self._models(model)
+        labels: tuple[str, ...] = (self._callers(caller), model) if self._caller_label else (model,)
+        key = (labels[0], model)
         stored = self._stored_children.get(key)
         if stored is None:
-            stored = self._stored_children[key] = self._stored.labels(caller, model)
+            stored = self._stored_children[key] = self._stored.labels(*labels)
         stored.inc()
 
         tokens = self._token_children.get(key)
         if tokens is None:
             prompt, cached, completion = (
-                self._tokens.labels(caller, model, kind) for kind in TOKEN_KINDS
+                self._tokens.labels(*labels, kind) for kind in TOKEN_KINDS
             )
             tokens = self._token_children[key] = (prompt, cached, completion)
         # Usage comes from the upstream; a negative count would make Counter.inc raise after
@@ -203,7 +222,7 @@ class Metrics:
             # A known cost of zero still gets its series, so "free" differs from "unknown".
             cost_child = self._cost_children.get(key)
             if cost_child is None:
-                cost_child = self._cost_children[key] = self._cost.labels(caller, model)
+                cost_child = self._cost_children[key] = self._cost.labels(*labels)
             if cost > 0:
                 cost_child.inc(cost)
 
@@ -211,6 +230,22 @@ class Metrics:
         """One write of completions to the store failed."""
         self._write_failures.inc()
 
+    @property
+    def multiprocess(self) -> bool:
+        """True when several workers share these metrics through files."""
+        return self._multiprocess
+
+    def sample_queue(self) -> None:
+        """Copy the writer's queue depth into the gauge (several workers: each does so
+        periodically, since a scrape reaches only one of them)."""
+        if self._multiprocess:
+            self._queue.set(self._queue_depth())
+
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type (prometheus_client.CONTENT_TYPE_LATEST)."""
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        if not self._multiprocess:
+            return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        self.sample_queue()
+        merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged)  # type: ignore[no-untyped-call]
+        return generate_latest(merged), CONTENT_TYPE_LATEST

@@ -4,15 +4,16 @@ Formats:
 - ``jsonl``: one full record per line: ``id``, ``caller`` (the fingerprint), ``created``,
   ``model``, ``metadata``, ``request`` (the client's request), ``response`` (the stored
   chat.completion, without metadata), ``request_id``, ``stream``, ``outcome``, ``stored_at``,
-  ``duration_ms``. ``import`` reads exactly this, so export → import → export gives the same
-  records.
+  ``duration_ms``, ``prompt_tokens``, ``cached_tokens``, ``completion_tokens`` (what usage
+  and cost are summed from). ``import`` reads exactly this, so export → import → export gives
+  the same records; a file without the token counts gets them from ``response.usage``.
 - ``finetune``: OpenAI's chat fine-tuning format: ``messages`` = the request's messages plus
   the assistant's reply (first choice), with ``tools`` when the request had them. Records
   without a reply are skipped; the ``developer`` role is written as ``system``.
 
 Both directions stream: memory stays constant whatever the size of the store or file.
 Import is idempotent by (caller, id); a file with any bad line imports nothing (what was
-already committed is taken back, see ``SQLiteStore.import_records``), and every bad line is
+already committed is taken back, see ``Store.import_records``), and every bad line is
 reported with its number.
 """
 
@@ -24,16 +25,16 @@ import multiprocessing
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import IO, Any, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from proxy.errors import InvalidRequest
+from proxy.identity import request_key
 from proxy.models import check_metadata
-from proxy.replay import request_key
-from proxy.store import CompletionRecord, ExportFilter, InsertRow, Store, insert_row
+from proxy.store import CompletionRecord, ExportFilter, Store
 
 Format = Literal["jsonl", "finetune"]
 Progress = Callable[[int], None]
@@ -63,6 +64,9 @@ def export_line(record: CompletionRecord) -> bytes:
             "outcome": record.outcome,
             "stored_at": record.stored_at,
             "duration_ms": record.duration_ms,
+            "prompt_tokens": record.prompt_tokens,
+            "cached_tokens": record.cached_tokens,
+            "completion_tokens": record.completion_tokens,
         }
     )
 
@@ -132,6 +136,10 @@ class ExportedCompletion(BaseModel):
     outcome: str = "complete"
     stored_at: float | None = None
     duration_ms: float | None = None
+    # Absent from files written before they were exported: then read from response.usage.
+    prompt_tokens: int | None = Field(None, ge=0)
+    cached_tokens: int | None = Field(None, ge=0)
+    completion_tokens: int | None = Field(None, ge=0)
 
     @field_validator("metadata")
     @classmethod
@@ -140,6 +148,17 @@ class ExportedCompletion(BaseModel):
             return check_metadata(value)
         except InvalidRequest as error:
             raise ValueError(error.message) from None
+
+    def _tokens(self, name: str, given: int | None) -> int:
+        if given is not None:
+            return given
+        usage = self.response.get("usage")
+        usage = usage if isinstance(usage, dict) else {}
+        if name == "cached_tokens":
+            details = usage.get("prompt_tokens_details")
+            usage = details if isinstance(details, dict) else {}
+        value = usage.get(name)
+        return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
     def record(self) -> CompletionRecord:
         return CompletionRecord(
@@ -156,6 +175,9 @@ class ExportedCompletion(BaseModel):
             duration_ms=self.duration_ms,
             request_key=request_key(self.request),
             stored_at=self.stored_at,
+            prompt_tokens=self._tokens("prompt_tokens", self.prompt_tokens),
+            cached_tokens=self._tokens("cached_tokens", self.cached_tokens),
+            completion_tokens=self._tokens("completion_tokens", self.completion_tokens),
         )
 
 
@@ -198,13 +220,13 @@ def _runs(source: IO[bytes], size: int = RUN_BYTES) -> Iterator[tuple[int, bytes
         yield number, rest
 
 
-Parsed = tuple[list[InsertRow], list[tuple[int, str]], int]
+Parsed = tuple[list[CompletionRecord], list[tuple[int, str]], int]
 
 
 def parse_run(first: int, run: bytes) -> Parsed:
-    """The records of a run of ``jsonl`` lines, ready to insert (plain tuples, cheap to pass
-    between processes), the first 100 bad lines with their numbers, and how many were bad."""
-    rows: list[InsertRow] = []
+    """The records of a run of ``jsonl`` lines, ready to insert, the first 100 bad lines
+    with their numbers, and how many were bad."""
+    rows: list[CompletionRecord] = []
     errors: list[tuple[int, str]] = []
     bad = 0
     now = time.time()
@@ -218,11 +240,11 @@ def parse_run(first: int, run: bytes) -> Parsed:
             if len(errors) < 100:
                 errors.append((number, _describe(error)))
             continue
-        rows.append(insert_row(record, now))
+        rows.append(replace(record, stored_at=now) if record.stored_at is None else record)
     return rows, errors, bad
 
 
-def _accept(parsed: Parsed, report: ImportReport) -> list[InsertRow]:
+def _accept(parsed: Parsed, report: ImportReport) -> list[CompletionRecord]:
     rows, errors, bad = parsed
     report.error_count += bad
     report.errors += errors[: 100 - len(report.errors)]
@@ -232,7 +254,7 @@ def _accept(parsed: Parsed, report: ImportReport) -> list[InsertRow]:
 
 def _batches(
     source: IO[bytes], report: ImportReport, progress: Progress | None
-) -> Iterator[list[InsertRow]]:
+) -> Iterator[list[CompletionRecord]]:
     """Parsed batches, in file order. A file of more than one run of lines is parsed by two
     worker processes, up to three runs ahead, while this process inserts: parsing (the
     larger cost) uses whatever CPU SQLite leaves. Memory stays flat: at most four runs are

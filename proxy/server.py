@@ -20,6 +20,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
+from collections.abc import Sequence
 from typing import Any
 
 from aiohttp import http_exceptions, web
@@ -155,11 +157,14 @@ class ProxyRunner(web.AppRunner):
         )
 
 
-async def _serve(app: web.Application, config: ServerConfig) -> None:
+async def _serve(
+    app: web.Application, config: ServerConfig, sockets: Sequence[socket.socket]
+) -> None:
     runner = ProxyRunner(app, config)
     await runner.setup()
     try:
-        await web.TCPSite(runner, config.host, config.port).start()
+        for sock in sockets:
+            await web.SockSite(runner, sock).start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -169,6 +174,7 @@ async def _serve(app: web.Application, config: ServerConfig) -> None:
         await runner.cleanup()  # stops listening, drains requests, then closes the app
 
 
-def run(app: web.Application, config: ServerConfig) -> None:
-    """Serve until SIGINT or SIGTERM, then shut down gracefully (``shutdown_timeout``)."""
-    asyncio.run(_serve(app, config))
+def run(app: web.Application, config: ServerConfig, sockets: Sequence[socket.socket]) -> None:
+    """Serve on bound ``sockets`` until SIGINT or SIGTERM, then shut down gracefully
+    (``shutdown_timeout``): what ``web.run_app`` does, with the proxy's runner."""
+    asyncio.run(_serve(app, config, sockets))

@@ -10,9 +10,8 @@ import openai
 import orjson
 import pytest
 
-from tests.conftest import sdk
 from tests.fakes import FakeUpstream
-from tests.test_faults import assert_error_shape
+from tests.helpers import assert_error_shape, sdk
 
 AUTH = {"Authorization": "Bearer sk-bad-input"}
 CHAT = {"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}], "store": True}

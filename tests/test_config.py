@@ -34,7 +34,11 @@ def test_example_config_shows_every_key() -> None:
         ("server:\n  port: 70000\n", "server.port"),
         ("upstream:\n  url: ftp://x\n", "upstream.url"),
         ("upstream:\n  read_timeout: 0\n", "upstream.read_timeout"),
-        ("store:\n  synchronous: off\n", "store.synchronous"),
+        ("store:\n  sqlite:\n    synchronous: off\n", "store.sqlite.synchronous"),
+        ("store:\n  synchronous: off\n", "store.sqlite.synchronous"),  # its old place
+        ("store:\n  path: a.db\n  url: b.db\n", "path is the old name of store.url"),
+        ("store:\n  postgres:\n    pool_size: 3\n", "store.postgres.pool_size"),
+        ("store:\n  postgres:\n    pool_min: 5\n    pool_max: 2\n", "pool_min"),
         ("- a list\n", "top level"),
         ("server: [\n", "not valid YAML"),
     ],

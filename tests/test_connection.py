@@ -7,7 +7,7 @@ import sqlite3
 
 import pytest
 
-from proxy.connection import ThreadedConnection
+from proxy.store.sqlite.connection import ThreadedConnection
 
 
 def _memory() -> sqlite3.Connection:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import socket
 import sqlite3
 import time
 from pathlib import Path
@@ -14,8 +13,8 @@ import openai
 import orjson
 import pytest
 
-from tests.conftest import sdk
 from tests.fakes import FakeUpstream, Reply, chunks, completion, sse
+from tests.helpers import assert_error_shape, free_port, sdk
 
 CHAT = {"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}], "store": True}
 AUTH = {"Authorization": "Bearer sk-faults"}
@@ -24,19 +23,6 @@ AUTH = {"Authorization": "Bearer sk-faults"}
 def stored_ids(tmp_path: Path) -> list[str]:
     with sqlite3.connect(tmp_path / "completions.db") as db:
         return [row[0] for row in db.execute("SELECT id FROM completions ORDER BY seq")]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def assert_error_shape(body: dict, headers) -> None:
-    assert set(body) == {"error"}
-    assert set(body["error"]) == {"message", "type", "param", "code"}
-    assert headers["Content-Type"].startswith("application/json")
-    assert headers["x-request-id"].startswith("req_")
 
 
 async def still_serving(proxy) -> None:

@@ -1,14 +1,18 @@
-"""Metrics: every series appears with its labels and values, read back from render()."""
+"""Metrics: every series appears with its labels and values, read back from render(); who may
+read /metrics (metrics.access) and whether callers appear in it (metrics.caller_label)."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxy.config import ConfigError, validate
 from proxy.metrics import OVERHEAD_BUCKETS, UPSTREAM_BUCKETS, Metrics
+from tests.helpers import cli, sdk
 
 P = "completions_proxy_"
 
@@ -258,3 +262,98 @@ def test_render_content_type() -> None:
     assert content_type.startswith("text/plain; version=")
     assert isinstance(body, bytes)
     assert b"# TYPE completions_proxy_requests_total counter" in body
+
+
+def test_without_the_caller_label_totals_stay_and_callers_are_gone() -> None:
+    metrics = Metrics(lambda: 0, caller_label=False)
+    for caller in ("alice", "bob"):
+        metrics.stored(
+            caller=caller,
+            model="gpt-4o",
+            prompt_tokens=3,
+            cached_tokens=1,
+            completion_tokens=2,
+            cost=0.5,
+        )
+    body, _ = metrics.render()
+    assert b"alice" not in body and b"bob" not in body and b"caller=" not in body
+    _, samples = scrape(metrics)
+    assert value(samples, P + "completions_stored_total", model="gpt-4o") == 2
+    assert value(samples, P + "tokens_total", model="gpt-4o", kind="prompt") == 6
+    assert value(samples, P + "tokens_total", model="gpt-4o", kind="cached") == 2
+    assert value(samples, P + "cost_usd_total", model="gpt-4o") == 1.0
+
+
+def test_finished_counts_every_request() -> None:
+    metrics = Metrics(lambda: 0)
+    record_request(metrics)
+    record_request(metrics, route="other", status=404, model=None, outcome=None)
+    assert metrics.finished == 2
+
+
+def test_admin_access_needs_keys_mode() -> None:
+    with pytest.raises(ConfigError, match=r"metrics.access: admin needs auth.mode: keys"):
+        validate({"metrics": {"access": "admin"}}, source="test")
+    assert validate({"metrics": {"access": "auto"}}, source="test").metrics.access == "auto"
+
+
+async def store_one(proxy, key: str) -> None:
+    async with sdk(proxy, key) as client:
+        await client.chat.completions.create(
+            model="gpt-test", messages=[{"role": "user", "content": "hi"}], store=True
+        )
+
+
+async def test_passthrough_metrics_are_open_by_default(proxy) -> None:
+    await store_one(proxy, "sk-test-alice")
+    response = await proxy.get("/metrics")
+    assert response.status == 200
+    assert "completions_proxy_completions_stored_total{caller=" in await response.text()
+
+
+@pytest.fixture
+async def keyed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """An admin and a member key in the database the proxy factory uses."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-upstream-metrics-0123456789")
+    db = str(tmp_path / "completions.db")
+    keys = {}
+    for name, role in (("ops", "admin"), ("alice", "member")):
+        code, out, err = await cli("keys", "create", name, "--role", role, "--db", db)
+        assert code == 0, err
+        keys[name] = out.decode().strip()
+    return keys
+
+
+async def test_keys_mode_metrics_need_an_admin_key_by_default(proxy_factory, keyed) -> None:
+    proxy = await proxy_factory(auth={"mode": "keys", "key_cache_seconds": 0})
+    await store_one(proxy, keyed["alice"])
+    nobody = await proxy.get("/metrics")
+    assert nobody.status == 401
+    assert (await nobody.json())["error"]["type"] == "invalid_request_error"
+    member = await proxy.get("/metrics", headers={"Authorization": f"Bearer {keyed['alice']}"})
+    assert member.status == 403
+    assert "alice" not in await nobody.text() + await member.text()
+    admin = await proxy.get("/metrics", headers={"Authorization": f"Bearer {keyed['ops']}"})
+    assert admin.status == 200
+    assert 'caller="alice"' in await admin.text()
+
+
+async def test_keys_mode_metrics_can_be_opened_without_callers(proxy_factory, keyed) -> None:
+    proxy = await proxy_factory(
+        auth={"mode": "keys", "key_cache_seconds": 0},
+        metrics={"access": "open", "caller_label": False},
+    )
+    await store_one(proxy, keyed["alice"])
+    response = await proxy.get("/metrics")
+    assert response.status == 200
+    text = await response.text()
+    assert 'completions_proxy_completions_stored_total{model="gpt-test"} 1.0' in text
+    assert "alice" not in text and "caller=" not in text
+
+
+async def test_passthrough_metrics_can_drop_the_caller_fingerprints(proxy_factory) -> None:
+    proxy = await proxy_factory(metrics={"caller_label": False})
+    await store_one(proxy, "sk-test-alice")
+    text = await (await proxy.get("/metrics")).text()
+    assert "caller=" not in text
+    assert "completions_proxy_completions_stored_total{" in text

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import sdk
+from tests.helpers import sdk
 
 STORED_OPERATIONS = (
     "listChatCompletions",

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import orjson
 
-from proxy.store import CompletionRecord, SQLiteStore
-from tests.conftest import sdk
-from tests.test_recordings import cli
+from proxy.store import CompletionRecord
+from proxy.store.sqlite import SQLiteStore
+from tests.helpers import cli, sdk
 
 CANARY = b"CANARY-7f3a9c-deleted-content"
 DAY = 86400

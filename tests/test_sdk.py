@@ -5,8 +5,8 @@ from __future__ import annotations
 import openai
 import pytest
 
-from tests.conftest import sdk
 from tests.fakes import FakeUpstream
+from tests.helpers import sdk
 
 MESSAGES = [
     {"role": "system", "content": "be brief"},

@@ -5,36 +5,17 @@ from __future__ import annotations
 
 import ast
 import io
-import logging
 import secrets
-from collections.abc import Iterator
 from pathlib import Path
 
 import openai
 import orjson
 import pytest
 
-from proxy.logs import JSONFormatter
-from tests.conftest import sdk
 from tests.fakes import FakeUpstream, Reply, chunks, sse
-from tests.test_faults import free_port
+from tests.helpers import free_port, sdk
 
 PROXY_DIR = Path(__file__).resolve().parent.parent / "proxy"
-
-
-@pytest.fixture
-def json_logs() -> Iterator[io.StringIO]:
-    """The proxy's real log pipeline with the JSON formatter, into a buffer."""
-    buffer = io.StringIO()
-    handler = logging.StreamHandler(buffer)
-    handler.setFormatter(JSONFormatter())
-    root = logging.getLogger()
-    previous = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG)
-    yield buffer
-    root.removeHandler(handler)
-    root.setLevel(previous)
 
 
 def files_of(db: Path) -> dict[str, bytes]:

@@ -13,18 +13,12 @@ from pathlib import Path
 import orjson
 import pytest
 
-from proxy.migrations import MIGRATIONS, migrate
 from proxy.models import ListQuery, PageQuery
-from proxy.store import (
-    _CALLERS,
-    CALLERS_PER_READ,
-    PAGE_SIZE,
-    CompletionRecord,
-    InsertRow,
-    SQLiteStore,
-    UnknownCursor,
-    insert_row,
-)
+from proxy.responses import stored_completion
+from proxy.store import CompletionRecord, StoreError, UnknownCursor
+from proxy.store.sqlite import SQLiteStore
+from proxy.store.sqlite.migrations import MIGRATIONS, migrate
+from proxy.store.sqlite.store import _CALLERS, CALLERS_PER_READ, PAGE_SIZE
 from proxy.writer import Writer
 
 
@@ -45,10 +39,16 @@ def record(n: int, caller: str = "caller_a", created: int = 1000, **changes) -> 
     return CompletionRecord(**values)
 
 
-def rows(records: Iterable[CompletionRecord]) -> list[InsertRow]:
+def rows(records: Iterable[CompletionRecord]) -> list[CompletionRecord]:
     """An import's batch: the records as its workers hand them over."""
     now = time.time()
-    return [insert_row(r, now) for r in records]
+    return [replace(r, stored_at=now) for r in records]
+
+
+async def body(store: SQLiteStore, caller: str | None, completion_id: str) -> bytes | None:
+    """A stored completion as the API serves it."""
+    found = await store.get(caller, completion_id)
+    return None if found is None else stored_completion(found)
 
 
 @pytest.fixture
@@ -107,7 +107,9 @@ async def test_migrates_an_old_file_forward_keeping_its_rows(tmp_path: Path) -> 
     store = SQLiteStore(path)
     await store.open()
     try:
-        assert await store.get("caller_a", "chatcmpl-old") == b'{"id":"chatcmpl-old","metadata":{}}'
+        assert await body(store, "caller_a", "chatcmpl-old") == (
+            b'{"id":"chatcmpl-old","metadata":{}}'
+        )
         assert await store.delete("caller_a", "chatcmpl-old", "tester")  # uses the tombstones step
     finally:
         await store.close()
@@ -175,7 +177,7 @@ async def every_page(store: SQLiteStore, query: ListQuery, limit: int) -> list[s
     while True:
         page = replace(query.page, limit=limit, after=after)
         result = await store.list_completions(None, replace(query, page=page))
-        seen += [id_ for id_, _ in result.items]
+        seen += [item.id for item in result.items]
         if not result.has_more:
             return seen
         after = seen[-1]
@@ -222,7 +224,7 @@ async def test_an_admin_pages_on_past_the_ids_deleted_behind_it(store: SQLiteSto
     after = None
     while True:
         page = await store.list_completions(None, ListQuery(page=PageQuery(limit=6, after=after)))
-        seen += [id_ for id_, _ in page.items]
+        seen += [item.id for item in page.items]
         after = seen[-1]
         assert await store.delete(None, after, "admin")  # the cursor's own row is gone
         if not page.has_more:
@@ -264,10 +266,10 @@ async def test_pages_are_a_stable_total_order(store: SQLiteStore) -> None:
         page = await store.list_completions(
             "caller_a", ListQuery(page=PageQuery(after=after, limit=3))
         )
-        seen += [item_id for item_id, _ in page.items]
+        seen += [item.id for item in page.items]
         if not page.has_more:
             break
-        after = page.items[-1][0]
+        after = page.items[-1].id
     assert seen == [f"chatcmpl-{n}" for n in range(1, 21)]
 
 
@@ -282,7 +284,7 @@ async def test_unknown_cursor(store: SQLiteStore) -> None:
 async def test_duplicate_ids_keep_the_first_and_get_no_extra_metadata(store: SQLiteStore) -> None:
     assert await store.write_batch([record(1)]) == 1
     assert await store.write_batch([record(1, metadata={"x": "y"}), record(2)]) == 1
-    assert orjson.loads(await store.get("caller_a", "chatcmpl-1"))["metadata"] == {
+    assert orjson.loads(await body(store, "caller_a", "chatcmpl-1") or b"")["metadata"] == {
         "n": "1",
         "parity": "odd",
     }
@@ -343,7 +345,7 @@ async def test_import_commits_in_chunks_and_skips_duplicates(
     assert len(ids) == len(set(ids)) == 20
     assert pairs == 2 * 20  # duplicates got no second metadata rows
     page = await store.list_completions("caller_a", ListQuery(metadata=(("n", "20"),)))
-    assert [item_id for item_id, _ in page.items] == ["chatcmpl-20"]
+    assert [item.id for item in page.items] == ["chatcmpl-20"]
 
 
 @pytest.fixture(params=["alone", "shared"])
@@ -441,10 +443,9 @@ async def test_an_import_that_fails_to_write_takes_back_what_it_wrote(
     def batches():
         assert journal_of(tmp_path / "store.db") == journal
         yield rows(record(n) for n in range(1, 9))
-        [(columns, pairs)] = rows([record(9)])
-        yield [((*columns[:5], object(), *columns[6:]), pairs)]  # cannot be bound: it fails
+        yield [record(9, completion=object())]  # cannot be bound: it fails
 
-    with pytest.raises(sqlite3.Error):
+    with pytest.raises(StoreError):
         await store.import_records(batches(), accept=lambda: True, chunk_rows=4)
     assert rows_of(tmp_path / "store.db") == before
     assert journal_of(tmp_path / "store.db") == "wal"
@@ -470,7 +471,8 @@ async def test_a_long_import_keeps_the_wal_to_about_two_chunks(
 
 async def test_steady_writes_do_not_grow_the_wal_without_end(tmp_path: Path) -> None:
     """Writes back to back never leave the checkpointer a moment when the whole WAL is copied;
-    the writer then restarts it itself, so the WAL stays bounded however much is written."""
+    it then copies the rest holding the write lock, so the next transaction restarts the WAL,
+    which stays bounded however much is written."""
     path = tmp_path / "steady.db"
     store = SQLiteStore(path, checkpoint_interval=0.02, wal_restart_frames=64)
     await store.open()
@@ -527,3 +529,120 @@ async def test_a_write_whose_waiter_is_cancelled_still_commits_whole(
     ids, pairs = rows_of(tmp_path / "store.db")
     assert ids == ["chatcmpl-1", "chatcmpl-2", "chatcmpl-3"]
     assert pairs == 6
+
+
+# -- seq: never given twice ------------------------------------------------------------------
+
+
+async def test_a_completion_stored_after_the_newest_was_deleted_is_listed_after_it(
+    store: SQLiteStore,
+) -> None:
+    """Paging after a deleted id goes on past completions stored since (same ``created``)."""
+    await store.write_batch([record(1), record(2)])
+    assert await store.delete("caller_a", "chatcmpl-2", "tester")
+    await store.write_batch([record(3)])
+    after = await store.list_completions("caller_a", ListQuery(page=PageQuery(after="chatcmpl-2")))
+    assert [item.id for item in after.items] == ["chatcmpl-3"]
+    before = await store.list_completions(
+        "caller_a", ListQuery(page=PageQuery(after="chatcmpl-2", order="desc"))
+    )
+    assert [item.id for item in before.items] == ["chatcmpl-1"]
+
+
+async def test_an_old_file_gets_seqs_past_its_deleted_ones(tmp_path: Path) -> None:
+    """A file from before m009 whose newest completion was deleted: the next one stored is
+    listed after the deleted id, not given its seq."""
+    path = tmp_path / "old.db"
+    steps = [m for m in MIGRATIONS if m.name < "m009"]
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
+        db.execute("CREATE TABLE _migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)")
+        for step in steps:
+            for statement in step.statements:
+                db.execute(statement)
+            db.execute("INSERT INTO _migrations VALUES (?, 0)", (step.name,))
+        for seq in (1, 2):
+            db.execute(
+                "INSERT INTO completions (seq, id, caller, created, model, metadata, completion,"
+                " request, stream, outcome, stored_at) VALUES (?, ?, 'caller_a', 1000,"
+                " 'gpt-test', '{}', '{}', '{}', 0, 'complete', 0)",
+                (seq, f"chatcmpl-{seq}"),
+            )
+        db.execute("INSERT INTO tombstones VALUES ('caller_a', 'chatcmpl-3', 1000, 3, 0)")
+    store = SQLiteStore(path)
+    await store.open()
+    try:
+        await store.write_batch([record(4)])
+        page = await store.list_completions(
+            "caller_a", ListQuery(page=PageQuery(after="chatcmpl-3"))
+        )
+        assert [item.id for item in page.items] == ["chatcmpl-4"]
+        assert await store.get("caller_a", "chatcmpl-1") is not None
+    finally:
+        await store.close()
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        plan = " ".join(
+            row[3]
+            for row in db.execute(
+                "EXPLAIN QUERY PLAN SELECT seq FROM completions"
+                " WHERE caller = 'caller_a' ORDER BY created, seq"
+            )
+        )
+    assert "completions_caller_order" in plan  # the indexes came back with the table
+
+
+async def test_a_rejected_import_takes_back_only_its_own_rows_beside_another_writer(
+    store: SQLiteStore, tmp_path: Path
+) -> None:
+    """Another writer on the file between two of the import's chunks (a proxy serving it)
+    deletes the import's newest row and stores a completion of its own: when the import is
+    then rejected, its rows go and the other writer's completion stays."""
+    path = tmp_path / "store.db"
+    read: list[int] = []
+
+    def batches():
+        for k in range(4):
+            if k == 2:  # the first chunk (two batches) is committed; no transaction is open
+                with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as other:
+                    other.execute("DELETE FROM completions WHERE id = 'chatcmpl-8'")
+                    other.execute(
+                        "INSERT INTO completions (id, caller, created, model, metadata,"
+                        " completion, request, stream, outcome, stored_at) VALUES"
+                        " ('chatcmpl-other', 'caller_b', 1000, 'gpt-test', '{}', '{}', '{}',"
+                        " 0, 'complete', 0)"
+                    )
+            read.append(k)
+            yield rows(record(n) for n in range(k * 4 + 1, k * 4 + 5))
+
+    inserted = await store.import_records(batches(), accept=lambda: len(read) < 4, chunk_rows=8)
+    assert inserted == 0
+    assert rows_of(path)[0] == ["chatcmpl-other"]
+
+
+# -- several metadata pairs: the rarest drives -------------------------------------------------
+
+
+async def test_a_list_with_several_pairs_walks_the_rarest_one(store: SQLiteStore) -> None:
+    """Whatever order the pairs come in, the page is read from the rarest pair's rows (each
+    checked for the others), and the answer is the same."""
+    records = [
+        record(n, metadata={"env": "prod", "user": "u1" if n in (3, 7) else f"x{n}"})
+        for n in range(1, 41)
+    ] + [record(n, metadata={"env": "dev", "user": "u2"}) for n in range(41, 61)]
+    await store.write_batch(records)
+    common, rare, other = ("env", "prod"), ("user", "u1"), ("user", "u2")
+    assert await store._rarest("caller_a", (common, rare)) == 1
+    assert await store._rarest("caller_a", (rare, common)) == 0
+    assert await store._rarest("caller_a", (common, other)) == 1  # 20 rows against 40
+    for pairs in ((common, rare), (rare, common)):
+        for order in ("asc", "desc"):
+            page = await store.list_completions(
+                "caller_a", ListQuery(metadata=pairs, page=PageQuery(order=order))
+            )
+            expected = ["chatcmpl-3", "chatcmpl-7"]
+            assert [item.id for item in page.items] == (
+                expected if order == "asc" else expected[::-1]
+            )
+    for pairs in ((common, other), (other, common)):  # many rows each, never the same one
+        page = await store.list_completions("caller_a", ListQuery(metadata=pairs))
+        assert page.items == []
+        assert not page.has_more

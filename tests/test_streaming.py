@@ -14,7 +14,6 @@ import orjson
 import pytest
 
 from tests.fakes import FakeUpstream, Reply, chunks, sse
-from tests.test_security import json_logs  # noqa: F401 - fixture
 
 AUTH = {"Authorization": "Bearer sk-stream"}
 CHAT = {
@@ -129,7 +128,7 @@ async def test_clients_leaving_early_close_their_upstream_reads(
     proxy,
     upstream: FakeUpstream,
     tmp_path: Path,
-    json_logs: io.StringIO,  # noqa: F811
+    json_logs: io.StringIO,
 ) -> None:
     total, leaving = 200, 50
     upstream.script(

@@ -10,9 +10,8 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import sdk
 from tests.fakes import FakeUpstream, Reply, chunks, sse
-from tests.test_recordings import cli
+from tests.helpers import cli, sdk
 
 UPSTREAM_KEY = "sk-upstream-team-secret-0123456789abcdef"
 PRICES = {"gpt-test": {"input": 1.0, "cached_input": 0.5, "output": 2.0}}
@@ -339,7 +338,7 @@ async def test_usage_command_prints_a_table(team, tmp_path: Path) -> None:
         "completion",
         "cost_usd",
     ]
-    assert lines[1].split() == ["alice", "gpt-test", "2023-11-14", "1", "5", "0", "7", "0.0000"]
+    assert lines[1].split() == ["alice", "gpt-test", "2023-11-14", "1", "5", "0", "7", "0.000019"]
     assert lines[2].split()[0] == "total"
 
 
@@ -348,7 +347,7 @@ async def test_metrics_are_scraped(team, upstream: FakeUpstream) -> None:
     async with sdk(proxy, keys["alice"]) as alice:
         await alice.chat.completions.create(model="gpt-test", messages=ask("x"), store=True)
         await alice.chat.completions.list()
-    response = await proxy.get("/metrics")
+    response = await proxy.get("/metrics", headers={"Authorization": f"Bearer {keys['root']}"})
     assert response.status == 200
     families = {f.name: f for f in text_string_to_metric_families(await response.text())}
     requests = families["completions_proxy_requests"].samples

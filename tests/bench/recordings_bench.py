@@ -24,8 +24,9 @@ from pathlib import Path
 
 import orjson
 
-from proxy.replay import request_key
-from proxy.store import CompletionRecord, SQLiteStore
+from proxy.identity import request_key
+from proxy.store import CompletionRecord
+from proxy.store.sqlite import SQLiteStore
 
 
 def _record(n: int) -> CompletionRecord:

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import orjson
 
-from proxy.replay import request_key
+from proxy.identity import request_key
+from proxy.store.text import searchable
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +51,24 @@ def _backfill_request_keys(conn: sqlite3.Connection) -> None:
             if isinstance(body, dict):
                 updates.append((request_key(body), seq))
         conn.executemany("UPDATE completions SET request_key = ? WHERE seq = ?", updates)
+        last = rows[-1][0]
+
+
+def _backfill_search(conn: sqlite3.Connection) -> None:
+    """Index the text of every completion stored before search existed."""
+    last = 0
+    while True:
+        rows = conn.execute(
+            "SELECT seq, request, completion FROM completions WHERE seq > ?"
+            " ORDER BY seq LIMIT 1000",
+            (last,),
+        ).fetchall()
+        if not rows:
+            return
+        conn.executemany(
+            "INSERT INTO completions_fts (rowid, body) VALUES (?, ?)",
+            [(seq, searchable(request, completion)) for seq, request, completion in rows],
+        )
         last = rows[-1][0]
 
 
@@ -221,6 +240,69 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX completions_request ON completions (request_key)",
             "DROP INDEX completions_request_key",
         ),
+    ),
+    Migration(
+        "m009_seq_never_reused",
+        (
+            # A seq places a completion in the list order and is what a deleted id's
+            # tombstone keeps; without AUTOINCREMENT, deleting the newest completion let the
+            # next insert take its seq, and a list after the deleted id skipped the new one.
+            # SQLite cannot add AUTOINCREMENT to a table, so the table is rebuilt.
+            """
+            CREATE TABLE completions_m009 (
+                seq INTEGER PRIMARY KEY AUTOINCREMENT,
+                id TEXT NOT NULL,
+                caller TEXT NOT NULL,
+                created INTEGER NOT NULL,
+                model TEXT NOT NULL,
+                metadata BLOB NOT NULL,
+                completion BLOB NOT NULL,
+                request BLOB NOT NULL,
+                request_id TEXT,
+                stream INTEGER NOT NULL,
+                outcome TEXT NOT NULL,
+                stored_at REAL NOT NULL,
+                duration_ms REAL,
+                request_key TEXT,
+                prompt_tokens INTEGER NOT NULL DEFAULT 0,
+                cached_tokens INTEGER NOT NULL DEFAULT 0,
+                completion_tokens INTEGER NOT NULL DEFAULT 0
+            )
+            """,
+            "INSERT INTO completions_m009 SELECT seq, id, caller, created, model, metadata,"
+            " completion, request, request_id, stream, outcome, stored_at, duration_ms,"
+            " request_key, prompt_tokens, cached_tokens, completion_tokens FROM completions",
+            "DROP TABLE completions",
+            "ALTER TABLE completions_m009 RENAME TO completions",
+            "CREATE UNIQUE INDEX completions_id_caller ON completions (id, caller)",
+            "CREATE INDEX completions_caller_order ON completions (caller, created, seq)",
+            "CREATE INDEX completions_caller_model_order"
+            " ON completions (caller, model, created, seq)",
+            "CREATE INDEX completions_request ON completions (request_key)",
+            # New seqs start past every seq a deleted completion had, too.
+            "DELETE FROM sqlite_sequence WHERE name = 'completions'",
+            "INSERT INTO sqlite_sequence (name, seq) SELECT 'completions', max("
+            " (SELECT coalesce(max(seq), 0) FROM completions),"
+            " (SELECT coalesce(max(seq), 0) FROM tombstones),"
+            " (SELECT coalesce(max(seq), 0) FROM deleted_completions))",
+        ),
+    ),
+    Migration(
+        "m010_search",
+        (
+            # Full-text search over prompts and answers (proxy.store.text.searchable): one
+            # row per completion, rowid = its seq. The index keeps its own copy of the text
+            # (an external-content table would need the text in a column of completions, a
+            # contentless one the original text again to delete a row, which SQLite older
+            # than 3.43 cannot do without it). Rows go in with their completion, in the same
+            # transaction (_insert); the trigger takes them out with it, whoever deletes
+            # (a delete, a prune, an import taken back).
+            "CREATE VIRTUAL TABLE completions_fts USING fts5("
+            " body, tokenize = 'unicode61 remove_diacritics 2', columnsize = 0)",
+            "CREATE TRIGGER completions_fts_delete AFTER DELETE ON completions BEGIN"
+            " DELETE FROM completions_fts WHERE rowid = old.seq; END",
+        ),
+        backfill=_backfill_search,
     ),
 )
 

@@ -1,9 +1,5 @@
-"""Where completions live: the ``Store`` interface and its SQLite implementation.
+"""The SQLite store: ``SQLiteStore`` implements ``proxy.store.Store`` on one database file.
 
-Everything SQL and SQLite-specific stays in ``SQLiteStore``, so a PostgreSQL store (several
-proxy instances sharing one database) can implement the same interface.
-
-SQLite specifics:
 - WAL journal; one write connection, owned by one thread where each write transaction
   (``BEGIN IMMEDIATE`` … ``COMMIT``) runs whole, so writes never interleave and a commit is
   one hand-off; one read connection; one checkpointer.
@@ -18,156 +14,43 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import functools
+import inspect
+import itertools
+import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import aiosqlite
 import orjson
 
-from proxy.assemble import with_metadata
-from proxy.connection import ThreadedConnection
-from proxy.migrations import migrate
 from proxy.models import ListQuery, Order, PageQuery
-
-
-@dataclass(frozen=True, slots=True)
-class CompletionRecord:
-    """One captured completion, ready to be written."""
-
-    id: str
-    caller: str
-    created: int
-    model: str
-    metadata: dict[str, str]
-    completion: bytes  # the stored chat.completion JSON, without metadata
-    request: bytes  # the client's request body, as sent
-    request_id: str | None
-    stream: bool
-    outcome: str
-    duration_ms: float | None = None
-    request_key: str | None = None  # what replay matches on (see replay.request_key)
-    stored_at: float | None = None  # set on import; now when None
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    completion_tokens: int = 0
-
-
-# A completion as the insert takes it: its columns but seq (the metadata encoded), then its
-# metadata. An import's worker processes build these, off the writer's thread.
-InsertRow = tuple[tuple[Any, ...], dict[str, str]]
-
-
-@dataclass(frozen=True, slots=True)
-class ExchangeRecord:
-    """An exchange that ended without a stored completion (failed, aborted), kept for audit."""
-
-    request_id: str
-    caller: str
-    created: int
-    model: str
-    stream: bool
-    outcome: str
-    status: int | None
-    request: bytes
-    response: bytes | None  # the error body or the partial answer, capped
-    duration_ms: float | None
-
-
-Writable = CompletionRecord | ExchangeRecord
-
-
-@dataclass(frozen=True, slots=True)
-class KeyRecord:
-    name: str
-    key_id: str
-    role: str
-    created_at: float
-    revoked_at: float | None
-
-
-@dataclass(frozen=True, slots=True)
-class UsageRow:
-    group: dict[str, str]
-    completions: int
-    prompt_tokens: int
-    cached_tokens: int
-    completion_tokens: int
-
-
-@dataclass(frozen=True, slots=True)
-class PruneReport:
-    completions: int
-    exchanges: int
-    bytes_before: int
-    bytes_after: int
-
-
-@dataclass(frozen=True, slots=True)
-class ExportFilter:
-    model: str | None = None
-    metadata: tuple[tuple[str, str], ...] = ()
-    since: int | None = None  # created >= since
-    until: int | None = None  # created < until
-
-
-@dataclass(frozen=True, slots=True)
-class Page:
-    items: list[tuple[str, bytes]]  # (id, API JSON)
-    has_more: bool
-
-
-class UnknownCursor(LookupError):
-    """``after`` names an id this caller never had."""
-
-
-class KeyExists(ValueError):
-    """A proxy key with this name exists already."""
+from proxy.store.errors import KeyExists, StoreError, StoreMissing, UnknownCursor
+from proxy.store.records import (
+    AuditEntry,
+    CompletionRecord,
+    ExchangeRecord,
+    ExportFilter,
+    KeyRecord,
+    LogEntry,
+    Page,
+    PruneReport,
+    StoredCompletion,
+    UsageRow,
+    Writable,
+)
+from proxy.store.sqlite.connection import ThreadedConnection
+from proxy.store.sqlite.migrations import migrate
+from proxy.store.text import fts5_query, preview, searchable
 
 
 class _Rejected(Exception):
     """An import whose file had bad lines: everything it wrote is taken back."""
-
-
-class Store(Protocol):
-    """The store. ``caller=None`` means every caller's records (an admin's view)."""
-
-    async def open(self) -> None: ...
-    async def close(self) -> None: ...
-    async def write_batch(self, records: Sequence[Writable]) -> int: ...
-    async def probe_write(self) -> None: ...
-    async def get(self, caller: str | None, completion_id: str) -> bytes | None: ...
-    async def request_of(self, caller: str | None, completion_id: str) -> bytes | None: ...
-    async def list_completions(self, caller: str | None, query: ListQuery) -> Page: ...
-    async def update_metadata(
-        self, caller: str | None, completion_id: str, metadata: dict[str, str], actor: str
-    ) -> bytes | None: ...
-    async def delete(
-        self, caller: str | None, completion_id: str, actor: str, *, purge: bool = True
-    ) -> bool: ...
-    async def list_exchanges(self, caller: str | None, page: PageQuery) -> Page: ...
-    async def audit_entries(self, after: int, limit: int) -> list[bytes]: ...
-    async def create_key(self, name: str, role: str, key_id: str, key_hash: bytes) -> None: ...
-    async def revoke_key(self, name: str) -> bool: ...
-    async def list_keys(self) -> list[KeyRecord]: ...
-    async def find_key(self, key_id: str) -> tuple[KeyRecord, bytes] | None: ...
-    async def usage(
-        self, since: int | None, until: int | None, group_by: Sequence[str]
-    ) -> list[UsageRow]: ...
-    async def prune(self, before: int) -> PruneReport: ...
-    async def setting(self, name: str, default: bytes) -> bytes: ...
-    async def recordings(self, request_key: str, caller: str | None) -> list[bytes]: ...
-    def export(self, where: ExportFilter) -> AsyncIterator[list[CompletionRecord]]: ...
-    async def import_records(
-        self,
-        batches: Iterable[Sequence[InsertRow]],
-        accept: Callable[[], bool],
-        chunk_rows: int | None = ...,
-    ) -> int: ...
 
 
 _INSERT_COMPLETION = """
@@ -190,6 +73,15 @@ INSERT INTO exchanges (
 """
 
 _COLUMNS = "c.id, c.completion, c.metadata"
+# A log row (``LogEntry``): the promoted columns and the last input message's content,
+# read from the request without loading it into Python.
+_LOG_COLUMNS = (
+    "c.id, c.caller, c.created, c.model, c.outcome, c.stream, c.duration_ms, c.stored_at,"
+    " c.prompt_tokens, c.cached_tokens, c.completion_tokens, c.metadata,"
+    " CASE WHEN json_valid(CAST(c.request AS TEXT))"
+    " THEN json_extract(CAST(c.request AS TEXT), '$.messages[#-1].content') END"
+)
+_INSERT_TEXT = "INSERT INTO completions_fts (rowid, body) VALUES (?, ?)"
 
 # Every caller with a stored completion, oldest name first: one seek in the caller-order
 # index per caller (a skip scan), not a read of every row. Admins read across callers with
@@ -228,6 +120,9 @@ WAL_RESTART_FRAMES = 1024
 # reads and batched writes measured the same within noise (README, Storage).
 PAGE_SIZE = 2048
 CALLERS_PER_READ = 100  # callers whose keys an admin's page reads in one statement
+# A list with several metadata pairs walks the rarest pair's rows; each pair's rows are
+# counted up to this many to find it (an index range each, about 50 ns a row).
+RAREST_CAP = 5_000
 IMPORT_CHUNK = 20_000  # rows per import transaction through the WAL (see _import)
 # Rows per transaction when the import writes the file directly (see _go_direct). Larger,
 # since no WAL has to stay small: once an index that takes rows at random places (the
@@ -252,24 +147,32 @@ def _page_sql(
     limit: int,
     *,
     keys_only: bool = False,
+    driver: int = 0,
+    columns: str = _COLUMNS,
 ) -> tuple[str, list[object]]:
     """One caller's keyset page as SQL, read in order from an index that leads with the
-    caller: the first metadata pair's when filtering, else the model's or the plain order.
-    With ``keys_only`` it reads just the page's ``(created, seq)``, from the index alone."""
+    caller: when filtering by metadata, the index range of pair ``driver`` (the rarest, see
+    ``_rarest``), each row checked for the other pairs by primary key before its completion
+    is read; else the model's or the plain order. With ``keys_only`` it reads just the
+    page's ``(created, seq)``, from the indexes alone when there is no model filter. A time
+    range bounds the same index range."""
     direction = "ASC" if order == "asc" else "DESC"
     compare = ">" if order == "asc" else "<"
     params: list[object] = []
     where: list[str] = []
     if query.metadata:
-        (key, value), rest = query.metadata[0], query.metadata[1:]
-        source = "completion_metadata m CROSS JOIN completions c ON c.seq = m.seq"
+        (key, value) = query.metadata[driver]
+        rest = query.metadata[:driver] + query.metadata[driver + 1 :]
+        source = "completion_metadata m"
+        if not keys_only or query.model is not None:
+            source += " CROSS JOIN completions c ON c.seq = m.seq"
         where.append("m.caller = ? AND m.key = ? AND m.value = ?")
         params += [caller, key, value]
         keys = "m.created, m.seq"
         for key, value in rest:
             where.append(
                 "EXISTS (SELECT 1 FROM completion_metadata x"
-                " WHERE x.seq = c.seq AND x.key = ? AND x.value = ?)"
+                " WHERE x.seq = m.seq AND x.key = ? AND x.value = ?)"
             )
             params += [key, value]
     else:
@@ -280,17 +183,91 @@ def _page_sql(
     if query.model is not None:
         where.append("c.model = ?")
         params.append(query.model)
+    first, second = keys.split(", ")
+    if query.since is not None:
+        where.append(f"{first} >= ?")
+        params.append(query.since)
+    if query.until is not None:
+        where.append(f"{first} < ?")
+        params.append(query.until)
     if cursor is not None:
         where.append(f"({keys}) {compare} (?, ?)")
         params += list(cursor)
-    first, second = keys.split(", ")
     sql = (
-        f"SELECT {keys if keys_only else _COLUMNS} FROM {source}"
+        f"SELECT {keys if keys_only else columns} FROM {source}"
         f" WHERE {' AND '.join(where)}"
         f" ORDER BY {first} {direction}, {second} {direction} LIMIT ?"
     )
     params.append(limit + 1)
     return sql, params
+
+
+def _rarest_sql(caller: str, pairs: Sequence[tuple[str, str]]) -> tuple[str, list[object]]:
+    """How many rows each pair has for ``caller``, each counted up to ``RAREST_CAP``: a
+    range of the metadata index, read from the index alone."""
+    counts = ", ".join(
+        "(SELECT count(*) FROM (SELECT 1 FROM completion_metadata"
+        " WHERE caller = ? AND key = ? AND value = ? LIMIT ?))"
+        for _ in pairs
+    )
+    params: list[object] = []
+    for key, value in pairs:
+        params += [caller, key, value, RAREST_CAP]
+    return f"SELECT {counts}", params
+
+
+def _search_sql(
+    caller: str | None, query: ListQuery, match: str, cursor: int | None, columns: str
+) -> tuple[str, list[object]]:
+    """A page of completions whose text matches, in storage order (seq), read from the
+    full-text index in that order and stopped at the page's end: the newest matches of a
+    common word are the first ones read. Every other filter applies to each match."""
+    page = query.page
+    direction, compare = ("ASC", ">") if page.order == "asc" else ("DESC", "<")
+    where = ["completions_fts MATCH ?"]
+    params: list[object] = [match]
+    for clause, value in (
+        ("c.caller = ?", caller),
+        ("c.model = ?", query.model),
+        ("c.created >= ?", query.since),
+        ("c.created < ?", query.until),
+        (f"completions_fts.rowid {compare} ?", cursor),
+    ):
+        if value is not None:
+            where.append(clause)
+            params.append(value)
+    for key, value in query.metadata:
+        where.append(
+            "EXISTS (SELECT 1 FROM completion_metadata x"
+            " WHERE x.seq = c.seq AND x.key = ? AND x.value = ?)"
+        )
+        params += [key, value]
+    # CROSS JOIN keeps the index outermost, so rows come in its (rowid) order.
+    sql = (
+        f"SELECT {columns} FROM completions_fts CROSS JOIN completions c"
+        f" ON c.seq = completions_fts.rowid WHERE {' AND '.join(where)}"
+        f" ORDER BY completions_fts.rowid {direction} LIMIT ?"
+    )
+    params.append(page.limit + 1)
+    return sql, params
+
+
+def _log_entry(row: Sequence[Any]) -> LogEntry:
+    return LogEntry(
+        id=row[0],
+        caller=row[1],
+        created=row[2],
+        model=row[3],
+        outcome=row[4],
+        stream=bool(row[5]),
+        duration_ms=row[6],
+        stored_at=row[7],
+        prompt_tokens=row[8],
+        cached_tokens=row[9],
+        completion_tokens=row[10],
+        metadata=orjson.loads(row[11]),
+        preview=preview(row[12]),
+    )
 
 
 # -- the writer's transactions: each runs whole on the writer's thread ---------------------
@@ -314,55 +291,58 @@ def _fetchone(conn: sqlite3.Connection, sql: str, params: Sequence[object] = ())
     return conn.execute(sql, params).fetchone()
 
 
-def _max_seq(conn: sqlite3.Connection) -> int:
-    seq: int = _fetchone(conn, "SELECT coalesce(max(seq), 0) FROM completions")[0]
-    return seq
+def _last_seq(conn: sqlite3.Connection) -> int:
+    """The largest seq ever given to a completion (AUTOINCREMENT's counter: a deleted
+    completion's seq is never given again)."""
+    row = _fetchone(conn, "SELECT seq FROM sqlite_sequence WHERE name = 'completions'")
+    return 0 if row is None else int(row[0])
 
 
-def insert_row(record: CompletionRecord, now: float) -> InsertRow:
+def _columns(record: CompletionRecord, now: float) -> tuple[Any, ...]:
     """``record`` as the insert takes it; ``now`` is its stored_at unless it has one."""
     return (
-        (
-            record.id,
-            record.caller,
-            record.created,
-            record.model,
-            _dump_metadata(record.metadata),
-            record.completion,
-            record.request,
-            record.request_id,
-            int(record.stream),
-            record.outcome,
-            record.stored_at if record.stored_at is not None else now,
-            record.duration_ms,
-            record.request_key,
-            record.prompt_tokens,
-            record.cached_tokens,
-            record.completion_tokens,
-        ),
-        record.metadata,
+        record.id,
+        record.caller,
+        record.created,
+        record.model,
+        _dump_metadata(record.metadata),
+        record.completion,
+        record.request,
+        record.request_id,
+        int(record.stream),
+        record.outcome,
+        record.stored_at if record.stored_at is not None else now,
+        record.duration_ms,
+        record.request_key,
+        record.prompt_tokens,
+        record.cached_tokens,
+        record.completion_tokens,
     )
 
 
-def _insert(conn: sqlite3.Connection, rows: Iterable[InsertRow]) -> int:
+def _insert(conn: sqlite3.Connection, records: Iterable[CompletionRecord], now: float) -> int:
     """Insert inside the caller's transaction; return how many were new.
 
     One statement per completion, so a duplicate (same caller and id, kept as first written)
     is known at once and gets no metadata rows; the metadata rows then go in as plain values,
     which costs less than half what deriving them from the completion rows did. SQLite
-    gives each new row the next seq (the largest plus one: the table has no AUTOINCREMENT).
+    gives each new row the next seq, never one a deleted row had (AUTOINCREMENT, m009).
     """
     cursor = conn.cursor()
     pairs = []
+    texts = []
     inserted = 0
-    for columns, metadata in rows:
-        cursor.execute(_INSERT_COMPLETION, columns)
+    for record in records:
+        cursor.execute(_INSERT_COMPLETION, _columns(record, now))
         if cursor.rowcount:  # zero for a duplicate
             inserted += 1
-            seq, caller, created = cursor.lastrowid, columns[1], columns[2]
-            pairs += [(seq, key, value, caller, created) for key, value in metadata.items()]
+            seq, caller, created = cursor.lastrowid, record.caller, record.created
+            pairs += [(seq, key, value, caller, created) for key, value in record.metadata.items()]
+            texts.append((seq, searchable(record.request, record.completion)))
     if pairs:
         conn.executemany(_INSERT_METADATA, pairs)
+    # In the completion's own transaction: search never misses a committed completion.
+    conn.executemany(_INSERT_TEXT, texts)
     return inserted
 
 
@@ -386,7 +366,7 @@ def _write_batch(conn: sqlite3.Connection, records: Sequence[Writable]) -> int:
     ]
     with _transaction(conn):
         now = time.time()
-        inserted = _insert(conn, [insert_row(r, now) for r in completions]) if completions else 0
+        inserted = _insert(conn, completions, now) if completions else 0
         if exchanges:
             conn.executemany(_INSERT_EXCHANGE, exchanges)
             inserted += len(exchanges)
@@ -395,7 +375,7 @@ def _write_batch(conn: sqlite3.Connection, records: Sequence[Writable]) -> int:
 
 def _import(
     conn: sqlite3.Connection,
-    batches: Iterable[Sequence[InsertRow]],
+    batches: Iterable[Sequence[CompletionRecord]],
     accept: Callable[[], bool],
     chunk_rows: int,
     *,
@@ -406,6 +386,12 @@ def _import(
     took. When ``accept()`` turns false (a bad line) or anything fails, the open transaction
     is rolled back and the ranges already committed are deleted, so nothing stays behind;
     the remaining batches are still read, so every bad line gets reported.
+
+    The ranges hold this import's rows and nothing else, whoever else writes to the file
+    meanwhile (another proxy, another import): each is read from AUTOINCREMENT's counter
+    at the start and end of its own ``BEGIN IMMEDIATE`` transaction, which no other writer
+    can interleave with, and a seq is never given twice, so a row written later by someone
+    else never falls in one, even after the import's newest row was deleted.
 
     Chunks rather than one transaction: through the WAL, the WAL stays the size of two
     chunks (one transaction of a million rows made a WAL larger than the database); when
@@ -435,19 +421,27 @@ def _import(
     conn.execute(f"PRAGMA cache_size = -{int(cache_kib)}")
     try:
         while True:
+            # A chunk's first batch is awaited before its transaction begins, so a producer
+            # that is slow to start (parsing a large file) keeps no other writer waiting.
+            first = next(pending, None)
+            if first is None:
+                if not accept():
+                    raise _Rejected
+                return inserted
             with _transaction(conn):
-                base = _max_seq(conn)
+                base = _last_seq(conn)
                 rows = 0
-                for batch in pending:
+                now = time.time()
+                for batch in itertools.chain([first], pending):
                     if not accept():
                         raise _Rejected
-                    inserted += _insert(conn, batch)
+                    inserted += _insert(conn, batch, now)
                     rows += len(batch)
                     if rows >= chunk_rows:
                         break
                 if not accept():
                     raise _Rejected
-                end = _max_seq(conn)
+                end = _last_seq(conn)
             if end > base:
                 taken.append((base + 1, end))
             if rows < chunk_rows:
@@ -623,8 +617,8 @@ def _delete(
     return True
 
 
-def _create_key(
-    conn: sqlite3.Connection, name: str, role: str, key_id: str, key_hash: bytes
+def _create_key(  # noqa: PLR0917 - the operation's arguments, in order
+    conn: sqlite3.Connection, name: str, role: str, key_id: str, key_hash: bytes, actor: str
 ) -> None:
     with _transaction(conn):
         if _fetchone(conn, "SELECT 1 FROM proxy_keys WHERE name = ?", (name,)) is not None:
@@ -634,10 +628,10 @@ def _create_key(
             " VALUES (?, ?, ?, ?, ?)",
             (name, key_id, key_hash, role, time.time()),
         )
-        _audit(conn, "cli", "key_created", None, name, {"role": role})
+        _audit(conn, actor, "key_created", None, name, {"role": role})
 
 
-def _revoke_key(conn: sqlite3.Connection, name: str) -> bool:
+def _revoke_key(conn: sqlite3.Connection, name: str, actor: str) -> bool:
     with _transaction(conn):
         row = _fetchone(
             conn,
@@ -646,7 +640,7 @@ def _revoke_key(conn: sqlite3.Connection, name: str) -> bool:
             (time.time(), name),
         )
         if row is not None:
-            _audit(conn, "cli", "key_revoked", None, name, {})
+            _audit(conn, actor, "key_revoked", None, name, {})
     return row is not None
 
 
@@ -697,19 +691,109 @@ def _checkpoint(conn: sqlite3.Connection, mode: str) -> int:
     return frames
 
 
+def _locked(
+    conn: sqlite3.Connection,
+    lock: int | None,
+    fn: Callable[Concatenate[sqlite3.Connection, P], T],
+    /,
+    *args: P.args,
+    **kwargs: P.kwargs,
+) -> T:
+    """``fn(conn, ...)`` holding the file's write lock (see ``SQLiteStore``): a writer of
+    another process waits in the kernel and is woken the moment this one is done, instead of
+    SQLite's busy handler, which sleeps 1, 2, 5, 10 ... ms between tries."""
+    if lock is None:
+        return fn(conn, *args, **kwargs)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        return fn(conn, *args, **kwargs)
+    finally:
+        fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _open_lock(path: str) -> int:
+    return os.open(path + "-lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+
+def _tidy(conn: sqlite3.Connection) -> None:
+    """Truncate the WAL if nobody else is using the file right now; never wait for it."""
+    busy = _fetchone(conn, "PRAGMA busy_timeout")[0]
+    conn.execute("PRAGMA busy_timeout = 0")
+    try:
+        _checkpoint(conn, "TRUNCATE")
+    finally:
+        conn.execute(f"PRAGMA busy_timeout = {int(busy)}")
+
+
 def _prepare_writer(conn: sqlite3.Connection) -> None:
     conn.execute("PRAGMA journal_mode = WAL")
     # Checkpoints run on their own connection (see _checkpoint_forever), not inside the
     # writer's commits, where they cost about 40% of write throughput. The WAL file is cut
-    # back to 64 MiB when it starts over (see SQLiteStore._write).
+    # back to 64 MiB when it starts over (see SQLiteStore._checkpoint_forever).
     _fetchone(conn, "PRAGMA wal_autocheckpoint = 0")
     _fetchone(conn, "PRAGMA journal_size_limit = 67108864")
     migrate(conn)
 
 
+def _make_room(path: str, *, must_exist: bool) -> None:
+    """Make the folder a new database file goes in; or, with ``must_exist``, refuse a file
+    that is not there (a read-only command must not leave an empty database behind)."""
+    if must_exist and not Path(path).is_file():
+        raise StoreMissing(f"no database at {path}")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+
+
+Cls = TypeVar("Cls", bound=type)
+
+
+def _store_errors(cls: Cls) -> Cls:
+    """Every public coroutine (and the export generator) of ``cls`` raises ``StoreError``
+    where SQLite raised ``sqlite3.Error``, so nothing outside this package sees SQLite's."""
+
+    def coroutine(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        async def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return await fn(*args, **kwargs)
+            except sqlite3.Error as error:
+                raise StoreError(str(error)) from error
+
+        return wrapper
+
+    def generator(fn: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+        @functools.wraps(fn)
+        async def wrapper(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+            try:
+                async for item in fn(*args, **kwargs):
+                    yield item
+            except sqlite3.Error as error:
+                raise StoreError(str(error)) from error
+
+        return wrapper
+
+    for name, fn in list(vars(cls).items()):
+        if name.startswith("_"):
+            continue
+        if inspect.iscoroutinefunction(fn):
+            setattr(cls, name, coroutine(fn))
+        elif inspect.isasyncgenfunction(fn):
+            setattr(cls, name, generator(fn))
+    return cls
+
+
+@_store_errors
 class SQLiteStore:
     """The SQLite store: one file, WAL; a writer connection on its own thread (every write is
-    one function there, see ``connection``), a reader connection, and a checkpointer."""
+    one function there, see ``connection``), a reader connection, and a checkpointer.
+
+    Several processes may share the file (``serve --workers N``, a CLI command beside a
+    running server). Their write transactions take turns on an ``flock`` of ``<file>-lock``
+    before ``BEGIN IMMEDIATE``, so one never meets another's transaction in SQLite: a wait
+    for the lock is a wait in the kernel, woken at once, never a "database is locked"
+    error or a busy-handler sleep. Imports run outside that lock (they commit in chunks and
+    other writers wait for SQLite's busy handler meanwhile). With ``checkpoints=False`` the
+    process leaves WAL checkpoints to another process on the file: one checkpointer per file.
+    """
 
     def __init__(
         self,
@@ -719,8 +803,16 @@ class SQLiteStore:
         max_bytes: int | None = None,
         checkpoint_interval: float = CHECKPOINT_INTERVAL,
         wal_restart_frames: int = WAL_RESTART_FRAMES,
+        must_exist: bool = False,
+        checkpoints: bool = True,
     ) -> None:
         self.path = str(path)
+        self._checkpoints_on = checkpoints
+        # <file>-lock, opened twice: an flock belongs to an open file, so the writer and the
+        # checkpointer exclude each other only through descriptors of their own.
+        self._lock: int | None = None
+        self._checkpoint_lock: int | None = None
+        self._must_exist = must_exist
         self._checkpoint_interval = checkpoint_interval
         self._wal_restart_frames = wal_restart_frames
         self._synchronous = synchronous.upper()
@@ -729,8 +821,6 @@ class SQLiteStore:
         self._reader: aiosqlite.Connection | None = None
         self._checkpointer: ThreadedConnection | None = None
         self._checkpoints: asyncio.Task[None] | None = None
-        self._written = False
-        self._restart_wal = False  # set by the checkpointer when the WAL has grown long
 
     def _pragmas(self, page_size: int) -> list[str]:
         pragmas = [
@@ -763,12 +853,15 @@ class SQLiteStore:
         return conn
 
     async def open(self) -> None:
+        """Open the file (made, with its folder, unless ``must_exist``) and migrate it."""
         if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            _make_room(self.path, must_exist=self._must_exist)
+            self._lock = _open_lock(self.path)
+            self._checkpoint_lock = _open_lock(self.path)
         self._writer = ThreadedConnection(self._connect, "store-writer")
         await self._writer.open()
         try:
-            await self._writer.run(_prepare_writer)
+            await self._writer.run(_locked, self._lock, _prepare_writer)
             await self._open_beside()
         except BaseException:
             await self.close()
@@ -779,7 +872,10 @@ class SQLiteStore:
         self._reader = await self._connect_reader()
         self._checkpointer = ThreadedConnection(self._connect, "store-checkpointer")
         await self._checkpointer.open()
-        self._checkpoints = asyncio.create_task(self._checkpoint_forever(), name="wal-checkpoint")
+        if self._checkpoints_on:
+            self._checkpoints = asyncio.create_task(
+                self._checkpoint_forever(), name="wal-checkpoint"
+            )
 
     async def _close_beside(self) -> None:
         if self._checkpoints is not None:
@@ -796,24 +892,34 @@ class SQLiteStore:
     async def _checkpoint_forever(self) -> None:
         """Copy committed pages from the WAL into the database, beside the writer.
 
-        PASSIVE never waits for or blocks the writer or readers; whatever it cannot copy yet
+        PASSIVE never waits for or blocks the writers or readers; whatever it cannot copy yet
         is copied next time. The WAL keeps every commit durable meanwhile (kill -9 replays it).
+
+        The WAL starts over only if, when a transaction begins, every frame in it has been
+        copied; under steady writes a checkpoint beside them never wins that race and the WAL
+        would grow without end. So once it is long, the checkpointer takes the write lock
+        and copies the little that is left: the next transaction, in whichever process, then
+        writes the WAL from its start (a file over 64 MiB is cut back to that).
         """
         assert self._checkpointer is not None
+        checkpointer = self._checkpointer
         while True:
             await asyncio.sleep(self._checkpoint_interval)
-            if self._written:
-                self._written = False
-                frames = await self._checkpointer.run(_checkpoint, "PASSIVE")
-                self._restart_wal = frames >= self._wal_restart_frames
+            frames = await checkpointer.run(_checkpoint, "PASSIVE")
+            if frames >= self._wal_restart_frames:
+                await checkpointer.run(_locked, self._checkpoint_lock, _checkpoint, "PASSIVE")
 
     async def close(self) -> None:
         await self._close_beside()
         if self._writer is not None:
             with contextlib.suppress(sqlite3.Error):  # tidy, not needed: the WAL is replayed
-                await self._writer.run(_checkpoint, "TRUNCATE")
+                await self._writer.run(_locked, self._lock, _tidy)
             await self._writer.close()
         self._writer = None
+        for lock in (self._lock, self._checkpoint_lock):
+            if lock is not None:
+                os.close(lock)
+        self._lock = self._checkpoint_lock = None
 
     @property
     def _w(self) -> ThreadedConnection:
@@ -844,17 +950,7 @@ class SQLiteStore:
         *args: P.args,
         **kwargs: P.kwargs,
     ) -> T:
-        result = await self._w.run(fn, *args, **kwargs)
-        self._written = True
-        if self._restart_wal:
-            # The WAL starts over only if, when a transaction begins, every frame in it has
-            # been copied; under steady writes the checkpointer never wins that race and the
-            # WAL would grow without end. So once it is long, the writer itself copies the
-            # little the checkpointer has not, between two transactions: the next one then
-            # writes the WAL from its start (a file over 64 MiB is cut back to that).
-            self._restart_wal = False
-            await self._w.run(_checkpoint, "PASSIVE")
-        return result
+        return await self._w.run(_locked, self._lock, fn, *args, **kwargs)
 
     async def write_batch(self, records: Sequence[Writable]) -> int:
         """Write records in one transaction; return how many were new (duplicates are skipped)."""
@@ -862,7 +958,7 @@ class SQLiteStore:
 
     async def import_records(
         self,
-        batches: Iterable[Sequence[InsertRow]],
+        batches: Iterable[Sequence[CompletionRecord]],
         accept: Callable[[], bool],
         chunk_rows: int | None = None,
     ) -> int:
@@ -885,7 +981,7 @@ class SQLiteStore:
             direct = await writer.run(_go_direct)
             if not direct:
                 await self._open_beside()
-            return await self._write(
+            return await writer.run(  # not under the write lock: see the class docstring
                 _import,
                 batches,
                 accept,
@@ -911,13 +1007,13 @@ class SQLiteStore:
 
     async def update_metadata(
         self, caller: str | None, completion_id: str, metadata: dict[str, str], actor: str
-    ) -> bytes | None:
+    ) -> StoredCompletion | None:
         """Replace the metadata map; the change (before and after) goes to the audit log."""
         encoded = _dump_metadata(metadata)
         completion = await self._write(
             _update_metadata, caller, completion_id, metadata, encoded, actor
         )
-        return None if completion is None else with_metadata(completion, encoded)
+        return None if completion is None else StoredCompletion(completion_id, completion, encoded)
 
     async def delete(
         self, caller: str | None, completion_id: str, actor: str, *, purge: bool = True
@@ -931,12 +1027,14 @@ class SQLiteStore:
 
     # -- keys ------------------------------------------------------------------------------
 
-    async def create_key(self, name: str, role: str, key_id: str, key_hash: bytes) -> None:
+    async def create_key(
+        self, name: str, role: str, key_id: str, key_hash: bytes, *, actor: str = "cli"
+    ) -> None:
         """Add a proxy key; raises ``KeyExists`` when the name is taken."""
-        await self._write(_create_key, name, role, key_id, key_hash)
+        await self._write(_create_key, name, role, key_id, key_hash, actor)
 
-    async def revoke_key(self, name: str) -> bool:
-        return await self._write(_revoke_key, name)
+    async def revoke_key(self, name: str, *, actor: str = "cli") -> bool:
+        return await self._write(_revoke_key, name, actor)
 
     async def list_keys(self) -> list[KeyRecord]:
         rows = await self._r.execute_fetchall(
@@ -996,9 +1094,9 @@ class SQLiteStore:
             (caller, completion_id),
         )
 
-    async def get(self, caller: str | None, completion_id: str) -> bytes | None:
-        row = await self._one("completion, metadata", caller, completion_id)
-        return None if row is None else with_metadata(row[0], row[1])
+    async def get(self, caller: str | None, completion_id: str) -> StoredCompletion | None:
+        row = await self._one("id, completion, metadata", caller, completion_id)
+        return None if row is None else StoredCompletion(row[0], row[1], row[2])
 
     async def request_of(self, caller: str | None, completion_id: str) -> bytes | None:
         row = await self._one("request", caller, completion_id)
@@ -1023,24 +1121,70 @@ class SQLiteStore:
             raise UnknownCursor(after)
         return row[0], row[1]
 
-    async def list_completions(self, caller: str | None, query: ListQuery) -> Page:
+    async def list_completions(
+        self, caller: str | None, query: ListQuery
+    ) -> Page[StoredCompletion]:
+        rows, has_more = await self._select_page(caller, query, _COLUMNS)
+        items = [StoredCompletion(row[0], row[1], row[2]) for row in rows]
+        return Page(items=items, has_more=has_more)
+
+    async def log_entries(self, caller: str | None, query: ListQuery) -> Page[LogEntry]:
+        rows, has_more = await self._select_page(caller, query, _LOG_COLUMNS)
+        return Page(items=[_log_entry(row) for row in rows], has_more=has_more)
+
+    async def log_entry(self, caller: str | None, completion_id: str) -> LogEntry | None:
+        where = "c.id = ?" if caller is None else "c.caller = ? AND c.id = ?"
+        params = (completion_id,) if caller is None else (caller, completion_id)
+        row = await self._fetchone(
+            self._r,
+            f"SELECT {_LOG_COLUMNS} FROM completions c WHERE {where} ORDER BY c.seq LIMIT 1",
+            params,
+        )
+        return None if row is None else _log_entry(row)
+
+    async def _select_page(
+        self, caller: str | None, query: ListQuery, columns: str
+    ) -> tuple[list[Sequence[Any]], bool]:
+        """The rows (``columns``) of one page and whether more follow."""
         page: PageQuery = query.page
         cursor = await self._cursor(caller, page.after) if page.after else None
         if query.owner is not None and caller not in (None, query.owner):
-            return Page(items=[], has_more=False)
+            return [], False
         scope = caller if query.owner is None else query.owner
-        if scope is None:
-            rows, has_more = await self._page_across_callers(query, cursor)
+        if query.search is not None:
+            match = fts5_query(query.search)
+            if match is None:
+                return [], False
+            sql, params = _search_sql(
+                scope, query, match, None if cursor is None else cursor[1], columns
+            )
+            rows: list[Sequence[Any]] = list(await self._r.execute_fetchall(sql, params))
+            has_more = len(rows) > page.limit
+        elif scope is None:
+            rows, has_more = await self._page_across_callers(query, cursor, columns)
         else:
-            sql, params = _page_sql(scope, query, cursor, page.order, page.limit)
+            driver = await self._rarest(scope, query.metadata)
+            sql, params = _page_sql(
+                scope, query, cursor, page.order, page.limit, driver=driver, columns=columns
+            )
             rows = list(await self._r.execute_fetchall(sql, params))
             has_more = len(rows) > page.limit
-        items = [(row[0], with_metadata(row[1], row[2])) for row in rows[: page.limit]]
-        return Page(items=items, has_more=has_more)
+        return rows[: page.limit], has_more
+
+    async def _rarest(self, caller: str, pairs: Sequence[tuple[str, str]]) -> int:
+        """The index of the pair with the fewest rows for ``caller`` (0 for fewer than two
+        pairs). Walking it and checking the others costs its rows, not the first pair's:
+        two pairs that each match thousands of rows but never the same one read only the
+        rarer one's. Past ``RAREST_CAP`` rows pairs count as equal, and the first wins."""
+        if len(pairs) < 2:
+            return 0
+        row = await self._fetchone(self._r, *_rarest_sql(caller, pairs))
+        counts = list(row) if row is not None else [0]
+        return counts.index(min(counts))
 
     async def _page_across_callers(
-        self, query: ListQuery, cursor: tuple[int, int] | None
-    ) -> tuple[list[sqlite3.Row], bool]:
+        self, query: ListQuery, cursor: tuple[int, int] | None, columns: str
+    ) -> tuple[list[Sequence[Any]], bool]:
         """An admin's page: each caller's first keys, read from that caller's index, merged;
         then the rows of the page. One short index read per caller, however many rows."""
         page = query.page
@@ -1057,9 +1201,9 @@ class SQLiteStore:
         keys.sort(reverse=page.order == "desc")
         seqs = [seq for _, seq in keys[: page.limit]]
         found = {
-            row[3]: row
+            row[0]: row[1:]
             for row in await self._r.execute_fetchall(
-                f"SELECT {_COLUMNS}, c.seq FROM completions c"
+                f"SELECT c.seq, {columns} FROM completions c"
                 f" WHERE c.seq IN ({', '.join('?' * len(seqs))})",
                 seqs,
             )
@@ -1067,9 +1211,14 @@ class SQLiteStore:
         # A row deleted since its key was read is left out; the page is one shorter.
         return [found[seq] for seq in seqs if seq in found], len(keys) > page.limit
 
-    async def list_exchanges(self, caller: str | None, page: PageQuery) -> Page:
+    async def list_exchanges(
+        self, caller: str | None, page: PageQuery, *, outcome: str | None = None
+    ) -> Page[ExchangeRecord]:
         """Audit records of exchanges that stored no completion, keyset-paged by request id."""
         where, params = (["caller = ?"], [caller]) if caller is not None else ([], [])
+        if outcome is not None:
+            where.append("outcome = ?")
+            params.append(outcome)
         compare, direction = (">", "ASC") if page.order == "asc" else ("<", "DESC")
         if page.after:
             row = await self._fetchone(
@@ -1086,52 +1235,32 @@ class SQLiteStore:
         )
         async with self._r.execute(sql, [*params, page.limit + 1]) as result:
             rows = list(await result.fetchall())
-        items = []
-        for row in rows[: page.limit]:
-            response = row[8]
-            items.append(
-                (
-                    row[0],
-                    orjson.dumps(
-                        {
-                            "object": "exchange",
-                            "request_id": row[0],
-                            "caller": row[1],
-                            "created": row[2],
-                            "model": row[3],
-                            "stream": bool(row[4]),
-                            "outcome": row[5],
-                            "status": row[6],
-                            "request": orjson.Fragment(row[7]),
-                            "response": None
-                            if response is None
-                            else bytes(response).decode("utf-8", "replace"),
-                            "duration_ms": row[9],
-                        }
-                    ),
-                )
+        items = [
+            ExchangeRecord(
+                request_id=row[0],
+                caller=row[1],
+                created=row[2],
+                model=row[3],
+                stream=bool(row[4]),
+                outcome=row[5],
+                status=row[6],
+                request=bytes(row[7]),
+                response=None if row[8] is None else bytes(row[8]),
+                duration_ms=row[9],
             )
+            for row in rows[: page.limit]
+        ]
         return Page(items=items, has_more=len(rows) > page.limit)
 
-    async def audit_entries(self, after: int, limit: int) -> list[bytes]:
-        """The audit log from ``after`` (a seq), oldest first, each entry as JSON."""
+    async def audit_entries(self, after: int, limit: int) -> list[AuditEntry]:
+        """The audit log from ``after`` (a seq), oldest first."""
         async with self._r.execute(
             "SELECT seq, at, actor, action, completion_id, owner, detail FROM audit_log"
             " WHERE seq > ? ORDER BY seq LIMIT ?",
             (after, limit),
         ) as cursor:
             return [
-                orjson.dumps(
-                    {
-                        "seq": row[0],
-                        "at": row[1],
-                        "actor": row[2],
-                        "action": row[3],
-                        "completion_id": row[4],
-                        "owner": row[5],
-                        "detail": orjson.Fragment(row[6]),
-                    }
-                )
+                AuditEntry(row[0], row[1], row[2], row[3], row[4], row[5], bytes(row[6]))
                 async for row in cursor
             ]
 
@@ -1208,7 +1337,8 @@ class SQLiteStore:
             params += [key, value]
         sql = (
             "SELECT id, caller, created, model, metadata, completion, request, request_id,"
-            " stream, outcome, duration_ms, request_key, stored_at FROM completions"
+            " stream, outcome, duration_ms, request_key, stored_at, prompt_tokens,"
+            " cached_tokens, completion_tokens FROM completions"
             f" WHERE {' AND '.join(clauses)} ORDER BY seq"
         )
         async with self._r.execute(sql, params) as cursor:
@@ -1231,6 +1361,9 @@ class SQLiteStore:
                         duration_ms=row[10],
                         request_key=row[11],
                         stored_at=row[12],
+                        prompt_tokens=row[13],
+                        cached_tokens=row[14],
+                        completion_tokens=row[15],
                     )
                     for row in rows
                 ]
@@ -1240,6 +1373,7 @@ class SQLiteStore:
     ) -> list[str]:
         """SQLite's plan for a list query, so tests can prove it reads indexes, not the table."""
         cursor = (0, 0) if query.page.after else None
-        sql, params = _page_sql(caller, query, cursor, "asc", 1, keys_only=keys_only)
+        driver = await self._rarest(caller, query.metadata)
+        sql, params = _page_sql(caller, query, cursor, "asc", 1, keys_only=keys_only, driver=driver)
         async with self._r.execute("EXPLAIN QUERY PLAN " + sql, params) as result:
             return [str(row[3]) async for row in result]

@@ -1,0 +1,144 @@
+"""The records the store takes and gives back: plain data, the same for every backend.
+
+No record carries a backend's row layout (no sequence numbers, no positional tuples): a
+backend turns records into its own rows and back. The API's JSON is built from these records
+in ``proxy.responses``, never by a store.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+Item = TypeVar("Item")
+
+
+@dataclass(frozen=True, slots=True)
+class CompletionRecord:
+    """One captured completion, as written and as exported: the whole stored row."""
+
+    id: str
+    caller: str
+    created: int
+    model: str
+    metadata: dict[str, str]
+    completion: bytes  # the stored chat.completion JSON, without metadata
+    request: bytes  # the client's request body, as sent
+    request_id: str | None
+    stream: bool
+    outcome: str
+    duration_ms: float | None = None
+    request_key: str | None = None  # what replay matches on (see replay.request_key)
+    stored_at: float | None = None  # set on import; now when None
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ExchangeRecord:
+    """An exchange that ended without a stored completion (failed, aborted), kept for audit."""
+
+    request_id: str
+    caller: str
+    created: int
+    model: str
+    stream: bool
+    outcome: str
+    status: int | None
+    request: bytes
+    response: bytes | None  # the error body or the partial answer, capped
+    duration_ms: float | None
+
+    @property
+    def id(self) -> str:
+        """What a page of exchanges is keyed by (``after``, ``first_id``, ``last_id``)."""
+        return self.request_id
+
+
+Writable = CompletionRecord | ExchangeRecord
+
+
+@dataclass(frozen=True, slots=True)
+class StoredCompletion:
+    """A stored completion as the API serves it: its JSON and its metadata, both encoded."""
+
+    id: str
+    completion: bytes  # the chat.completion JSON, without metadata
+    metadata: bytes  # the metadata object's JSON
+
+
+@dataclass(frozen=True, slots=True)
+class LogEntry:
+    """A stored completion as one row of a log people read: the promoted columns and a
+    short preview of the request, never the bodies."""
+
+    id: str
+    caller: str
+    created: int
+    model: str
+    outcome: str
+    stream: bool
+    duration_ms: float | None
+    stored_at: float
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    metadata: dict[str, str]
+    preview: str  # the last input message's text, shortened (``text.preview``)
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """One line of the append-only audit log; ``seq`` orders the log and pages it."""
+
+    seq: int
+    at: float
+    actor: str
+    action: str
+    completion_id: str | None
+    owner: str | None
+    detail: bytes  # a JSON object
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    name: str
+    key_id: str
+    role: str
+    created_at: float
+    revoked_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRow:
+    group: dict[str, str]
+    completions: int
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class PruneReport:
+    """What a prune deleted; the store's size before and after only where a backend can
+    know it (a SQLite file's bytes), else None."""
+
+    completions: int
+    exchanges: int
+    bytes_before: int | None = None
+    bytes_after: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ExportFilter:
+    model: str | None = None
+    metadata: tuple[tuple[str, str], ...] = ()
+    since: int | None = None  # created >= since
+    until: int | None = None  # created < until
+
+
+@dataclass(frozen=True, slots=True)
+class Page(Generic[Item]):
+    items: list[Item]
+    has_more: bool
