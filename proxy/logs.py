@@ -82,11 +82,14 @@ class SecretFilter(logging.Filter):
 
 
 _FORMATTER = logging.Formatter()
+_PER_REQUEST = frozenset({"request_id", "repeated"})
 
 
 class RepeatFilter(logging.Filter):
-    """One line per identical warning or error (same logger, level, message template and
-    exception type) per ``window`` seconds; the next one written carries ``repeated``."""
+    """One line per identical warning or error (same logger, level, message template,
+    exception type and extra fields but the request id) per ``window`` seconds; the next one
+    written carries ``repeated``. A line naming what it is about (a completion's id, say) is
+    never identical to another, so nothing that must be logged one by one is folded."""
 
     def __init__(self, window: float = 10.0, remembered: int = 1024) -> None:
         super().__init__()
@@ -98,7 +101,12 @@ class RepeatFilter(logging.Filter):
         if record.levelno < logging.WARNING:
             return True
         kind = record.exc_info[0] if record.exc_info else None
-        key = (record.name, record.levelno, str(record.msg), kind)
+        extra = tuple(
+            (k, str(v))
+            for k, v in record.__dict__.items()
+            if k not in _STANDARD and k not in _PER_REQUEST
+        )
+        key = (record.name, record.levelno, str(record.msg), kind, extra)
         seen = self._seen.get(key)
         if seen is not None and record.created - seen[0] < self.window:
             seen[1] += 1
