@@ -23,7 +23,8 @@ A worker watches a pipe only the parent holds open: if the parent dies, even by 
 the pipe ends and the worker shuts down gracefully on its own.
 
 Work that must happen once per server, not once per worker: retention and the SQLite
-store's WAL checkpoints run in worker 0 only (a replacement for worker 0 takes them over). Metrics: workers keep prometheus_client's multiprocess files in a directory the
+store's WAL checkpoints run in worker 0 only (a replacement for worker 0 takes them over).
+Metrics: workers keep prometheus_client's multiprocess files in a directory the
 parent makes (``PROMETHEUS_MULTIPROC_DIR``) and removes at exit, so ``/metrics``, whichever
 worker answers it, reports the whole server.
 """
