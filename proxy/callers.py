@@ -3,9 +3,14 @@
 Two modes (``auth.mode``):
 
 - ``passthrough`` (default): clients send their own upstream key, which goes upstream as it
-  came. The caller is a keyed, irreversible fingerprint of the token (HMAC-SHA256 under the
-  secret ``callers.secret_env`` names, or one the store generates once and keeps). Every
-  caller is a member.
+  came. The caller is an irreversible fingerprint of the token; every caller is a member.
+  With ``callers.secret_env`` set it is keyed (HMAC-SHA256 under that secret): callers match
+  only between databases served with the same secret, and a stolen database does not tell
+  whose key made a record. Without it the fingerprint is portable (SHA-256 of the token
+  under a fixed label): the same key is the same caller in every database, so recordings
+  exported from one and imported into another replay for the key that made them, and no
+  secret is stored. A database made by an earlier version keeps the secret it generated
+  then, so its callers keep their records.
 - ``keys``: clients send a proxy key (``cpk_<key id>_<secret>``, made by ``completions-proxy
   keys create``). The store keeps only a SHA-256 of the secret part, compared in constant
   time. The caller is the key's name and its role (member or admin); the proxy sends the
@@ -34,6 +39,8 @@ if TYPE_CHECKING:
 
 Role = Literal["member", "admin"]
 KEY_PREFIX = "cpk_"
+# Domain separation for portable fingerprints: no other hash of a token equals one.
+_PORTABLE_LABEL = b"completions-proxy portable caller v1\0"
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,13 +92,13 @@ class Callers:
 
     def __init__(
         self,
-        secret: bytes,
+        secret: bytes | None,
         *,
         store: Store | None = None,
         keys: bool = False,
         cache_seconds: float = 2.0,
     ) -> None:
-        if len(secret) < 16:
+        if secret is not None and len(secret) < 16:
             raise ValueError("the caller secret must be at least 16 bytes")
         if keys and store is None:
             raise ValueError("proxy keys need a store")
@@ -106,7 +113,10 @@ class Callers:
         cached = self._fingerprints.get(token)
         if cached is not None:
             return cached
-        digest = hmac.new(self._secret, token.encode(), hashlib.sha256).hexdigest()
+        if self._secret is None:
+            digest = hashlib.sha256(_PORTABLE_LABEL + token.encode()).hexdigest()
+        else:
+            digest = hmac.new(self._secret, token.encode(), hashlib.sha256).hexdigest()
         caller = "caller_" + digest[:32]
         if len(self._fingerprints) >= 4096:
             self._fingerprints.clear()  # bounded; recomputing costs a microsecond
@@ -121,9 +131,22 @@ class Callers:
         token = bearer_token(request.headers)
         if token is None:
             return None
+        return await self.resolve_token(token)
+
+    async def resolve_token(self, token: str) -> Caller:
+        """The caller a token names (the console's sign-in passes the token it was given)."""
         if not self.keys:
             return Caller(self.fingerprint(token))
         return await self._by_key(token)
+
+    async def by_key_id(self, key_id: str) -> Caller | None:
+        """The caller of a live key, through the same cache as ``resolve``; None when the key
+        is unknown or revoked. A console session re-checks its key this way on each request."""
+        found = await self._lookup(key_id)
+        if found is None or found[0].revoked_at is not None:
+            return None
+        role: Role = "admin" if found[0].role == "admin" else "member"
+        return Caller(found[0].name, role)
 
     async def _by_key(self, token: str) -> Caller:
         parts = split_key(token)

@@ -32,8 +32,8 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from proxy.errors import InvalidRequest
+from proxy.identity import request_key
 from proxy.models import check_metadata
-from proxy.replay import request_key
 from proxy.store import CompletionRecord, ExportFilter, Store
 
 Format = Literal["jsonl", "finetune"]

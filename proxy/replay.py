@@ -1,10 +1,8 @@
 """Replay: answer chat completions from recordings in the store, plain or streamed.
 
-Matching. A request matches a recording when the two are equal as canonical JSON (keys
-sorted, integral floats as integers, so ``1.0`` and ``1`` match), leaving out only transport
-and bookkeeping fields: ``stream``, ``stream_options``, ``store``, ``metadata`` and ``user``.
-Everything that changes the answer (model, messages, tools, temperature, seed, n, ...) must
-match. The canonical form is hashed into ``request_key``, kept beside each completion.
+Matching. A request matches a recording when their request keys are equal (see
+``proxy.identity``: canonical JSON without transport and bookkeeping fields, versioned).
+Recordings stored under the key of any version ``identity`` knows replay.
 
 Several recordings of one request are played in the order they were recorded; once all have
 been played, the last one repeats. The position is kept per proxy process, so a restart
@@ -14,48 +12,27 @@ Either shape: a recording made plain replays as a stream when the request asks f
 (role chunk, content/refusal/tool-call deltas, finish chunk, the usage chunk when
 ``stream_options.include_usage``, then ``[DONE]``), and a streamed recording (stored folded
 into a chat.completion) replays plain. What the SDK assembles equals what was recorded.
+
+Scope. A caller replays its own recordings unless ``replay.shared``; a strict miss that has
+recordings under other callers says so, and how to share them.
 """
 
 from __future__ import annotations
 
-import hashlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 from aiohttp import web
 
 from proxy.assemble import ECHOED_FIELDS
-
-if TYPE_CHECKING:  # the store's migrations use request_key: a runtime import would cycle
-    from proxy.store import Store
+from proxy.errors import InvalidRequest
+from proxy.identity import lookup_keys
+from proxy.store import Store
 
 Json = dict[str, Any]
 
-IGNORED_FIELDS = frozenset({"stream", "stream_options", "store", "metadata", "user"})
 # Added to stored completions by the proxy; not part of the upstream's answer.
 _STORED_ONLY = frozenset({*ECHOED_FIELDS, "request_id", "input_user", "metadata"})
-_SAFE_INT = 2**53
-
-
-def _canonical(value: Any) -> Any:
-    kind = type(value)
-    if kind is dict:
-        return {k: _canonical(v) if type(v) in _REWRITTEN else v for k, v in value.items()}
-    if kind is list:
-        return [_canonical(v) if type(v) in _REWRITTEN else v for v in value]
-    if kind is float and value.is_integer() and abs(value) < _SAFE_INT:
-        return int(value)
-    return value
-
-
-_REWRITTEN = frozenset({dict, list, float})  # the only types canonical form can change
-
-
-def request_key(request: Json) -> str:
-    """The hash that identifies what a request asks, whatever its transport options."""
-    essential = {k: v for k, v in request.items() if k not in IGNORED_FIELDS}
-    canonical = orjson.dumps(_canonical(essential), option=orjson.OPT_SORT_KEYS)
-    return hashlib.sha256(canonical).hexdigest()[:32]  # 128 bits: a smaller index
 
 
 def recorded_answer(stored: Json) -> Json:
@@ -150,16 +127,23 @@ class Replayer:
         self._shared = shared
         self._cursors = Cursors()
 
+    async def _recordings(self, keys: tuple[str, ...], scope: str | None) -> list[bytes]:
+        """Recordings under every known version's key: older versions were recorded first."""
+        found: list[bytes] = []
+        for key in keys:
+            found += await self._store.recordings(key, scope)
+        return found
+
     async def answer(self, body: Json, caller: str | None) -> web.Response | None:
         """The recorded answer for this request, in the shape it asks for; None on a miss."""
         if caller is None and not self._shared:
             return None
         scope = None if self._shared else caller
-        key = request_key(body)
-        recordings = await self._store.recordings(key, scope)
+        keys = lookup_keys(body)
+        recordings = await self._recordings(keys, scope)
         if not recordings:
             return None
-        chosen = recordings[self._cursors.pick(scope, key, len(recordings))]
+        chosen = recordings[self._cursors.pick(scope, keys[-1], len(recordings))]
         answer = recorded_answer(orjson.loads(chosen))
         headers = {"x-replay": str(answer.get("id"))}
         if body.get("stream") is True:
@@ -172,3 +156,20 @@ class Replayer:
         return web.Response(
             body=orjson.dumps(answer), content_type="application/json", headers=headers
         )
+
+    async def miss(self, body: Json, caller: str | None) -> InvalidRequest:
+        """The error of a strict miss; it says when other callers have this request recorded."""
+        message = (
+            "No recording matches this request, and replay is strict: the upstream is never called."
+        )
+        if not self._shared:
+            others = len(await self._recordings(lookup_keys(body), None))
+            if others:
+                whose = "this caller" if caller is not None else "a request without a key"
+                message += (
+                    f" {others} recording(s) of this request exist under other callers, none"
+                    f" for {whose} (another key, or a database whose callers.secret_env"
+                    " differs). To replay recordings whatever key made them, set"
+                    " replay.shared: true in the config."
+                )
+        return InvalidRequest(message, code="replay_miss")

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
+from pathlib import Path
+
 import openai
 import pytest
 
 from proxy.assemble import fold_chunks
-from proxy.replay import recorded_answer, request_key, stream_chunks
+from proxy.identity import key_version, lookup_keys, request_key
+from proxy.replay import recorded_answer, stream_chunks
+from proxy.store.sqlite import SQLiteStore
 from tests.fakes import FakeUpstream, Reply, sse
 from tests.helpers import ASK, TOOLS, sdk, tool_completion
+from tests.processes import run_cli
 
 
 def tool_chunks(completion_id: str) -> list[dict]:
@@ -290,3 +297,142 @@ def test_stream_chunks_fold_back_to_the_completion() -> None:
         recorded_answer({**folded, "request_id": "x", "seed": 1, "metadata": {}})["id"]
         == "chatcmpl-fold"
     )
+
+
+def test_keys_say_which_version_made_them() -> None:
+    key = request_key({"model": "m", "messages": []})
+    assert key.startswith("v1:") and len(key) == 35
+    assert key_version(key) == 1
+    assert lookup_keys({"messages": [], "model": "m"}) == (key[3:], key)
+    assert key_version(key[3:]) == 0
+    with pytest.raises(ValueError):
+        key_version("x1:abc")
+
+
+def stored_keys(db: Path) -> list[str]:
+    with sqlite3.connect(db) as conn:
+        return [row[0] for row in conn.execute("SELECT request_key FROM completions ORDER BY seq")]
+
+
+async def test_a_recording_stored_under_an_older_key_version_still_replays(
+    proxy_factory, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    db = tmp_path / "completions.db"
+    recorder = await proxy_factory()
+    request = {"model": "gpt-test", "messages": [{"role": "user", "content": "old times"}]}
+    async with sdk(recorder) as client:
+        old = await client.chat.completions.create(**request, store=True)
+    # A database written before keys carried a version holds the bare hash.
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE completions SET request_key = substr(request_key, 4)")
+    assert [key_version(k) for k in stored_keys(db)] == [0]
+    player = await proxy_factory(replay={"mode": "strict"})
+    async with sdk(player) as client:
+        new = await client.chat.completions.create(**request, store=True)
+        assert new.id == old.id
+        streamed = await client.chat.completions.create(**request, stream=True)
+        assert {chunk.id async for chunk in streamed} == {old.id}
+
+
+async def test_old_and_new_key_versions_of_one_request_play_in_recorded_order(
+    proxy_factory, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    db = tmp_path / "completions.db"
+    recorder = await proxy_factory()
+    request = {"model": "gpt-test", "messages": [{"role": "user", "content": "again"}]}
+    async with sdk(recorder) as client:
+        first = await client.chat.completions.create(**request, store=True)
+        with sqlite3.connect(db) as conn:
+            conn.execute("UPDATE completions SET request_key = substr(request_key, 4)")
+        second = await client.chat.completions.create(**request, store=True)
+    assert [key_version(k) for k in stored_keys(db)] == [0, 1]
+    player = await proxy_factory(replay={"mode": "strict"})
+    async with sdk(player) as client:
+        played = [(await client.chat.completions.create(**request)).id for _ in range(3)]
+    assert played == [first.id, second.id, second.id]
+
+
+async def cli(*args: str) -> str:
+    done = await asyncio.to_thread(run_cli, *args)
+    assert done.returncode == 0, done.stderr
+    return done.stderr
+
+
+async def test_recordings_moved_to_a_fresh_database_replay_for_the_key_that_made_them(
+    proxy_factory, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    """Record with a key, export, import into a fresh database, replay with the same key."""
+    recorder = await proxy_factory(store={"url": str(tmp_path / "record.db")})
+    request = {"model": "gpt-test", "messages": ASK, "tools": TOOLS}
+    upstream.script(Reply(json=tool_completion("chatcmpl-moved")))
+    async with sdk(recorder, "sk-proj-alice") as client:
+        original = await client.chat.completions.create(**request, store=True)
+    exported = tmp_path / "recording.jsonl"
+    await cli("export", "--db", str(tmp_path / "record.db"), "-o", str(exported))
+    assert b"sk-proj-alice" not in exported.read_bytes()
+    await upstream.server.close()  # type: ignore[attr-defined]
+    await cli("import", str(exported), "--db", str(tmp_path / "fresh.db"))
+    player = await proxy_factory(
+        store={"url": str(tmp_path / "fresh.db")}, replay={"mode": "strict"}
+    )
+    async with sdk(player, "sk-proj-alice") as client:
+        again = await client.chat.completions.create(**request)
+        assert essence(again) == essence(original)
+        assert (await client.chat.completions.retrieve(original.id)).id == original.id
+    async with sdk(player, "sk-proj-bob") as client:
+        with pytest.raises(openai.BadRequestError) as caught:
+            await client.chat.completions.create(**request)
+    assert caught.value.code == "replay_miss"
+    message = caught.value.message
+    assert "1 recording(s) of this request exist under other callers" in message
+    assert "replay.shared: true" in message
+    with sqlite3.connect(tmp_path / "fresh.db") as conn:
+        stored = conn.execute("SELECT value FROM settings WHERE name = 'caller_secret'").fetchone()
+    assert stored == (b"",)  # no secret at rest
+
+
+async def test_a_keyed_recording_moved_without_its_secret_misses_and_says_why(
+    proxy_factory, upstream: FakeUpstream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CALLERS_SECRET", "a-team-secret-of-enough-bytes")
+    recorder = await proxy_factory(
+        store={"url": str(tmp_path / "record.db")}, callers={"secret_env": "CALLERS_SECRET"}
+    )
+    request = {"model": "gpt-test", "messages": [{"role": "user", "content": "keyed"}]}
+    async with sdk(recorder, "sk-proj-alice") as client:
+        await client.chat.completions.create(**request, store=True)
+    exported = tmp_path / "recording.jsonl"
+    await cli("export", "--db", str(tmp_path / "record.db"), "-o", str(exported))
+    await cli("import", str(exported), "--db", str(tmp_path / "fresh.db"))
+    player = await proxy_factory(
+        store={"url": str(tmp_path / "fresh.db")}, replay={"mode": "strict"}
+    )
+    async with sdk(player, "sk-proj-alice") as client:
+        with pytest.raises(openai.BadRequestError) as caught:
+            await client.chat.completions.create(**request)
+    assert "exist under other callers" in caught.value.message
+    shared = await proxy_factory(
+        store={"url": str(tmp_path / "fresh.db")}, replay={"mode": "strict", "shared": True}
+    )
+    async with sdk(shared, "sk-proj-alice") as client:
+        assert (await client.chat.completions.create(**request)).choices[0].message.content
+
+
+async def test_a_database_with_a_generated_secret_keeps_its_callers(
+    proxy_factory, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    """Databases made before portable fingerprints keep the secret they generated."""
+    old = SQLiteStore(str(tmp_path / "old.db"))
+    await old.open()
+    await old.setting("caller_secret", b"0123456789abcdef0123456789abcdef")
+    await old.close()
+    callers = {}
+    for name in ("old", "new", "newer"):
+        proxy = await proxy_factory(store={"url": str(tmp_path / f"{name}.db")})
+        async with sdk(proxy, "sk-proj-alice") as client:
+            await client.chat.completions.create(
+                model="gpt-test", messages=[{"role": "user", "content": "who"}], store=True
+            )
+        with sqlite3.connect(tmp_path / f"{name}.db") as conn:
+            callers[name] = conn.execute("SELECT caller FROM completions").fetchone()[0]
+    assert callers["new"] == callers["newer"] != callers["old"]

@@ -472,7 +472,8 @@ async def test_a_long_import_keeps_the_wal_to_about_two_chunks(
 
 async def test_steady_writes_do_not_grow_the_wal_without_end(tmp_path: Path) -> None:
     """Writes back to back never leave the checkpointer a moment when the whole WAL is copied;
-    the writer then restarts it itself, so the WAL stays bounded however much is written."""
+    it then copies the rest holding the write lock, so the next transaction restarts the WAL,
+    which stays bounded however much is written."""
     path = tmp_path / "steady.db"
     store = SQLiteStore(path, checkpoint_interval=0.02, wal_restart_frames=64)
     await store.open()
@@ -649,10 +650,10 @@ async def test_a_list_with_several_pairs_walks_the_rarest_one(store: SQLiteStore
 
 
 async def test_an_old_file_gets_the_signatures_of_its_metadata(tmp_path: Path) -> None:
-    """Metadata rows stored before m010 are given their completion's signature, so lists
+    """Metadata rows stored before m011 are given their completion's signature, so lists
     with several pairs find them."""
     path = tmp_path / "old.db"
-    steps = [m for m in MIGRATIONS if m.name < "m010"]
+    steps = [m for m in MIGRATIONS if m.name < "m011"]
     with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
         db.execute("CREATE TABLE _migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)")
         for step in steps:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import orjson
 
-from proxy.replay import request_key
+from proxy.identity import request_key
 from proxy.store import CompletionRecord
 from proxy.store.sqlite import SQLiteStore
 

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 
 import orjson
 
-from proxy.replay import request_key
+from proxy.identity import request_key
 from proxy.store.sqlite.signature import signature
+from proxy.store.text import searchable
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +56,7 @@ def _backfill_request_keys(conn: sqlite3.Connection) -> None:
 
 
 def _backfill_signatures(conn: sqlite3.Connection) -> None:
-    """Give the metadata rows stored before m010 their completion's signature."""
+    """Give the metadata rows stored before m011 their completion's signature."""
     last = 0
     while True:
         rows = conn.execute(
@@ -67,6 +68,24 @@ def _backfill_signatures(conn: sqlite3.Connection) -> None:
         conn.executemany(
             "UPDATE completion_metadata SET sig = ? WHERE seq = ?",
             [(signature(orjson.loads(metadata).items()), seq) for seq, metadata in rows],
+        )
+        last = rows[-1][0]
+
+
+def _backfill_search(conn: sqlite3.Connection) -> None:
+    """Index the text of every completion stored before search existed."""
+    last = 0
+    while True:
+        rows = conn.execute(
+            "SELECT seq, request, completion FROM completions WHERE seq > ?"
+            " ORDER BY seq LIMIT 1000",
+            (last,),
+        ).fetchall()
+        if not rows:
+            return
+        conn.executemany(
+            "INSERT INTO completions_fts (rowid, body) VALUES (?, ?)",
+            [(seq, searchable(request, completion)) for seq, request, completion in rows],
         )
         last = rows[-1][0]
 
@@ -287,7 +306,24 @@ MIGRATIONS: tuple[Migration, ...] = (
         ),
     ),
     Migration(
-        "m010_metadata_signature",
+        "m010_search",
+        (
+            # Full-text search over prompts and answers (proxy.store.text.searchable): one
+            # row per completion, rowid = its seq. The index keeps its own copy of the text
+            # (an external-content table would need the text in a column of completions, a
+            # contentless one the original text again to delete a row, which SQLite older
+            # than 3.43 cannot do without it). Rows go in with their completion, in the same
+            # transaction (_insert); the trigger takes them out with it, whoever deletes
+            # (a delete, a prune, an import taken back).
+            "CREATE VIRTUAL TABLE completions_fts USING fts5("
+            " body, tokenize = 'unicode61 remove_diacritics 2', columnsize = 0)",
+            "CREATE TRIGGER completions_fts_delete AFTER DELETE ON completions BEGIN"
+            " DELETE FROM completions_fts WHERE rowid = old.seq; END",
+        ),
+        backfill=_backfill_search,
+    ),
+    Migration(
+        "m011_metadata_signature",
         (
             # The signature of the completion's whole metadata on each of its pairs' rows
             # (see signature.py): a list with several pairs walks one pair's index range
@@ -298,7 +334,7 @@ MIGRATIONS: tuple[Migration, ...] = (
         _backfill_signatures,
     ),
     Migration(
-        "m011_metadata_lookup_with_signature",
+        "m012_metadata_lookup_with_signature",
         (
             "CREATE INDEX completion_metadata_lookup"
             " ON completion_metadata (caller, key, value, created, seq, sig)",
