@@ -44,7 +44,7 @@ async def _backfill_search(conn: asyncpg.Connection) -> None:
         last,
     ):
         await conn.execute(
-            "UPDATE completions c SET search = to_tsvector('simple', d.body)"
+            "UPDATE completions c SET search = d.body::tsvector"
             " FROM unnest($1::bigint[], $2::text[]) AS d(seq, body) WHERE c.seq = d.seq",
             [row[0] for row in rows],
             [document(row[1], row[2]) for row in rows],
@@ -192,7 +192,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         "p002_search",
         (
-            # Full-text search: each completion's searchable text (see search.document) as a
+            # Full-text search: each completion's words and positions (see search.document), a
             # tsvector beside it, written in the completion's own statement, gone with its row.
             "ALTER TABLE completions ADD COLUMN search tsvector",
             "CREATE INDEX completions_search ON completions USING gin (search)",

@@ -58,7 +58,7 @@ _SOURCE = ", ".join(f"u.{name}" for name in COMPLETION_COLUMNS)
 WRITE_BATCH = f"""
 WITH new AS (
     INSERT INTO completions ({_NAMES}, search)
-    SELECT {_SOURCE}, to_tsvector('simple', u.body)
+    SELECT {_SOURCE}, u.body::tsvector
     FROM unnest({", ".join(f"${i}::{t}[]" for i, t in enumerate(_TYPES, 1))}, $17::text[])
         AS u({_NAMES}, body)
     ON CONFLICT (id, caller) DO NOTHING
@@ -92,7 +92,7 @@ IMPORT_STAGE = (
 IMPORT_MOVE = f"""
 WITH new AS (
     INSERT INTO completions ({_NAMES}, search)
-    SELECT {_SOURCE}, to_tsvector('simple', u.body) FROM import_stage u ORDER BY u.stage_order
+    SELECT {_SOURCE}, u.body::tsvector FROM import_stage u ORDER BY u.stage_order
     ON CONFLICT (id, caller) DO NOTHING
     RETURNING seq, caller, created, metadata
 ), pairs AS (
@@ -245,16 +245,16 @@ def page(
 def search_page(
     caller: str | None,
     query: ListQuery,
-    words: list[str],
+    match: str,
     cursor: int | None,
     columns: str = PAGE_COLUMNS,
 ) -> tuple[str, list[object]]:
-    """A page of completions holding every word, in storage order (seq), with every other
-    filter applied to each match; ``cursor`` is the seq of the ``after`` id."""
+    """A page of completions matching ``match`` (a tsquery, see ``search.query``), in
+    storage order (seq), with every other filter applied to each match; ``cursor`` is the
+    seq of the ``after`` id."""
     p = Params()
     direction, compare = _direction(query.page.order)
-    match = " && ".join(f"phraseto_tsquery('simple', {p(word)})" for word in words)
-    where = [f"c.search @@ ({match})"]
+    where = [f"c.search @@ {p(match)}::tsquery"]
     for clause, value in (
         ("c.caller = {}", caller),
         ("c.model = {}", query.model),

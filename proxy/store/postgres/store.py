@@ -28,9 +28,8 @@ import orjson
 
 from proxy.models import ListQuery, PageQuery
 from proxy.store.errors import KeyExists, StoreError, StoreMissing, UnknownCursor
-from proxy.store.postgres import queries
+from proxy.store.postgres import queries, search
 from proxy.store.postgres.migrations import LOCK_SPACE, RETENTION_LOCK, migrate
-from proxy.store.postgres.search import document, terms
 from proxy.store.records import (
     AuditEntry,
     CompletionRecord,
@@ -139,7 +138,7 @@ def _columns(records: Sequence[CompletionRecord], now: float) -> list[list[Any]]
         [r.prompt_tokens for r in records],
         [r.cached_tokens for r in records],
         [r.completion_tokens for r in records],
-        [document(r.request, r.completion) for r in records],
+        [search.document(r.request, r.completion) for r in records],
     ]
 
 
@@ -180,7 +179,7 @@ def _stage_rows(
             r.prompt_tokens,
             r.cached_tokens,
             r.completion_tokens,
-            document(r.request, r.completion),
+            search.document(r.request, r.completion),
             order,
         )
 
@@ -659,11 +658,11 @@ class PostgresStore:
             return [], False
         scope = caller if query.owner is None else query.owner
         if query.search is not None:
-            words = terms(query.search)
-            if not words:
+            match = search.query(query.search)
+            if match is None:
                 return [], False
             sql, params = queries.search_page(
-                scope, query, words, None if cursor is None else cursor[1], columns
+                scope, query, match, None if cursor is None else cursor[1], columns
             )
         else:
             rare: tuple[tuple[str, str], ...] = ()
