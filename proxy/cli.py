@@ -37,7 +37,7 @@ import orjson
 import yaml
 from aiohttp import web
 
-from proxy import __version__
+from proxy import __version__, server
 from proxy.app import create_app, redactor_of
 from proxy.callers import new_key
 from proxy.config import Config, ConfigError, load_config, redacted, without_password
@@ -510,14 +510,7 @@ def serve(config: Config) -> int:
     app = create_app(config)
     _Lifecycle(config, sockets).attach(app)
     try:
-        web.run_app(
-            app,
-            sock=sockets,
-            access_log=None,
-            print=None,
-            shutdown_timeout=config.server.shutdown_timeout,
-            handler_cancellation=True,
-        )
+        server.run(app, config.server, sockets)  # limits and timeouts of client connections
     except OSError as error:
         log.error("cannot start: %s", error)
         return 1

@@ -23,9 +23,11 @@ A worker watches a pipe only the parent holds open: if the parent dies, even by 
 the pipe ends and the worker shuts down gracefully on its own.
 
 Work that must happen once per server, not once per worker: retention and the SQLite
-store's WAL checkpoints run in worker 0 only (a replacement for worker 0 takes them over). Metrics: workers keep prometheus_client's multiprocess files in a directory the
-parent makes (``PROMETHEUS_MULTIPROC_DIR``) and removes at exit, so ``/metrics``, whichever
-worker answers it, reports the whole server.
+store's WAL checkpoints run in worker 0 only (a replacement for worker 0 takes them over).
+
+Metrics: workers keep prometheus_client's multiprocess files in a directory the parent makes
+(``PROMETHEUS_MULTIPROC_DIR``) and removes at exit, so ``/metrics``, whichever worker answers
+it, reports the whole server.
 """
 
 from __future__ import annotations
@@ -207,13 +209,29 @@ class Supervisor:
                     "delay_s": delay,
                 },
             )
+            await self._restart(slot, delay)
+
+    async def _restart(self, slot: _Slot, delay: float) -> None:
+        """Start a new worker in ``slot`` after ``delay`` seconds, however many tries it takes
+        to make a process; a worker that then fails to start is seen exiting by ``_watch``."""
+        while True:
             if delay:
                 await asyncio.sleep(delay)
-            reason = await self._spawn(slot)
+            try:
+                reason = await self._spawn(slot)
+            except OSError as error:  # no process could be made (out of memory, pids, ...)
+                log.error(
+                    "worker did not start",
+                    extra={"worker": slot.index, "reason": f"cannot start a process: {error}"},
+                )
+                delay = slot.backoff
+                slot.backoff = min(MAX_BACKOFF, max(FIRST_BACKOFF, slot.backoff * 2))
+                continue
             if reason is not None:
                 log.error("worker did not start", extra={"worker": slot.index, "reason": reason})
             else:
                 log.info("worker ready", extra={"worker": slot.index, "pid": self._pid(slot)})
+            return
 
     async def _stop_all(self) -> None:
         """SIGTERM to every worker; wait for them to drain; kill what outlives the grace."""

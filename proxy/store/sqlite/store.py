@@ -711,6 +711,15 @@ def _locked(
         fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def _wal_state(path: str) -> tuple[int, int] | None:
+    """The WAL file's size and modification time, None when there is none."""
+    try:
+        status = os.stat(path + "-wal")
+    except OSError:
+        return None
+    return status.st_size, status.st_mtime_ns
+
+
 def _open_lock(path: str) -> int:
     return os.open(path + "-lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
@@ -903,8 +912,15 @@ class SQLiteStore:
         """
         assert self._checkpointer is not None
         checkpointer = self._checkpointer
+        seen: tuple[int, int] | None = None
         while True:
             await asyncio.sleep(self._checkpoint_interval)
+            # Only when the WAL changed, by this process or another: a stat, not a trip to
+            # the checkpointer's thread, while nothing is written.
+            now = _wal_state(self.path)
+            if now == seen:
+                continue
+            seen = now
             frames = await checkpointer.run(_checkpoint, "PASSIVE")
             if frames >= self._wal_restart_frames:
                 await checkpointer.run(_locked, self._checkpoint_lock, _checkpoint, "PASSIVE")
