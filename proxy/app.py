@@ -18,7 +18,7 @@ import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from proxy import admin, handlers, openapi
+from proxy import admin, admin_keys, console, handlers, openapi
 from proxy.callers import Callers
 from proxy.config import Config, ConfigError
 from proxy.keys import (
@@ -231,6 +231,11 @@ def create_app(config: Config) -> web.Application:
     app.router.add_get("/admin/usage", admin.get_usage, allow_head=False)
     app.router.add_get("/admin/exchanges", admin.list_exchanges, allow_head=False)
     app.router.add_get("/admin/audit", admin.list_audit, allow_head=False)
+    app.router.add_get("/admin/keys", admin_keys.list_keys, allow_head=False)
+    app.router.add_post("/admin/keys", admin_keys.create_key)
+    app.router.add_post("/admin/keys/{name}/revoke", admin_keys.revoke_key)
+    if config.console.enabled:
+        console.setup(app)
     if config.metrics.enabled:
         app.router.add_get("/metrics", admin.metrics, allow_head=False)
     app.router.add_route("*", "/v1/{tail:.*}", handlers.forward)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 from pydantic import (
@@ -226,6 +227,11 @@ class LoggingConfig(_Section):
     access_log: bool = True
 
 
+class ConsoleConfig(_Section):
+    enabled: bool = True
+    session_hours: float = Field(12.0, gt=0, le=24 * 30)
+
+
 class Config(_Section):
     server: ServerConfig = ServerConfig()
     upstream: UpstreamConfig = UpstreamConfig()
@@ -240,6 +246,7 @@ class Config(_Section):
     metrics: MetricsConfig = MetricsConfig()
     replay: ReplayConfig = ReplayConfig()
     logging: LoggingConfig = LoggingConfig()
+    console: ConsoleConfig = ConsoleConfig()
 
     @model_validator(mode="after")
     def _admins_exist(self) -> Config:
@@ -294,6 +301,15 @@ def load_config(path: str | Path | None) -> Config:
     return validate(data, source=str(path))
 
 
+def without_password(url: str) -> str:
+    """A store URL fit to print or log: a ``postgresql://`` URL's password is masked."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+
+
 def redacted(config: Config) -> dict[str, Any]:
     """The config as a plain mapping, fit to print: names of secret variables, never values."""
     data = config.model_dump()
@@ -303,4 +319,5 @@ def redacted(config: Config) -> dict[str, Any]:
     name = config.callers.secret_env
     state = "set, value hidden" if os.environ.get(name) else "unset: portable fingerprints"
     data["callers"]["secret_env"] = f"{name} ({state})"
+    data["store"]["url"] = without_password(config.store.url)
     return data

@@ -22,6 +22,7 @@ METADATA_MAX_VALUE = 512
 LIMIT_DEFAULT = 20
 LIMIT_MAX = 100
 INT64_MAX = 2**63 - 1
+SEARCH_MAX = 500
 
 Order = Literal["asc", "desc"]
 Json = dict[str, Any]
@@ -142,6 +143,11 @@ class ListQuery:
     model: str | None = None
     metadata: tuple[tuple[str, str], ...] = ()
     owner: str | None = None  # an admin's ``caller=`` filter (an extension of OpenAI's list)
+    since: int | None = None  # created >= since (the console's time range)
+    until: int | None = None  # created < until
+    # Full-text search over prompts and answers (``search=``, an extension of OpenAI's
+    # list). With a search, pages run newest-stored first or last by storage order.
+    search: str | None = None
 
 
 def parse_page_query(query: MultiMapping[str]) -> PageQuery:
@@ -178,7 +184,15 @@ def parse_list_query(query: MultiMapping[str]) -> ListQuery:
             )
         pairs[key] = value
     model = query.get("model") or None
-    return ListQuery(page=parse_page_query(query), model=model, metadata=tuple(pairs.items()))
+    search = query.get("search") or None
+    if search is not None and len(search) > SEARCH_MAX:
+        raise InvalidRequest(f"search may be at most {SEARCH_MAX} characters.", param="search")
+    return ListQuery(
+        page=parse_page_query(query),
+        model=model,
+        metadata=tuple(pairs.items()),
+        search=search.strip() or None if search else None,
+    )
 
 
 def parse_update_body(raw: bytes) -> dict[str, str]:

@@ -302,6 +302,14 @@ def document() -> Json:
                             "schema": {"type": "string"},
                         },
                         {
+                            "name": "search",
+                            "in": "query",
+                            "description": "Extension: full-text search over the messages,"
+                            " the answer and tool-call arguments; every word must appear."
+                            " Results follow storage order.",
+                            "schema": {"type": "string", "maxLength": 500},
+                        },
+                        {
                             "name": "metadata",
                             "in": "query",
                             "style": "deepObject",

@@ -213,6 +213,7 @@ async def test_replay_strict_and_fallback(proxy_factory, upstream: FakeUpstream)
             model="gpt-test", messages=ask("r"), store=True
         )
         await _final_of_stream(client, model="gpt-test", messages=ask("s"), store=True)
+        await client.chat.completions.create(model="gpt-test", messages=ask("p"), store=True)
         upstream.script(Reply(json={**TOOL_ANSWER, "id": "chatcmpl-second"}))
         await client.chat.completions.create(model="gpt-test", messages=ask("r"), store=True)
     calls = len(upstream.received)
@@ -223,6 +224,9 @@ async def test_replay_strict_and_fallback(proxy_factory, upstream: FakeUpstream)
         second = await client.chat.completions.create(model="gpt-test", messages=ask("r"))
         assert second.id == "chatcmpl-second"
         assert await _final_of_stream(client, model="gpt-test", messages=ask("s")) == "echo: s"
+        as_plain = await client.chat.completions.create(model="gpt-test", messages=ask("s"))
+        assert as_plain.choices[0].message.content == "echo: s"  # recorded streamed
+        assert await _final_of_stream(client, model="gpt-test", messages=ask("p")) == "echo: p"
         with pytest.raises(openai.BadRequestError):
             await client.chat.completions.create(model="gpt-test", messages=ask("never"))
     assert len(upstream.received) == calls
@@ -327,7 +331,9 @@ async def test_keys_roles_audit_usage_and_metrics(team, store_url: str) -> None:
     assert usage[0]["cost_usd"] == round((5 * 1.0 + 7 * 2.0) / 1e6, 6)
     families = {
         f.name: f
-        for f in text_string_to_metric_families(await (await proxy.get("/metrics")).text())
+        for f in text_string_to_metric_families(
+            await (await proxy.get("/metrics", headers=admin)).text()
+        )
     }
     stored = [
         (s.labels["caller"], s.value)

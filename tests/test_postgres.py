@@ -449,3 +449,13 @@ async def test_pruned_content_is_gone_from_the_database_files(pg_url: str) -> No
     finally:
         await conn.close()
         await store.close()
+
+
+def test_a_password_in_the_store_url_is_never_printed(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("store: {url: 'postgresql://proxy:hunter2@127.0.0.1:1/none'}\n")
+    shown = run_cli("check-config", str(config))
+    assert shown.returncode == 0 and "proxy:***@127.0.0.1:1/none" in shown.stdout
+    failed = run_cli("serve", "--config", str(config), "--port", "0")
+    assert failed.returncode == 1 and "proxy:***@" in failed.stdout + failed.stderr
+    assert "hunter2" not in shown.stdout + shown.stderr + failed.stdout + failed.stderr

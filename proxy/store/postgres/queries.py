@@ -160,7 +160,6 @@ def page_keys(  # noqa: PLR0917 - one page's coordinates
             f"completions k WHERE k.seq IN ({' INTERSECT '.join(sets)}) AND k.caller = {caller}"
         )
         keys = "k.created, k.seq"
-        alias = "k"
     elif common:
         key, value = common.pop(0)
         source = (
@@ -168,15 +167,14 @@ def page_keys(  # noqa: PLR0917 - one page's coordinates
             f" AND k.value = {p(value)}"
         )
         keys = "k.created, k.seq"
-        alias = "k"
     else:
         source = f"completions k WHERE k.caller = {caller}"
         keys = "k.created, k.seq"
-        alias = "k"
     for key, value in common:
         where.append(
-            "EXISTS (SELECT 1 FROM completion_metadata x"
-            f" WHERE x.seq = {alias}.seq AND x.key = {p(key)} AND x.value = {p(value)})"
+            # The caller too, so the planner may drive from this pair's index if it is rarer.
+            "EXISTS (SELECT 1 FROM completion_metadata x WHERE x.seq = k.seq"
+            f" AND x.caller = {caller} AND x.key = {p(key)} AND x.value = {p(value)})"
         )
     if query.model is not None:
         if source.startswith("completions"):

@@ -686,6 +686,8 @@ class PostgresStore:
         columns = [_GROUPS[name] for name in group_by]
         p = queries.Params()
         where = ["true"]
+        if since is not None or until is not None:  # a range of each caller's order index
+            where.append(f"caller IN ({queries.CALLERS} SELECT caller FROM callers)")
         if since is not None:
             where.append(f"created >= {p(since)}::bigint")
         if until is not None:

@@ -37,6 +37,7 @@ from proxy.store.records import (
     ExchangeRecord,
     ExportFilter,
     KeyRecord,
+    LogEntry,
     Page,
     PruneReport,
     StoredCompletion,
@@ -45,6 +46,7 @@ from proxy.store.records import (
 )
 from proxy.store.sqlite.connection import ThreadedConnection
 from proxy.store.sqlite.migrations import migrate
+from proxy.store.text import fts5_query, preview, searchable
 
 
 class _Rejected(Exception):
@@ -71,6 +73,15 @@ INSERT INTO exchanges (
 """
 
 _COLUMNS = "c.id, c.completion, c.metadata"
+# A log row (``LogEntry``): the promoted columns and the last input message's content,
+# read from the request without loading it into Python.
+_LOG_COLUMNS = (
+    "c.id, c.caller, c.created, c.model, c.outcome, c.stream, c.duration_ms, c.stored_at,"
+    " c.prompt_tokens, c.cached_tokens, c.completion_tokens, c.metadata,"
+    " CASE WHEN json_valid(CAST(c.request AS TEXT))"
+    " THEN json_extract(CAST(c.request AS TEXT), '$.messages[#-1].content') END"
+)
+_INSERT_TEXT = "INSERT INTO completions_fts (rowid, body) VALUES (?, ?)"
 
 # Every caller with a stored completion, oldest name first: one seek in the caller-order
 # index per caller (a skip scan), not a read of every row. Admins read across callers with
@@ -137,12 +148,14 @@ def _page_sql(
     *,
     keys_only: bool = False,
     driver: int = 0,
+    columns: str = _COLUMNS,
 ) -> tuple[str, list[object]]:
     """One caller's keyset page as SQL, read in order from an index that leads with the
     caller: when filtering by metadata, the index range of pair ``driver`` (the rarest, see
     ``_rarest``), each row checked for the other pairs by primary key before its completion
     is read; else the model's or the plain order. With ``keys_only`` it reads just the
-    page's ``(created, seq)``, from the indexes alone when there is no model filter."""
+    page's ``(created, seq)``, from the indexes alone when there is no model filter. A time
+    range bounds the same index range."""
     direction = "ASC" if order == "asc" else "DESC"
     compare = ">" if order == "asc" else "<"
     params: list[object] = []
@@ -170,12 +183,18 @@ def _page_sql(
     if query.model is not None:
         where.append("c.model = ?")
         params.append(query.model)
+    first, second = keys.split(", ")
+    if query.since is not None:
+        where.append(f"{first} >= ?")
+        params.append(query.since)
+    if query.until is not None:
+        where.append(f"{first} < ?")
+        params.append(query.until)
     if cursor is not None:
         where.append(f"({keys}) {compare} (?, ?)")
         params += list(cursor)
-    first, second = keys.split(", ")
     sql = (
-        f"SELECT {keys if keys_only else _COLUMNS} FROM {source}"
+        f"SELECT {keys if keys_only else columns} FROM {source}"
         f" WHERE {' AND '.join(where)}"
         f" ORDER BY {first} {direction}, {second} {direction} LIMIT ?"
     )
@@ -195,6 +214,60 @@ def _rarest_sql(caller: str, pairs: Sequence[tuple[str, str]]) -> tuple[str, lis
     for key, value in pairs:
         params += [caller, key, value, RAREST_CAP]
     return f"SELECT {counts}", params
+
+
+def _search_sql(
+    caller: str | None, query: ListQuery, match: str, cursor: int | None, columns: str
+) -> tuple[str, list[object]]:
+    """A page of completions whose text matches, in storage order (seq), read from the
+    full-text index in that order and stopped at the page's end: the newest matches of a
+    common word are the first ones read. Every other filter applies to each match."""
+    page = query.page
+    direction, compare = ("ASC", ">") if page.order == "asc" else ("DESC", "<")
+    where = ["completions_fts MATCH ?"]
+    params: list[object] = [match]
+    for clause, value in (
+        ("c.caller = ?", caller),
+        ("c.model = ?", query.model),
+        ("c.created >= ?", query.since),
+        ("c.created < ?", query.until),
+        (f"completions_fts.rowid {compare} ?", cursor),
+    ):
+        if value is not None:
+            where.append(clause)
+            params.append(value)
+    for key, value in query.metadata:
+        where.append(
+            "EXISTS (SELECT 1 FROM completion_metadata x"
+            " WHERE x.seq = c.seq AND x.key = ? AND x.value = ?)"
+        )
+        params += [key, value]
+    # CROSS JOIN keeps the index outermost, so rows come in its (rowid) order.
+    sql = (
+        f"SELECT {columns} FROM completions_fts CROSS JOIN completions c"
+        f" ON c.seq = completions_fts.rowid WHERE {' AND '.join(where)}"
+        f" ORDER BY completions_fts.rowid {direction} LIMIT ?"
+    )
+    params.append(page.limit + 1)
+    return sql, params
+
+
+def _log_entry(row: Sequence[Any]) -> LogEntry:
+    return LogEntry(
+        id=row[0],
+        caller=row[1],
+        created=row[2],
+        model=row[3],
+        outcome=row[4],
+        stream=bool(row[5]),
+        duration_ms=row[6],
+        stored_at=row[7],
+        prompt_tokens=row[8],
+        cached_tokens=row[9],
+        completion_tokens=row[10],
+        metadata=orjson.loads(row[11]),
+        preview=preview(row[12]),
+    )
 
 
 # -- the writer's transactions: each runs whole on the writer's thread ---------------------
@@ -257,6 +330,7 @@ def _insert(conn: sqlite3.Connection, records: Iterable[CompletionRecord], now: 
     """
     cursor = conn.cursor()
     pairs = []
+    texts = []
     inserted = 0
     for record in records:
         cursor.execute(_INSERT_COMPLETION, _columns(record, now))
@@ -264,8 +338,11 @@ def _insert(conn: sqlite3.Connection, records: Iterable[CompletionRecord], now: 
             inserted += 1
             seq, caller, created = cursor.lastrowid, record.caller, record.created
             pairs += [(seq, key, value, caller, created) for key, value in record.metadata.items()]
+            texts.append((seq, searchable(record.request, record.completion)))
     if pairs:
         conn.executemany(_INSERT_METADATA, pairs)
+    # In the completion's own transaction: search never misses a committed completion.
+    conn.executemany(_INSERT_TEXT, texts)
     return inserted
 
 
@@ -540,8 +617,8 @@ def _delete(
     return True
 
 
-def _create_key(
-    conn: sqlite3.Connection, name: str, role: str, key_id: str, key_hash: bytes
+def _create_key(  # noqa: PLR0917 - the operation's arguments, in order
+    conn: sqlite3.Connection, name: str, role: str, key_id: str, key_hash: bytes, actor: str
 ) -> None:
     with _transaction(conn):
         if _fetchone(conn, "SELECT 1 FROM proxy_keys WHERE name = ?", (name,)) is not None:
@@ -551,10 +628,10 @@ def _create_key(
             " VALUES (?, ?, ?, ?, ?)",
             (name, key_id, key_hash, role, time.time()),
         )
-        _audit(conn, "cli", "key_created", None, name, {"role": role})
+        _audit(conn, actor, "key_created", None, name, {"role": role})
 
 
-def _revoke_key(conn: sqlite3.Connection, name: str) -> bool:
+def _revoke_key(conn: sqlite3.Connection, name: str, actor: str) -> bool:
     with _transaction(conn):
         row = _fetchone(
             conn,
@@ -563,7 +640,7 @@ def _revoke_key(conn: sqlite3.Connection, name: str) -> bool:
             (time.time(), name),
         )
         if row is not None:
-            _audit(conn, "cli", "key_revoked", None, name, {})
+            _audit(conn, actor, "key_revoked", None, name, {})
     return row is not None
 
 
@@ -966,12 +1043,14 @@ class SQLiteStore:
 
     # -- keys ------------------------------------------------------------------------------
 
-    async def create_key(self, name: str, role: str, key_id: str, key_hash: bytes) -> None:
+    async def create_key(
+        self, name: str, role: str, key_id: str, key_hash: bytes, *, actor: str = "cli"
+    ) -> None:
         """Add a proxy key; raises ``KeyExists`` when the name is taken."""
-        await self._write(_create_key, name, role, key_id, key_hash)
+        await self._write(_create_key, name, role, key_id, key_hash, actor)
 
-    async def revoke_key(self, name: str) -> bool:
-        return await self._write(_revoke_key, name)
+    async def revoke_key(self, name: str, *, actor: str = "cli") -> bool:
+        return await self._write(_revoke_key, name, actor)
 
     async def list_keys(self) -> list[KeyRecord]:
         rows = await self._r.execute_fetchall(
@@ -1061,20 +1140,52 @@ class SQLiteStore:
     async def list_completions(
         self, caller: str | None, query: ListQuery
     ) -> Page[StoredCompletion]:
+        rows, has_more = await self._select_page(caller, query, _COLUMNS)
+        items = [StoredCompletion(row[0], row[1], row[2]) for row in rows]
+        return Page(items=items, has_more=has_more)
+
+    async def log_entries(self, caller: str | None, query: ListQuery) -> Page[LogEntry]:
+        rows, has_more = await self._select_page(caller, query, _LOG_COLUMNS)
+        return Page(items=[_log_entry(row) for row in rows], has_more=has_more)
+
+    async def log_entry(self, caller: str | None, completion_id: str) -> LogEntry | None:
+        where = "c.id = ?" if caller is None else "c.caller = ? AND c.id = ?"
+        params = (completion_id,) if caller is None else (caller, completion_id)
+        row = await self._fetchone(
+            self._r,
+            f"SELECT {_LOG_COLUMNS} FROM completions c WHERE {where} ORDER BY c.seq LIMIT 1",
+            params,
+        )
+        return None if row is None else _log_entry(row)
+
+    async def _select_page(
+        self, caller: str | None, query: ListQuery, columns: str
+    ) -> tuple[list[Sequence[Any]], bool]:
+        """The rows (``columns``) of one page and whether more follow."""
         page: PageQuery = query.page
         cursor = await self._cursor(caller, page.after) if page.after else None
         if query.owner is not None and caller not in (None, query.owner):
-            return Page(items=[], has_more=False)
+            return [], False
         scope = caller if query.owner is None else query.owner
-        if scope is None:
-            rows, has_more = await self._page_across_callers(query, cursor)
+        if query.search is not None:
+            match = fts5_query(query.search)
+            if match is None:
+                return [], False
+            sql, params = _search_sql(
+                scope, query, match, None if cursor is None else cursor[1], columns
+            )
+            rows: list[Sequence[Any]] = list(await self._r.execute_fetchall(sql, params))
+            has_more = len(rows) > page.limit
+        elif scope is None:
+            rows, has_more = await self._page_across_callers(query, cursor, columns)
         else:
             driver = await self._rarest(scope, query.metadata)
-            sql, params = _page_sql(scope, query, cursor, page.order, page.limit, driver=driver)
+            sql, params = _page_sql(
+                scope, query, cursor, page.order, page.limit, driver=driver, columns=columns
+            )
             rows = list(await self._r.execute_fetchall(sql, params))
             has_more = len(rows) > page.limit
-        items = [StoredCompletion(row[0], row[1], row[2]) for row in rows[: page.limit]]
-        return Page(items=items, has_more=has_more)
+        return rows[: page.limit], has_more
 
     async def _rarest(self, caller: str, pairs: Sequence[tuple[str, str]]) -> int:
         """The index of the pair with the fewest rows for ``caller`` (0 for fewer than two
@@ -1088,8 +1199,8 @@ class SQLiteStore:
         return counts.index(min(counts))
 
     async def _page_across_callers(
-        self, query: ListQuery, cursor: tuple[int, int] | None
-    ) -> tuple[list[sqlite3.Row], bool]:
+        self, query: ListQuery, cursor: tuple[int, int] | None, columns: str
+    ) -> tuple[list[Sequence[Any]], bool]:
         """An admin's page: each caller's first keys, read from that caller's index, merged;
         then the rows of the page. One short index read per caller, however many rows."""
         page = query.page
@@ -1106,9 +1217,9 @@ class SQLiteStore:
         keys.sort(reverse=page.order == "desc")
         seqs = [seq for _, seq in keys[: page.limit]]
         found = {
-            row[3]: row
+            row[0]: row[1:]
             for row in await self._r.execute_fetchall(
-                f"SELECT {_COLUMNS}, c.seq FROM completions c"
+                f"SELECT c.seq, {columns} FROM completions c"
                 f" WHERE c.seq IN ({', '.join('?' * len(seqs))})",
                 seqs,
             )
@@ -1116,9 +1227,14 @@ class SQLiteStore:
         # A row deleted since its key was read is left out; the page is one shorter.
         return [found[seq] for seq in seqs if seq in found], len(keys) > page.limit
 
-    async def list_exchanges(self, caller: str | None, page: PageQuery) -> Page[ExchangeRecord]:
+    async def list_exchanges(
+        self, caller: str | None, page: PageQuery, *, outcome: str | None = None
+    ) -> Page[ExchangeRecord]:
         """Audit records of exchanges that stored no completion, keyset-paged by request id."""
         where, params = (["caller = ?"], [caller]) if caller is not None else ([], [])
+        if outcome is not None:
+            where.append("outcome = ?")
+            params.append(outcome)
         compare, direction = (">", "ASC") if page.order == "asc" else ("<", "DESC")
         if page.after:
             row = await self._fetchone(
