@@ -14,7 +14,7 @@ import pytest
 from proxy.models import ListQuery, PageQuery
 from proxy.store import CompletionRecord, StoreError
 from proxy.store.sqlite import SQLiteStore
-from proxy.store.text import fts5_query, searchable
+from proxy.store.text import fts5_query, owner_token, searchable
 from tests.fakes import FakeUpstream, Reply
 
 
@@ -224,5 +224,40 @@ def test_searchable_text_and_query_are_pure() -> None:
         "no",
     ]
     assert searchable(b"not json", b"{}") == ""
-    assert fts5_query('say "hi" now') == '"say" """hi""" "now"'
+    assert fts5_query('say "hi" now') == 'body : ("say" """hi""" "now")'
+    owner = owner_token("alice")
+    assert owner.isalnum() and owner == owner_token("alice") != owner_token("bob")
+    assert fts5_query("x", "alice") == f'body : ("x") AND owner : "{owner}"'
     assert fts5_query("  ") is None
+
+
+async def test_usage_over_whole_days_reads_the_rollup_and_matches_the_rows(
+    tmp_path: Path,
+) -> None:
+    """Whole-day bounds read usage_by_day (kept by triggers); other bounds sum the rows.
+    Both must agree, through inserts, a delete and a prune."""
+    store = SQLiteStore(tmp_path / "usage.db")
+    await store.open()
+    try:
+        records = [
+            replace(
+                _record(n, "x"),
+                caller=("ann", "ben")[n % 2],
+                model=("m1", "m2", "m3")[n % 3],
+                created=86400 * (1 + n % 5) + n,
+                prompt_tokens=n,
+                cached_tokens=n // 2,
+                completion_tokens=2 * n,
+            )
+            for n in range(60)
+        ]
+        await store.write_batch(records)
+        await store.delete(None, records[7].id, "test")
+        await store.prune(before=86400 * 2)  # the first day goes
+        for groups in (["day", "caller", "model"], ["caller"], ["model", "day"], []):
+            rolled = await store.usage(0, 86400 * 30, groups)  # whole days
+            summed = await store.usage(1, 86400 * 30 - 1, groups)  # not: read the rows
+            assert rolled == summed, groups
+            assert sum(r.completions for r in rolled) == 60 - 1 - 12
+    finally:
+        await store.close()

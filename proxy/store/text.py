@@ -14,6 +14,7 @@ No operators: what a person types is never parsed as query syntax.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import re
 from typing import Any
 
@@ -84,12 +85,22 @@ def search_terms(search: str) -> list[str]:
     return [t for t in _WORD.findall(search[:SEARCH_MAX_CHARS]) if _TOKEN.search(t)]
 
 
-def fts5_query(search: str) -> str | None:
-    """A search as an FTS5 MATCH expression: every word a quoted string, all required."""
+def owner_token(caller: str) -> str:
+    """The caller as one index token (letters and digits only, whatever the name holds), so
+    a member's search intersects their own rows inside the index instead of filtering every
+    match of a common word afterwards."""
+    return "o" + hashlib.blake2b(caller.encode(), digest_size=10).hexdigest()
+
+
+def fts5_query(search: str, caller: str | None = None) -> str | None:
+    """A search as an FTS5 MATCH expression: every word a quoted string, all required, in
+    the text column; with ``caller``, only that caller's rows."""
     terms = search_terms(search)
     if not terms:
         return None
-    return " ".join('"' + term.replace('"', '""') + '"' for term in terms)
+    words = " ".join('"' + term.replace('"', '""') + '"' for term in terms)
+    match = f"body : ({words})"
+    return match if caller is None else f'{match} AND owner : "{owner_token(caller)}"'
 
 
 def preview(content: Any) -> str:

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import os
 import re
+import sqlite3
 import statistics
 import sys
 import tempfile
@@ -40,10 +42,26 @@ from proxy.store.sqlite import SQLiteStore
 CALLERS = [f"member-{n:02d}" for n in range(20)]
 START = 1_760_000_000  # 2025-10-09
 SPAN = 60 * 86400  # the rows spread over 60 days
-WORDS = (
-    "invoice refund shipping latency database migration onboarding release outage"
-    " translate summary contract pricing checkout search ranking embedding cache"
-).split()
+WORDS = [
+    "invoice",
+    "refund",
+    "shipping",
+    "latency",
+    "database",
+    "migration",
+    "onboarding",
+    "release",
+    "outage",
+    "translate",
+    "summary",
+    "contract",
+    "pricing",
+    "checkout",
+    "search",
+    "ranking",
+    "embedding",
+    "cache",
+]
 LOREM = (
     "Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor"
     " incididunt ut labore et dolore magna aliqua. "
@@ -145,7 +163,7 @@ async def timed(session: aiohttp.ClientSession, url: str, calls: int) -> dict[st
     samples = []
     for _ in range(calls + 2):
         started = time.perf_counter()
-        async with session.get(url) as answer:
+        async with session.get(url, allow_redirects=False) as answer:
             await answer.read()
             if answer.status != 200:
                 raise RuntimeError(f"{url}: {answer.status}")
@@ -164,14 +182,15 @@ async def pages(workdir: Path, rows: int, calls: int) -> dict[str, Any]:
     os.environ.setdefault("OPENAI_API_KEY", "sk-bench-upstream")
     store = SQLiteStore(db)
     await store.open()
+    await store.close()
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:  # keys of an earlier run
+        conn.execute("DELETE FROM proxy_keys")
+    store = SQLiteStore(db)
+    await store.open()
     keys = {}
     try:
-        run = time.strftime("%H%M%S")  # a fresh key per run: names are unique
-        for name, role in (("bench-admin-" + run, "admin"), (CALLERS[3], "member")):
+        for name, role in (("bench-admin", "admin"), (CALLERS[3], "member")):
             key, key_id, key_hash = new_key()
-            if name in {k.name for k in await store.list_keys()}:
-                await store.revoke_key(name)
-                name += "-" + run  # noqa: PLW2901 - a second key for the same caller
             await store.create_key(name, role, key_id, key_hash)
             keys[role] = key
     finally:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import orjson
 
 from proxy.identity import request_key
-from proxy.store.text import searchable
+from proxy.store.text import owner_token, searchable
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,15 +59,18 @@ def _backfill_search(conn: sqlite3.Connection) -> None:
     last = 0
     while True:
         rows = conn.execute(
-            "SELECT seq, request, completion FROM completions WHERE seq > ?"
+            "SELECT seq, caller, request, completion FROM completions WHERE seq > ?"
             " ORDER BY seq LIMIT 1000",
             (last,),
         ).fetchall()
         if not rows:
             return
         conn.executemany(
-            "INSERT INTO completions_fts (rowid, body) VALUES (?, ?)",
-            [(seq, searchable(request, completion)) for seq, request, completion in rows],
+            "INSERT INTO completions_fts (rowid, body, owner) VALUES (?, ?, ?)",
+            [
+                (seq, searchable(request, completion), owner_token(caller))
+                for seq, caller, request, completion in rows
+            ],
         )
         last = rows[-1][0]
 
@@ -297,12 +300,60 @@ MIGRATIONS: tuple[Migration, ...] = (
             # than 3.43 cannot do without it). Rows go in with their completion, in the same
             # transaction (_insert); the trigger takes them out with it, whoever deletes
             # (a delete, a prune, an import taken back).
+            # ``owner`` holds one token naming the caller (text.owner_token), so a member's
+            # search is an intersection inside the index.
             "CREATE VIRTUAL TABLE completions_fts USING fts5("
-            " body, tokenize = 'unicode61 remove_diacritics 2', columnsize = 0)",
+            " body, owner, tokenize = 'unicode61 remove_diacritics 2', columnsize = 0)",
             "CREATE TRIGGER completions_fts_delete AFTER DELETE ON completions BEGIN"
             " DELETE FROM completions_fts WHERE rowid = old.seq; END",
         ),
         backfill=_backfill_search,
+    ),
+    Migration(
+        "m011_usage_by_day",
+        (
+            # Tokens per (day, caller, model), kept by triggers in every transaction that
+            # adds or removes a completion, so usage over whole days reads a few rows per
+            # day instead of every completion in the range.
+            """
+            CREATE TABLE usage_by_day (
+                day TEXT NOT NULL,
+                caller TEXT NOT NULL,
+                model TEXT NOT NULL,
+                completions INTEGER NOT NULL,
+                prompt_tokens INTEGER NOT NULL,
+                cached_tokens INTEGER NOT NULL,
+                completion_tokens INTEGER NOT NULL,
+                PRIMARY KEY (day, caller, model)
+            ) WITHOUT ROWID
+            """,
+            """
+            CREATE TRIGGER usage_by_day_insert AFTER INSERT ON completions BEGIN
+                INSERT INTO usage_by_day VALUES (
+                    date(new.created, 'unixepoch'), new.caller, new.model, 1,
+                    new.prompt_tokens, new.cached_tokens, new.completion_tokens
+                ) ON CONFLICT (day, caller, model) DO UPDATE SET
+                    completions = completions + 1,
+                    prompt_tokens = prompt_tokens + excluded.prompt_tokens,
+                    cached_tokens = cached_tokens + excluded.cached_tokens,
+                    completion_tokens = completion_tokens + excluded.completion_tokens;
+            END
+            """,
+            """
+            CREATE TRIGGER usage_by_day_delete AFTER DELETE ON completions BEGIN
+                UPDATE usage_by_day SET
+                    completions = completions - 1,
+                    prompt_tokens = prompt_tokens - old.prompt_tokens,
+                    cached_tokens = cached_tokens - old.cached_tokens,
+                    completion_tokens = completion_tokens - old.completion_tokens
+                WHERE day = date(old.created, 'unixepoch') AND caller = old.caller
+                    AND model = old.model;
+            END
+            """,
+            "INSERT INTO usage_by_day SELECT date(created, 'unixepoch'), caller, model,"
+            " count(*), sum(prompt_tokens), sum(cached_tokens), sum(completion_tokens)"
+            " FROM completions GROUP BY 1, 2, 3",
+        ),
     ),
 )
 

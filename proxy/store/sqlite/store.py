@@ -43,7 +43,7 @@ from proxy.store.records import (
 )
 from proxy.store.sqlite.connection import ThreadedConnection
 from proxy.store.sqlite.migrations import migrate
-from proxy.store.text import fts5_query, preview, searchable
+from proxy.store.text import fts5_query, owner_token, preview, searchable
 
 
 class _Rejected(Exception):
@@ -78,7 +78,7 @@ _LOG_COLUMNS = (
     " CASE WHEN json_valid(CAST(c.request AS TEXT))"
     " THEN json_extract(CAST(c.request AS TEXT), '$.messages[#-1].content') END"
 )
-_INSERT_TEXT = "INSERT INTO completions_fts (rowid, body) VALUES (?, ?)"
+_INSERT_TEXT = "INSERT INTO completions_fts (rowid, body, owner) VALUES (?, ?, ?)"
 
 # Every caller with a stored completion, oldest name first: one seek in the caller-order
 # index per caller (a skip scan), not a read of every row. Admins read across callers with
@@ -195,7 +195,8 @@ def _search_sql(
 ) -> tuple[str, list[object]]:
     """A page of completions whose text matches, in storage order (seq), read from the
     full-text index in that order and stopped at the page's end: the newest matches of a
-    common word are the first ones read. Every other filter applies to each match."""
+    common word are the first ones read. A caller's own rows are picked inside the index
+    (``match`` names the owner); every other filter applies to each match."""
     page = query.page
     direction, compare = ("ASC", ">") if page.order == "asc" else ("DESC", "<")
     where = ["completions_fts MATCH ?"]
@@ -312,7 +313,8 @@ def _insert(conn: sqlite3.Connection, records: Iterable[CompletionRecord], now: 
             inserted += 1
             seq, caller, created = cursor.lastrowid, record.caller, record.created
             pairs += [(seq, key, value, caller, created) for key, value in record.metadata.items()]
-            texts.append((seq, searchable(record.request, record.completion)))
+            text = searchable(record.request, record.completion)
+            texts.append((seq, text, owner_token(caller)))
     if pairs:
         conn.executemany(_INSERT_METADATA, pairs)
     # In the completion's own transaction: search never misses a committed completion.
@@ -1067,7 +1069,7 @@ class SQLiteStore:
             return [], False
         scope = caller if query.owner is None else query.owner
         if query.search is not None:
-            match = fts5_query(query.search)
+            match = fts5_query(query.search, scope)
             if match is None:
                 return [], False
             sql, params = _search_sql(
@@ -1168,7 +1170,13 @@ class SQLiteStore:
     async def usage(
         self, since: int | None, until: int | None, group_by: Sequence[str]
     ) -> list[UsageRow]:
-        """Completions and tokens summed per group (any of caller, model, day)."""
+        """Completions and tokens summed per group (any of caller, model, day).
+
+        Bounds on whole UTC days (or none) are read from ``usage_by_day``, which the
+        completions' triggers keep (m011): a few rows per day, however many completions.
+        Other bounds sum the completions themselves."""
+        if all(bound is None or bound % 86400 == 0 for bound in (since, until)):
+            return await self._usage_by_day(since, until, group_by)
         columns = [_GROUPS[name] for name in group_by]
         where, params = ["1"], []
         if since is not None or until is not None:  # a range of each caller's order index
@@ -1190,6 +1198,40 @@ class SQLiteStore:
         )
         async with self._r.execute(sql, params) as cursor:
             rows = list(await cursor.fetchall())
+        width = len(columns)
+        return [
+            UsageRow(
+                group={name: str(row[i]) for i, name in enumerate(group_by)},
+                completions=row[width],
+                prompt_tokens=row[width + 1],
+                cached_tokens=row[width + 2],
+                completion_tokens=row[width + 3],
+            )
+            for row in rows
+            if row[width]
+        ]
+
+    async def _usage_by_day(
+        self, since: int | None, until: int | None, group_by: Sequence[str]
+    ) -> list[UsageRow]:
+        columns = list(group_by)
+        where, params = ["1"], []
+        if since is not None:
+            where.append("day >= date(?, 'unixepoch')")
+            params.append(since)
+        if until is not None:
+            where.append("day < date(?, 'unixepoch')")
+            params.append(until)
+        selected = ", ".join([*columns, ""]) if columns else ""
+        grouping = (
+            f" GROUP BY {', '.join(columns)} ORDER BY {', '.join(columns)}" if columns else ""
+        )
+        sql = (
+            f"SELECT {selected}coalesce(sum(completions), 0), coalesce(sum(prompt_tokens), 0),"
+            " coalesce(sum(cached_tokens), 0), coalesce(sum(completion_tokens), 0)"
+            f" FROM usage_by_day WHERE {' AND '.join(where)}{grouping}"
+        )
+        rows = await self._r.execute_fetchall(sql, params)
         width = len(columns)
         return [
             UsageRow(
