@@ -7,7 +7,7 @@
     completions-proxy import FILE [STORE]
     completions-proxy keys create NAME [--role member|admin] | keys list | keys revoke NAME [STORE]
     completions-proxy usage [--since T] [--until T] [--group-by caller,model,day] [--json] [STORE]
-    completions-proxy prune [--days N] [STORE]
+    completions-proxy prune [--days N] [--dry-run] [--yes] [STORE]
 
 STORE is ``--config FILE --db URL_OR_PATH``, the same for every command: the store is
 ``--db`` if given, else the config's ``store.url`` (default ``./completions.db``), opened with
@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -40,10 +41,12 @@ from proxy import __version__
 from proxy.app import create_app, redactor_of
 from proxy.callers import new_key
 from proxy.config import Config, ConfigError, load_config, redacted
+from proxy.keys import METRICS, WRITER
 from proxy.logs import configure
-from proxy.models import parse_moment
+from proxy.models import PageQuery, parse_moment
 from proxy.recordings import export_to, import_from
 from proxy.store import ExportFilter, KeyExists, Store, StoreError, StoreMissing, open_store
+from proxy.supervisor import WorkersFailed, run_worker, supervise, worker_config
 from proxy.usage import parse_groups, report, table
 
 log = logging.getLogger("proxy")
@@ -65,13 +68,27 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port to listen on (default 8080)")
     serve.add_argument("--upstream", metavar="URL", help="upstream base URL, ending in /v1")
     serve.add_argument(
+        "--workers",
+        metavar="N",
+        help="processes serving the port (default 1; auto: one per CPU)",
+    )
+    serve.add_argument(
         "--replay",
         choices=("off", "strict", "fallback"),
         help="answer chat completions from recordings: strict never calls the upstream,"
         " fallback forwards and records what is not recorded",
     )
 
-    check = commands.add_parser("check-config", help="validate a config file and print it")
+    # Started by the supervisor of ``serve --workers N``, not by people: no help line.
+    worker = commands.add_parser("serve-worker")
+    worker.add_argument("--index", type=int, required=True)
+    worker.add_argument("--ready-fd", type=int, required=True)
+    worker.add_argument("--life-fd", type=int, required=True)
+
+    check = commands.add_parser(
+        "check-config",
+        help="validate a config file as serve would (environment included) and print it",
+    )
     check.add_argument("file", metavar="FILE")
 
     export = commands.add_parser("export", help="write stored completions as JSON lines")
@@ -117,6 +134,12 @@ def _parser() -> argparse.ArgumentParser:
     prune = commands.add_parser("prune", help="apply retention now and give space back")
     _store_flags(prune, config="config with the store and retention.days")
     prune.add_argument("--days", type=float, help="keep this many days (default: the config's)")
+    prune.add_argument(
+        "--dry-run", action="store_true", help="count what would be deleted; delete nothing"
+    )
+    prune.add_argument(
+        "--yes", action="store_true", help="delete even when that is everything stored, unasked"
+    )
     return parser
 
 
@@ -203,7 +226,27 @@ async def _export(args: argparse.Namespace, config: Config, out: IO[bytes]) -> i
     return 0
 
 
+def _finetune_file(source: IO[bytes]) -> bool:
+    """Whether a seekable file's first line is a fine-tuning example rather than a record."""
+    if not source.seekable():
+        return False
+    first = source.readline(1 << 20)
+    source.seek(0)
+    try:
+        line = orjson.loads(first)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(line, dict) and "messages" in line and "response" not in line
+
+
 async def _import(args: argparse.Namespace, config: Config, source: IO[bytes]) -> int:
+    if _finetune_file(source):
+        sys.stderr.write(
+            f"completions-proxy: {args.file} is in the fine-tuning format (export --format"
+            " finetune), which keeps no ids or answers to import; import takes the jsonl"
+            " export format (export --format jsonl, the default)\n"
+        )
+        return 1
     bar = _ProgressBar("read")
     async with _opened(args, config, must_exist=False) as store:
         report = await import_from(store, source, bar if bar.enabled else None)
@@ -281,12 +324,53 @@ async def _usage(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+async def _prunable(store: Store, before: int) -> tuple[int, int, bool]:
+    """What pruning at ``before`` would delete: completions, audit records of exchanges, and
+    whether that is everything stored."""
+    older = await store.usage(None, before, [])
+    stored = await store.usage(None, None, [])
+    completions = older[0].completions if older else 0
+    everything = completions == (stored[0].completions if stored else 0)
+    exchanges, after = 0, None
+    while True:  # oldest first, until the first one to keep
+        page = await store.list_exchanges(None, PageQuery(after=after, limit=100))
+        for exchange in page.items:
+            if exchange.created >= before:
+                return completions, exchanges, False
+            exchanges += 1
+            after = exchange.request_id
+        if not page.has_more:
+            return completions, exchanges, everything
+
+
 async def _prune(args: argparse.Namespace, config: Config) -> int:
     days = args.days if args.days is not None else config.retention.days
     if days is None:
         raise ConfigError("prune needs --days or retention.days in the config")
+    before = int(time.time() - days * 86400)
     async with _opened(args, config, must_exist=True) as store:
-        report = await store.prune(int(time.time() - days * 86400))
+        completions, exchanges, everything = await _prunable(store, before)
+        what = f"{completions} completions and {exchanges} audit records older than {days:g} days"
+        if args.dry_run:
+            everything_note = (
+                " (everything stored)" if everything and completions + exchanges else ""
+            )
+            sys.stderr.write(f"would prune {what}{everything_note}; nothing was deleted\n")
+            return 0
+        if everything and completions + exchanges and not args.yes:
+            if not sys.stdin.isatty():
+                sys.stderr.write(
+                    f"completions-proxy: prune would delete everything stored ({what});"
+                    " pass --yes to do it without a terminal\n"
+                )
+                return 1
+            sys.stderr.write(f"This deletes everything stored: {what}. Delete? [y/N] ")
+            sys.stderr.flush()
+            answer = await asyncio.to_thread(sys.stdin.readline)
+            if answer.strip().lower() not in ("y", "yes"):
+                sys.stderr.write("nothing was deleted\n")
+                return 1
+        report = await store.prune(before)
     size = ""
     if report.bytes_before is not None and report.bytes_after is not None:
         size = f"; {report.bytes_before:,} -> {report.bytes_after:,} bytes"
@@ -301,7 +385,7 @@ def _serve_config(args: argparse.Namespace) -> Config:
     config = load_config(args.config)
     return config.with_overrides(
         {
-            "server": {"host": args.host, "port": args.port},
+            "server": {"host": args.host, "port": args.port, "workers": args.workers},
             "upstream": {"url": args.upstream},
             "store": {"url": args.db},
             "replay": {"mode": args.replay},
@@ -335,24 +419,100 @@ def _install_uvloop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
+def _bind(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets for every address of ``host``, bound now, so that a port in use
+    fails before the proxy opens its store or says it is listening."""
+    infos = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE | socket.AI_ADDRCONFIG
+    )
+    sockets: list[socket.socket] = []
+    bound: set[tuple[int, object]] = set()
+    try:
+        for family, kind, proto, _, address in infos:
+            if (family, address) in bound:
+                continue
+            bound.add((family, address))
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio does
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+class _Lifecycle:
+    """The start and shutdown lines of ``serve``: "listening" once the store is open and the
+    sockets are bound, and one "shutdown" line with what the drain finished."""
+
+    def __init__(self, config: Config, sockets: Sequence[socket.socket]) -> None:
+        self._config = config
+        self._addresses = [sock.getsockname()[:2] for sock in sockets]
+        self._stopping_at = 0.0
+        self._finished = 0
+        self._committed = 0
+
+    def attach(self, app: web.Application) -> None:
+        app.on_startup.append(self._listening)  # after the cleanup contexts: the store is open
+        app.on_shutdown.append(self._stopping)  # new connections refused, requests in flight
+        app.on_cleanup.append(self._stopped)  # after the writer committed its queue
+
+    async def _listening(self, app: web.Application) -> None:
+        config = self._config
+        log.info(
+            "listening",
+            extra={
+                "host": config.server.host,
+                "port": self._addresses[0][1] if self._addresses else config.server.port,
+                "upstream": config.upstream.url,
+                "db": config.store.url,
+            },
+        )
+
+    async def _stopping(self, app: web.Application) -> None:
+        self._stopping_at = time.monotonic()
+        self._finished = app[METRICS].finished
+        self._committed = app[WRITER].stats.committed
+
+    async def _stopped(self, app: web.Application) -> None:
+        if not self._stopping_at:
+            return  # start-up failed; its error says why
+        log.info(
+            "shutdown",
+            extra={
+                "requests_drained": app[METRICS].finished - self._finished,
+                "completions_committed": app[WRITER].stats.committed - self._committed,
+                "seconds": round(time.monotonic() - self._stopping_at, 3),
+                "shutdown_timeout": self._config.server.shutdown_timeout,
+            },
+        )
+
+
 def serve(config: Config) -> int:
     configure(config.logging)
+    if config.server.worker_count() > 1:
+        return _supervise(config)
     _install_uvloop()
+    try:
+        sockets = _bind(config.server.host, config.server.port)
+    except OSError as error:
+        log.error(
+            "cannot listen on %s port %d: %s",
+            config.server.host,
+            config.server.port,
+            error.strerror or error,
+        )
+        return 1
     app = create_app(config)
-    log.info(
-        "listening",
-        extra={
-            "host": config.server.host,
-            "port": config.server.port,
-            "upstream": config.upstream.url,
-            "db": config.store.url,
-        },
-    )
+    _Lifecycle(config, sockets).attach(app)
     try:
         web.run_app(
             app,
-            host=config.server.host,
-            port=config.server.port,
+            sock=sockets,
             access_log=None,
             print=None,
             shutdown_timeout=config.server.shutdown_timeout,
@@ -364,16 +524,44 @@ def serve(config: Config) -> int:
     except StoreError as error:  # not a database, locked past the busy timeout, ...
         log.error("cannot open the store at %s: %s", config.store.url, error)
         return 1
+    finally:
+        for sock in sockets:
+            sock.close()
     return 0
+
+
+def _supervise(config: Config) -> int:
+    try:
+        return supervise(config)
+    except WorkersFailed as error:
+        sys.stderr.write(f"completions-proxy: workers cannot start: {error}\n")
+    except OSError as error:
+        sys.stderr.write(
+            f"completions-proxy: cannot listen on {config.server.host}:{config.server.port}:"
+            f" {error.strerror}\n"
+        )
+    except StoreError as error:  # not a database, locked past the busy timeout, ...
+        sys.stderr.write(
+            f"completions-proxy: cannot open the store at {config.store.url}: {error}\n"
+        )
+    return 1
+
+
+def _serve_worker(args: argparse.Namespace) -> int:
+    config = worker_config(sys.stdin.buffer.read())
+    configure(config.logging)
+    _install_uvloop()
+    return run_worker(config, args.index, args.ready_fd, args.life_fd)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.command == "serve-worker":
+            return _serve_worker(args)
         if args.command == "check-config":
             config = load_config(args.file)
-            _check_secret(config)
-            redactor_of(config)
+            _check_serve(config)
             sys.stdout.write(yaml.safe_dump(redacted(config), sort_keys=False))
             return 0
         if args.command == "keys":

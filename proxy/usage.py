@@ -5,10 +5,15 @@ to ``input``) and ``output``. A model is priced by its exact name, else by the l
 configured name it starts with (``gpt-4o-mini`` prices ``gpt-4o-mini-2024-07-18``). A model
 with no price has cost ``null``, never a guess. Cached prompt tokens are part of
 ``prompt_tokens`` (as OpenAI counts them) and are charged at the cached rate.
+
+Each row has ``cost_usd`` (``null`` unless every model in it has a price), ``priced_cost_usd``
+(the cost of the models that have one) and ``unpriced_models`` (those left out), so a total
+keeps its priced part and says what it leaves out.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -60,18 +65,21 @@ def priced(
     out = []
     for row in rows:
         if "model" in row.group:
-            dollars = cost(
-                prices, row.group["model"], row.prompt_tokens, row.cached_tokens,
-                row.completion_tokens,
-            )  # fmt: skip
+            parts: Sequence[UsageRow] = (row,)
         else:
             parts = (by_model or {}).get(tuple(row.group.values()), ())
-            costs = [
-                cost(prices, p.group["model"], p.prompt_tokens, p.cached_tokens,
-                     p.completion_tokens)
-                for p in parts
-            ]  # fmt: skip
-            dollars = None if not costs or None in costs else sum(c or 0.0 for c in costs)
+        known = 0.0
+        unpriced: list[str] = []
+        for part in parts:
+            dollars = cost(
+                prices, part.group["model"], part.prompt_tokens, part.cached_tokens,
+                part.completion_tokens,
+            )  # fmt: skip
+            if dollars is None:
+                unpriced.append(part.group["model"])
+            else:
+                known += dollars
+        whole = None if unpriced or not parts else known
         out.append(
             {
                 **row.group,
@@ -79,7 +87,10 @@ def priced(
                 "prompt_tokens": row.prompt_tokens,
                 "cached_tokens": row.cached_tokens,
                 "completion_tokens": row.completion_tokens,
-                "cost_usd": None if dollars is None else round(dollars, 6),
+                # Ten decimals: a single small completion costs well under a millionth.
+                "cost_usd": None if whole is None else round(whole, 10),
+                "priced_cost_usd": round(known, 10),
+                "unpriced_models": sorted(set(unpriced)),
             }
         )
     return out
@@ -103,20 +114,38 @@ async def report(
     return priced(rows, prices, by_model)
 
 
+def dollars(value: float) -> str:
+    """Four decimals, or two significant digits where four would print a real cost as 0.0000."""
+    if value == 0 or abs(value) >= 0.00005:
+        return f"{value:.4f}"
+    return f"{value:.{min(12, 1 - math.floor(math.log10(abs(value))))}f}"
+
+
 def table(rows: Sequence[Mapping[str, Any]], groups: Sequence[str]) -> str:
-    """A plain-text table for people, totals last."""
+    """A plain-text table for people, totals last.
+
+    A cost that leaves out unpriced models ends in ``*``, and a note under the table names
+    them; a row with no priced model at all shows ``-``.
+    """
     headers = [*groups, "completions", "prompt", "cached", "completion", "cost_usd"]
     keys = [*groups, "completions", "prompt_tokens", "cached_tokens", "completion_tokens"]
+    unpriced = sorted({model for row in rows for model in row["unpriced_models"]})
+
+    def unknown(row: Mapping[str, Any]) -> bool:
+        return row["cost_usd"] is None and not row["priced_cost_usd"]
+
     body = []
     for row in rows:
         cells = [str(row[k]) for k in keys]
-        cells.append("-" if row["cost_usd"] is None else f"{row['cost_usd']:.4f}")
+        mark = "*" if row["unpriced_models"] else ""
+        cells.append("-" if unknown(row) else dollars(row["priced_cost_usd"]) + mark)
         body.append(cells)
     if rows and groups:  # with no groups the one row is the total
         totals = ["total", *[""] * (len(groups) - 1)]
         totals += [str(sum(int(r[k]) for r in rows)) for k in keys[len(groups) :]]
-        costs = [r["cost_usd"] for r in rows]
-        totals.append("-" if None in costs else f"{sum(costs):.4f}")
+        known = sum(r["priced_cost_usd"] for r in rows)
+        mark = "*" if unpriced else ""
+        totals.append("-" if all(unknown(r) for r in rows) else dollars(known) + mark)
         body.append(totals)
     widths = [
         max(len(h), *(len(c[i]) for c in body)) if body else len(h) for i, h in enumerate(headers)
@@ -129,4 +158,7 @@ def table(rows: Sequence[Mapping[str, Any]], groups: Sequence[str]) -> str:
             for i, (cell, width) in enumerate(zip(cells, widths, strict=True))
         ).rstrip()
 
-    return "\n".join([line(headers), *(line(cells) for cells in body)]) + "\n"
+    text = "\n".join([line(headers), *(line(cells) for cells in body)]) + "\n"
+    if unpriced:
+        text += f"* without {', '.join(unpriced)}: no price in the config's prices table\n"
+    return text

@@ -537,7 +537,7 @@ def test_a_file_that_is_not_a_database_exits_1_with_one_message(
     assert result.stdout == ""
     assert "Traceback" not in result.stderr, result.stderr
     if command == "serve":  # the server logs JSON lines
-        [line] = [orjson.loads(line) for line in result.stderr.splitlines()[1:]]
+        [line] = [orjson.loads(line) for line in result.stderr.splitlines()]
         assert line["level"] == "error"
         assert line["message"] == f"cannot open the store at {db}: file is not a database"
     else:

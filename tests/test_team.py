@@ -338,7 +338,7 @@ async def test_usage_command_prints_a_table(team, tmp_path: Path) -> None:
         "completion",
         "cost_usd",
     ]
-    assert lines[1].split() == ["alice", "gpt-test", "2023-11-14", "1", "5", "0", "7", "0.0000"]
+    assert lines[1].split() == ["alice", "gpt-test", "2023-11-14", "1", "5", "0", "7", "0.000019"]
     assert lines[2].split()[0] == "total"
 
 

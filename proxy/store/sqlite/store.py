@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import functools
 import inspect
+import itertools
+import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
@@ -117,6 +120,9 @@ WAL_RESTART_FRAMES = 1024
 # reads and batched writes measured the same within noise (README, Storage).
 PAGE_SIZE = 2048
 CALLERS_PER_READ = 100  # callers whose keys an admin's page reads in one statement
+# A list with several metadata pairs walks the rarest pair's rows; each pair's rows are
+# counted up to this many to find it (an index range each, about 50 ns a row).
+RAREST_CAP = 5_000
 IMPORT_CHUNK = 20_000  # rows per import transaction through the WAL (see _import)
 # Rows per transaction when the import writes the file directly (see _go_direct). Larger,
 # since no WAL has to stay small: once an index that takes rows at random places (the
@@ -141,26 +147,32 @@ def _page_sql(
     limit: int,
     *,
     keys_only: bool = False,
+    driver: int = 0,
     columns: str = _COLUMNS,
 ) -> tuple[str, list[object]]:
     """One caller's keyset page as SQL, read in order from an index that leads with the
-    caller: the first metadata pair's when filtering, else the model's or the plain order.
-    With ``keys_only`` it reads just the page's ``(created, seq)``, from the index alone.
-    A time range bounds the same index range."""
+    caller: when filtering by metadata, the index range of pair ``driver`` (the rarest, see
+    ``_rarest``), each row checked for the other pairs by primary key before its completion
+    is read; else the model's or the plain order. With ``keys_only`` it reads just the
+    page's ``(created, seq)``, from the indexes alone when there is no model filter. A time
+    range bounds the same index range."""
     direction = "ASC" if order == "asc" else "DESC"
     compare = ">" if order == "asc" else "<"
     params: list[object] = []
     where: list[str] = []
     if query.metadata:
-        (key, value), rest = query.metadata[0], query.metadata[1:]
-        source = "completion_metadata m CROSS JOIN completions c ON c.seq = m.seq"
+        (key, value) = query.metadata[driver]
+        rest = query.metadata[:driver] + query.metadata[driver + 1 :]
+        source = "completion_metadata m"
+        if not keys_only or query.model is not None:
+            source += " CROSS JOIN completions c ON c.seq = m.seq"
         where.append("m.caller = ? AND m.key = ? AND m.value = ?")
         params += [caller, key, value]
         keys = "m.created, m.seq"
         for key, value in rest:
             where.append(
                 "EXISTS (SELECT 1 FROM completion_metadata x"
-                " WHERE x.seq = c.seq AND x.key = ? AND x.value = ?)"
+                " WHERE x.seq = m.seq AND x.key = ? AND x.value = ?)"
             )
             params += [key, value]
     else:
@@ -188,6 +200,20 @@ def _page_sql(
     )
     params.append(limit + 1)
     return sql, params
+
+
+def _rarest_sql(caller: str, pairs: Sequence[tuple[str, str]]) -> tuple[str, list[object]]:
+    """How many rows each pair has for ``caller``, each counted up to ``RAREST_CAP``: a
+    range of the metadata index, read from the index alone."""
+    counts = ", ".join(
+        "(SELECT count(*) FROM (SELECT 1 FROM completion_metadata"
+        " WHERE caller = ? AND key = ? AND value = ? LIMIT ?))"
+        for _ in pairs
+    )
+    params: list[object] = []
+    for key, value in pairs:
+        params += [caller, key, value, RAREST_CAP]
+    return f"SELECT {counts}", params
 
 
 def _search_sql(
@@ -397,11 +423,18 @@ def _import(
     conn.execute(f"PRAGMA cache_size = -{int(cache_kib)}")
     try:
         while True:
+            # A chunk's first batch is awaited before its transaction begins, so a producer
+            # that is slow to start (parsing a large file) keeps no other writer waiting.
+            first = next(pending, None)
+            if first is None:
+                if not accept():
+                    raise _Rejected
+                return inserted
             with _transaction(conn):
                 base = _last_seq(conn)
                 rows = 0
                 now = time.time()
-                for batch in pending:
+                for batch in itertools.chain([first], pending):
                     if not accept():
                         raise _Rejected
                     inserted += _insert(conn, batch, now)
@@ -660,11 +693,45 @@ def _checkpoint(conn: sqlite3.Connection, mode: str) -> int:
     return frames
 
 
+def _locked(
+    conn: sqlite3.Connection,
+    lock: int | None,
+    fn: Callable[Concatenate[sqlite3.Connection, P], T],
+    /,
+    *args: P.args,
+    **kwargs: P.kwargs,
+) -> T:
+    """``fn(conn, ...)`` holding the file's write lock (see ``SQLiteStore``): a writer of
+    another process waits in the kernel and is woken the moment this one is done, instead of
+    SQLite's busy handler, which sleeps 1, 2, 5, 10 ... ms between tries."""
+    if lock is None:
+        return fn(conn, *args, **kwargs)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        return fn(conn, *args, **kwargs)
+    finally:
+        fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _open_lock(path: str) -> int:
+    return os.open(path + "-lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+
+def _tidy(conn: sqlite3.Connection) -> None:
+    """Truncate the WAL if nobody else is using the file right now; never wait for it."""
+    busy = _fetchone(conn, "PRAGMA busy_timeout")[0]
+    conn.execute("PRAGMA busy_timeout = 0")
+    try:
+        _checkpoint(conn, "TRUNCATE")
+    finally:
+        conn.execute(f"PRAGMA busy_timeout = {int(busy)}")
+
+
 def _prepare_writer(conn: sqlite3.Connection) -> None:
     conn.execute("PRAGMA journal_mode = WAL")
     # Checkpoints run on their own connection (see _checkpoint_forever), not inside the
     # writer's commits, where they cost about 40% of write throughput. The WAL file is cut
-    # back to 64 MiB when it starts over (see SQLiteStore._write).
+    # back to 64 MiB when it starts over (see SQLiteStore._checkpoint_forever).
     _fetchone(conn, "PRAGMA wal_autocheckpoint = 0")
     _fetchone(conn, "PRAGMA journal_size_limit = 67108864")
     migrate(conn)
@@ -719,7 +786,16 @@ def _store_errors(cls: Cls) -> Cls:
 @_store_errors
 class SQLiteStore:
     """The SQLite store: one file, WAL; a writer connection on its own thread (every write is
-    one function there, see ``connection``), a reader connection, and a checkpointer."""
+    one function there, see ``connection``), a reader connection, and a checkpointer.
+
+    Several processes may share the file (``serve --workers N``, a CLI command beside a
+    running server). Their write transactions take turns on an ``flock`` of ``<file>-lock``
+    before ``BEGIN IMMEDIATE``, so one never meets another's transaction in SQLite: a wait
+    for the lock is a wait in the kernel, woken at once, never a "database is locked"
+    error or a busy-handler sleep. Imports run outside that lock (they commit in chunks and
+    other writers wait for SQLite's busy handler meanwhile). With ``checkpoints=False`` the
+    process leaves WAL checkpoints to another process on the file: one checkpointer per file.
+    """
 
     def __init__(
         self,
@@ -730,8 +806,14 @@ class SQLiteStore:
         checkpoint_interval: float = CHECKPOINT_INTERVAL,
         wal_restart_frames: int = WAL_RESTART_FRAMES,
         must_exist: bool = False,
+        checkpoints: bool = True,
     ) -> None:
         self.path = str(path)
+        self._checkpoints_on = checkpoints
+        # <file>-lock, opened twice: an flock belongs to an open file, so the writer and the
+        # checkpointer exclude each other only through descriptors of their own.
+        self._lock: int | None = None
+        self._checkpoint_lock: int | None = None
         self._must_exist = must_exist
         self._checkpoint_interval = checkpoint_interval
         self._wal_restart_frames = wal_restart_frames
@@ -741,8 +823,6 @@ class SQLiteStore:
         self._reader: aiosqlite.Connection | None = None
         self._checkpointer: ThreadedConnection | None = None
         self._checkpoints: asyncio.Task[None] | None = None
-        self._written = False
-        self._restart_wal = False  # set by the checkpointer when the WAL has grown long
 
     def _pragmas(self, page_size: int) -> list[str]:
         pragmas = [
@@ -778,10 +858,12 @@ class SQLiteStore:
         """Open the file (made, with its folder, unless ``must_exist``) and migrate it."""
         if self.path != ":memory:":
             _make_room(self.path, must_exist=self._must_exist)
+            self._lock = _open_lock(self.path)
+            self._checkpoint_lock = _open_lock(self.path)
         self._writer = ThreadedConnection(self._connect, "store-writer")
         await self._writer.open()
         try:
-            await self._writer.run(_prepare_writer)
+            await self._writer.run(_locked, self._lock, _prepare_writer)
             await self._open_beside()
         except BaseException:
             await self.close()
@@ -792,7 +874,10 @@ class SQLiteStore:
         self._reader = await self._connect_reader()
         self._checkpointer = ThreadedConnection(self._connect, "store-checkpointer")
         await self._checkpointer.open()
-        self._checkpoints = asyncio.create_task(self._checkpoint_forever(), name="wal-checkpoint")
+        if self._checkpoints_on:
+            self._checkpoints = asyncio.create_task(
+                self._checkpoint_forever(), name="wal-checkpoint"
+            )
 
     async def _close_beside(self) -> None:
         if self._checkpoints is not None:
@@ -809,24 +894,34 @@ class SQLiteStore:
     async def _checkpoint_forever(self) -> None:
         """Copy committed pages from the WAL into the database, beside the writer.
 
-        PASSIVE never waits for or blocks the writer or readers; whatever it cannot copy yet
+        PASSIVE never waits for or blocks the writers or readers; whatever it cannot copy yet
         is copied next time. The WAL keeps every commit durable meanwhile (kill -9 replays it).
+
+        The WAL starts over only if, when a transaction begins, every frame in it has been
+        copied; under steady writes a checkpoint beside them never wins that race and the WAL
+        would grow without end. So once it is long, the checkpointer takes the write lock
+        and copies the little that is left: the next transaction, in whichever process, then
+        writes the WAL from its start (a file over 64 MiB is cut back to that).
         """
         assert self._checkpointer is not None
+        checkpointer = self._checkpointer
         while True:
             await asyncio.sleep(self._checkpoint_interval)
-            if self._written:
-                self._written = False
-                frames = await self._checkpointer.run(_checkpoint, "PASSIVE")
-                self._restart_wal = frames >= self._wal_restart_frames
+            frames = await checkpointer.run(_checkpoint, "PASSIVE")
+            if frames >= self._wal_restart_frames:
+                await checkpointer.run(_locked, self._checkpoint_lock, _checkpoint, "PASSIVE")
 
     async def close(self) -> None:
         await self._close_beside()
         if self._writer is not None:
             with contextlib.suppress(sqlite3.Error):  # tidy, not needed: the WAL is replayed
-                await self._writer.run(_checkpoint, "TRUNCATE")
+                await self._writer.run(_locked, self._lock, _tidy)
             await self._writer.close()
         self._writer = None
+        for lock in (self._lock, self._checkpoint_lock):
+            if lock is not None:
+                os.close(lock)
+        self._lock = self._checkpoint_lock = None
 
     @property
     def _w(self) -> ThreadedConnection:
@@ -857,17 +952,7 @@ class SQLiteStore:
         *args: P.args,
         **kwargs: P.kwargs,
     ) -> T:
-        result = await self._w.run(fn, *args, **kwargs)
-        self._written = True
-        if self._restart_wal:
-            # The WAL starts over only if, when a transaction begins, every frame in it has
-            # been copied; under steady writes the checkpointer never wins that race and the
-            # WAL would grow without end. So once it is long, the writer itself copies the
-            # little the checkpointer has not, between two transactions: the next one then
-            # writes the WAL from its start (a file over 64 MiB is cut back to that).
-            self._restart_wal = False
-            await self._w.run(_checkpoint, "PASSIVE")
-        return result
+        return await self._w.run(_locked, self._lock, fn, *args, **kwargs)
 
     async def write_batch(self, records: Sequence[Writable]) -> int:
         """Write records in one transaction; return how many were new (duplicates are skipped)."""
@@ -898,7 +983,7 @@ class SQLiteStore:
             direct = await writer.run(_go_direct)
             if not direct:
                 await self._open_beside()
-            return await self._write(
+            return await writer.run(  # not under the write lock: see the class docstring
                 _import,
                 batches,
                 accept,
@@ -1080,10 +1165,24 @@ class SQLiteStore:
         elif scope is None:
             rows, has_more = await self._page_across_callers(query, cursor, columns)
         else:
-            sql, params = _page_sql(scope, query, cursor, page.order, page.limit, columns=columns)
+            driver = await self._rarest(scope, query.metadata)
+            sql, params = _page_sql(
+                scope, query, cursor, page.order, page.limit, driver=driver, columns=columns
+            )
             rows = list(await self._r.execute_fetchall(sql, params))
             has_more = len(rows) > page.limit
         return rows[: page.limit], has_more
+
+    async def _rarest(self, caller: str, pairs: Sequence[tuple[str, str]]) -> int:
+        """The index of the pair with the fewest rows for ``caller`` (0 for fewer than two
+        pairs). Walking it and checking the others costs its rows, not the first pair's:
+        two pairs that each match thousands of rows but never the same one read only the
+        rarer one's. Past ``RAREST_CAP`` rows pairs count as equal, and the first wins."""
+        if len(pairs) < 2:
+            return 0
+        row = await self._fetchone(self._r, *_rarest_sql(caller, pairs))
+        counts = list(row) if row is not None else [0]
+        return counts.index(min(counts))
 
     async def _page_across_callers(
         self, query: ListQuery, cursor: tuple[int, int] | None, columns: str
@@ -1316,6 +1415,7 @@ class SQLiteStore:
     ) -> list[str]:
         """SQLite's plan for a list query, so tests can prove it reads indexes, not the table."""
         cursor = (0, 0) if query.page.after else None
-        sql, params = _page_sql(caller, query, cursor, "asc", 1, keys_only=keys_only)
+        driver = await self._rarest(caller, query.metadata)
+        sql, params = _page_sql(caller, query, cursor, "asc", 1, keys_only=keys_only, driver=driver)
         async with self._r.execute("EXPLAIN QUERY PLAN " + sql, params) as result:
             return [str(row[3]) async for row in result]

@@ -1,0 +1,359 @@
+"""The commands do what they say: usage prints small and partial costs readably, prune counts
+before it deletes and asks before deleting everything, import names the format it takes,
+check-config refuses what serve would refuse, serve fails on a port in use before it says
+"listening", and SIGTERM ends with one shutdown line saying what was drained."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pty
+import select
+import socket
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+
+import openai
+import orjson
+import pytest
+from aiohttp import web
+
+from proxy.usage import dollars
+from tests.fakes import FakeUpstream, Reply, completion
+from tests.helpers import cli, sdk
+from tests.processes import REPO, ProxyProcess, command, free_port, run_cli
+
+
+def count(db: Path, table: str = "completions") -> int:
+    with sqlite3.connect(db) as conn:
+        return int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+
+
+def json_lines(text: str) -> list[dict]:
+    return [orjson.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+async def store(proxy, models: list[str], key: str = "sk-test-alice") -> None:
+    async with sdk(proxy, key) as client:
+        for model in models:
+            await client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": "hi"}], store=True
+            )
+
+
+# -- usage -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        (0.0, "0.0000"),
+        (0.1483, "0.1483"),
+        (1.0, "1.0000"),
+        (0.000019, "0.000019"),
+        (0.0000038, "0.0000038"),
+        (0.00000015, "0.00000015"),
+    ],
+)
+def test_small_costs_keep_two_significant_digits(value: float, shown: str) -> None:
+    assert dollars(value) == shown
+
+
+async def test_usage_shows_tiny_costs_and_keeps_the_priced_part_of_a_total(
+    proxy, tmp_path: Path
+) -> None:
+    await store(proxy, ["gpt-test", "gpt-test", "gpt-unpriced"])
+    config = tmp_path / "prices.yaml"
+    config.write_text("prices:\n  gpt-test: {input: 1.0, output: 2.0}\n", encoding="utf-8")
+    db = str(tmp_path / "completions.db")
+
+    code, out, err = await cli("usage", "--config", str(config), "--db", db, "--group-by", "model")
+    assert code == 0, err
+    lines = out.decode().splitlines()
+    # Each fake completion has 5 prompt and 7 completion tokens: (5 * 1 + 7 * 2) / 1e6 USD.
+    assert lines[1].split() == ["gpt-test", "2", "10", "0", "14", "0.000038"]
+    assert lines[2].split() == ["gpt-unpriced", "1", "5", "0", "7", "-"]
+    assert lines[3].split() == ["total", "3", "15", "0", "21", "0.000038*"]
+    assert lines[4] == "* without gpt-unpriced: no price in the config's prices table"
+
+    code, out, err = await cli("usage", "--config", str(config), "--db", db, "--group-by", "caller")
+    assert code == 0, err
+    lines = out.decode().splitlines()
+    assert lines[1].split()[1:] == ["3", "15", "0", "21", "0.000038*"]  # one caller, both models
+    assert lines[-1].startswith("* without gpt-unpriced")
+
+    code, out, err = await cli(
+        "usage", "--config", str(config), "--db", db, "--group-by", "caller", "--json"
+    )
+    assert code == 0, err
+    [row] = orjson.loads(out)
+    assert row["cost_usd"] is None  # never a guess: part of it has no price
+    assert row["priced_cost_usd"] == pytest.approx(38 / 1e6)
+    assert row["unpriced_models"] == ["gpt-unpriced"]
+
+
+# -- prune -----------------------------------------------------------------------------------
+
+
+async def test_prune_dry_run_counts_and_deletes_nothing(
+    proxy, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    await store(proxy, ["gpt-test", "gpt-test"])  # the fake's created: 2023-11-14
+    request = {"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]}
+    upstream.script(Reply(json=completion(request, "chatcmpl-recent", created=int(time.time()))))
+    await store(proxy, ["gpt-test"])
+    await proxy.close()
+    db = tmp_path / "completions.db"
+
+    result = run_cli("prune", "--db", str(db), "--days", "30", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == (
+        "would prune 2 completions and 0 audit records older than 30 days; nothing was deleted\n"
+    )
+    assert count(db) == 3
+
+    # Not everything: no question asked, even without a terminal.
+    result = run_cli("prune", "--db", str(db), "--days", "30")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.startswith("pruned 2 completions and 0 audit records older than 30 days")
+    assert count(db) == 1
+
+
+async def test_prune_of_everything_without_a_terminal_needs_yes(proxy, tmp_path: Path) -> None:
+    await store(proxy, ["gpt-test", "gpt-test"])
+    await proxy.close()
+    db = tmp_path / "completions.db"
+
+    result = run_cli("prune", "--db", str(db), "--days", "1", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "(everything stored)" in result.stderr
+
+    result = run_cli("prune", "--db", str(db), "--days", "1")
+    assert result.returncode == 1
+    assert result.stderr == (
+        "completions-proxy: prune would delete everything stored (2 completions and 0 audit"
+        " records older than 1 days); pass --yes to do it without a terminal\n"
+    )
+    assert count(db) == 2
+
+    result = run_cli("prune", "--db", str(db), "--days", "1", "--yes")
+    assert result.returncode == 0, result.stderr
+    assert count(db) == 0
+
+
+def read_terminal(controller: int) -> bytes:
+    """What the process wrote next; a process silent for 30 s fails the test, never hangs it."""
+    ready, _, _ = select.select([controller], [], [], 30)
+    assert ready, "the process wrote nothing for 30 s"
+    return os.read(controller, 1024)
+
+
+def prune_on_a_terminal(db: Path, answer: bytes) -> tuple[int, str]:
+    """``prune`` on a pseudo-terminal; ``answer`` typed at the question. (exit code, output)"""
+    controller, terminal = pty.openpty()
+    try:
+        process = subprocess.Popen(
+            [*command(), "prune", "--db", str(db), "--days", "1"],
+            cwd=REPO,
+            stdin=terminal,
+            stdout=terminal,
+            stderr=terminal,
+        )
+        os.close(terminal)
+        seen = b""
+        while b"[y/N]" not in seen:  # the question is asked before anything is deleted
+            piece = read_terminal(controller)
+            assert piece, f"the terminal closed before the question: {seen!r}"
+            seen += piece
+        assert b"This deletes everything stored: 2 completions" in seen
+        assert count(db) == 2
+        os.write(controller, answer)
+        rest = b""
+        while True:
+            try:
+                piece = read_terminal(controller)
+            except OSError:  # EIO: the process closed its end of the terminal
+                break
+            if not piece:
+                break
+            rest += piece
+        code = process.wait(timeout=30)
+        # The terminal echoes the answer back and turns "\n" into "\r\n".
+        return code, rest.decode().replace("\r\n", "\n").removeprefix(answer.decode())
+    finally:
+        os.close(controller)
+
+
+async def test_prune_of_everything_asks_on_a_terminal(proxy, tmp_path: Path) -> None:
+    await store(proxy, ["gpt-test", "gpt-test"])
+    await proxy.close()
+    db = tmp_path / "completions.db"
+
+    code, err = await asyncio.to_thread(prune_on_a_terminal, db, b"n\n")
+    assert (code, err) == (1, "nothing was deleted\n")
+    assert count(db) == 2
+
+    code, err = await asyncio.to_thread(prune_on_a_terminal, db, b"y\n")
+    assert code == 0, err
+    assert err.startswith("pruned 2 completions")
+    assert count(db) == 0
+
+
+# -- import ----------------------------------------------------------------------------------
+
+
+async def test_importing_a_finetune_file_names_the_format_import_takes(
+    proxy, tmp_path: Path
+) -> None:
+    await store(proxy, ["gpt-test"])
+    finetune = tmp_path / "train.jsonl"
+    code, _, err = await cli(
+        "export", "--db", str(tmp_path / "completions.db"), "--format", "finetune",
+        "-o", str(finetune),
+    )  # fmt: skip
+    assert code == 0, err
+    target = tmp_path / "other.db"
+    code, out, err = await cli("import", str(finetune), "--db", str(target))
+    assert code == 1
+    assert out == b""
+    assert err == (
+        f"completions-proxy: {finetune} is in the fine-tuning format (export --format finetune),"
+        " which keeps no ids or answers to import; import takes the jsonl export format"
+        " (export --format jsonl, the default)\n"
+    )
+    assert not target.exists()
+
+
+# -- check-config ------------------------------------------------------------------------------
+
+
+def test_check_config_refuses_keys_mode_without_the_upstream_key(tmp_path: Path) -> None:
+    config = tmp_path / "team.yaml"
+    config.write_text("auth: {mode: keys, upstream_key_env: TEAM_KEY_FOR_CHECK}\n")
+    env = {k: v for k, v in os.environ.items() if k != "TEAM_KEY_FOR_CHECK"}
+    result = subprocess.run(
+        [*command(), "check-config", str(config)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr == (
+        "completions-proxy: auth.mode is keys, so the upstream key must be in TEAM_KEY_FOR_CHECK\n"
+    )
+    served = subprocess.run(
+        [*command(), "serve", "--config", str(config), "--db", str(tmp_path / "x.db")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+        check=False,
+    )
+    assert (served.returncode, served.stderr) == (2, result.stderr)  # the same refusal
+
+    env["TEAM_KEY_FOR_CHECK"] = "sk-team-upstream"
+    result = subprocess.run(
+        [*command(), "check-config", str(config)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "upstream_key_env: TEAM_KEY_FOR_CHECK (set, value hidden)" in result.stdout
+    assert "sk-team-upstream" not in result.stdout
+
+
+# -- serve: a port in use, and the shutdown line ---------------------------------------------
+
+
+def test_a_port_in_use_fails_before_listening(tmp_path: Path) -> None:
+    port = free_port()
+    with socket.create_server(("127.0.0.1", port)):
+        result = run_cli("serve", "--port", str(port), "--db", str(tmp_path / "x.db"))
+    assert result.returncode == 1
+    assert result.stdout == ""
+    [line] = json_lines(result.stderr)
+    assert result.stderr.count("\n") == 1
+    assert line["level"] == "error"
+    assert line["message"] == f"cannot listen on 127.0.0.1 port {port}: Address already in use"
+    assert not (tmp_path / "x.db").exists(), "the store was opened before the port was bound"
+
+
+class HeldUpstream(FakeUpstream):
+    """The fake upstream, holding chat requests until the test lets them go."""
+
+    def __init__(self, expected: int) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.expected = expected
+        self.held = 0
+        self.all_held = asyncio.Event()
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        if request.method == "POST" and request.path.endswith("/chat/completions"):
+            self.held += 1
+            if self.held >= self.expected:
+                self.all_held.set()
+            await self.gate.wait()
+        return await super().handle(request)
+
+
+async def test_sigterm_logs_one_shutdown_line_with_what_was_drained(
+    aiohttp_server, tmp_path: Path
+) -> None:
+    in_flight = 5
+    fake = HeldUpstream(in_flight)
+    server = await aiohttp_server(fake.app)
+    proxy = ProxyProcess(
+        db=tmp_path / "completions.db",
+        upstream_url=str(server.make_url("/v1")),
+        log_path=tmp_path / "proxy.log",
+    )
+    try:
+        proxy.start()
+        await proxy.wait_healthy()
+        async with sdk_for(proxy) as client:
+            tasks = [
+                asyncio.create_task(
+                    client.chat.completions.create(
+                        model="gpt-test",
+                        messages=[{"role": "user", "content": f"n{n}"}],
+                        store=True,
+                    )
+                )
+                for n in range(in_flight)
+            ]
+            await asyncio.wait_for(fake.all_held.wait(), 30)
+            proxy.terminate()
+            await proxy.wait_not_listening()
+            fake.gate.set()
+            answers = await asyncio.wait_for(asyncio.gather(*tasks), 30)
+        assert len({answer.id for answer in answers}) == in_flight
+        assert await proxy.wait_exit(30) == 0
+    finally:
+        fake.gate.set()
+        proxy.stop()
+    lines = json_lines(proxy.log_path.read_text(encoding="utf-8"))
+    shutdown = [line for line in lines if line["message"] == "shutdown"]
+    assert len(shutdown) == 1, proxy.log_tail()
+    assert shutdown[0]["requests_drained"] == in_flight
+    assert shutdown[0]["completions_committed"] == in_flight
+    assert shutdown[0]["shutdown_timeout"] == 30.0
+    assert 0 <= shutdown[0]["seconds"] < 30
+    assert lines[-1] == shutdown[0], "the shutdown line is the last word"
+    listening = [line for line in lines if line["message"] == "listening"]
+    assert [line["port"] for line in listening] == [proxy.port]
+
+
+def sdk_for(proxy: ProxyProcess) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=proxy.base_url, api_key="sk-test-drain", max_retries=0)
