@@ -8,13 +8,16 @@ import sqlite3
 from dataclasses import replace
 from pathlib import Path
 
+import asyncpg
 import openai
 import pytest
 
+from proxy.keys import STORE
 from proxy.models import ListQuery, PageQuery
 from proxy.store import CompletionRecord, StoreError
 from proxy.store.sqlite import SQLiteStore
 from proxy.store.text import fts5_query, owner_token, searchable
+from tests.conftest import BACKENDS
 from tests.fakes import FakeUpstream, Reply
 
 
@@ -32,6 +35,26 @@ async def found(client: openai.AsyncOpenAI, search: str, **params: object) -> li
     return [c.id for c in page.data]
 
 
+both = pytest.mark.parametrize("store_url", BACKENDS, indirect=True)
+
+
+async def indexed_text(proxy, store_url: str) -> str:
+    """Everything the search index holds, as text (SQLite's FTS rows, PostgreSQL's
+    tsvectors)."""
+    if store_url.startswith("postgresql"):
+        conn = await asyncpg.connect(
+            store_url.split("?", maxsplit=1)[0],
+            server_settings={"search_path": store_url.split("search_path=")[1]},
+        )
+        try:
+            rows = await conn.fetch("SELECT search_text::text FROM completions")
+        finally:
+            await conn.close()
+        return " ".join(row[0] or "" for row in rows)
+    return " ".join(body for _, body in fts_rows(Path(store_url)))
+
+
+@both
 async def test_search_through_the_api_finds_prompts_answers_and_tool_arguments(
     alice: openai.AsyncOpenAI, bob: openai.AsyncOpenAI, upstream: FakeUpstream
 ) -> None:
@@ -91,6 +114,7 @@ async def test_search_through_the_api_finds_prompts_answers_and_tool_arguments(
     assert refused.value.body["param"] == "search"  # type: ignore[index]
 
 
+@both
 async def test_search_pages_newest_first_without_repeats(alice: openai.AsyncOpenAI) -> None:
     made = [
         (
@@ -117,8 +141,9 @@ async def test_search_pages_newest_first_without_repeats(alice: openai.AsyncOpen
     assert seen == made[::-1]
 
 
+@both
 async def test_deleted_and_pruned_completions_leave_the_index(
-    proxy, alice: openai.AsyncOpenAI, tmp_path: Path
+    proxy, alice: openai.AsyncOpenAI, store_url: str
 ) -> None:
     kept = await alice.chat.completions.create(
         model="gpt-test", messages=ask("zebra kept"), store=True
@@ -128,21 +153,17 @@ async def test_deleted_and_pruned_completions_leave_the_index(
     )
     await alice.chat.completions.delete(gone.id)
     assert await found(alice, "zebra") == [kept.id]
-    db = tmp_path / "completions.db"
-    assert [body for _, body in fts_rows(db) if "gone" in body] == []
-    store = SQLiteStore(db)
-    await store.open()
-    try:
-        await store.prune(before=2_000_000_000)
-        page = await store.list_completions(None, ListQuery(search="zebra"))
-        assert page.items == []
-    finally:
-        await store.close()
-    assert fts_rows(db) == []
+    assert "gone" not in await indexed_text(proxy, store_url)
+    store = proxy.app[STORE]
+    await store.prune(before=2_000_000_000)
+    assert (await store.list_completions(None, ListQuery(search="zebra"))).items == []
+    assert await found(alice, "zebra") == []
+    assert "zebra" not in await indexed_text(proxy, store_url)
 
 
+@both
 async def test_redacted_secrets_stay_out_of_the_index(
-    alice: openai.AsyncOpenAI, tmp_path: Path
+    proxy, alice: openai.AsyncOpenAI, store_url: str
 ) -> None:
     secret = "sk-proj-" + "A1b2C3d4E5f6G7h8I9j0K1l2M3n4"
     made = await alice.chat.completions.create(
@@ -150,8 +171,9 @@ async def test_redacted_secrets_stay_out_of_the_index(
     )
     assert await found(alice, secret) == []
     assert await found(alice, "please") == [made.id]
-    bodies = " ".join(body for _, body in fts_rows(tmp_path / "completions.db"))
-    assert "please" in bodies and secret not in bodies and "A1b2C3d4" not in bodies
+    bodies = await indexed_text(proxy, store_url)
+    assert "please" in bodies and secret.lower() not in bodies.lower()
+    assert "a1b2c3d4" not in bodies.lower()
 
 
 def _record(n: int, text: str) -> CompletionRecord:
@@ -261,3 +283,45 @@ async def test_usage_over_whole_days_reads_the_rollup_and_matches_the_rows(
             assert sum(r.completions for r in rolled) == 60 - 1 - 12
     finally:
         await store.close()
+
+
+@both
+async def test_log_rows_time_range_and_failed_outcomes_on_each_backend(
+    proxy, alice: openai.AsyncOpenAI, bob: openai.AsyncOpenAI, upstream: FakeUpstream
+) -> None:
+    """What the console reads: log rows with their promoted columns and preview, a time
+    range, one row by id, and failed exchanges by outcome."""
+    made = await alice.chat.completions.create(
+        model="gpt-test",
+        messages=[{"role": "user", "content": [{"type": "text", "text": "parts  here"}]}],
+        store=True,
+        metadata={"k": "v"},
+    )
+    await bob.chat.completions.create(model="gpt-test", messages=ask("bob"), store=True)
+    upstream.script(Reply(status=500, json={"error": {"message": "no"}}))
+    with pytest.raises(openai.InternalServerError):
+        await alice.chat.completions.create(model="gpt-test", messages=ask("x"), store=True)
+    store = proxy.app[STORE]
+    caller = (await store.log_entries(None, ListQuery())).items[0].caller
+    page = await store.log_entries(caller, ListQuery(page=PageQuery(order="desc")))
+    (entry,) = page.items
+    assert (entry.id, entry.model, entry.outcome, entry.metadata) == (
+        made.id,
+        "gpt-test",
+        "complete",
+        {"k": "v"},
+    )
+    assert entry.preview == "parts here" and entry.prompt_tokens == 5
+    assert entry.completion_tokens == 7 and entry.duration_ms is not None
+    assert await store.log_entry(caller, made.id) == entry
+    assert await store.log_entry("someone else", made.id) is None
+    everyone = await store.log_entries(None, ListQuery())
+    assert len(everyone.items) == 2
+    created = entry.created
+    inside = ListQuery(since=created, until=created + 1)
+    assert [e.id for e in (await store.log_entries(caller, inside)).items] == [made.id]
+    assert (await store.log_entries(caller, ListQuery(since=created + 1))).items == []
+    assert (await store.log_entries(None, ListQuery(until=created))).items == []
+    failed = await store.list_exchanges(None, PageQuery(), outcome="upstream_error")
+    assert [e.status for e in failed.items] == [500]
+    assert (await store.list_exchanges(None, PageQuery(), outcome="client_gone")).items == []

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import re
+import unicodedata
 from typing import Any
 
 import orjson
@@ -83,6 +84,13 @@ def searchable(request: bytes, completion: bytes) -> str:
 def search_terms(search: str) -> list[str]:
     """The words of a search, as typed (the backend quotes them for its own syntax)."""
     return [t for t in _WORD.findall(search[:SEARCH_MAX_CHARS]) if _TOKEN.search(t)]
+
+
+def folded(text: str) -> str:
+    """Lower case, accents taken off: what a backend without an accent-folding tokenizer
+    indexes and searches (PostgreSQL's ``simple`` configuration, without ``unaccent``)."""
+    decomposed = unicodedata.normalize("NFKD", text.lower())
+    return "".join(char for char in decomposed if not unicodedata.combining(char))
 
 
 def owner_token(caller: str) -> str:

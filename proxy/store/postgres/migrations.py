@@ -15,9 +15,12 @@ is deleted, so a deleted id keeps its place in the order.
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import asyncpg
+
+from proxy.store.text import folded, searchable
 
 # The first key of the two-key advisory locks this store takes; the second names the schema.
 LOCK_SPACE = 0x63707278  # "cprx"
@@ -29,6 +32,28 @@ RETENTION_LOCK = 2
 class Migration:
     name: str
     statements: tuple[str, ...]
+    # Python work on existing rows, run after the statements in the same transaction.
+    backfill: Callable[[asyncpg.Connection], Awaitable[None]] | None = None
+
+
+async def _backfill_search(conn: asyncpg.Connection) -> None:
+    """Give completions stored before search existed their search text."""
+    last = 0
+    while True:
+        rows = await conn.fetch(
+            "SELECT seq, request, completion FROM completions WHERE seq > $1"
+            " ORDER BY seq LIMIT 1000",
+            last,
+        )
+        if not rows:
+            return
+        await conn.execute(
+            "UPDATE completions c SET search_text = to_tsvector('simple', u.text)"
+            " FROM unnest($1::bigint[], $2::text[]) AS u(seq, text) WHERE c.seq = u.seq",
+            [row[0] for row in rows],
+            [folded(searchable(row[1], row[2])) for row in rows],
+        )
+        last = rows[-1][0]
 
 
 MIGRATIONS: tuple[Migration, ...] = (
@@ -168,6 +193,17 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX deleted_completions_created ON deleted_completions (created)",
         ),
     ),
+    Migration(
+        "p002_search",
+        (
+            # Full-text search (see proxy.store.text): the folded text of the request and
+            # the answer as a tsvector, written by the same INSERT as the completion, so it
+            # is committed with it and goes when the row goes; a GIN index finds matches.
+            "ALTER TABLE completions ADD COLUMN search_text tsvector",
+            "CREATE INDEX completions_search ON completions USING gin (search_text)",
+        ),
+        backfill=_backfill_search,
+    ),
 )
 
 
@@ -200,6 +236,8 @@ async def migrate(conn: asyncpg.Connection) -> list[str]:
             async with conn.transaction():
                 for statement in migration.statements:
                     await conn.execute(statement)
+                if migration.backfill is not None:
+                    await migration.backfill(conn)
                 await conn.execute(
                     "INSERT INTO _migrations (name, applied_at) VALUES ($1, $2)",
                     migration.name,

@@ -49,13 +49,16 @@ _TYPES = (
 )
 _NAMES = ", ".join(COMPLETION_COLUMNS)
 
-# One statement writes a whole batch: the completions (duplicates skipped), the metadata
+# One statement writes a whole batch: the completions (duplicates skipped) with their
+# search text ($27, proxy.store.text.searchable, folded), the metadata
 # rows of the new ones (taken from their encoded metadata), and the exchanges; it returns how
 # many rows were new. One statement is one transaction and one round trip.
 WRITE_BATCH = f"""
 WITH new AS (
-    INSERT INTO completions ({_NAMES})
-    SELECT * FROM unnest({", ".join(f"${i}::{t}[]" for i, t in enumerate(_TYPES, 1))})
+    INSERT INTO completions ({_NAMES}, search_text)
+    SELECT {_NAMES}, to_tsvector('simple', search) FROM unnest(
+        {", ".join(f"${i}::{t}[]" for i, t in enumerate(_TYPES, 1))}, $27::text[]
+    ) AS u({_NAMES}, search)
     ON CONFLICT (id, caller) DO NOTHING
     RETURNING seq, caller, created, metadata
 ), pairs AS (
@@ -82,12 +85,12 @@ SELECT (SELECT count(*) FROM new) + (SELECT count(*) FROM exchanged)
 IMPORT_STAGE = (
     "CREATE TEMPORARY TABLE import_stage ("
     + ", ".join(f"{name} {kind}" for name, kind in zip(COMPLETION_COLUMNS, _TYPES, strict=True))
-    + ", stage_order bigint) ON COMMIT DROP"
+    + ", search text, stage_order bigint) ON COMMIT DROP"
 )
 IMPORT_MOVE = f"""
 WITH new AS (
-    INSERT INTO completions ({_NAMES})
-    SELECT {_NAMES} FROM import_stage ORDER BY stage_order
+    INSERT INTO completions ({_NAMES}, search_text)
+    SELECT {_NAMES}, to_tsvector('simple', search) FROM import_stage ORDER BY stage_order
     ON CONFLICT (id, caller) DO NOTHING
     RETURNING seq, caller, created, metadata
 ), pairs AS (
@@ -186,6 +189,10 @@ def page_keys(  # noqa: PLR0917 - one page's coordinates
                 f"EXISTS (SELECT 1 FROM completions y WHERE y.seq = k.seq"
                 f" AND y.model = {p(query.model)})"
             )
+    if query.since is not None:
+        where.append(f"k.created >= {p(query.since)}::bigint")
+    if query.until is not None:
+        where.append(f"k.created < {p(query.until)}::bigint")
     if cursor is not None:
         where.append(f"({keys}) {compare} ({p(cursor[0])}::bigint, {p(cursor[1])}::bigint)")
     extra = "".join(f" AND {clause}" for clause in where)
@@ -200,8 +207,9 @@ def page(
     query: ListQuery,
     cursor: tuple[int, int] | None,
     rare: tuple[tuple[str, str], ...] = (),
+    columns: str = "c.id, c.completion, c.metadata",
 ) -> tuple[str, list[object]]:
-    """A whole page of completions (``id, completion, metadata``), one more than the limit.
+    """A whole page of completions (``columns``), one more than the limit.
 
     One caller's page reads that caller's indexes. An admin's page (``caller`` None) reads
     each caller's first keys (one short index read per caller, found by a skip scan) and
@@ -221,8 +229,41 @@ def page(
             f" ORDER BY page.created {direction}, page.seq {direction} LIMIT {limit + 1})"
         )
     sql += (
-        " SELECT c.id, c.completion, c.metadata FROM keys JOIN completions c ON c.seq = keys.seq"
+        f" SELECT {columns} FROM keys JOIN completions c ON c.seq = keys.seq"
         f" ORDER BY keys.created {direction}, keys.seq {direction}"
+    )
+    return sql, p.values
+
+
+def search_page(
+    caller: str | None, query: ListQuery, terms: list[str], cursor: int | None, columns: str
+) -> tuple[str, list[object]]:
+    """A page of completions whose search text holds every term (each a phrase), in
+    storage order (seq), with the page's other filters. The GIN index on ``search_text``
+    finds the matches; a common word with a short page is walked in seq order instead, as
+    the planner chooses."""
+    p = Params()
+    direction, compare = _direction(query.page.order)
+    match = " && ".join(f"phraseto_tsquery('simple', {p(term)})" for term in terms)
+    where = [f"c.search_text @@ ({match})"]
+    if caller is not None:
+        where.append(f"c.caller = {p(caller)}")
+    if query.model is not None:
+        where.append(f"c.model = {p(query.model)}")
+    if query.since is not None:
+        where.append(f"c.created >= {p(query.since)}::bigint")
+    if query.until is not None:
+        where.append(f"c.created < {p(query.until)}::bigint")
+    if cursor is not None:
+        where.append(f"c.seq {compare} {p(cursor)}::bigint")
+    for key, value in query.metadata:
+        where.append(
+            "EXISTS (SELECT 1 FROM completion_metadata x"
+            f" WHERE x.seq = c.seq AND x.key = {p(key)} AND x.value = {p(value)})"
+        )
+    sql = (
+        f"SELECT {columns} FROM completions c WHERE {' AND '.join(where)}"
+        f" ORDER BY c.seq {direction} LIMIT {query.page.limit + 1}"
     )
     return sql, p.values
 

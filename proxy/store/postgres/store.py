@@ -36,12 +36,14 @@ from proxy.store.records import (
     ExchangeRecord,
     ExportFilter,
     KeyRecord,
+    LogEntry,
     Page,
     PruneReport,
     StoredCompletion,
     UsageRow,
     Writable,
 )
+from proxy.store.text import folded, preview, search_terms, searchable
 
 IMPORT_CHUNK = 20_000  # rows staged by COPY and moved per statement during an import
 EXPORT_BATCH = 2_000
@@ -52,6 +54,12 @@ CONTENT_TABLES = (
     "exchanges",
     "deleted_completions",
     "tombstones",
+)
+# A log row (``LogEntry``): the promoted columns and the last input message's content.
+_LOG_COLUMNS = (
+    "c.id, c.caller, c.created, c.model, c.outcome, c.stream, c.duration_ms, c.stored_at,"
+    " c.prompt_tokens, c.cached_tokens, c.completion_tokens, c.metadata,"
+    " convert_from(c.request, 'UTF8')::jsonb -> 'messages' -> -1 ->> 'content'"
 )
 _GROUPS = {
     "caller": "caller",
@@ -111,6 +119,30 @@ def _store_errors(cls: Cls) -> Cls:
         elif inspect.isasyncgenfunction(fn):
             setattr(cls, name, generator(fn))
     return cls
+
+
+def _search_text(record: CompletionRecord) -> str:
+    """What the search index holds for a completion: its text, folded (lower case, no
+    accents), since the ``simple`` configuration folds only case."""
+    return folded(searchable(record.request, record.completion))
+
+
+def _log_entry(row: asyncpg.Record) -> LogEntry:
+    return LogEntry(
+        id=row[0],
+        caller=row[1],
+        created=row[2],
+        model=row[3],
+        outcome=row[4],
+        stream=row[5],
+        duration_ms=row[6],
+        stored_at=row[7],
+        prompt_tokens=row[8],
+        cached_tokens=row[9],
+        completion_tokens=row[10],
+        metadata=orjson.loads(row[11]),
+        preview=preview(row[12]),
+    )
 
 
 def _dump_metadata(metadata: dict[str, str]) -> bytes:
@@ -176,6 +208,7 @@ def _stage_rows(
             r.prompt_tokens,
             r.cached_tokens,
             r.completion_tokens,
+            _search_text(r),
             order,
         )
 
@@ -305,6 +338,7 @@ class PostgresStore:
                 queries.WRITE_BATCH,
                 *_columns(completions, time.time()),
                 *_exchange_columns(exchanges),
+                [_search_text(r) for r in completions],
             )
         return inserted
 
@@ -331,7 +365,7 @@ class PostgresStore:
         pending = iter(batches)
         inserted = 0
         now = time.time()
-        columns = [*queries.COMPLETION_COLUMNS, "stage_order"]
+        columns = [*queries.COMPLETION_COLUMNS, "search", "stage_order"]
         async with self._acquire() as conn:
             try:
                 async with conn.transaction():
@@ -447,7 +481,9 @@ class PostgresStore:
 
     # -- keys ------------------------------------------------------------------------------
 
-    async def create_key(self, name: str, role: str, key_id: str, key_hash: bytes) -> None:
+    async def create_key(
+        self, name: str, role: str, key_id: str, key_hash: bytes, *, actor: str = "cli"
+    ) -> None:
         """Add a proxy key; raises ``KeyExists`` when the name is taken."""
         async with self._acquire() as conn, conn.transaction():
             created = await conn.fetchval(
@@ -461,9 +497,9 @@ class PostgresStore:
             )
             if created is None:
                 raise KeyExists(name)
-            await _audit(conn, "cli", "key_created", None, name, {"role": role})
+            await _audit(conn, actor, "key_created", None, name, {"role": role})
 
-    async def revoke_key(self, name: str) -> bool:
+    async def revoke_key(self, name: str, *, actor: str = "cli") -> bool:
         async with self._acquire() as conn, conn.transaction():
             revoked = await conn.fetchval(
                 "UPDATE proxy_keys SET revoked_at = $1 WHERE name = $2 AND revoked_at IS NULL"
@@ -472,7 +508,7 @@ class PostgresStore:
                 name,
             )
             if revoked is not None:
-                await _audit(conn, "cli", "key_revoked", None, name, {})
+                await _audit(conn, actor, "key_revoked", None, name, {})
         return revoked is not None
 
     async def list_keys(self) -> list[KeyRecord]:
@@ -624,11 +660,46 @@ class PostgresStore:
     async def list_completions(
         self, caller: str | None, query: ListQuery
     ) -> Page[StoredCompletion]:
+        rows, has_more = await self._select_page(caller, query, "c.id, c.completion, c.metadata")
+        items = [StoredCompletion(id=row[0], completion=row[1], metadata=row[2]) for row in rows]
+        return Page(items=items, has_more=has_more)
+
+    async def log_entries(self, caller: str | None, query: ListQuery) -> Page[LogEntry]:
+        rows, has_more = await self._select_page(caller, query, _LOG_COLUMNS)
+        return Page(items=[_log_entry(row) for row in rows], has_more=has_more)
+
+    async def log_entry(self, caller: str | None, completion_id: str) -> LogEntry | None:
+        if caller is None:
+            row = await self._p.fetchrow(
+                f"SELECT {_LOG_COLUMNS} FROM completions c WHERE c.id = $1 ORDER BY c.seq LIMIT 1",
+                completion_id,
+            )
+        else:
+            row = await self._p.fetchrow(
+                f"SELECT {_LOG_COLUMNS} FROM completions c WHERE c.id = $1 AND c.caller = $2",
+                completion_id,
+                caller,
+            )
+        return None if row is None else _log_entry(row)
+
+    async def _select_page(
+        self, caller: str | None, query: ListQuery, columns: str
+    ) -> tuple[list[asyncpg.Record], bool]:
+        """The rows (``columns`` of ``completions c``) of one page and whether more follow."""
         page = query.page
         cursor = await self._cursor(caller, page.after) if page.after else None
         if query.owner is not None and caller not in (None, query.owner):
-            return Page(items=[], has_more=False)
+            return [], False
         scope = caller if query.owner is None else query.owner
+        if query.search is not None:
+            terms = [folded(term) for term in search_terms(query.search)]
+            if not terms:
+                return [], False
+            sql, params = queries.search_page(
+                scope, query, terms, None if cursor is None else cursor[1], columns
+            )
+            rows = await self._p.fetch(sql, *params)
+            return list(rows[: page.limit]), len(rows) > page.limit
         rare: tuple[tuple[str, str], ...] = ()
         if scope is not None and len(query.metadata) > 1:
             sql, params = queries.rarity(scope, query.metadata)
@@ -639,18 +710,18 @@ class PostgresStore:
                 for pair, count in zip(query.metadata, counts, strict=True)
                 if count < queries.RARE
             )
-        sql, params = queries.page(scope, query, cursor, rare)
+        sql, params = queries.page(scope, query, cursor, rare, columns)
         rows = await self._p.fetch(sql, *params)
-        items = [
-            StoredCompletion(id=row[0], completion=row[1], metadata=row[2])
-            for row in rows[: page.limit]
-        ]
-        return Page(items=items, has_more=len(rows) > page.limit)
+        return list(rows[: page.limit]), len(rows) > page.limit
 
-    async def list_exchanges(self, caller: str | None, page: PageQuery) -> Page[ExchangeRecord]:
+    async def list_exchanges(
+        self, caller: str | None, page: PageQuery, *, outcome: str | None = None
+    ) -> Page[ExchangeRecord]:
         """Exchanges that stored no completion, keyset-paged by request id."""
         p = queries.Params()
         where = [f"caller = {p(caller)}"] if caller is not None else []
+        if outcome is not None:
+            where.append(f"outcome = {p(outcome)}")
         compare, direction = (">", "ASC") if page.order == "asc" else ("<", "DESC")
         if page.after:
             row = await self._p.fetchrow(
