@@ -325,3 +325,15 @@ async def test_log_rows_time_range_and_failed_outcomes_on_each_backend(
     failed = await store.list_exchanges(None, PageQuery(), outcome="upstream_error")
     assert [e.status for e in failed.items] == [500]
     assert (await store.list_exchanges(None, PageQuery(), outcome="client_gone")).items == []
+
+
+@both
+async def test_ended_sessions_are_seen_by_every_process_on_the_store(proxy) -> None:
+    store = proxy.app[STORE]
+    assert not await store.session_ended("s1")
+    await store.end_session("old", 1.0)  # already past: dropped by the next end
+    await store.end_session("s1", 4_000_000_000.0)
+    await store.end_session("s1", 4_000_000_001.0)  # twice is fine
+    assert await store.session_ended("s1")
+    await store.end_session("s2", 4_000_000_000.0)
+    assert not await store.session_ended("old")

@@ -355,6 +355,15 @@ MIGRATIONS: tuple[Migration, ...] = (
             " FROM completions GROUP BY 1, 2, 3",
         ),
     ),
+    Migration(
+        "m012_ended_sessions",
+        (
+            # Console sessions signed out before they expire, so every process sharing
+            # the file refuses them; a row is dropped once its session would have expired.
+            "CREATE TABLE ended_sessions (sid TEXT PRIMARY KEY, expires REAL NOT NULL)"
+            " WITHOUT ROWID",
+        ),
+    ),
 )
 
 

@@ -678,6 +678,15 @@ def _prune(conn: sqlite3.Connection, before: int) -> tuple[int, int]:
     return completions, exchanges
 
 
+def _end_session(conn: sqlite3.Connection, session_id: str, expires: float) -> None:
+    with _transaction(conn):
+        conn.execute("DELETE FROM ended_sessions WHERE expires < ?", (time.time(),))
+        conn.execute(
+            "INSERT OR REPLACE INTO ended_sessions (sid, expires) VALUES (?, ?)",
+            (session_id, expires),
+        )
+
+
 def _setting(conn: sqlite3.Connection, name: str, default: bytes) -> bytes:
     conn.execute(
         "INSERT INTO settings (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
@@ -1078,6 +1087,15 @@ class SQLiteStore:
     async def setting(self, name: str, default: bytes) -> bytes:
         """The stored value of a setting, storing ``default`` first if there is none."""
         return await self._write(_setting, name, default)
+
+    async def end_session(self, session_id: str, expires: float) -> None:
+        await self._write(_end_session, session_id, expires)
+
+    async def session_ended(self, session_id: str) -> bool:
+        row = await self._fetchone(
+            self._r, "SELECT 1 FROM ended_sessions WHERE sid = ?", (session_id,)
+        )
+        return row is not None
 
     # -- reads -------------------------------------------------------------------------------
 
