@@ -8,6 +8,7 @@ Screenshots of the main pages go to ``$CONSOLE_SCREENSHOTS`` when set, else a te
 from __future__ import annotations
 
 import os
+import re
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -626,8 +627,11 @@ def test_usage_page_charts_and_table(context: BrowserContext, team: Team, shots:
     shoot(page, shots, "usage", full=True)
     expect(page.locator("figure.chart")).to_have_count(5)
     assert page.locator("figure.chart rect").count() > 0
-    day = page.locator("table.data tbody tr", has_text="2023-11-14")
-    expect(day.filter(has_text="bob")).to_contain_text("$0.000019")
+    other = page.locator("table.data").first.locator("tbody tr", has_text="gpt-other")
+    expect(other).to_contain_text("2023-11-14")
+    expect(other.locator("td").last).to_have_text("\u2013")  # no price for gpt-other
+    bob = page.locator("table.data").nth(1).locator("tbody tr", has_text="bob")
+    expect(bob).to_have_text(re.compile(r"bob\s*1\s*5\s*7\s*\$0\.000019"))
     expect(page.locator("table.data tfoot")).to_contain_text("Total")
     member = sign_in(context.browser.new_context(), team, "bob")  # type: ignore[union-attr]
     member.goto(team.url + "/ui/usage?since=2023-11-01&until=2023-11-30")

@@ -16,7 +16,7 @@ from proxy.keys import STORE
 from proxy.models import ListQuery, PageQuery
 from proxy.store import CompletionRecord, StoreError
 from proxy.store.sqlite import SQLiteStore
-from proxy.store.text import fts5_query, owner_token, searchable
+from proxy.store.text import filter_tags, fts5_query, searchable
 from tests.conftest import BACKENDS
 from tests.fakes import FakeUpstream, Reply
 
@@ -105,6 +105,11 @@ async def test_search_through_the_api_finds_prompts_answers_and_tool_arguments(
     assert await found(alice, "lighthouses nowhere") == []  # every word must appear
     assert await found(alice, "café", metadata={"t": "y"}) == []  # with the filters
     assert await found(alice, "café", metadata={"t": "x"}) == [cafe.id]
+    await alice.chat.completions.update(cafe.id, metadata={"t": "z"})  # tags follow edits
+    assert await found(alice, "café", metadata={"t": "x"}) == []
+    assert await found(alice, "café", metadata={"t": "z"}) == [cafe.id]
+    assert await found(alice, "café", model="gpt-other") == []
+    assert await found(alice, "café", model="gpt-test") == [cafe.id]
     assert await found(alice, '"OR" NEAR( *') == []  # no query syntax: words only
     assert await found(alice, "?!") == []
     assert await found(bob, "lighthouses") == []  # only one's own
@@ -200,7 +205,7 @@ async def test_an_old_file_is_indexed_when_it_gains_search(tmp_path: Path) -> No
     with contextlib.closing(sqlite3.connect(path)) as conn:  # as a file before m010
         conn.execute("DROP TRIGGER completions_fts_delete")
         conn.execute("DROP TABLE completions_fts")
-        conn.execute("DELETE FROM _migrations WHERE name = 'm010_search'")
+        conn.execute("DELETE FROM _migrations WHERE name IN ('m010_search', 'm013_search_tags')")
         conn.commit()
     store = SQLiteStore(path)
     await store.open()
@@ -247,9 +252,10 @@ def test_searchable_text_and_query_are_pure() -> None:
     ]
     assert searchable(b"not json", b"{}") == ""
     assert fts5_query('say "hi" now') == 'body : ("say" """hi""" "now")'
-    owner = owner_token("alice")
-    assert owner.isalnum() and owner == owner_token("alice") != owner_token("bob")
-    assert fts5_query("x", "alice") == f'body : ("x") AND owner : "{owner}"'
+    tags = filter_tags("a b", "gpt-4o", [("k", 'v "w"'), ("k", "v2")])
+    assert len(tags) == 4 and all(tag.isalnum() for tag in tags) and len(set(tags)) == 4
+    assert filter_tags("a b", None) == tags[:1] and filter_tags(None, None) == []
+    assert fts5_query("x", tags[:2]) == f'body : ("x") AND tags : ({tags[0]} {tags[1]})'
     assert fts5_query("  ") is None
 
 

@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import re
 import unicodedata
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import orjson
@@ -93,22 +94,32 @@ def folded(text: str) -> str:
     return "".join(char for char in decomposed if not unicodedata.combining(char))
 
 
-def owner_token(caller: str) -> str:
-    """The caller as one index token (letters and digits only, whatever the name holds), so
-    a member's search intersects their own rows inside the index instead of filtering every
-    match of a common word afterwards."""
-    return "o" + hashlib.blake2b(caller.encode(), digest_size=10).hexdigest()
+def _tag(kind: str, value: str) -> str:
+    return kind + hashlib.blake2b(value.encode(), digest_size=10).hexdigest()
 
 
-def fts5_query(search: str, caller: str | None = None) -> str | None:
+def filter_tags(
+    caller: str | None, model: str | None, metadata: Iterable[tuple[str, str]] = ()
+) -> list[str]:
+    """A completion's caller, model and metadata pairs as index tokens (letters and digits
+    only, whatever the values hold). A search with filters then intersects them inside the
+    index, instead of testing every match of a common word against the filters."""
+    tags = [] if caller is None else [_tag("o", caller)]
+    if model is not None:
+        tags.append(_tag("m", model))
+    tags += [_tag("k", f"{key}\x00{value}") for key, value in metadata]
+    return tags
+
+
+def fts5_query(search: str, tags: Sequence[str] = ()) -> str | None:
     """A search as an FTS5 MATCH expression: every word a quoted string, all required, in
-    the text column; with ``caller``, only that caller's rows."""
+    the text column; every tag required in the tags column."""
     terms = search_terms(search)
     if not terms:
         return None
     words = " ".join('"' + term.replace('"', '""') + '"' for term in terms)
     match = f"body : ({words})"
-    return match if caller is None else f'{match} AND owner : "{owner_token(caller)}"'
+    return match if not tags else f"{match} AND tags : ({' '.join(tags)})"
 
 
 def preview(content: Any) -> str:

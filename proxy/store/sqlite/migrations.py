@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import orjson
 
 from proxy.identity import request_key
-from proxy.store.text import owner_token, searchable
+from proxy.store.text import filter_tags, searchable
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,17 +59,39 @@ def _backfill_search(conn: sqlite3.Connection) -> None:
     last = 0
     while True:
         rows = conn.execute(
-            "SELECT seq, caller, request, completion FROM completions WHERE seq > ?"
+            "SELECT seq, request, completion FROM completions WHERE seq > ?"
             " ORDER BY seq LIMIT 1000",
             (last,),
         ).fetchall()
         if not rows:
             return
         conn.executemany(
-            "INSERT INTO completions_fts (rowid, body, owner) VALUES (?, ?, ?)",
+            "INSERT INTO completions_fts (rowid, body) VALUES (?, ?)",
+            [(seq, searchable(request, completion)) for seq, request, completion in rows],
+        )
+        last = rows[-1][0]
+
+
+def _backfill_search_tags(conn: sqlite3.Connection) -> None:
+    """Index every completion again, with its filter tags."""
+    last = 0
+    while True:
+        rows = conn.execute(
+            "SELECT seq, caller, model, metadata, request, completion FROM completions"
+            " WHERE seq > ? ORDER BY seq LIMIT 1000",
+            (last,),
+        ).fetchall()
+        if not rows:
+            return
+        conn.executemany(
+            "INSERT INTO completions_fts (rowid, body, tags) VALUES (?, ?, ?)",
             [
-                (seq, searchable(request, completion), owner_token(caller))
-                for seq, caller, request, completion in rows
+                (
+                    seq,
+                    searchable(request, completion),
+                    " ".join(filter_tags(caller, model, orjson.loads(metadata).items())),
+                )
+                for seq, caller, model, metadata, request, completion in rows
             ],
         )
         last = rows[-1][0]
@@ -300,10 +322,8 @@ MIGRATIONS: tuple[Migration, ...] = (
             # than 3.43 cannot do without it). Rows go in with their completion, in the same
             # transaction (_insert); the trigger takes them out with it, whoever deletes
             # (a delete, a prune, an import taken back).
-            # ``owner`` holds one token naming the caller (text.owner_token), so a member's
-            # search is an intersection inside the index.
             "CREATE VIRTUAL TABLE completions_fts USING fts5("
-            " body, owner, tokenize = 'unicode61 remove_diacritics 2', columnsize = 0)",
+            " body, tokenize = 'unicode61 remove_diacritics 2', columnsize = 0)",
             "CREATE TRIGGER completions_fts_delete AFTER DELETE ON completions BEGIN"
             " DELETE FROM completions_fts WHERE rowid = old.seq; END",
         ),
@@ -363,6 +383,20 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE TABLE ended_sessions (sid TEXT PRIMARY KEY, expires REAL NOT NULL)"
             " WITHOUT ROWID",
         ),
+    ),
+    Migration(
+        "m013_search_tags",
+        (
+            # The index gains a column of tags (text.filter_tags: the caller, the model and
+            # each metadata pair as one token each), so a search with filters is an
+            # intersection inside the index: a member searching a common word, or a word
+            # with a metadata pair that never meets it, no longer tests every match. FTS5
+            # tables cannot gain a column, so the table is made again and filled.
+            "DROP TABLE completions_fts",
+            "CREATE VIRTUAL TABLE completions_fts USING fts5("
+            " body, tags, tokenize = 'unicode61 remove_diacritics 2', columnsize = 0)",
+        ),
+        backfill=_backfill_search_tags,
     ),
 )
 

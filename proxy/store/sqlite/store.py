@@ -46,7 +46,7 @@ from proxy.store.records import (
 )
 from proxy.store.sqlite.connection import ThreadedConnection
 from proxy.store.sqlite.migrations import migrate
-from proxy.store.text import fts5_query, owner_token, preview, searchable
+from proxy.store.text import filter_tags, fts5_query, preview, searchable
 
 
 class _Rejected(Exception):
@@ -81,7 +81,7 @@ _LOG_COLUMNS = (
     " CASE WHEN json_valid(CAST(c.request AS TEXT))"
     " THEN json_extract(CAST(c.request AS TEXT), '$.messages[#-1].content') END"
 )
-_INSERT_TEXT = "INSERT INTO completions_fts (rowid, body, owner) VALUES (?, ?, ?)"
+_INSERT_TEXT = "INSERT INTO completions_fts (rowid, body, tags) VALUES (?, ?, ?)"
 
 # Every caller with a stored completion, oldest name first: one seek in the caller-order
 # index per caller (a skip scan), not a read of every row. Admins read across callers with
@@ -221,8 +221,9 @@ def _search_sql(
 ) -> tuple[str, list[object]]:
     """A page of completions whose text matches, in storage order (seq), read from the
     full-text index in that order and stopped at the page's end: the newest matches of a
-    common word are the first ones read. A caller's own rows are picked inside the index
-    (``match`` names the owner); every other filter applies to each match."""
+    common word are the first ones read. The caller, model and metadata filters are tags
+    inside the index (``match`` requires them), so they narrow the walk itself; they are
+    checked again on the rows, with the time range."""
     page = query.page
     direction, compare = ("ASC", ">") if page.order == "asc" else ("DESC", "<")
     where = ["completions_fts MATCH ?"]
@@ -340,7 +341,8 @@ def _insert(conn: sqlite3.Connection, records: Iterable[CompletionRecord], now: 
             seq, caller, created = cursor.lastrowid, record.caller, record.created
             pairs += [(seq, key, value, caller, created) for key, value in record.metadata.items()]
             text = searchable(record.request, record.completion)
-            texts.append((seq, text, owner_token(caller)))
+            tags = filter_tags(caller, record.model, record.metadata.items())
+            texts.append((seq, text, " ".join(tags)))
     if pairs:
         conn.executemany(_INSERT_METADATA, pairs)
     # In the completion's own transaction: search never misses a committed completion.
@@ -568,8 +570,12 @@ def _update_metadata(  # noqa: PLR0917 - the operation's arguments, in order
         seq, owner, created, before = found
         row = _fetchone(
             conn,
-            "UPDATE completions SET metadata = ? WHERE seq = ? RETURNING completion",
+            "UPDATE completions SET metadata = ? WHERE seq = ? RETURNING completion, model",
             (encoded, seq),
+        )
+        conn.execute(  # the search index's tags follow the new metadata
+            "UPDATE completions_fts SET tags = ? WHERE rowid = ?",
+            (" ".join(filter_tags(owner, row[1], metadata.items())), seq),
         )
         conn.execute("DELETE FROM completion_metadata WHERE seq = ?", (seq,))
         conn.executemany(
@@ -1172,7 +1178,7 @@ class SQLiteStore:
             return [], False
         scope = caller if query.owner is None else query.owner
         if query.search is not None:
-            match = fts5_query(query.search, scope)
+            match = fts5_query(query.search, filter_tags(scope, query.model, query.metadata))
             if match is None:
                 return [], False
             sql, params = _search_sql(
