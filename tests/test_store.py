@@ -650,10 +650,10 @@ async def test_a_list_with_several_pairs_walks_the_rarest_one(store: SQLiteStore
 
 
 async def test_an_old_file_gets_the_signatures_of_its_metadata(tmp_path: Path) -> None:
-    """Metadata rows stored before m011 are given their completion's signature, so lists
+    """Metadata rows stored before m014 are given their completion's signature, so lists
     with several pairs find them."""
     path = tmp_path / "old.db"
-    steps = [m for m in MIGRATIONS if m.name < "m011"]
+    steps = [m for m in MIGRATIONS if m.name < "m014"]
     with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
         db.execute("CREATE TABLE _migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)")
         for step in steps:
