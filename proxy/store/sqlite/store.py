@@ -46,6 +46,7 @@ from proxy.store.records import (
 )
 from proxy.store.sqlite.connection import ThreadedConnection
 from proxy.store.sqlite.migrations import migrate
+from proxy.store.sqlite.signature import signature
 from proxy.store.text import filter_tags, fts5_query, preview, searchable
 
 
@@ -63,7 +64,7 @@ ON CONFLICT (caller, id) DO NOTHING
 """
 
 _INSERT_METADATA = """
-INSERT INTO completion_metadata (seq, key, value, caller, created) VALUES (?, ?, ?, ?, ?)
+INSERT INTO completion_metadata (seq, key, value, caller, created, sig) VALUES (?, ?, ?, ?, ?, ?)
 """
 
 _INSERT_EXCHANGE = """
@@ -152,8 +153,9 @@ def _page_sql(
 ) -> tuple[str, list[object]]:
     """One caller's keyset page as SQL, read in order from an index that leads with the
     caller: when filtering by metadata, the index range of pair ``driver`` (the rarest, see
-    ``_rarest``), each row checked for the other pairs by primary key before its completion
-    is read; else the model's or the plain order. With ``keys_only`` it reads just the
+    ``_rarest``), each row checked for the other pairs: first by the signature on its index
+    entry, then, for the few that pass, exactly by primary key, before its completion is
+    read; else the model's or the plain order. With ``keys_only`` it reads just the
     page's ``(created, seq)``, from the indexes alone when there is no model filter. A time
     range bounds the same index range."""
     direction = "ASC" if order == "asc" else "DESC"
@@ -169,6 +171,9 @@ def _page_sql(
         where.append("m.caller = ? AND m.key = ? AND m.value = ?")
         params += [caller, key, value]
         keys = "m.created, m.seq"
+        if rest:
+            where.append("(m.sig & ?) = ?")
+            params += [signature(rest)] * 2
         for key, value in rest:
             where.append(
                 "EXISTS (SELECT 1 FROM completion_metadata x"
@@ -339,9 +344,11 @@ def _insert(conn: sqlite3.Connection, records: Iterable[CompletionRecord], now: 
         if cursor.rowcount:  # zero for a duplicate
             inserted += 1
             seq, caller, created = cursor.lastrowid, record.caller, record.created
-            pairs += [(seq, key, value, caller, created) for key, value in record.metadata.items()]
+            items = record.metadata.items()
+            sig = signature(items)
+            pairs += [(seq, key, value, caller, created, sig) for key, value in items]
             text = searchable(record.request, record.completion)
-            tags = filter_tags(caller, record.model, record.metadata.items())
+            tags = filter_tags(caller, record.model, items)
             texts.append((seq, text, " ".join(tags)))
     if pairs:
         conn.executemany(_INSERT_METADATA, pairs)
@@ -568,6 +575,7 @@ def _update_metadata(  # noqa: PLR0917 - the operation's arguments, in order
         if found is None:
             return None
         seq, owner, created, before = found
+        sig = signature(metadata.items())
         row = _fetchone(
             conn,
             "UPDATE completions SET metadata = ? WHERE seq = ? RETURNING completion, model",
@@ -579,7 +587,8 @@ def _update_metadata(  # noqa: PLR0917 - the operation's arguments, in order
         )
         conn.execute("DELETE FROM completion_metadata WHERE seq = ?", (seq,))
         conn.executemany(
-            _INSERT_METADATA, [(seq, k, v, owner, created) for k, v in metadata.items()]
+            _INSERT_METADATA,
+            [(seq, k, v, owner, created, sig) for k, v in metadata.items()],
         )
         _audit(
             conn,
