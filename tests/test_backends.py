@@ -421,3 +421,32 @@ async def test_healthz_reports_a_writable_store(proxy) -> None:
     response = await proxy.get("/healthz")
     body = await response.json()
     assert response.status == 200 and body["store"]["writable"] is True
+
+
+async def test_full_text_search_through_the_list(proxy) -> None:
+    async with sdk(proxy) as client:
+        made = {}
+        for key, text in (
+            ("cafe", "un café crème, please"),
+            ("dont", "I don't like Mondays"),
+            ("both", "café on Mondays"),
+        ):
+            made[key] = (
+                await client.chat.completions.create(
+                    model="gpt-test", messages=ask(text), store=True, metadata={"k": key}
+                )
+            ).id
+
+        async def found(search: str, **extra: Any) -> list[str]:
+            query = {"search": search, **extra}
+            return [c.id async for c in client.chat.completions.list(extra_query=query, limit=1)]
+
+        assert await found("CAFE") == [made["cafe"], made["both"]]  # accents and case folded
+        assert await found("cafe", order="desc") == [made["both"], made["cafe"]]
+        assert await found("cafe mondays") == [made["both"]]  # every word
+        assert await found("don't") == [made["dont"]]
+        assert await found("echo crème") == [made["cafe"]]  # the answer is searched too
+        assert await found("cafe", **{"metadata[k]": "both"}) == [made["both"]]
+        assert await found("nowhere") == []
+        await client.chat.completions.delete(made["both"])
+        assert await found("mondays") == [made["dont"]]
