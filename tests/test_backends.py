@@ -407,7 +407,7 @@ async def test_retention_deletes_everything_before_the_cutoff(proxy, store_url: 
         made = await client.chat.completions.create(
             model="gpt-test", messages=ask("old"), store=True
         )
-    code, _, err = await cli("prune", "--db", store_url, "--days", "1")
+    code, _, err = await cli("prune", "--db", store_url, "--days", "1", "--yes")
     assert code == 0, err
     async with sdk(proxy) as client:
         with pytest.raises(openai.NotFoundError):
