@@ -24,7 +24,7 @@ from proxy.config import Config
 from proxy.errors import Forbidden, InvalidRequest
 from proxy.handlers import required_caller
 from proxy.keys import CONFIG, METRICS, STORE
-from proxy.models import parse_moment, parse_page_query
+from proxy.models import INT64_MAX, is_digits, parse_moment, parse_page_query
 from proxy.store import UnknownCursor
 from proxy.usage import parse_groups, report
 
@@ -43,9 +43,9 @@ def _moment(request: web.Request, name: str) -> int | None:
         return None
     try:
         return parse_moment(text)
-    except ValueError:
+    except (ValueError, OverflowError):
         raise InvalidRequest(
-            f"{name} must be unix seconds or an ISO 8601 date.", param=name
+            f"{name} must be unix seconds (64 bits at most) or an ISO 8601 date.", param=name
         ) from None
 
 
@@ -73,13 +73,13 @@ async def list_exchanges(request: web.Request) -> web.Response:
 
 async def list_audit(request: web.Request) -> web.Response:
     await _admin(request)
-    try:
-        after = int(request.query.get("after", "0"))
-        limit = int(request.query.get("limit", "100"))
-    except ValueError:
-        raise InvalidRequest("after and limit must be integers.") from None
-    if not 1 <= limit <= 1000:
-        raise InvalidRequest("limit must be between 1 and 1000.", param="limit")
+    after_text = request.query.get("after", "0")
+    limit_text = request.query.get("limit", "100")
+    if not is_digits(after_text) or int(after_text) > INT64_MAX:
+        raise InvalidRequest("after must be an audit entry number (0 and up).", param="after")
+    if not is_digits(limit_text) or not 1 <= int(limit_text) <= 1000:
+        raise InvalidRequest("limit must be an integer from 1 to 1000.", param="limit")
+    after, limit = int(after_text), int(limit_text)
     entries = await request.app[STORE].audit_entries(after, limit)
     return web.Response(body=responses.audit_page(entries), content_type="application/json")
 

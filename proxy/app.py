@@ -18,12 +18,13 @@ import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from proxy import admin, handlers, openapi
+from proxy import admin, admin_keys, console, handlers, openapi
 from proxy.callers import Callers
 from proxy.config import Config, ConfigError
 from proxy.keys import (
     CALLERS,
     CONFIG,
+    FORWARDING,
     METRICS,
     OPENAPI,
     REDACTOR,
@@ -38,11 +39,13 @@ from proxy.redaction import DEFAULT_BUILTIN, Redactor
 from proxy.relay import Relay
 from proxy.replay import Replayer
 from proxy.store import CompletionRecord, open_store
-from proxy.upstream import make_session
+from proxy.upstream import RETARGETING, ForwardRules, make_session
 from proxy.usage import cost
 from proxy.writer import Writer
 
 log = logging.getLogger("proxy.app")
+
+QUEUE_SAMPLE_SECONDS = 1.0
 
 
 def redactor_of(config: Config) -> Redactor:
@@ -81,10 +84,24 @@ async def _store(app: web.Application) -> AsyncIterator[None]:
         app[STORE] = store
         app[WRITER] = writer
         app[REPLAYER] = Replayer(store, shared=config.replay.shared)
+        sampler = None
+        if app[METRICS].multiprocess:
+            sampler = asyncio.create_task(_sample_queue_forever(app[METRICS]))
         yield
+        if sampler is not None:
+            sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sampler
         await writer.close()
     finally:
         await store.close()
+
+
+async def _sample_queue_forever(metrics: Metrics) -> None:
+    """Several workers: a scrape reads every worker's gauge files, so each refreshes its own."""
+    while True:
+        metrics.sample_queue()
+        await asyncio.sleep(QUEUE_SAMPLE_SECONDS)
 
 
 def _count_stored(app: web.Application) -> Callable[[CompletionRecord], None]:
@@ -158,9 +175,23 @@ async def _upstream(app: web.Application) -> AsyncIterator[None]:
         if not upstream_key:
             raise RuntimeError(f"auth.mode is keys but {config.auth.upstream_key_env} is not set")
     session = make_session(config.upstream)
-    app[RELAY] = Relay(session, config.upstream.url, app[WRITER], upstream_key)
+    drop = (
+        frozenset() if upstream_key is None else RETARGETING - _lower(config.auth.forward_headers)
+    )
+    app[RELAY] = Relay(
+        session,
+        config.upstream.url,
+        app[WRITER],
+        upstream_key,
+        drop_headers=drop,
+        max_answer_bytes=config.capture.max_answer_bytes,
+    )
     yield
     await session.close()
+
+
+def _lower(names: list[str]) -> frozenset[str]:
+    return frozenset(name.lower() for name in names)
 
 
 def create_app(config: Config) -> web.Application:
@@ -171,6 +202,7 @@ def create_app(config: Config) -> web.Application:
     app[CONFIG] = config
     app[OPENAPI] = orjson.dumps(openapi.document())
     app[REDACTOR] = redactor_of(config)
+    app[FORWARDING] = ForwardRules(config.auth.forward, config.auth.admin_forward)
     app.cleanup_ctx.append(_store)
     app.cleanup_ctx.append(_retention)
     app.cleanup_ctx.append(_upstream)
@@ -199,6 +231,11 @@ def create_app(config: Config) -> web.Application:
     app.router.add_get("/admin/usage", admin.get_usage, allow_head=False)
     app.router.add_get("/admin/exchanges", admin.list_exchanges, allow_head=False)
     app.router.add_get("/admin/audit", admin.list_audit, allow_head=False)
+    app.router.add_get("/admin/keys", admin_keys.list_keys, allow_head=False)
+    app.router.add_post("/admin/keys", admin_keys.create_key)
+    app.router.add_post("/admin/keys/{name}/revoke", admin_keys.revoke_key)
+    if config.console.enabled:
+        console.setup(app)
     if config.metrics.enabled:
         app.router.add_get("/metrics", admin.metrics, allow_head=False)
     app.router.add_route("*", "/v1/{tail:.*}", handlers.forward)

@@ -113,7 +113,9 @@ def _fold(chunks: Iterable[Json]) -> Json:
         "choices": [],
     }
     for key in _LAST_WINS:  # from the last chunk that has one: mostly found at once
-        head[key] = next((v for c in reversed(kept) if (v := c.get(key)) is not None), None)
+        value = next((v for c in reversed(kept) if (v := c.get(key)) is not None), None)
+        if value is not None:  # left out, not null: the schema types them as object/string
+            head[key] = value
     choices: dict[int, Json] = {}
     tool_calls: dict[int, dict[int, Json]] = {}
     texts: dict[tuple[int, str], list[str]] = {}
@@ -195,12 +197,14 @@ def completion_from_body(body: bytes) -> Json:
         raise AssemblyError("the upstream answer is not JSON") from None
     if not isinstance(completion, dict) or not isinstance(completion.get("id"), str):
         raise AssemblyError("the upstream answer is not a chat completion")
+    if not completion["id"]:
+        raise AssemblyError("the upstream answer has an empty id; it could not be retrieved")
     return completion
 
 
 def completion_from_stream(stream: bytes) -> Json:
     completion = fold_chunks(chunks_of(stream))
-    if not isinstance(completion.get("id"), str):
+    if not isinstance(completion.get("id"), str) or not completion["id"]:
         raise AssemblyError("the stream's chunks carry no id")
     return completion
 
@@ -217,7 +221,10 @@ def stored_completion(completion: Json, request: Json, request_id: str | None) -
     for key in ECHOED_FIELDS:
         stored[key] = request.get(key)
     if stored.get("service_tier") is None:
-        stored["service_tier"] = request.get("service_tier")
+        if request.get("service_tier") is not None:
+            stored["service_tier"] = request["service_tier"]
+        else:
+            stored.pop("service_tier", None)
     stored["input_user"] = request.get("user")
     return stored
 

@@ -131,9 +131,22 @@ class Callers:
         token = bearer_token(request.headers)
         if token is None:
             return None
+        return await self.resolve_token(token)
+
+    async def resolve_token(self, token: str) -> Caller:
+        """The caller a token names (the console's sign-in passes the token it was given)."""
         if not self.keys:
             return Caller(self.fingerprint(token))
         return await self._by_key(token)
+
+    async def by_key_id(self, key_id: str) -> Caller | None:
+        """The caller of a live key, through the same cache as ``resolve``; None when the key
+        is unknown or revoked. A console session re-checks its key this way on each request."""
+        found = await self._lookup(key_id)
+        if found is None or found[0].revoked_at is not None:
+            return None
+        role: Role = "admin" if found[0].role == "admin" else "member"
+        return Caller(found[0].name, role)
 
     async def _by_key(self, token: str) -> Caller:
         parts = split_key(token)

@@ -30,6 +30,8 @@ from proxy.outcome import Outcome
 from proxy.redaction import Redactor
 from proxy.store import CompletionRecord, ExchangeRecord
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
 
 def usage_of(completion: dict[str, Any]) -> tuple[int, int, int]:
     """(prompt, cached, completion) tokens of a chat.completion's ``usage``; zeros if none."""
@@ -49,6 +51,7 @@ class Capture:
 
     ``storable`` turns false when the upstream answers anything but 200: the bytes are still
     kept, for the audit record of a failed exchange, but nothing is stored as a completion.
+    ``kept`` turns false when the answer grew past the capture limit (``drop``).
     """
 
     request: ChatRequest
@@ -61,10 +64,24 @@ class Capture:
     streamed: bool = False
     storable: bool = True
     upstream_request_id: str | None = None
+    kept: bool = True
+
+    def drop(self) -> None:
+        """Stop capturing and give the captured bytes back: the answer is too large to keep."""
+        self.kept = False
+        self.response = bytearray()
 
     def _stored_request(self) -> bytes:
         body, replaced = self.redactor.document(self.raw, self.request.body)
         return orjson.dumps(body) if replaced else self.raw
+
+    def _audited_request(self) -> bytes:
+        """The request for an audit record, which must be written even when the request is
+        past what the JSON encoder takes: then the redaction rules apply to its text."""
+        try:
+            return self._stored_request()
+        except (orjson.JSONEncodeError, RecursionError):
+            return self.redactor.text(self.raw.decode("utf-8", "replace"))[0].encode()
 
     def record(self) -> CompletionRecord:
         """Assemble the stored completion; raises ``AssemblyError`` when there is none to store.
@@ -86,6 +103,14 @@ class Capture:
             encoded = orjson.dumps(masked)
         created = completion.get("created")
         prompt, cached, output = usage_of(completion)
+        for name, number in (
+            ("created", created),
+            ("prompt_tokens", prompt),
+            ("cached_tokens", cached),
+            ("completion_tokens", output),
+        ):
+            if isinstance(number, int) and not INT64_MIN <= number <= INT64_MAX:
+                raise AssemblyError(f"{name} is outside the 64-bit range a store holds")
         return CompletionRecord(
             id=completion["id"],
             caller=self.caller,
@@ -117,7 +142,7 @@ class Capture:
             stream=self.streamed,
             outcome=outcome,
             status=status,
-            request=self._stored_request(),
+            request=self._audited_request(),
             response=response,
             duration_ms=round((time.perf_counter() - self.started) * 1000, 3),
         )

@@ -50,6 +50,7 @@ from proxy.logs import configure
 from proxy.models import PageQuery, parse_moment
 from proxy.recordings import export_to, import_from
 from proxy.store import ExportFilter, KeyExists, Store, StoreError, StoreMissing, open_store
+from proxy.supervisor import WorkersFailed, run_worker, supervise, worker_config
 from proxy.usage import parse_groups, report, table
 
 log = logging.getLogger("proxy")
@@ -71,11 +72,22 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port to listen on (default 8080)")
     serve.add_argument("--upstream", metavar="URL", help="upstream base URL, ending in /v1")
     serve.add_argument(
+        "--workers",
+        metavar="N",
+        help="processes serving the port (default 1; auto: one per CPU)",
+    )
+    serve.add_argument(
         "--replay",
         choices=("off", "strict", "fallback"),
         help="answer chat completions from recordings: strict never calls the upstream,"
         " fallback forwards and records what is not recorded",
     )
+
+    # Started by the supervisor of ``serve --workers N``, not by people: no help line.
+    worker = commands.add_parser("serve-worker")
+    worker.add_argument("--index", type=int, required=True)
+    worker.add_argument("--ready-fd", type=int, required=True)
+    worker.add_argument("--life-fd", type=int, required=True)
 
     check = commands.add_parser(
         "check-config",
@@ -393,7 +405,7 @@ def _serve_config(args: argparse.Namespace) -> Config:
     config = load_config(args.config)
     return config.with_overrides(
         {
-            "server": {"host": args.host, "port": args.port},
+            "server": {"host": args.host, "port": args.port, "workers": args.workers},
             "upstream": {"url": args.upstream},
             "store": {"url": args.db},
             "replay": {"mode": args.replay},
@@ -559,6 +571,8 @@ class _Lifecycle:
 
 def serve(config: Config) -> int:
     configure(config.logging)
+    if config.server.worker_count() > 1:
+        return _supervise(config)
     _install_uvloop()
     try:
         sockets = _bind(config.server.host, config.server.port)
@@ -593,9 +607,35 @@ def serve(config: Config) -> int:
     return 0
 
 
+def _supervise(config: Config) -> int:
+    try:
+        return supervise(config)
+    except WorkersFailed as error:
+        sys.stderr.write(f"completions-proxy: workers cannot start: {error}\n")
+    except OSError as error:
+        sys.stderr.write(
+            f"completions-proxy: cannot listen on {config.server.host}:{config.server.port}:"
+            f" {error.strerror}\n"
+        )
+    except StoreError as error:  # not a database, locked past the busy timeout, ...
+        sys.stderr.write(
+            f"completions-proxy: cannot open the store at {config.store.url}: {error}\n"
+        )
+    return 1
+
+
+def _serve_worker(args: argparse.Namespace) -> int:
+    config = worker_config(sys.stdin.buffer.read())
+    configure(config.logging)
+    _install_uvloop()
+    return run_worker(config, args.index, args.ready_fd, args.life_fd)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.command == "serve-worker":
+            return _serve_worker(args)
         if args.command == "check-config":
             config = load_config(args.file)
             _check_serve(config)

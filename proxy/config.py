@@ -34,6 +34,27 @@ class ServerConfig(_Section):
     port: int = Field(8080, ge=0, le=65535)
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
     shutdown_timeout: float = Field(30.0, gt=0)
+    # A client must send a whole request head within header_timeout (also the idle time of a
+    # kept-alive connection) and a whole body within body_timeout; past max_connections open
+    # client connections, new ones get a 503 and are closed.
+    header_timeout: float = Field(30.0, gt=0)
+    body_timeout: float = Field(60.0, gt=0)
+    max_connections: int = Field(1024, ge=1)
+    # Processes serving the port; "auto" is one per CPU this process may run on.
+    workers: int | Literal["auto"] = 1
+
+    @field_validator("workers")
+    @classmethod
+    def _positive(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("must be at least 1, or auto")
+        return value
+
+    def worker_count(self) -> int:
+        """The number of worker processes, with ``auto`` resolved on this machine."""
+        if self.workers == "auto":
+            return max(1, len(os.sched_getaffinity(0)))
+        return self.workers
 
 
 class UpstreamConfig(_Section):
@@ -53,6 +74,9 @@ class UpstreamConfig(_Section):
 class SQLiteSettings(_Section):
     synchronous: Literal["normal", "full"] = "normal"
     max_bytes: int | None = Field(None, ge=65536)
+    # false: another process on the same file copies the WAL into it (serve --workers sets
+    # this for every worker but the first, so a file has one checkpointer).
+    checkpoints: bool = True
 
 
 class PostgresSettings(_Section):
@@ -124,11 +148,38 @@ class AuthConfig(_Section):
     mode: Literal["passthrough", "keys"] = "passthrough"
     upstream_key_env: str = "OPENAI_API_KEY"
     key_cache_seconds: float = Field(2.0, ge=0)
+    # Keys mode: "METHOD /path" routes below /v1 forwarded with the team key (``*`` is one
+    # path segment, a final ``**`` the rest; METHOD may be ``*``); everything else is a 403.
+    forward: list[str] = [
+        "GET /models",
+        "GET /models/*",
+        "POST /embeddings",
+        "POST /moderations",
+        "POST /completions",
+        "POST /audio/speech",
+        "POST /audio/transcriptions",
+        "POST /audio/translations",
+        "POST /images/generations",
+    ]
+    admin_forward: list[str] = []  # routes only admins' keys may use, on top of ``forward``
+    # Client headers that re-target the team key, dropped in keys mode unless listed here.
+    forward_headers: list[str] = []
+
+    @field_validator("forward", "admin_forward")
+    @classmethod
+    def _routes(cls, value: list[str]) -> list[str]:
+        for route in value:
+            method, _, path = route.partition(" ")
+            if not method or not path.startswith("/") or " " in path.strip():
+                raise ValueError(f"expected 'METHOD /path', got {route!r}")
+        return value
 
 
 class CaptureConfig(_Section):
     policy: Literal["requested", "all"] = "requested"
     failed_body_bytes: int = Field(65536, ge=0)
+    # An answer larger than this (after decompression) is relayed in full but not kept.
+    max_answer_bytes: int = Field(32 * 1024 * 1024, ge=1024)
 
 
 class RedactionConfig(_Section):
@@ -175,6 +226,11 @@ class LoggingConfig(_Section):
     access_log: bool = True
 
 
+class ConsoleConfig(_Section):
+    enabled: bool = True
+    session_hours: float = Field(12.0, gt=0, le=24 * 30)
+
+
 class Config(_Section):
     server: ServerConfig = ServerConfig()
     upstream: UpstreamConfig = UpstreamConfig()
@@ -189,6 +245,7 @@ class Config(_Section):
     metrics: MetricsConfig = MetricsConfig()
     replay: ReplayConfig = ReplayConfig()
     logging: LoggingConfig = LoggingConfig()
+    console: ConsoleConfig = ConsoleConfig()
 
     @model_validator(mode="after")
     def _admins_exist(self) -> Config:

@@ -18,7 +18,8 @@ Hierarchy (status → OpenAI SDK exception)::
     ├── RequestTimeout        408  APIStatusError           the client's body did not arrive in time
     ├── PayloadTooLarge       413  APIStatusError
     ├── UpstreamUnreachable   502  InternalServerError      refused / reset before an answer
-    ├── StoreUnavailable      503  InternalServerError      store known broken; store=true refused
+    ├── StoreUnavailable      503  InternalServerError      store known broken; store=true refused;
+    │                                                       also any StoreError a handler meets
     ├── Busy                  503  InternalServerError      too many open client connections
     └── UpstreamTimeout       504  InternalServerError      no answer within the read timeout
 
@@ -37,6 +38,7 @@ from aiohttp import web
 class ProxyError(Exception):
     status = 500
     type = "server_error"
+    close_connection = False  # the connection is closed after the answer
 
     def __init__(
         self,
@@ -84,6 +86,7 @@ class MethodNotAllowed(ProxyError):
 class RequestTimeout(ProxyError):
     status = 408
     type = "invalid_request_error"
+    close_connection = True
 
 
 class PayloadTooLarge(ProxyError):
@@ -125,12 +128,15 @@ def error_body(error: ProxyError) -> bytes:
 
 
 def render(error: ProxyError, request_id: str) -> web.Response:
-    return web.Response(
+    response = web.Response(
         status=error.status,
         body=error_body(error),
         content_type="application/json",
         headers={**error.headers, "x-request-id": request_id},
     )
+    if error.close_connection:
+        response.force_close()
+    return response
 
 
 def from_http_exception(exc: web.HTTPException) -> ProxyError:

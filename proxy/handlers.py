@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+from collections.abc import Iterator
 from dataclasses import replace
 
 import orjson
@@ -19,6 +22,7 @@ from proxy.errors import (
     MethodNotAllowed,
     NotFound,
     ProxyError,
+    RequestTimeout,
     StoreUnavailable,
     Unauthorized,
 )
@@ -26,6 +30,7 @@ from proxy.keys import (
     ACCESS,
     CALLERS,
     CONFIG,
+    FORWARDING,
     OPENAPI,
     REDACTOR,
     RELAY,
@@ -35,9 +40,13 @@ from proxy.keys import (
 )
 from proxy.models import parse_list_query, parse_page_query, parse_update_body, peek_chat_request
 from proxy.outcome import Outcome
-from proxy.store import UnknownCursor
+from proxy.store import StoreError, UnknownCursor
+from proxy.upstream import BadPath, canonical_path, names_stored_api
+
+log = logging.getLogger("proxy.handlers")
 
 JSON = "application/json"
+_CREATE = "/chat/completions"
 
 
 def _json(body: bytes, status: int = 200) -> web.Response:
@@ -58,8 +67,27 @@ def _not_found(completion_id: str) -> NotFound:
 
 
 _FAILED = frozenset(
-    {Outcome.UPSTREAM_ERROR, Outcome.UPSTREAM_FAILED, Outcome.CLIENT_GONE, Outcome.UNSTORABLE}
+    {
+        Outcome.UPSTREAM_ERROR,
+        Outcome.UPSTREAM_FAILED,
+        Outcome.CLIENT_GONE,
+        Outcome.UNSTORABLE,
+        Outcome.TOO_LARGE,
+    }
 )
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The whole request body, within ``server.body_timeout``; a client that sends it slower
+    gets a 408 and its connection closed, so it cannot hold the connection open forever."""
+    try:
+        async with asyncio.timeout(request.app[CONFIG].server.body_timeout):
+            return await request.read()
+    except TimeoutError:
+        raise RequestTimeout(
+            "The request body did not arrive within the proxy's limit (server.body_timeout).",
+            code="request_timeout",
+        ) from None
 
 
 async def create_chat_completion(request: web.Request) -> web.StreamResponse:
@@ -78,7 +106,7 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
     if caller is None and app[CALLERS].keys:
         raise Unauthorized()
     access.caller = caller.name if caller else None
-    raw = await request.read()
+    raw = await read_body(request)
     chat = peek_chat_request(raw)
     access.model = chat.model or None
     access.stream = chat.body.get("stream") is True
@@ -93,7 +121,7 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
             raise await app[REPLAYER].miss(chat.body, caller.name if caller else None)
         record = True
     if not record:
-        return await app[RELAY].forward(request, raw, access)
+        return await app[RELAY].forward(request, raw, access, path=_CREATE)
     if caller is None:
         raise Unauthorized("store: true needs a bearer token, so the completion has an owner.")
     reason = app[WRITER].broken
@@ -106,7 +134,7 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
     capture = Capture(chat, raw, caller.name, app[REDACTOR], request_id=access.request_id)
     status: int | None = None
     try:
-        response = await app[RELAY].forward(request, raw, access, capture)
+        response = await app[RELAY].forward(request, raw, access, capture, path=_CREATE)
         status = response.status
         return response
     except ProxyError as error:
@@ -119,7 +147,12 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
     finally:
         if access.outcome in _FAILED:
             keep = config.capture.failed_body_bytes
-            app[WRITER].enqueue(capture.exchange(access.outcome, status or access.status, keep))
+            try:
+                exchange = capture.exchange(access.outcome, status or access.status, keep)
+            except Exception:  # a bug; logged, and the client's answer is not affected
+                log.exception("audit record not built", extra={"request_id": access.request_id})
+            else:
+                app[WRITER].enqueue(exchange)
 
 
 def _owner_filter(request: web.Request, caller: Caller) -> str | None:
@@ -157,12 +190,30 @@ async def get_chat_completion(request: web.Request) -> web.Response:
     return _json(responses.stored_completion(stored))
 
 
+@contextlib.contextmanager
+def _store_change(request: web.Request) -> Iterator[None]:
+    """A change the store could not make (full disk, read-only, locked) is a 503 in OpenAI's
+    shape, never a bare 500; nothing was changed, so the client may try again."""
+    try:
+        yield
+    except StoreError as error:
+        log.warning(
+            "store change failed",
+            extra={"request_id": request[ACCESS].request_id, "reason": str(error)[:300]},
+        )
+        raise StoreUnavailable(
+            "The completion store could not make this change; nothing was changed.",
+            code="store_unavailable",
+        ) from None
+
+
 async def update_chat_completion(request: web.Request) -> web.Response:
     caller = await required_caller(request)
     completion_id = request.match_info["completion_id"]
-    metadata = parse_update_body(await request.read())
+    metadata = parse_update_body(await read_body(request))
     store = request.app[STORE]
-    stored = await store.update_metadata(caller.scope, completion_id, metadata, caller.name)
+    with _store_change(request):
+        stored = await store.update_metadata(caller.scope, completion_id, metadata, caller.name)
     if stored is None:
         raise _not_found(completion_id)
     return _json(responses.stored_completion(stored))
@@ -173,7 +224,11 @@ async def delete_chat_completion(request: web.Request) -> web.Response:
     caller = await required_caller(request)
     completion_id = request.match_info["completion_id"]
     purge = request.app[CONFIG].audit.delete_purges
-    if not await request.app[STORE].delete(caller.scope, completion_id, caller.name, purge=purge):
+    with _store_change(request):
+        deleted = await request.app[STORE].delete(
+            caller.scope, completion_id, caller.name, purge=purge
+        )
+    if not deleted:
         raise _not_found(completion_id)
     return _json(
         orjson.dumps({"object": "chat.completion.deleted", "id": completion_id, "deleted": True})
@@ -217,16 +272,44 @@ def method_not_allowed(allowed: list[str]) -> Handler:
 
 
 async def forward(request: web.Request) -> web.StreamResponse:
-    """Every other ``/v1/*`` route goes to the upstream untouched, streaming included."""
+    """Every other ``/v1/*`` route goes to the upstream, streaming included.
+
+    The path is put in its canonical form first (``upstream.canonical_path``): one that names
+    the stored-completions API in a roundabout way (``//``, a trailing slash, ``%63hat``) is
+    refused rather than forwarded, since only the proxy's handlers answer that API. In keys
+    mode only the routes of ``auth.forward`` (and ``auth.admin_forward``, for admins) go
+    upstream with the team key; everything else is a 403.
+    """
+    try:
+        path = canonical_path(request.rel_url.raw_path)
+    except BadPath as error:
+        raise InvalidRequest(f"The path is refused: {error}.", code="invalid_path") from None
+    if names_stored_api(path):
+        raise InvalidRequest(
+            "This path names the stored chat completions API in a form the proxy does not"
+            " answer; use /v1/chat/completions or /v1/chat/completions/{completion_id}.",
+            code="invalid_path",
+        )
+    if not path.startswith("/v1/"):
+        raise NotFound("Unknown path.", code="unknown_url")
+    tail = path[len("/v1") :]
     if request.app[CALLERS].keys:
-        await required_caller(request)  # with proxy keys, nothing reaches the upstream without one
+        # With proxy keys, nothing reaches the upstream without one, and only allowed routes.
+        caller = await required_caller(request)
+        if not request.app[FORWARDING].allows(request.method, tail, admin=caller.role == "admin"):
+            raise Forbidden(
+                f"{request.method} {path} is not forwarded with the team's key; an admin can"
+                " allow it in the proxy's configuration (auth.forward).",
+                code="route_not_allowed",
+            )
     if request.app[CONFIG].replay.mode == "strict":
         raise InvalidRequest(
             "Replay is strict: the upstream is never called, and only chat completions are"
             " answered, from recordings.",
             code="replay_miss",
         )
-    return await request.app[RELAY].forward(request, await request.read(), request[ACCESS])
+    body = await read_body(request)
+    return await request.app[RELAY].forward(request, body, request[ACCESS], path=tail)
 
 
 async def openapi_document(request: web.Request) -> web.Response:

@@ -16,6 +16,7 @@ from proxy.redaction import Redactor
 from proxy.relay import Relay
 from proxy.replay import Replayer
 from proxy.store import Store
+from proxy.upstream import ForwardRules
 from proxy.writer import Writer
 
 CONFIG = web.AppKey[Config]("config")
@@ -27,5 +28,6 @@ OPENAPI = web.AppKey[bytes]("openapi")
 REPLAYER = web.AppKey[Replayer]("replayer")
 REDACTOR = web.AppKey[Redactor]("redactor")
 METRICS = web.AppKey[Metrics]("metrics")
+FORWARDING = web.AppKey[ForwardRules]("forwarding")
 
 ACCESS = web.RequestKey[AccessRecord]("access")

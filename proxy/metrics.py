@@ -14,6 +14,7 @@ only the model: totals stay, who made them does not appear in the exposition at 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 from prometheus_client import (
@@ -23,6 +24,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     generate_latest,
+    multiprocess,
 )
 
 PREFIX = "completions_proxy_"
@@ -105,9 +107,16 @@ class Metrics:
             PREFIX + "store_queue_depth",
             "Completions waiting to be written to the store.",
             registry=registry,
+            multiprocess_mode="livesum",
         )
-        # Read at scrape time, so the writer needs no hook to keep a gauge up to date.
-        queue.set_function(queue_depth)
+        # Several workers (see supervisor): each keeps its values in files of this directory,
+        # and a scrape of any of them reads every worker's files.
+        self._multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        self._queue = queue
+        self._queue_depth = queue_depth
+        if not self._multiprocess:
+            # Read at scrape time, so the writer needs no hook to keep a gauge up to date.
+            queue.set_function(queue_depth)
         self._write_failures = Counter(
             PREFIX + "store_write_failures_total",
             "Failed writes of completions to the store.",
@@ -221,6 +230,22 @@ class Metrics:
         """One write of completions to the store failed."""
         self._write_failures.inc()
 
+    @property
+    def multiprocess(self) -> bool:
+        """True when several workers share these metrics through files."""
+        return self._multiprocess
+
+    def sample_queue(self) -> None:
+        """Copy the writer's queue depth into the gauge (several workers: each does so
+        periodically, since a scrape reaches only one of them)."""
+        if self._multiprocess:
+            self._queue.set(self._queue_depth())
+
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type (prometheus_client.CONTENT_TYPE_LATEST)."""
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        if not self._multiprocess:
+            return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        self.sample_queue()
+        merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged)  # type: ignore[no-untyped-call]
+        return generate_latest(merged), CONTENT_TYPE_LATEST

@@ -18,10 +18,17 @@ from collections.abc import Iterator
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from proxy.errors import ProxyError, from_http_exception, render
+from proxy.errors import (
+    InvalidRequest,
+    ProxyError,
+    StoreUnavailable,
+    from_http_exception,
+    render,
+)
 from proxy.keys import ACCESS, METRICS
 from proxy.logs import AccessRecord
 from proxy.outcome import Outcome
+from proxy.store.errors import StoreError
 
 log = logging.getLogger("proxy.middleware")
 access_logger = logging.getLogger("proxy.access")
@@ -53,6 +60,13 @@ def exchange_middleware(access_log: bool) -> Middleware:
         response: web.StreamResponse | None = None
         try:
             try:
+                if len(request.headers.getall("Authorization", ())) > 1:
+                    # Which one a server or the upstream would pick differs: refuse to guess.
+                    raise InvalidRequest(
+                        "The request has more than one Authorization header.",
+                        param="Authorization",
+                        code="duplicate_authorization",
+                    )
                 response = await handler(request)
             except ProxyError as error:
                 response = render(error, request_id)
@@ -64,6 +78,12 @@ def exchange_middleware(access_log: bool) -> Middleware:
                 response = render(from_http_exception(exc), request_id)
                 if access.outcome is None:
                     access.outcome = Outcome.REFUSED
+            except StoreError as error:  # the database failed a read: it may pass, so 503
+                log.warning("store failed", extra={"request_id": request_id, "reason": str(error)})
+                unavailable = StoreUnavailable(
+                    f"The completion store failed ({error}).", code="store_unavailable"
+                )
+                response = render(unavailable, request_id)
             except Exception:
                 log.exception("unhandled error", extra={"request_id": request_id})
                 response = render(ProxyError("The proxy failed to handle the request."), request_id)

@@ -21,6 +21,8 @@ METADATA_MAX_KEY = 64
 METADATA_MAX_VALUE = 512
 LIMIT_DEFAULT = 20
 LIMIT_MAX = 100
+INT64_MAX = 2**63 - 1
+SEARCH_MAX = 500
 
 Order = Literal["asc", "desc"]
 Json = dict[str, Any]
@@ -84,13 +86,23 @@ def peek_chat_request(raw: bytes) -> ChatRequest:
     return ChatRequest(body=body, store=bool(store), model=model or "", metadata=metadata)
 
 
+def is_digits(text: str) -> bool:
+    """Plain ASCII digits only: ``str.isdigit`` also takes ``²`` and other scripts' digits,
+    and ``int`` also takes ``_``, spaces and a sign."""
+    return text.isascii() and text.isdigit()
+
+
 def parse_moment(text: str) -> int:
     """Unix seconds, or an ISO 8601 date or date-time (UTC unless it says otherwise).
 
-    Raises ValueError; the command line and the admin endpoints word their own message.
+    Raises ValueError (also for seconds past 64 bits); the command line and the admin
+    endpoints word their own message.
     """
-    if text.isdigit():
-        return int(text)
+    if is_digits(text):
+        seconds = int(text)
+        if seconds > INT64_MAX:
+            raise ValueError("out of range")
+        return seconds
     moment = datetime.fromisoformat(text)
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
@@ -101,10 +113,9 @@ def _limit(query: MultiMapping[str]) -> int:
     raw = query.get("limit")
     if raw is None:
         return LIMIT_DEFAULT
-    try:
-        limit = int(raw)
-    except ValueError:
-        raise InvalidRequest("limit must be an integer.", param="limit") from None
+    if not is_digits(raw) or len(raw) > 4:
+        raise InvalidRequest(f"limit must be an integer from 1 to {LIMIT_MAX}.", param="limit")
+    limit = int(raw)
     if not 1 <= limit <= LIMIT_MAX:
         raise InvalidRequest(f"limit must be between 1 and {LIMIT_MAX}.", param="limit")
     return limit
@@ -132,6 +143,11 @@ class ListQuery:
     model: str | None = None
     metadata: tuple[tuple[str, str], ...] = ()
     owner: str | None = None  # an admin's ``caller=`` filter (an extension of OpenAI's list)
+    since: int | None = None  # created >= since (the console's time range)
+    until: int | None = None  # created < until
+    # Full-text search over prompts and answers (``search=``, an extension of OpenAI's
+    # list). With a search, pages run newest-stored first or last by storage order.
+    search: str | None = None
 
 
 def parse_page_query(query: MultiMapping[str]) -> PageQuery:
@@ -149,8 +165,13 @@ def parse_list_query(query: MultiMapping[str]) -> ListQuery:
     """
     pairs: dict[str, str] = {}
     for name, value in query.items():
-        if not (name.startswith("metadata[") and name.endswith("]")):
+        if not name.startswith("metadata"):
             continue
+        if not (name.startswith("metadata[") and name.endswith("]")):
+            raise InvalidRequest(
+                f"{name!r} is not a metadata filter; write metadata[KEY]=VALUE.",
+                param="metadata",
+            )
         key = name[len("metadata[") : -1]
         if not key or "][" in key:
             raise InvalidRequest(
@@ -163,7 +184,15 @@ def parse_list_query(query: MultiMapping[str]) -> ListQuery:
             )
         pairs[key] = value
     model = query.get("model") or None
-    return ListQuery(page=parse_page_query(query), model=model, metadata=tuple(pairs.items()))
+    search = query.get("search") or None
+    if search is not None and len(search) > SEARCH_MAX:
+        raise InvalidRequest(f"search may be at most {SEARCH_MAX} characters.", param="search")
+    return ListQuery(
+        page=parse_page_query(query),
+        model=model,
+        metadata=tuple(pairs.items()),
+        search=search.strip() or None if search else None,
+    )
 
 
 def parse_update_body(raw: bytes) -> dict[str, str]:

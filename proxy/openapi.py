@@ -2,7 +2,9 @@
 
 It describes the stored-completions operations exactly as the proxy implements them
 (limits, defaults, error shape), so schemathesis can fuzz the proxy against it. ``create``
-is listed for completeness; its answer is the upstream's.
+is listed for completeness; its answer is the upstream's (a chat.completion as the upstream
+sends it, without the stored object's ``metadata``, or an event stream). The ``/admin/*``
+endpoints (admins' proxy keys only) are described too.
 """
 
 from __future__ import annotations
@@ -113,7 +115,40 @@ def _schemas() -> Json:
                 "input_user": nullable_string,
             },
         },
+        "UpstreamChatCompletion": {
+            "type": "object",
+            "description": "The upstream's answer, relayed byte for byte.",
+            "required": ["id", "object", "created", "model", "choices"],
+            "properties": {
+                "id": {"type": "string"},
+                "object": {"const": "chat.completion"},
+                "created": {"type": "integer"},
+                "model": {"type": "string"},
+                "choices": {"type": "array", "items": {"type": "object"}},
+                "usage": {"type": "object"},
+                "system_fingerprint": {"type": "string"},
+                "service_tier": {"type": "string"},
+            },
+        },
         "ChatCompletionList": _list_of(_ref("ChatCompletion")),
+        "Usage": {
+            "type": "object",
+            "required": ["object", "group_by", "data"],
+            "properties": {
+                "object": {"const": "usage"},
+                "group_by": {"type": "array", "items": {"type": "string"}},
+                "data": {"type": "array", "items": {"type": "object"}},
+            },
+        },
+        "ExchangeList": _list_of({"type": "object"}),
+        "AuditLog": {
+            "type": "object",
+            "required": ["object", "data"],
+            "properties": {
+                "object": {"const": "list"},
+                "data": {"type": "array", "items": {"type": "object"}},
+            },
+        },
         "Message": {
             "type": "object",
             "required": ["id", "role", "content", "name", "content_parts"],
@@ -158,6 +193,70 @@ def _list_of(item: Json) -> Json:
     }
 
 
+def _moment(name: str, description: str) -> Json:
+    return {
+        "name": name,
+        "in": "query",
+        "description": description + ": unix seconds or an ISO 8601 date (UTC by default).",
+        "schema": {"type": "string"},
+    }
+
+
+def _admin_paths() -> Json:
+    """The proxy's own endpoints for admins: usage, failed exchanges, the audit log."""
+    admin_errors = _errors(400, 401, 403)
+    return {
+        "/admin/usage": {
+            "get": {
+                "operationId": "getUsage",
+                "description": "Tokens and cost, grouped (admins only).",
+                "parameters": [
+                    _moment("since", "Created at or after"),
+                    _moment("until", "Created before"),
+                    {
+                        "name": "group_by",
+                        "in": "query",
+                        "description": "Comma-separated: caller, model, day.",
+                        "schema": {"type": "string", "default": "caller,model"},
+                    },
+                ],
+                "responses": {"200": _json(_ref("Usage"), "Usage rows"), **admin_errors},
+            }
+        },
+        "/admin/exchanges": {
+            "get": {
+                "operationId": "listExchanges",
+                "description": "Exchanges that stored no completion, with their outcome"
+                " (admins only).",
+                "parameters": [
+                    {"name": "caller", "in": "query", "schema": {"type": "string"}},
+                    *_page_parameters(),
+                ],
+                "responses": {"200": _json(_ref("ExchangeList"), "A page"), **admin_errors},
+            }
+        },
+        "/admin/audit": {
+            "get": {
+                "operationId": "listAudit",
+                "description": "The append-only audit log (admins only).",
+                "parameters": [
+                    {
+                        "name": "after",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
+                    },
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
+                    },
+                ],
+                "responses": {"200": _json(_ref("AuditLog"), "Entries"), **admin_errors},
+            }
+        },
+    }
+
+
 def document() -> Json:
     completion = "/v1/chat/completions/{completion_id}"
     return {
@@ -182,7 +281,13 @@ def document() -> Json:
                         "content": {"application/json": {"schema": {"type": "object"}}},
                     },
                     "responses": {
-                        "200": _json(_ref("ChatCompletion"), "The upstream's answer"),
+                        "200": {
+                            "description": "The upstream's answer, as it sent it",
+                            "content": {
+                                "application/json": {"schema": _ref("UpstreamChatCompletion")},
+                                "text/event-stream": {"schema": {"type": "string"}},
+                            },
+                        },
                         **_errors(400, 401, 413, 502, 503, 504),
                     },
                 },
@@ -195,6 +300,14 @@ def document() -> Json:
                             "in": "query",
                             "description": "Extension, admins only: one caller's completions.",
                             "schema": {"type": "string"},
+                        },
+                        {
+                            "name": "search",
+                            "in": "query",
+                            "description": "Extension: full-text search over the messages,"
+                            " the answer and tool-call arguments; every word must appear."
+                            " Results follow storage order.",
+                            "schema": {"type": "string", "maxLength": 500},
                         },
                         {
                             "name": "metadata",
@@ -242,6 +355,7 @@ def document() -> Json:
                     },
                 },
             },
+            **_admin_paths(),
             completion + "/messages": {
                 "parameters": [_COMPLETION_ID],
                 "get": {

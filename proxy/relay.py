@@ -10,6 +10,15 @@ Failures and what the client sees:
 - upstream dies or stalls mid-stream → the client connection is closed without the final
   chunk, so the client sees a broken transfer, never a clean end;
 - the client goes away → the upstream response is closed at once, which stops the read.
+
+Bounds: a captured answer larger than ``capture.max_answer_bytes`` (counted after
+decompression) stops being captured: its bytes so far are released, the client still gets
+every byte, and the exchange ends as ``too_large``. Building the stored record happens after
+the upstream answered and can never fail the client's answer: any failure there makes the
+exchange ``unstorable`` (logged, audited), and the client gets the upstream's bytes intact.
+
+In keys mode, an upstream error body is read whole and any part of the team key in it is
+redacted before it reaches the member (``KeyMask``).
 """
 
 from __future__ import annotations
@@ -23,17 +32,17 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from proxy.assemble import AssemblyError
 from proxy.capture import Capture
 from proxy.errors import UpstreamTimeout, UpstreamUnreachable
 from proxy.logs import AccessRecord
 from proxy.outcome import Outcome
 from proxy.sse import DoneWatch, ends_with_done
-from proxy.upstream import headers_down, headers_up, upstream_url
+from proxy.upstream import KeyMask, headers_down, headers_up, upstream_url
 from proxy.writer import WriteFailed, Writer
 
 log = logging.getLogger("proxy.relay")
 
+DEFAULT_MAX_ANSWER = 32 * 1024 * 1024
 LARGE_BODY = 1 << 20  # aiohttp's threshold for warning about bytes bodies
 _CLIENT_GONE = (ConnectionResetError, ConnectionError)
 
@@ -58,12 +67,18 @@ class Relay:
         base_url: str,
         writer: Writer,
         upstream_key: str | None = None,
+        *,
+        drop_headers: frozenset[str] = frozenset(),
+        max_answer_bytes: int = DEFAULT_MAX_ANSWER,
     ) -> None:
         self._session = session
         self._base = base_url
         self._writer = writer
         # With proxy keys, the proxy's own upstream key replaces whatever the client sent.
         self._authorization = f"Bearer {upstream_key}" if upstream_key else None
+        self._mask = KeyMask(upstream_key) if upstream_key else None
+        self._drop = drop_headers
+        self._max_answer = max_answer_bytes
 
     async def forward(
         self,
@@ -71,10 +86,12 @@ class Relay:
         body: bytes,
         access: AccessRecord,
         capture: Capture | None = None,
+        *,
+        path: str,
     ) -> web.StreamResponse:
-        tail = request.rel_url.raw_path[len("/v1") :]
-        url = upstream_url(self._base, tail, request.rel_url.raw_query_string)
-        headers = headers_up(request.headers)
+        """Send the request upstream at ``path`` (canonical, below the base) and relay back."""
+        url = upstream_url(self._base, path, request.rel_url.raw_query_string)
+        headers = headers_up(request.headers, self._drop)
         if self._authorization is not None:
             headers["Authorization"] = self._authorization
         sent = time.perf_counter()
@@ -106,62 +123,42 @@ class Relay:
             down = headers_down(upstream.headers)
             down["Server-Timing"] = _server_timing(proxy_ms, access.upstream_ms)
             is_stream = upstream.content_type == "text/event-stream"
-            if capture is not None and upstream.status != 200:
-                capture.storable = False  # relayed as it came; kept only as an audit record
-            if capture is not None and capture.storable and not is_stream:
-                return await self._plain(upstream, down, capture, access)
             if capture is not None:
                 capture.streamed = is_stream
-            return await self._stream(request, upstream, down, capture, access)
+                if upstream.status != 200:
+                    capture.storable = False  # relayed as it came; kept only as an audit record
+            redact = self._mask is not None and upstream.status >= 400
+            # A plain answer to store waits for its commit; an error body for its redaction.
+            hold = redact or (capture is not None and capture.storable and not is_stream)
+            return await self._relay(
+                request, upstream, down, capture, access, hold=hold, redact=redact
+            )
 
-    async def _plain(
-        self,
-        upstream: aiohttp.ClientResponse,
-        headers: CIMultiDict[str],
-        capture: Capture,
-        access: AccessRecord,
-    ) -> web.Response:
-        try:
-            body = await upstream.read()
-        except TimeoutError:
-            access.outcome = Outcome.UPSTREAM_FAILED
-            raise UpstreamTimeout("The upstream stopped answering.") from None
-        except aiohttp.ClientError as error:
-            access.outcome = Outcome.UPSTREAM_FAILED
-            raise UpstreamUnreachable(
-                f"The upstream connection failed mid-answer ({type(error).__name__})."
-            ) from None
-        capture.response += body
-        response = web.Response(
-            status=upstream.status, reason=upstream.reason, body=body, headers=headers
-        )
-        await self._commit(capture, access)
-        return response
-
-    async def _stream(
+    async def _relay(
         self,
         request: web.Request,
         upstream: aiohttp.ClientResponse,
         headers: CIMultiDict[str],
         capture: Capture | None,
         access: AccessRecord,
+        *,
+        hold: bool,
+        redact: bool,
     ) -> web.StreamResponse:
         response = web.StreamResponse(
             status=upstream.status, reason=upstream.reason, headers=headers
         )
         if (
-            upstream.content_length is not None
+            not hold
+            and upstream.content_length is not None
             and upstream.content_type != "text/event-stream"
             and "Content-Encoding" not in upstream.headers
             and request.method != "HEAD"
         ):
             # A body of known length goes down with that length, not re-framed in chunks.
             response.content_length = upstream.content_length
-        try:
-            await response.prepare(request)
-        except _CLIENT_GONE:
-            access.outcome = Outcome.CLIENT_GONE
-            upstream.close()
+        held: bytearray | None = bytearray() if hold else None
+        if held is None and not await self._prepare(request, response, upstream, access):
             return response
         watch = DoneWatch()
         committed = False
@@ -176,53 +173,124 @@ class Relay:
                 )
                 if not committed:
                     access.outcome = Outcome.UPSTREAM_FAILED
+                if not response.prepared:  # nothing sent yet: the client gets a clear error
+                    if isinstance(error, TimeoutError):
+                        raise UpstreamTimeout("The upstream stopped answering.") from None
+                    raise UpstreamUnreachable(
+                        f"The upstream connection failed mid-answer ({type(error).__name__})."
+                    ) from None
                 request.protocol.force_close()  # the client must see a broken transfer
                 return response
             if not data:
                 break
-            if capture is not None and not committed:
-                capture.response += data
-                if (
-                    capture.storable
-                    and watch.seen_in(data)
-                    and ends_with_done(bytes(capture.response))
-                ):
-                    committed = True
-                    await self._commit(capture, access)
-            try:
-                await response.write(data)
-            except _CLIENT_GONE:
-                if not committed:
-                    access.outcome = Outcome.CLIENT_GONE
-                upstream.close()
+            if capture is not None and capture.kept and not committed:
+                if len(capture.response) + len(data) > self._max_answer:
+                    capture.drop()  # too large to keep: the client still gets every byte
+                    if redact:
+                        access.outcome = Outcome.UPSTREAM_FAILED
+                        raise UpstreamUnreachable("The upstream's error answer is too large.")
+                    if held is not None:
+                        if not await self._prepare(request, response, upstream, access):
+                            return response
+                        if not await self._write(response, upstream, access, bytes(held)):
+                            return response
+                        held = None
+                else:
+                    capture.response += data
+                    if (
+                        capture.storable
+                        and capture.streamed
+                        and watch.seen_in(data)
+                        and ends_with_done(bytes(capture.response))
+                    ):
+                        committed = True
+                        await self._commit(capture, access)
+            if held is not None:
+                held += data
+                if len(held) > self._max_answer and redact:
+                    access.outcome = Outcome.UPSTREAM_FAILED
+                    raise UpstreamUnreachable("The upstream's error answer is too large.")
+                continue
+            if not await self._write(response, upstream, access, data, committed):
                 return response
-        if capture is not None and capture.storable and not committed:
-            # No [DONE] (some providers end at EOF): store if every choice finished.
+        if capture is not None and capture.kept and capture.storable and not committed:
+            # A plain answer, or a stream without [DONE] (some providers end at EOF): store
+            # it if it is a whole completion.
             await self._commit(capture, access)
+        elif capture is not None and not capture.kept:
+            access.outcome = Outcome.TOO_LARGE
         elif capture is not None and not capture.storable:
             access.outcome = Outcome.UPSTREAM_ERROR
         elif capture is None:
             access.outcome = Outcome.COMPLETE
+        if held is not None:
+            body = bytes(held)
+            if redact and self._mask is not None:
+                body = self._mask.apply(body)
+                if capture is not None:
+                    capture.response = bytearray(body)
+            if request.method != "HEAD":
+                response.content_length = len(body)
+            with contextlib.suppress(*_CLIENT_GONE):
+                await response.prepare(request)
+                await response.write(body)
         # Everything was written; a client that closed before the terminator changes nothing.
         with contextlib.suppress(*_CLIENT_GONE):
             await response.write_eof()
         return response
 
+    async def _prepare(
+        self,
+        request: web.Request,
+        response: web.StreamResponse,
+        upstream: aiohttp.ClientResponse,
+        access: AccessRecord,
+    ) -> bool:
+        try:
+            await response.prepare(request)
+        except _CLIENT_GONE:
+            access.outcome = Outcome.CLIENT_GONE
+            upstream.close()
+            return False
+        return True
+
+    async def _write(
+        self,
+        response: web.StreamResponse,
+        upstream: aiohttp.ClientResponse,
+        access: AccessRecord,
+        data: bytes,
+        committed: bool = False,
+    ) -> bool:
+        try:
+            await response.write(data)
+        except _CLIENT_GONE:
+            if not committed:
+                access.outcome = Outcome.CLIENT_GONE
+            upstream.close()
+            return False
+        return True
+
     async def _commit(self, capture: Capture, access: AccessRecord) -> None:
-        """Assemble and commit the capture; failures are logged and counted, never raised."""
+        """Assemble and commit the capture; failures are logged and counted, never raised.
+
+        Whatever goes wrong while the record is built (an answer that is no completion, JSON
+        nested deeper than the encoder takes, a number the store cannot hold) is this
+        exchange's outcome, ``unstorable``; the client's answer is never affected.
+        """
         try:
             record = capture.record()
-        except AssemblyError as error:
+        except Exception as error:  # noqa: BLE001 - any failure here is the record's, not the client's
             access.outcome = Outcome.UNSTORABLE
             log.warning(
                 "answer not stored",
-                extra={"request_id": access.request_id, "reason": str(error)},
+                extra={"request_id": access.request_id, "reason": f"{error}"[:300]},
             )
             return
         access.completion_id = record.id
         try:
             await self._writer.commit(record)
-        except WriteFailed:
-            access.outcome = Outcome.STORE_FAILED
+        except WriteFailed as error:
+            access.outcome = Outcome.UNSTORABLE if error.rejected else Outcome.STORE_FAILED
             return
         access.outcome = Outcome.COMPLETE

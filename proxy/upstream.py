@@ -9,9 +9,17 @@
   anyway, then drops ``Content-Encoding``/``Content-Length`` on the way back, so the client
   always gets bytes that match their headers and the capture sees plain JSON or SSE.
 - Hop-by-hop headers (RFC 9110 §7.6.1, plus those a ``Connection`` header names) never cross.
+- A forwarded path is first put in one canonical form (``canonical_path``): percent-encoded
+  unreserved characters decoded, repeated slashes collapsed, a trailing slash dropped; a dot
+  segment, raw or encoded, or an encoded slash or backslash, is refused. What is checked
+  (the proxy's own routes, the keys-mode allow-list) is exactly what goes upstream.
 """
 
 from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -55,9 +63,16 @@ def _filtered(headers: CIMultiDictProxy[str], drop: frozenset[str]) -> CIMultiDi
     return kept
 
 
-def headers_up(client_headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    """The client's headers as sent upstream: Authorization and the SDK's headers included."""
-    headers = _filtered(client_headers, _DROP_UP)
+# Client headers that would re-target the proxy's own upstream key in keys mode.
+RETARGETING = frozenset({"openai-organization", "openai-project", "api-key", "x-api-key", "cookie"})
+
+
+def headers_up(
+    client_headers: CIMultiDictProxy[str], drop: frozenset[str] = frozenset()
+) -> CIMultiDict[str]:
+    """The client's headers as sent upstream: Authorization and the SDK's headers included,
+    less hop-by-hop headers and those in ``drop`` (lower-case names)."""
+    headers = _filtered(client_headers, _DROP_UP | drop)
     headers["Accept-Encoding"] = "identity"
     return headers
 
@@ -99,3 +114,101 @@ def make_session(config: UpstreamConfig) -> aiohttp.ClientSession:
         trust_env=False,
         skip_auto_headers=("User-Agent",),
     )
+
+
+class BadPath(ValueError):
+    """A path the proxy refuses to route or forward."""
+
+
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
+
+
+def _decode_unreserved(match: re.Match[str]) -> str:
+    char = chr(int(match.group(1), 16))
+    return char if char in _UNRESERVED else "%" + match.group(1).upper()
+
+
+def canonical_path(raw_path: str) -> str:
+    """The one form of a client's (still percent-encoded) path the proxy routes and forwards.
+
+    Encoded unreserved characters are decoded (``%63hat`` is ``chat``), other escapes are
+    upper-cased, empty segments (``//``) and a trailing slash are dropped. A ``.`` or ``..``
+    segment, an encoded ``/`` or ``\\``, a raw backslash or a malformed escape raise
+    ``BadPath``: each means something different to different servers, so none is guessed at.
+    """
+    if "\\" in raw_path or re.search(r"%(?![0-9A-Fa-f]{2})", raw_path):
+        raise BadPath("the path holds a backslash or a malformed percent escape")
+    decoded = _ESCAPE.sub(_decode_unreserved, raw_path)
+    segments = [s for s in decoded.split("/") if s]
+    for segment in segments:
+        if segment in {".", ".."}:
+            raise BadPath("the path holds a '.' or '..' segment")
+        if "%2F" in segment or "%5C" in segment:
+            raise BadPath("the path holds an encoded slash or backslash")
+    return "/" + "/".join(segments)
+
+
+def names_stored_api(path: str) -> bool:
+    """Whether a canonical path names the stored-completions API (any case), which only the
+    proxy's own handlers answer."""
+    lowered = path.lower()
+    return lowered == "/v1/chat/completions" or lowered.startswith("/v1/chat/completions/")
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    method: str  # upper case, or "*"
+    segments: tuple[str, ...]  # "*" matches one segment; a final "**" the rest
+
+    @classmethod
+    def parse(cls, text: str) -> Route:
+        method, _, path = text.strip().partition(" ")
+        return cls(method.upper(), tuple(s for s in path.strip().split("/") if s))
+
+    def matches(self, method: str, segments: Sequence[str]) -> bool:
+        if self.method not in {"*", method}:
+            return False
+        pattern = self.segments
+        if pattern and pattern[-1] == "**":
+            pattern = pattern[:-1]
+            if len(segments) < len(pattern):
+                return False
+            segments = segments[: len(pattern)]
+        elif len(segments) != len(pattern):
+            return False
+        return all(p in {"*", s} for p, s in zip(pattern, segments, strict=True))
+
+
+class ForwardRules:
+    """The keys-mode allow-list: which ``METHOD /path`` below ``/v1`` may use the team key."""
+
+    def __init__(self, members: Iterable[str], admins: Iterable[str]) -> None:
+        self._members = tuple(map(Route.parse, members))
+        self._admins = self._members + tuple(map(Route.parse, admins))
+
+    def allows(self, method: str, tail: str, *, admin: bool) -> bool:
+        """``tail`` is a canonical path below ``/v1`` (``/models/gpt-4o``)."""
+        segments = [s for s in tail.split("/") if s]
+        routes = self._admins if admin else self._members
+        return any(route.matches(method, segments) for route in routes)
+
+
+class KeyMask:
+    """Hides the proxy's own upstream key, and any recognisable part of it, in text the
+    upstream sends back (error bodies often echo a key, whole or as ``sk-...****abcd``)."""
+
+    WINDOW = 8  # any 8 consecutive characters of the key are recognisable
+    REPLACEMENT = b"[redacted]"
+
+    def __init__(self, key: str) -> None:
+        raw = key.encode()
+        width = min(self.WINDOW, len(raw))
+        parts = {raw[i : i + width] for i in range(len(raw) - width + 1)}
+        alternatives = [re.escape(raw), *sorted(map(re.escape, parts), key=len, reverse=True)]
+        # A masked key: word characters around a run of asterisks, as providers print them.
+        alternatives.append(rb"[A-Za-z0-9_\-]*\*{4,}[A-Za-z0-9_\-]*")
+        self._pattern = re.compile(b"|".join(alternatives))
+
+    def apply(self, body: bytes) -> bytes:
+        return self._pattern.sub(self.REPLACEMENT, body)

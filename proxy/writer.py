@@ -4,10 +4,15 @@ A handler submits a record and awaits its commit; the writer takes everything qu
 to ``batch_size``) and commits it in one transaction, so under load many completions share
 one commit and at rest a single one commits at once.
 
-When a batch fails, its records are retried one by one, so one bad record cannot sink its
-neighbours. A record that still cannot be written is logged with its id and counted, and
-the store is marked unhealthy: from then on ``store: true`` requests are refused with 503
-before any upstream call, until a probe write succeeds again.
+When the driver refuses a batch for a record's own values (``OverflowError``, ``ValueError``,
+``TypeError``: a number outside 64 bits, say), its records are retried one by one, so one bad
+record cannot sink its neighbours, and only that record fails (``WriteFailed.rejected``).
+Any other failure is the store's (full, read-only, locked, gone): the batch's records fail,
+and the store is marked unhealthy: from then on ``store: true`` requests are refused with 503
+before any upstream call, and records still queued fail at once rather than each waiting out
+the store's lock timeout (so a shutdown is prompt), until a probe write succeeds again. (A
+probe cannot tell the two kinds apart: a full SQLite file still takes its one-row update.)
+Every record that fails is logged with its id and counted.
 """
 
 from __future__ import annotations
@@ -23,10 +28,17 @@ from proxy.store import CompletionRecord, Store, Writable
 log = logging.getLogger("proxy.writer")
 
 PROBE_INTERVAL = 2.0
+# What drivers raise for a value they cannot encode (asyncpg's DataError is a ValueError).
+_REJECTED = (OverflowError, ValueError, TypeError)
 
 
 class WriteFailed(Exception):
-    """The record could not be committed."""
+    """The record could not be committed; ``rejected`` when the store is fine and the record
+    itself was refused."""
+
+    def __init__(self, reason: str, *, rejected: bool = False) -> None:
+        super().__init__(reason)
+        self.rejected = rejected
 
 
 @dataclass(slots=True)
@@ -120,12 +132,23 @@ class Writer:
                     self._queue.task_done()
 
     async def _write(self, jobs: list[_Job]) -> None:
+        if self.broken is not None:
+            # Known broken (the probe decides when it is back): each write would only wait
+            # out the store's lock timeout, and a shutdown would wait for all of them.
+            for job in jobs:
+                self._fail(job, f"the store is unavailable ({self.broken})")
+            return
         try:
             inserted = await self._store.write_batch([job.record for job in jobs])
-        except Exception as error:  # noqa: BLE001 - any failure is retried one by one below
+        except _REJECTED as error:
             log.warning("batch of %d failed (%s); retrying one by one", len(jobs), error)
             for job in jobs:
                 await self._write_one(job)
+            return
+        except Exception as error:  # noqa: BLE001 - the store's failure: every record fails
+            for job in jobs:
+                self._fail(job, str(error))
+            self._mark_broken(str(error))
             return
         self.stats.batches += 1
         self.stats.committed += inserted
@@ -139,7 +162,7 @@ class Writer:
         if not job.done.done():
             job.done.set_result(None)
 
-    def _fail(self, job: _Job, reason: str) -> None:
+    def _fail(self, job: _Job, reason: str, *, rejected: bool = False) -> None:
         record = job.record
         record_id = record.id if isinstance(record, CompletionRecord) else record.request_id
         self.stats.failed += 1
@@ -154,7 +177,7 @@ class Writer:
         if self._on_failed is not None:
             self._on_failed()
         if not job.done.done():
-            job.done.set_exception(WriteFailed(reason))
+            job.done.set_exception(WriteFailed(reason, rejected=rejected))
 
     def _note_duplicates(self, jobs: list[_Job], inserted: int) -> None:
         if inserted < len(jobs):
@@ -166,11 +189,17 @@ class Writer:
             )
 
     async def _write_one(self, job: _Job) -> None:
+        if self.broken is not None:
+            self._fail(job, f"the store is unavailable ({self.broken})")
+            return
         try:
             inserted = await self._store.write_batch([job.record])
         except Exception as error:  # noqa: BLE001 - reported, counted and surfaced in _fail
-            self._fail(job, str(error))
-            self._mark_broken(str(error))
+            if isinstance(error, _REJECTED):
+                self._fail(job, f"the store refused this record: {error}", rejected=True)
+            else:
+                self._fail(job, str(error))
+                self._mark_broken(str(error))
             return
         self.stats.batches += 1
         self.stats.committed += inserted

@@ -1,11 +1,15 @@
 """Fixtures: the fake upstream as a real server, the proxy in front of it, SDK clients, and
-the proxy's JSON log lines captured in a buffer."""
+the proxy's JSON log lines captured in a buffer, and the store each proxy uses (``store_url``:
+SQLite by default; PostgreSQL where a test or a module asks for both backends, see
+``BOTH_BACKENDS`` and tests/pg.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
-from collections.abc import Awaitable, Callable, Iterator
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +21,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from proxy.app import create_app
 from proxy.config import Config, validate
 from proxy.logs import JSONFormatter
+from tests import pg
 from tests.fakes import FakeUpstream
 from tests.helpers import sdk
 
@@ -32,10 +37,60 @@ async def upstream(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> Fake
     return fake
 
 
-def make_config(tmp_path: Path, upstream_url: str, **sections: dict[str, Any]) -> Config:
+BACKENDS = ("sqlite", "postgres")
+# Modules whose every test also runs on PostgreSQL (they speak only through the API).
+BOTH_BACKENDS = frozenset({"test_backends"})
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    module = metafunc.module.__name__.rsplit(".", 1)[-1]
+    chosen = any(
+        mark.name == "parametrize" and "store_url" in mark.args[0]
+        for mark in metafunc.definition.iter_markers()
+    )
+    if module in BOTH_BACKENDS and "store_url" in metafunc.fixturenames and not chosen:
+        metafunc.parametrize("store_url", BACKENDS, indirect=True)
+
+
+@pytest.fixture(scope="session")
+def pg_database() -> Iterator[pg.TestDatabase]:
+    """This run's PostgreSQL database, dropped at the end; skipped without a server, except
+    in CI (``CI`` set), where a missing server fails the test."""
+    try:
+        database = asyncio.run(pg.create_database())
+    except pg.Unavailable as error:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI needs PostgreSQL: {error}")
+        pytest.skip(f"PostgreSQL tests skipped: {error}")
+    yield database
+    asyncio.run(pg.drop_database(database))
+
+
+@pytest.fixture
+async def pg_url(pg_database: pg.TestDatabase) -> AsyncIterator[str]:
+    """A URL to a fresh, empty schema of the run's database."""
+    schema = await pg_database.schema()
+    yield pg_database.url(schema)
+    await pg_database.drop_schema(schema)
+
+
+@pytest.fixture
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Where the proxy under test keeps its store: a SQLite file unless the test is
+    parametrised with ``postgres``."""
+    backend = getattr(request, "param", "sqlite")
+    if backend == "postgres":
+        url: str = request.getfixturevalue("pg_url")
+        return url
+    return str(tmp_path / "completions.db")
+
+
+def make_config(
+    tmp_path: Path, upstream_url: str, store_url: str | None = None, **sections: dict[str, Any]
+) -> Config:
     data: dict[str, Any] = {
         "upstream": {"url": upstream_url, "connect_timeout": 2, "read_timeout": 5},
-        "store": {"path": str(tmp_path / "completions.db")},
+        "store": {"url": store_url or str(tmp_path / "completions.db")},
         "logging": {"format": "json"},
     }
     for name, values in sections.items():
@@ -48,11 +103,12 @@ def proxy_factory(
     aiohttp_client: Callable[..., Awaitable[TestClient[web.Request, web.Application]]],
     upstream: FakeUpstream,
     tmp_path: Path,
+    store_url: str,
 ) -> ProxyFactory:
     async def start(**sections: dict[str, Any]) -> TestClient[web.Request, web.Application]:
         sections.setdefault("upstream", {})
         url = sections["upstream"].pop("url", upstream.url)  # type: ignore[attr-defined]
-        config = make_config(tmp_path, url, **sections)
+        config = make_config(tmp_path, url, store_url, **sections)
         return await aiohttp_client(create_app(config))
 
     return start

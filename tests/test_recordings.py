@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import sqlite3
 from pathlib import Path
 
 import openai
 import orjson
+import pytest
 
 from proxy.recordings import RUN_BYTES, _runs, parse_run
 from tests.fakes import FakeUpstream, Reply
@@ -269,3 +271,104 @@ async def test_a_large_import_is_parsed_beside_the_inserts_and_checked_whole(
     assert [orjson.loads(line)["id"] for line in again.splitlines()] == [
         f"chatcmpl-many-{n}" for n in range(5_000)
     ]
+
+
+def stored_rows(db: Path) -> tuple[list[tuple], list[tuple]]:
+    """Every column of every completion and metadata pair but the seq (each store gives
+    its own), in the order they were stored."""
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        columns = [row[1] for row in conn.execute("PRAGMA table_info(completions)")]
+        kept = ", ".join(c for c in columns if c != "seq")
+        completions = conn.execute(f"SELECT {kept} FROM completions ORDER BY seq").fetchall()
+        pairs = conn.execute(
+            "SELECT c.caller, c.id, m.key, m.value, m.created FROM completion_metadata m"
+            " JOIN completions c ON c.seq = m.seq ORDER BY c.seq, m.key"
+        ).fetchall()
+    return completions, pairs
+
+
+async def test_export_then_import_keeps_whole_rows_and_usage(
+    proxy, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    """Token counts (what usage and cost are summed from) travel with the rest of the row."""
+    await record_some(proxy, upstream)
+    source, target = tmp_path / "completions.db", tmp_path / "imported.db"
+    _, exported, _ = await cli("export", "--db", str(source))
+    dump = tmp_path / "dump.jsonl"
+    dump.write_bytes(exported)
+    code, _, err = await cli("import", str(dump), "--db", str(target))
+    assert code == 0, err
+    original, imported = stored_rows(source), stored_rows(target)
+    assert len(original[0]) == 6 and len(original[1]) == 8
+    assert imported == original
+    usages = []
+    for db in (source, target):
+        code, out, err = await cli("usage", "--db", str(db), "--json", "--group-by", "caller,model")
+        assert code == 0, err
+        usages.append(orjson.loads(out))
+    assert usages[0] == usages[1]
+    assert sum(row["prompt_tokens"] + row["completion_tokens"] for row in usages[1]) > 0
+
+
+async def test_an_export_without_token_counts_takes_them_from_the_usage(
+    proxy, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    """A file written before token counts were exported: they come from response.usage."""
+    await record_some(proxy, upstream)
+    _, exported, _ = await cli("export", "--db", str(tmp_path / "completions.db"))
+    old = [{k: v for k, v in line.items() if not k.endswith("_tokens")} for line in lines(exported)]
+    dump = tmp_path / "old.jsonl"
+    dump.write_bytes(b"\n".join(map(orjson.dumps, old)) + b"\n")
+    code, _, err = await cli("import", str(dump), "--db", str(tmp_path / "imported.db"))
+    assert code == 0, err
+    assert stored_rows(tmp_path / "imported.db") == stored_rows(tmp_path / "completions.db")
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("export",),
+        ("usage",),
+        ("keys", "list"),
+        ("keys", "revoke", "bob"),
+        ("prune", "--days", "1"),
+    ],
+    ids=" ".join,
+)
+async def test_a_command_that_needs_a_store_refuses_one_that_does_not_exist(
+    tmp_path: Path, command: tuple[str, ...]
+) -> None:
+    absent = tmp_path / "nowhere" / "absent.db"
+    code, out, err = await cli(*command, "--db", str(absent))
+    assert code == 1
+    assert out == b""
+    assert err == f"completions-proxy: no database at {absent}\n"
+    assert not absent.parent.exists()
+
+
+async def test_every_store_command_opens_the_store_the_config_names(
+    proxy, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    """--config alone: keys, export, import, usage and prune use the config's store.url,
+    the file serve uses, not ./completions.db."""
+    await record_some(proxy, upstream)
+    source = tmp_path / "completions.db"
+    config = tmp_path / "proxy.yaml"
+    config.write_text(f"store:\n  url: {source}\n", encoding="utf-8")
+    code, _, err = await cli("keys", "create", "carol", "--config", str(config))
+    assert code == 0, err
+    code, out, err = await cli("keys", "list", "--config", str(config))
+    assert code == 0 and b"carol" in out, err
+    code, exported, err = await cli("export", "--config", str(config))
+    assert code == 0 and len(lines(exported)) == 6, err
+    code, out, err = await cli("usage", "--config", str(config), "--json")
+    assert code == 0 and sum(row["completions"] for row in orjson.loads(out)) == 6, err
+    other = tmp_path / "other.yaml"
+    other.write_text(f"store:\n  path: {tmp_path / 'copy.db'}\n", encoding="utf-8")  # old name
+    code, _, err = await cli("import", "-", "--config", str(other), stdin=exported)
+    assert code == 0, err
+    assert count(tmp_path / "copy.db") == 6
+    code, _, err = await cli("prune", "--config", str(other), "--days", "100000")
+    assert code == 0 and err.startswith("pruned 0 completions"), err
+    assert count(tmp_path / "copy.db") == 6
+    assert not (Path.cwd() / "completions.db").exists()

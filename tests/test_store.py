@@ -471,7 +471,8 @@ async def test_a_long_import_keeps_the_wal_to_about_two_chunks(
 
 async def test_steady_writes_do_not_grow_the_wal_without_end(tmp_path: Path) -> None:
     """Writes back to back never leave the checkpointer a moment when the whole WAL is copied;
-    the writer then restarts it itself, so the WAL stays bounded however much is written."""
+    it then copies the rest holding the write lock, so the next transaction restarts the WAL,
+    which stays bounded however much is written."""
     path = tmp_path / "steady.db"
     store = SQLiteStore(path, checkpoint_interval=0.02, wal_restart_frames=64)
     await store.open()
@@ -528,3 +529,120 @@ async def test_a_write_whose_waiter_is_cancelled_still_commits_whole(
     ids, pairs = rows_of(tmp_path / "store.db")
     assert ids == ["chatcmpl-1", "chatcmpl-2", "chatcmpl-3"]
     assert pairs == 6
+
+
+# -- seq: never given twice ------------------------------------------------------------------
+
+
+async def test_a_completion_stored_after_the_newest_was_deleted_is_listed_after_it(
+    store: SQLiteStore,
+) -> None:
+    """Paging after a deleted id goes on past completions stored since (same ``created``)."""
+    await store.write_batch([record(1), record(2)])
+    assert await store.delete("caller_a", "chatcmpl-2", "tester")
+    await store.write_batch([record(3)])
+    after = await store.list_completions("caller_a", ListQuery(page=PageQuery(after="chatcmpl-2")))
+    assert [item.id for item in after.items] == ["chatcmpl-3"]
+    before = await store.list_completions(
+        "caller_a", ListQuery(page=PageQuery(after="chatcmpl-2", order="desc"))
+    )
+    assert [item.id for item in before.items] == ["chatcmpl-1"]
+
+
+async def test_an_old_file_gets_seqs_past_its_deleted_ones(tmp_path: Path) -> None:
+    """A file from before m009 whose newest completion was deleted: the next one stored is
+    listed after the deleted id, not given its seq."""
+    path = tmp_path / "old.db"
+    steps = [m for m in MIGRATIONS if m.name < "m009"]
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
+        db.execute("CREATE TABLE _migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)")
+        for step in steps:
+            for statement in step.statements:
+                db.execute(statement)
+            db.execute("INSERT INTO _migrations VALUES (?, 0)", (step.name,))
+        for seq in (1, 2):
+            db.execute(
+                "INSERT INTO completions (seq, id, caller, created, model, metadata, completion,"
+                " request, stream, outcome, stored_at) VALUES (?, ?, 'caller_a', 1000,"
+                " 'gpt-test', '{}', '{}', '{}', 0, 'complete', 0)",
+                (seq, f"chatcmpl-{seq}"),
+            )
+        db.execute("INSERT INTO tombstones VALUES ('caller_a', 'chatcmpl-3', 1000, 3, 0)")
+    store = SQLiteStore(path)
+    await store.open()
+    try:
+        await store.write_batch([record(4)])
+        page = await store.list_completions(
+            "caller_a", ListQuery(page=PageQuery(after="chatcmpl-3"))
+        )
+        assert [item.id for item in page.items] == ["chatcmpl-4"]
+        assert await store.get("caller_a", "chatcmpl-1") is not None
+    finally:
+        await store.close()
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        plan = " ".join(
+            row[3]
+            for row in db.execute(
+                "EXPLAIN QUERY PLAN SELECT seq FROM completions"
+                " WHERE caller = 'caller_a' ORDER BY created, seq"
+            )
+        )
+    assert "completions_caller_order" in plan  # the indexes came back with the table
+
+
+async def test_a_rejected_import_takes_back_only_its_own_rows_beside_another_writer(
+    store: SQLiteStore, tmp_path: Path
+) -> None:
+    """Another writer on the file between two of the import's chunks (a proxy serving it)
+    deletes the import's newest row and stores a completion of its own: when the import is
+    then rejected, its rows go and the other writer's completion stays."""
+    path = tmp_path / "store.db"
+    read: list[int] = []
+
+    def batches():
+        for k in range(4):
+            if k == 2:  # the first chunk (two batches) is committed; no transaction is open
+                with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as other:
+                    other.execute("DELETE FROM completions WHERE id = 'chatcmpl-8'")
+                    other.execute(
+                        "INSERT INTO completions (id, caller, created, model, metadata,"
+                        " completion, request, stream, outcome, stored_at) VALUES"
+                        " ('chatcmpl-other', 'caller_b', 1000, 'gpt-test', '{}', '{}', '{}',"
+                        " 0, 'complete', 0)"
+                    )
+            read.append(k)
+            yield rows(record(n) for n in range(k * 4 + 1, k * 4 + 5))
+
+    inserted = await store.import_records(batches(), accept=lambda: len(read) < 4, chunk_rows=8)
+    assert inserted == 0
+    assert rows_of(path)[0] == ["chatcmpl-other"]
+
+
+# -- several metadata pairs: the rarest drives -------------------------------------------------
+
+
+async def test_a_list_with_several_pairs_walks_the_rarest_one(store: SQLiteStore) -> None:
+    """Whatever order the pairs come in, the page is read from the rarest pair's rows (each
+    checked for the others), and the answer is the same."""
+    records = [
+        record(n, metadata={"env": "prod", "user": "u1" if n in (3, 7) else f"x{n}"})
+        for n in range(1, 41)
+    ] + [record(n, metadata={"env": "dev", "user": "u2"}) for n in range(41, 61)]
+    await store.write_batch(records)
+    common, rare, other = ("env", "prod"), ("user", "u1"), ("user", "u2")
+    assert await store._rarest("caller_a", (common, rare)) == 1
+    assert await store._rarest("caller_a", (rare, common)) == 0
+    assert await store._rarest("caller_a", (common, other)) == 1  # 20 rows against 40
+    for pairs in ((common, rare), (rare, common)):
+        for order in ("asc", "desc"):
+            page = await store.list_completions(
+                "caller_a", ListQuery(metadata=pairs, page=PageQuery(order=order))
+            )
+            expected = ["chatcmpl-3", "chatcmpl-7"]
+            assert [item.id for item in page.items] == (
+                expected if order == "asc" else expected[::-1]
+            )
+    for pairs in ((common, other), (other, common)):  # many rows each, never the same one
+        page = await store.list_completions("caller_a", ListQuery(metadata=pairs))
+        assert page.items == []
+        assert not page.has_more

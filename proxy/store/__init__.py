@@ -23,6 +23,7 @@ from proxy.store.records import (
     ExchangeRecord,
     ExportFilter,
     KeyRecord,
+    LogEntry,
     Page,
     PruneReport,
     StoredCompletion,
@@ -40,6 +41,7 @@ __all__ = [
     "ExportFilter",
     "KeyExists",
     "KeyRecord",
+    "LogEntry",
     "Page",
     "PruneReport",
     "Store",
@@ -68,7 +70,11 @@ def make_store(url: str, settings: StoreConfig, *, must_exist: bool = False) -> 
     """The store ``url`` names, configured by ``settings``, not yet open. With
     ``must_exist`` (commands that only read) opening it raises ``StoreMissing`` rather
     than creating a new, empty store."""
-    module = importlib.import_module(f"proxy.store.{backend_of(url)}")
+    backend = backend_of(url)
+    try:
+        module = importlib.import_module(f"proxy.store.{backend}")
+    except ImportError as error:  # the backend's driver is not installed
+        raise StoreError(f"the {backend} store cannot be loaded: {error}") from error
     store: Store = module.create(url, settings, must_exist=must_exist)
     return store
 

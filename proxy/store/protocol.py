@@ -12,6 +12,7 @@ from proxy.store.records import (
     ExchangeRecord,
     ExportFilter,
     KeyRecord,
+    LogEntry,
     Page,
     PruneReport,
     StoredCompletion,
@@ -46,22 +47,42 @@ class Store(Protocol):
         """A keyset page in ``(created, insertion)`` order; an ``after`` id that was deleted
         keeps its place. Raises ``UnknownCursor`` for an id this caller never had."""
 
+    async def log_entries(self, caller: str | None, query: ListQuery) -> Page[LogEntry]:
+        """The same page as ``list_completions`` (every filter, the same order and cursor),
+        as log rows for people.
+
+        ``query.since``/``until`` bound ``created``. ``query.search`` keeps completions whose
+        searchable text (``proxy.store.text.searchable``) holds every word, through an index
+        kept in the same transaction as the completion: never missing a committed one, never
+        showing a deleted or pruned one. With a search, the order is storage order.
+        """
+
+    async def log_entry(self, caller: str | None, completion_id: str) -> LogEntry | None:
+        """One completion's log row, if this caller may see it."""
+
     async def update_metadata(
         self, caller: str | None, completion_id: str, metadata: dict[str, str], actor: str
     ) -> StoredCompletion | None: ...
     async def delete(
         self, caller: str | None, completion_id: str, actor: str, *, purge: bool = True
     ) -> bool: ...
-    async def list_exchanges(self, caller: str | None, page: PageQuery) -> Page[ExchangeRecord]:
-        """Exchanges that stored no completion, keyset-paged by request id."""
+    async def list_exchanges(
+        self, caller: str | None, page: PageQuery, *, outcome: str | None = None
+    ) -> Page[ExchangeRecord]:
+        """Exchanges that stored no completion (those that ended with ``outcome``, when
+        given), keyset-paged by request id."""
 
     async def audit_entries(self, after: int, limit: int) -> list[AuditEntry]:
         """The audit log after entry ``after`` (its seq), oldest first."""
 
-    async def create_key(self, name: str, role: str, key_id: str, key_hash: bytes) -> None:
+    async def create_key(
+        self, name: str, role: str, key_id: str, key_hash: bytes, *, actor: str = "cli"
+    ) -> None:
         """Add a proxy key; raises ``KeyExists`` when the name is taken."""
 
-    async def revoke_key(self, name: str) -> bool: ...
+    async def revoke_key(self, name: str, *, actor: str = "cli") -> bool:
+        """Revoke a live key; ``actor`` (who did it) goes to the audit trail."""
+
     async def list_keys(self) -> list[KeyRecord]: ...
     async def find_key(self, key_id: str) -> tuple[KeyRecord, bytes] | None: ...
     async def usage(

@@ -69,6 +69,26 @@ class StoredCompletion:
 
 
 @dataclass(frozen=True, slots=True)
+class LogEntry:
+    """A stored completion as one row of a log people read: the promoted columns and a
+    short preview of the request, never the bodies."""
+
+    id: str
+    caller: str
+    created: int
+    model: str
+    outcome: str
+    stream: bool
+    duration_ms: float | None
+    stored_at: float
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    metadata: dict[str, str]
+    preview: str  # the last input message's text, shortened (``text.preview``)
+
+
+@dataclass(frozen=True, slots=True)
 class AuditEntry:
     """One line of the append-only audit log; ``seq`` orders the log and pages it."""
 

@@ -1,17 +1,24 @@
 """The floor: a bare aiohttp passthrough, the least an aiohttp proxy can do per request.
 
-    python -m tests.bench.floor --port PORT --upstream http://127.0.0.1:UPORT/v1
+    python -m tests.bench.floor --port PORT --upstream http://127.0.0.1:UPORT/v1 [--processes N]
 
 Every ``/v1/*`` request goes to the upstream with the same method, path, body and
 end-to-end headers; the answer comes back read by read, one write per read, bytes
 untouched (``auto_decompress=False``). Nothing is parsed, captured or stored. Same event
 loop (uvloop when installed) and connection limit (100) as the proxy's defaults.
+
+``--processes N`` serves the port from N processes, each with its own ``SO_REUSEPORT``
+socket, as ``completions-proxy serve --workers N`` does: this process and N - 1 children it
+starts and stops with itself. It is the baseline for the proxy's workers.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -84,6 +91,8 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream", required=True, help="upstream base URL ending in /v1")
+    parser.add_argument("--processes", type=int, default=1, help="processes serving the port")
+    parser.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     try:
         import uvloop  # noqa: PLC0415 - optional, as in the proxy
@@ -91,9 +100,30 @@ def main() -> None:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     except ImportError:
         pass
-    web.run_app(
-        make_app(args.upstream), host=args.host, port=args.port, access_log=None, print=None
-    )
+    children = [
+        subprocess.Popen(
+            [
+                *(sys.executable, "-m", "tests.bench.floor", "--host", args.host),
+                *("--port", str(args.port), "--upstream", args.upstream, "--reuse-port"),
+            ]
+        )
+        for _ in range(args.processes - 1)
+    ]
+    try:
+        web.run_app(
+            make_app(args.upstream),
+            host=args.host,
+            port=args.port,
+            access_log=None,
+            print=None,
+            reuse_port=args.reuse_port or args.processes > 1,
+        )
+    finally:
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                child.send_signal(2)  # SIGINT: aiohttp's clean shutdown
+        for child in children:
+            child.wait()
 
 
 if __name__ == "__main__":

@@ -40,8 +40,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import hmac
+import importlib.util
 import os
 import platform
 import random
@@ -92,12 +94,15 @@ class Settings:
     read_calls: int
     write_records: int
     pin: bool
+    baseline: str | None = None  # a git revision whose store the multi-pair lists also run on
 
     @classmethod
-    def of(cls, quick: bool, pin: bool) -> Settings:
+    def of(cls, quick: bool, pin: bool, baseline: str | None = None) -> Settings:
         if quick:
-            return cls(True, 3, 3, 1, 1, 10_000, (10_000, 100_000), 2_000, 20_000, pin)
-        return cls(False, 10, 10, 2, 3, 100_000, (100_000, 1_000_000), 2_000, 100_000, pin)
+            return cls(True, 3, 3, 1, 1, 10_000, (10_000, 100_000), 2_000, 20_000, pin, baseline)
+        return cls(
+            False, 10, 10, 2, 3, 100_000, (100_000, 1_000_000), 2_000, 100_000, pin, baseline
+        )
 
 
 # -- processes ---------------------------------------------------------------------------
@@ -114,6 +119,28 @@ def busy_cpu_seconds() -> float:
     fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
     return (user + nice + system + irq + softirq + steal) / CLK_TCK
+
+
+def _children(pid: int) -> list[int]:
+    children = []
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError):
+                text = Path(f"/proc/{pid}/task/{task}/children").read_text()
+                children += [int(child) for child in text.split()]
+    return children
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` and of its reaped children (cutime + cstime), plus the same
+    for every live descendant."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0  # gone meanwhile: its time is in its parent's cutime once reaped
+    fields = stat[stat.rindex(")") + 2 :].split()
+    ticks = sum(int(value) for value in fields[11:15])
+    return ticks / CLK_TCK + sum(tree_cpu_seconds(child) for child in _children(pid))
 
 
 def pinned(cpu: int | None) -> list[str]:
@@ -135,6 +162,8 @@ class Server:
     cwd: Path = ROOT
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
+    health: str = "/healthz"
+    env: dict[str, str] | None = None
 
     @property
     def url(self) -> str:
@@ -150,14 +179,18 @@ class Server:
         with self.log.open("ab") as log:
             # taskset execs the server, so the pid is the server's own.
             self.proc = subprocess.Popen(
-                [*pinned(self.cpu), *argv], cwd=self.cwd, stdout=log, stderr=log
+                [*pinned(self.cpu), *argv],
+                cwd=self.cwd,
+                stdout=log,
+                stderr=log,
+                env=None if self.env is None else {**os.environ, **self.env},
             )
         deadline = time.monotonic() + timeout
         while True:  # poll readiness; no fixed sleep
             if self.proc.poll() is not None:
                 raise BenchError(f"{self.name} exited with {self.proc.returncode}:\n{self.tail()}")
             try:
-                with urllib.request.urlopen(self.url + "/healthz", timeout=1) as answer:
+                with urllib.request.urlopen(self.url + self.health, timeout=1) as answer:
                     if answer.status == 200:
                         return self
             except OSError:
@@ -184,10 +217,10 @@ class Server:
         return "\n".join(text.splitlines()[-lines:])
 
     def cpu_seconds(self) -> float:
-        """User + system time of every thread of the process so far."""
-        stat = Path(f"/proc/{self.pid}/stat").read_text()
-        fields = stat[stat.rindex(")") + 2 :].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+        """User + system time of the process tree so far: the server, every live process
+        under it, and the children it has reaped (a supervisor's workers, a floor's
+        processes, LiteLLM's workers)."""
+        return tree_cpu_seconds(self.pid)
 
     def status_kb(self, name: str) -> int:
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
@@ -211,18 +244,29 @@ def mock_upstream(workdir: Path, cpu: int | None) -> Server:
     return Server("mock upstream", argv, workdir / "mock_upstream.log", cpu)
 
 
-def floor(workdir: Path, upstream: Server, cpu: int | None) -> Server:
+def floor(workdir: Path, upstream: Server, cpu: int | None, processes: int = 1) -> Server:
     argv = [PYTHON, "-m", "tests.bench.floor", "--port", "{port}"]
-    argv += ["--upstream", upstream.url + "/v1"]
-    return Server("floor", argv, workdir / "floor.log", cpu)
+    argv += ["--upstream", upstream.url + "/v1", "--processes", str(processes)]
+    return Server(f"floor x{processes}", argv, workdir / f"floor-{processes}.log", cpu)
 
 
-def proxy(workdir: Path, upstream: Server, db: Path, cpu: int | None) -> Server:
+def proxy(
+    workdir: Path,
+    upstream: Server,
+    db: Path,
+    cpu: int | None,
+    *,
+    workers: int = 1,
+    source: str = "src",
+) -> Server:
     argv = [PYTHON, "-m", "proxy", "serve", "--host", "127.0.0.1", "--port", "{port}"]
     argv += ["--upstream", upstream.url + "/v1", "--db", str(db)]
+    if workers > 1:
+        argv += ["--workers", str(workers)]
     # The snapshot taken at the start (see snapshot_proxy), so every proxy of one run is the
     # same code even while proxy/ is being edited.
-    return Server("proxy", argv, workdir / f"proxy-{db.stem}.log", cpu, cwd=workdir / "src")
+    name = f"proxy ({source}, {workers} worker{'s' if workers > 1 else ''})"
+    return Server(name, argv, workdir / f"proxy-{db.stem}.log", cpu, cwd=workdir / source)
 
 
 def snapshot_proxy(workdir: Path) -> str:
@@ -231,6 +275,20 @@ def snapshot_proxy(workdir: Path) -> str:
     shutil.rmtree(target, ignore_errors=True)
     shutil.copytree(ROOT / "proxy", target, ignore=shutil.ignore_patterns("__pycache__"))
     return source_digest(target)
+
+
+def snapshot_baseline(workdir: Path, ref: str) -> str:
+    """proxy/ as of the git revision ``ref``, in WORKDIR/base/proxy; its digest."""
+    target = workdir / "base"
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", ref, "proxy"], capture_output=True, check=False
+    )
+    if archive.returncode != 0:
+        raise BenchError(f"git archive {ref} failed: {archive.stderr.decode(errors='replace')}")
+    subprocess.run(["tar", "-x", "-C", str(target)], input=archive.stdout, check=True)
+    return source_digest(target / "proxy")
 
 
 # -- wrk ---------------------------------------------------------------------------------
@@ -262,15 +320,22 @@ def run_wrk(
     max_requests: int | None = None,
     cpu: int | None = None,
     store: bool = True,
+    headers: dict[str, str] | None = None,
 ) -> WrkResult:
     """One wrk run; ``max_requests`` ends it after that many responses (``duration`` caps it);
-    ``store=False`` sends ``"store": false``."""
+    ``store=False`` sends ``"store": false``; ``headers`` are added to every request."""
     argv = [*pinned(cpu), "wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--timeout", "10s"]
     argv += ["-s", str(HERE / f"{kind}.lua")]
     if latency:
         argv.append("--latency")
     argv.append(url + "/v1/chat/completions")
-    env = {k: v for k, v in os.environ.items() if k not in {"BENCH_MAX_REQUESTS", "BENCH_STORE"}}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in {"BENCH_MAX_REQUESTS", "BENCH_STORE", "BENCH_HEADERS"}
+    }
+    if headers:
+        env["BENCH_HEADERS"] = "\n".join(f"{name}: {value}" for name, value in headers.items())
     if not store:
         env["BENCH_STORE"] = "0"
     if max_requests is not None:
@@ -309,7 +374,22 @@ PLAN = (
     ("plain_latency", "plain", 1),
     ("stream_latency", "stream", 1),
 )
-SUBJECTS = ("direct", "floor", "relay", "proxy")
+THROUGHPUT = ("plain_throughput", "stream_throughput")
+# Every subject of a default run, in the order rounds visit them.
+SUBJECTS = ("direct", "floor", "relay", "proxy", "proxy_w2", "floor_x2")
+TWO_PROCESS = ("proxy_w2", "floor_x2")  # throughput only; unpinned (see http_phase)
+
+
+@dataclass
+class Subject:
+    """A server under test and how it is asked: ``store`` in the body, extra headers."""
+
+    label: str
+    server: Server
+    behind: Server | None  # the upstream it calls, whose CPU is noted too
+    store: bool = True
+    runs: tuple[str, ...] = tuple(name for name, _, _ in PLAN)
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -328,28 +408,38 @@ class Measured:
     def median_cpu(self) -> dict[str, float]:
         return {key: statistics.median(c[key] for c in self.cpu) for key in self.cpu[0]}
 
+    def cpu_us_per_request(self) -> list[float]:
+        """The subject's process tree: CPU time (user + system) per request served."""
+        return [
+            c["subject"] * run.seconds / run.requests * 1e6
+            for run, c in zip(self.runs, self.cpu, strict=True)
+            if run.requests
+        ]
+
+    def median_cpu_us(self) -> float:
+        return statistics.median(self.cpu_us_per_request())
+
 
 def measure(
-    subject: Server,
-    upstream: Server | None,
+    subject: Subject,
     kind: str,
     *,
     connections: int,
     duration: int,
     pin: bool,
-    store: bool = True,
 ) -> tuple[WrkResult, dict[str, float]]:
-    watched = {"subject": subject} | ({"upstream": upstream} if upstream else {})
+    watched = {"subject": subject.server} | ({"upstream": subject.behind} if subject.behind else {})
     cpu_before = {key: server.cpu_seconds() for key, server in watched.items()}
     busy_before = busy_cpu_seconds()
     run = run_wrk(
-        subject.url,
+        subject.server.url,
         kind,
         connections=connections,
         duration=duration,
         latency=connections == 1,
         cpu=LOAD_CPU if pin else None,
-        store=store,
+        store=subject.store,
+        headers=subject.headers,
     )
     cpu = {
         key: (server.cpu_seconds() - cpu_before[key]) / run.seconds
@@ -360,78 +450,111 @@ def measure(
     busy = (busy_cpu_seconds() - busy_before) / run.seconds
     cpu["other"] = max(0.0, busy - sum(cpu.values()))
     if run.errors["status"]:
-        raise BenchError(f"{subject.name}: {run.errors['status']} non-2xx answers ({kind})")
+        raise BenchError(f"{subject.label}: {run.errors['status']} non-2xx answers ({kind})")
     return run, cpu
 
 
 def http_phase(
-    settings: Settings, workdir: Path, log: Callable[[str], None]
+    settings: Settings,
+    workdir: Path,
+    log: Callable[[str], None],
+    *,
+    only: tuple[str, ...] = SUBJECTS,
+    baseline: bool = False,
+    peers: Callable[[Server, contextlib.ExitStack], list[Subject]] | None = None,
 ) -> tuple[dict[str, dict[str, Measured]], dict[str, Any]]:
     """Every subject, every run, ``settings.rounds`` times, subjects interleaved.
 
-    All four servers stay up; only the one under load is busy (relay and proxy are the same
+    All servers stay up; only the one under load is busy (relay and proxy are the same
     server, sent ``"store": false`` and ``true``). Interleaving (direct, floor, relay, proxy,
-    direct, ...) and taking medians keeps a drift of the machine (other jobs, CPU
+    ..., direct, ...) and taking medians keeps a drift of the machine (other jobs, CPU
     frequency) from landing on one subject only.
+
+    The two-process subjects (the proxy with ``--workers 2``, the floor with two processes)
+    are not pinned: on a two-CPU machine they share both CPUs with wrk and the upstream, and
+    their figure is the one against the other (proxy_w2 / floor_x2).
+    With ``baseline``, relay@base and proxy@base (the code of the ``--baseline`` revision)
+    are measured beside relay and proxy, in the same rounds.
     """
     subject_cpu = SUBJECT_CPU if settings.pin else None
     load_cpu = LOAD_CPU if settings.pin else None
-    results = {s: {name: Measured() for name, _, _ in PLAN} for s in SUBJECTS}
+    subjects: list[Subject] = []
+    extra: dict[str, Any] = {}
     with contextlib.ExitStack() as stack:
-        direct = mock_upstream(workdir, subject_cpu)
-        stack.callback(direct.stop)
-        upstream = mock_upstream(workdir, load_cpu)
-        stack.callback(upstream.stop)
-        direct.start()
-        upstream.start()
-        middle = floor(workdir, upstream, subject_cpu)
-        stack.callback(middle.stop)
-        middle.start()
-        served = proxy(workdir, upstream, workdir / "proxy-http.db", subject_cpu)
-        stack.callback(served.stop)
-        served.start()
-        # label: (server, the upstream behind it, whether requests ask for store)
-        subjects = {
-            "direct": (direct, None, True),
-            "floor": (middle, upstream, True),
-            "relay": (served, upstream, False),
-            "proxy": (served, upstream, True),
-        }
-        for server, _, store in subjects.values():
+
+        def started(server: Server) -> Server:
+            stack.callback(server.stop)
+            return server.start()
+
+        direct = started(mock_upstream(workdir, subject_cpu))
+        upstream = started(mock_upstream(workdir, load_cpu))
+        wanted = set(only)
+        if "direct" in wanted:
+            subjects.append(Subject("direct", direct, None))
+        if "floor" in wanted:
+            subjects.append(
+                Subject("floor", started(floor(workdir, upstream, subject_cpu)), upstream)
+            )
+        served = None
+        if wanted & {"relay", "proxy"}:
+            served = started(proxy(workdir, upstream, workdir / "proxy-http.db", subject_cpu))
+            if "relay" in wanted:
+                subjects.append(Subject("relay", served, upstream, store=False))
+            if "proxy" in wanted:
+                subjects.append(Subject("proxy", served, upstream))
+        if baseline:
+            base = started(
+                proxy(workdir, upstream, workdir / "proxy-base.db", subject_cpu, source="base")
+            )
+            subjects.append(Subject("relay@base", base, upstream, store=False))
+            subjects.append(Subject("proxy@base", base, upstream))
+        if "proxy_w2" in wanted:
+            workers = started(proxy(workdir, upstream, workdir / "proxy-w2.db", None, workers=2))
+            subjects.append(Subject("proxy_w2", workers, upstream, runs=THROUGHPUT))
+        if "floor_x2" in wanted:
+            pair = started(floor(workdir, upstream, None, processes=2))
+            subjects.append(Subject("floor_x2", pair, upstream, runs=THROUGHPUT))
+        if peers is not None:
+            subjects += peers(upstream, stack)
+        results = {s.label: {name: Measured() for name in s.runs} for s in subjects}
+        for subject in subjects:
             for kind in ("plain", "stream"):
                 run_wrk(
-                    server.url,
+                    subject.server.url,
                     kind,
                     connections=CONNECTIONS,
                     duration=settings.warmup,
                     cpu=load_cpu,
-                    store=store,
+                    store=subject.store,
+                    headers=subject.headers,
                 )
         for round_ in range(1, settings.rounds + 1):
             for name, kind, connections in PLAN:
                 duration = settings.duration if connections > 1 else settings.latency_duration
-                for label, (server, behind, store) in subjects.items():
+                for subject in subjects:
+                    if name not in subject.runs:
+                        continue
                     run, cpu = measure(
-                        server,
-                        behind,
+                        subject,
                         kind,
                         connections=connections,
                         duration=duration,
                         pin=settings.pin,
-                        store=store,
                     )
-                    results[label][name].runs.append(run)
-                    results[label][name].cpu.append(cpu)
+                    results[subject.label][name].runs.append(run)
+                    results[subject.label][name].cpu.append(cpu)
+                    per_request = cpu["subject"] * run.seconds / max(run.requests, 1) * 1e6
                     log(
-                        f"  round {round_} {label:<6} {name:<18} {run.rps:8.1f} req/s"
+                        f"  round {round_} {subject.label:<10} {name:<18} {run.rps:8.1f} req/s"
                         f"  p50 {run.ms('p50'):7.3f} ms  p99 {run.ms('p99'):7.3f} ms"
-                        f"  {_cpu_note(cpu)}"
+                        f"  {per_request:6.0f} us cpu/req  {_cpu_note(cpu)}"
                     )
-        sent = sum(run.requests for m in results["proxy"].values() for run in m.runs)
-        extra: dict[str, Any] = {"store": proxy_sanity(served, sent)}
-        extra["vmhwm_kb"] = served.status_kb("VmHWM")
-        served.stop()
-        extra["outcomes"] = access_outcomes(served.log)
+        if served is not None and "proxy" in results:
+            sent = sum(run.requests for m in results["proxy"].values() for run in m.runs)
+            extra["store"] = proxy_sanity(served, sent)
+            extra["vmhwm_kb"] = served.status_kb("VmHWM")
+            served.stop()
+            extra["outcomes"] = access_outcomes(served.log)
     return results, extra
 
 
@@ -519,6 +642,12 @@ _LOREM = (
 )
 
 
+def env_of(user: int) -> str:
+    """Each user works in one environment: a user's filter and another environment's each
+    match many completions, and never the same one."""
+    return ENVS[user % 3]
+
+
 def _templates() -> tuple[bytes, bytes]:
     """A stored completion (~1.9 KB, id slot to fill) and its request (~1.0 KB)."""
     completion = {
@@ -576,7 +705,7 @@ def make_record(i: int, salt: bytes = b"db") -> CompletionRecord:
         caller=CALLER,
         created=CREATED_BASE + i // 20,
         model="gpt-4o-mini",
-        metadata={"user": f"user-{i % USERS}", "env": ENVS[i % 3], "session": f"s-{i // 50}"},
+        metadata={"user": f"user-{i % USERS}", "env": env_of(i % USERS), "session": f"s-{i // 50}"},
         completion=COMPLETION_TEMPLATE.replace(_ID_SLOT, cid.encode()),
         request=REQUEST_TEMPLATE,
         request_id="req_" + cid[9:],
@@ -671,7 +800,12 @@ async def timed(calls: int, call: Callable[[int], Awaitable[None]]) -> dict[str,
     return percentiles(samples)
 
 
-async def bench_reads(store: SQLiteStore, size: int, calls: int) -> dict[str, dict[str, float]]:
+async def bench_reads(
+    store: Any, size: int, calls: int, *, baseline: Any = None
+) -> dict[str, dict[str, float]]:
+    """Retrieve and list latencies; with ``baseline`` (the store module of another
+    revision, open on the same file), the multi-pair lists are timed on it too, right
+    after the same case on ``store``."""
     rng = random.Random(size)
     picks = [rng.randrange(size) for _ in range(calls + 100)]
 
@@ -679,11 +813,13 @@ async def bench_reads(store: SQLiteStore, size: int, calls: int) -> dict[str, di
         if await store.get(CALLER, completion_id(picks[n])) is None:
             raise BenchError("retrieve found nothing")
 
-    def listing(make: Callable[[int], ListQuery]) -> Callable[[int], Awaitable[None]]:
+    def listing(
+        make: Callable[[int], ListQuery], *, empty: bool = False, on: Any = store
+    ) -> Callable[[int], Awaitable[None]]:
         async def call(n: int) -> None:
-            page = await store.list_completions(CALLER, make(picks[n]))
-            if not page.items:
-                raise BenchError("list found nothing")
+            page = await on.list_completions(CALLER, make(picks[n]))
+            if bool(page.items) == empty:
+                raise BenchError("list found nothing" if not empty else "list found something")
 
         return call
 
@@ -694,7 +830,16 @@ async def bench_reads(store: SQLiteStore, size: int, calls: int) -> dict[str, di
         return ListQuery(metadata=(user(i),))
 
     def metadata_two(i: int) -> ListQuery:
-        return ListQuery(metadata=(user(i), ("env", ENVS[(i // USERS) % 3])))
+        return ListQuery(metadata=(user(i), ("env", env_of(i % USERS))))
+
+    def other_env(i: int) -> tuple[str, str]:
+        return ("env", ENVS[(i % USERS + 1 + (i // USERS) % 2) % 3])
+
+    def disjoint(i: int) -> ListQuery:  # the user's ~size/1000 rows, a third of all: none shared
+        return ListQuery(metadata=(user(i), other_env(i)))
+
+    def disjoint_common_first(i: int) -> ListQuery:
+        return ListQuery(metadata=(other_env(i), user(i)))
 
     def after(i: int) -> ListQuery:
         return ListQuery(page=PageQuery(after=completion_id(min(i, size - 100))))
@@ -707,7 +852,7 @@ async def bench_reads(store: SQLiteStore, size: int, calls: int) -> dict[str, di
     def newest(_: int) -> ListQuery:
         return ListQuery(page=PageQuery(order="desc"))
 
-    return {
+    result = {
         "retrieve": await timed(calls, retrieve),
         "list_metadata": await timed(calls, listing(metadata)),
         "list_after": await timed(calls, listing(after)),
@@ -715,6 +860,38 @@ async def bench_reads(store: SQLiteStore, size: int, calls: int) -> dict[str, di
         "list_metadata_after": await timed(calls, listing(metadata_after)),
         "list_newest": await timed(calls, listing(newest)),
     }
+    several = {
+        "list_metadata_two_pairs": (metadata_two, False),
+        "list_metadata_disjoint": (disjoint, True),
+        "list_metadata_disjoint_common_first": (disjoint_common_first, True),
+    }
+    for name, (make, empty) in several.items():
+        if name not in result:
+            result[name] = await timed(calls, listing(make, empty=empty))
+        if baseline is not None:
+            result[f"{name} (baseline)"] = await timed(
+                calls, listing(make, empty=empty, on=baseline)
+            )
+    return result
+
+
+def baseline_store(revision: str, path: Path) -> Any:
+    """``SQLiteStore`` as it is at ``revision`` (its ``proxy/store/sqlite/store.py``, loaded
+    beside this one), for the same database file."""
+    source = subprocess.run(
+        ["git", "show", f"{revision}:proxy/store/sqlite/store.py"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    ).stdout
+    module_path = path.parent / f"baseline_store_{revision}.py"
+    module_path.write_bytes(source)
+    spec = importlib.util.spec_from_file_location(f"baseline_store_{revision}", module_path)
+    if spec is None or spec.loader is None:
+        raise BenchError(f"cannot load the store at {revision}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.SQLiteStore(path)
 
 
 async def build(store: SQLiteStore, start: int, stop: int) -> float:
@@ -740,12 +917,16 @@ async def store_phase(
     # is measured above with the proxy's default, synchronous=NORMAL.
     store = SQLiteStore(path, synchronous="off")
     await store.open()
+    baseline = None
+    if settings.baseline is not None:
+        baseline = baseline_store(settings.baseline, path)
+        await baseline.open()
     try:
         built = 0
         for size in settings.store_sizes:
             seconds = await build(store, built, size)
             log(f"  built {size:,} completions (+{size - built:,} in {seconds:.1f} s)")
-            reads = await bench_reads(store, size, settings.read_calls)
+            reads = await bench_reads(store, size, settings.read_calls, baseline=baseline)
             result[str(size)] = {
                 "build_seconds": seconds,
                 "build_per_second": (size - built) / seconds,
@@ -756,6 +937,8 @@ async def store_phase(
             for name, figures in reads.items():
                 log(f"    {name:<24} p50 {figures['p50']:7.3f} ms  p99 {figures['p99']:7.3f} ms")
     finally:
+        if baseline is not None:
+            await baseline.close()
         await store.close()
     return result
 
@@ -787,7 +970,7 @@ class Figure:
         def ratio(r: float | None) -> str:
             return f"{r:.3f}" if r is not None else ""
 
-        if self.unit in {"req/s", "completions/s"}:
+        if self.unit in {"req/s", "completions/s", "us"}:
             value = f"{self.value:,.0f} {self.unit}"
         else:
             value = f"{self.value:,.3f} {self.unit}"
@@ -813,58 +996,102 @@ def _spread(values: list[float], digits: int) -> str:
     return f"rounds {min(values):.{digits}f}..{max(values):.{digits}f}; "
 
 
+# Targets against the floor (throughput) or per request (CPU): the subject, the figure, the
+# bound and which way it must go.
+THROUGHPUT_TARGETS = {
+    ("relay", "plain"): 0.90,
+    ("proxy", "plain"): 0.70,
+    ("proxy", "stream"): 0.85,
+}
+CPU_TARGET = 1.5  # the proxy's CPU per stored plain request, as a multiple of the floor's
+ADDED_P50_TARGET_MS = 0.8
+P99_TARGET_MS = 3.0
+WORKERS_TARGET = 0.70  # proxy_w2 / floor_x2, plain
+
+
 def http_figures(http: dict[str, dict[str, Measured]]) -> list[Figure]:
-    figures = []
-    for kind, floor_target in (("plain", 0.90), ("stream", 0.85)):
+    figures: list[Figure] = []
+    labels = list(http)
+    for kind in ("plain", "stream"):
         run = f"{kind}_throughput"
-        base = {s: http[s][run].median_rps() for s in ("direct", "floor")}
-        for subject in SUBJECTS:
+        base = {s: http[s][run].median_rps() for s in ("direct", "floor") if s in http}
+        for subject in labels:
+            if run not in http[subject]:
+                continue
             measured = http[subject][run]
             value = measured.median_rps()
+            floor_rps = base.get("floor")
+            if subject == "proxy_w2" and "floor_x2" in http:
+                floor_rps = http["floor_x2"][run].median_rps()
             figure = Figure(
                 f"{kind} throughput, {CONNECTIONS} conn [{subject}]",
                 value,
                 "req/s",
-                ratio_floor=value / base["floor"],
-                ratio_direct=value / base["direct"],
+                ratio_floor=value / floor_rps if floor_rps else None,
+                ratio_direct=value / base["direct"] if "direct" in base else None,
                 note=_spread([r.rps for r in measured.runs], 0) + _cpu_note(measured.median_cpu()),
             )
-            if subject == "proxy":
-                figure.target = f">= {floor_target:.2f} x floor"
-                figure.passed = value / base["floor"] >= floor_target
+            target = THROUGHPUT_TARGETS.get((subject, kind))
+            if subject == "proxy_w2" and kind == "plain":
+                target = WORKERS_TARGET
+            if target is not None and figure.ratio_floor is not None:
+                against = "floor_x2" if subject == "proxy_w2" else "floor"
+                figure.target = f">= {target:.2f} x {against}"
+                figure.passed = figure.ratio_floor >= target
+            figures.append(figure)
+        floor_cpu = http["floor"][run].median_cpu_us() if "floor" in http else None
+        for subject in labels:
+            if run not in http[subject]:
+                continue
+            measured = http[subject][run]
+            value = measured.median_cpu_us()
+            reference = floor_cpu
+            if subject == "proxy_w2" and "floor_x2" in http:
+                reference = http["floor_x2"][run].median_cpu_us()
+            figure = Figure(
+                f"{kind} CPU per request [{subject}]",
+                value,
+                "us",
+                ratio_floor=value / reference if reference else None,
+                note=_spread(measured.cpu_us_per_request(), 0).rstrip("; ")
+                + " (user + system of the subject's process tree / requests)",
+            )
+            if subject == "proxy" and kind == "plain" and figure.ratio_floor is not None:
+                figure.target = f"<= {CPU_TARGET:.1f} x floor"
+                figure.passed = figure.ratio_floor <= CPU_TARGET
             figures.append(figure)
     for kind in ("plain", "stream"):
         run = f"{kind}_latency"
+        measured_here = [s for s in labels if run in http[s]]
         for percentile in ("p50", "p99"):
-            base = {s: http[s][run].median_ms(percentile) for s in ("direct", "floor")}
-            for subject in SUBJECTS:
+            base = {s: http[s][run].median_ms(percentile) for s in ("direct", "floor") if s in http}
+            for subject in measured_here:
                 measured = http[subject][run]
                 value = measured.median_ms(percentile)
-                figures.append(
-                    Figure(
-                        f"{kind} latency {percentile}, 1 conn [{subject}]",
-                        value,
-                        "ms",
-                        ratio_floor=value / base["floor"],
-                        ratio_direct=value / base["direct"],
-                        note=_spread([r.ms(percentile) for r in measured.runs], 3).rstrip("; "),
-                    )
+                figure = Figure(
+                    f"{kind} latency {percentile}, 1 conn [{subject}]",
+                    value,
+                    "ms",
+                    ratio_floor=value / base["floor"] if "floor" in base else None,
+                    ratio_direct=value / base["direct"] if "direct" in base else None,
+                    note=_spread([r.ms(percentile) for r in measured.runs], 3).rstrip("; "),
                 )
+                if subject == "proxy" and kind == "plain" and percentile == "p99":
+                    figure.target = f"<= {P99_TARGET_MS:.0f} ms"
+                    figure.passed = value <= P99_TARGET_MS
+                figures.append(figure)
+        if "direct" not in http:
+            continue
         direct = http["direct"][run].median_ms("p50")
-        added = http["proxy"][run].median_ms("p50") - direct
-        floor_added = http["floor"][run].median_ms("p50") - direct
-        relay_added = http["relay"][run].median_ms("p50") - direct
-        figures.append(
-            Figure(
-                f"{kind} p50 added by proxy (proxy - direct)",
-                added,
-                "ms",
-                target="<= 1.0 ms",
-                passed=added <= 1.0,
-                note=f"the floor adds {floor_added:.3f} ms, relay (store: false)"
-                f" {relay_added:.3f} ms",
-            )
-        )
+        for subject in measured_here:
+            if subject == "direct":
+                continue
+            added = http[subject][run].median_ms("p50") - direct
+            figure = Figure(f"{kind} p50 added over direct [{subject}]", added, "ms")
+            if subject == "proxy":
+                figure.target = f"<= {ADDED_P50_TARGET_MS} ms"
+                figure.passed = added <= ADDED_P50_TARGET_MS
+            figures.append(figure)
     return figures
 
 
@@ -876,17 +1103,28 @@ def store_figures(store: dict[str, Any], settings: Settings) -> list[Figure]:
         "list_metadata": "list, metadata filter",
         "list_after": "list, after",
         "list_metadata_two_pairs": "list, 2-pair metadata filter",
+        "list_metadata_disjoint": "list, 2 pairs never together",
+        "list_metadata_disjoint_common_first": "list, 2 pairs never together, common first",
         "list_metadata_after": "list, metadata filter + after",
         "list_newest": "list, newest first",
     }
-    targets = {"retrieve": 2.0, "list_metadata": 5.0}
+    targets = {
+        "retrieve": 2.0,
+        "list_metadata": 5.0,
+        "list_metadata_two_pairs": 5.0,
+        "list_metadata_disjoint": 5.0,
+        "list_metadata_disjoint_common_first": 5.0,
+    }
     for name, label in labels.items():
         for size in (small, large):
             reads = store[size]["reads_ms"][name]
+            baseline = store[size]["reads_ms"].get(f"{name} (baseline)")
             for percentile in ("p50", "p99"):
                 figure = Figure(
                     f"store {label} {percentile} @ {int(size):,}", reads[percentile], "ms"
                 )
+                if baseline is not None:
+                    figure.note = f"at {settings.baseline}: {baseline[percentile]:.3f} ms"
                 if size == large and percentile == "p50" and name in targets:
                     figure.target = f"<= {targets[name]:.0f} ms"
                     if large != "1000000":
@@ -916,8 +1154,8 @@ def rss_figure(rss: dict[str, Any]) -> Figure:
         f"proxy peak RSS (VmHWM) after {rss['requests']:,} requests",
         rss["vmhwm_kb"] / 1024,
         "MB",
-        target="<= 150 MB",
-        passed=rss["vmhwm_kb"] / 1024 <= 150,
+        target="<= 100 MB",
+        passed=rss["vmhwm_kb"] / 1024 <= 100,
         note=f"at start {rss['vmhwm_start_kb'] / 1024:.1f} MB;"
         f" VmRSS at end {rss['vmrss_kb'] / 1024:.1f} MB",
     )
@@ -944,10 +1182,10 @@ def render(figures: list[Figure]) -> str:
 
 
 def source_digest(package: Path = ROOT / "proxy") -> str:
-    """A digest of proxy/*.py, so results can be matched to the code they measured."""
+    """A digest of proxy/**/*.py, so results can be matched to the code they measured."""
     digest = hashlib.sha256()
-    for path in sorted(package.glob("*.py")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    for path in sorted(package.rglob("*.py")):
+        digest.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
 
 
@@ -961,10 +1199,39 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--workdir", type=Path, help="where databases and logs go (kept)")
     parser.add_argument("--check", action="store_true", help="exit 3 when a target fails")
     parser.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="also time the multi-pair lists with the SQLite store at git revision REV,"
+        " on the same database, right after each case",
+    )
+    parser.add_argument(
         "--only",
         choices=("http", "rss", "store"),
         action="append",
         help="run only these parts (repeatable); the table then lacks the others",
+    )
+    parser.add_argument("--rounds", type=int, help="HTTP rounds (default 3; --quick 1)")
+    parser.add_argument("--seconds", type=int, help="seconds per wrk run (default 10; quick 3)")
+    parser.add_argument(
+        "--subjects",
+        type=lambda text: tuple(text.split(",")),
+        default=SUBJECTS,
+        help=f"HTTP subjects, comma-separated (default {','.join(SUBJECTS)})",
+    )
+    parser.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="also measure relay@base and proxy@base: proxy/ as of this git revision,"
+        " in the same interleaved rounds (to measure a change against the code before it)",
+    )
+    parser.add_argument(
+        "--peers",
+        action="store_true",
+        help="also install and measure LiteLLM's proxy and Portkey's gateway (store: false;"
+        " needs pip and npm to reach their registries; not run in CI)",
+    )
+    parser.add_argument(
+        "--peers-dir", type=Path, help="where --peers installs them (kept; default: a temp dir)"
     )
     return parser
 
@@ -978,12 +1245,23 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     pin = not args.no_pin and shutil.which("taskset") is not None and (os.cpu_count() or 1) >= 2
-    settings = Settings.of(args.quick, pin)
+    settings = Settings.of(args.quick, pin, args.baseline)
+    if args.rounds is not None:
+        settings = dataclasses.replace(settings, rounds=args.rounds)
+    if args.seconds is not None:
+        settings = dataclasses.replace(
+            settings, duration=args.seconds, latency_duration=args.seconds
+        )
+    unknown = set(args.subjects) - set(SUBJECTS)
+    if unknown:
+        sys.stderr.write(f"unknown subjects: {', '.join(sorted(unknown))}\n")
+        return 2
     parts = set(args.only or ("http", "rss", "store"))
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="completions-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     digest_at_start = snapshot_proxy(workdir)
+    baseline_digest = snapshot_baseline(workdir, args.baseline) if args.baseline else None
 
     def log(line: str) -> None:
         sys.stderr.write(f"[{time.perf_counter() - started:7.1f}s] {line}\n")
@@ -997,8 +1275,26 @@ def main(argv: list[str] | None = None) -> int:
     figures: list[Figure] = []
     try:
         if "http" in parts:
-            log("HTTP: direct, floor, relay, proxy")
-            http, proxy_extra = http_phase(settings, workdir, log)
+            log("HTTP: " + ", ".join(args.subjects) + (", baseline" if args.baseline else ""))
+            peers = None
+            if args.peers:
+                from tests.bench.peers import peer_subjects  # noqa: PLC0415 - only with --peers
+
+                peers_dir = args.peers_dir or workdir / "peers"
+                peers_dir.mkdir(parents=True, exist_ok=True)
+                out["peers"] = {}
+
+                def peers(upstream: Server, stack: contextlib.ExitStack) -> list[Subject]:
+                    return peer_subjects(peers_dir, workdir, upstream, stack, log, out["peers"])
+
+            http, proxy_extra = http_phase(
+                settings,
+                workdir,
+                log,
+                only=args.subjects,
+                baseline=bool(args.baseline),
+                peers=peers,
+            )
             figures += http_figures(http)
             out["http"] = {
                 subject: {
@@ -1010,7 +1306,7 @@ def main(argv: list[str] | None = None) -> int:
                 }
                 for subject, runs in http.items()
             }
-            out["http"]["proxy"]["after_runs"] = proxy_extra
+            out["http"]["proxy_after_runs"] = proxy_extra
         if "rss" in parts:
             log(f"RSS: {settings.rss_requests:,} requests through a fresh proxy")
             out["rss"] = rss_phase(settings, workdir, log)
@@ -1038,6 +1334,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": platform.machine(),
         "pinning": "subject CPU 1; wrk and upstream CPU 0" if pin else "off",
         "proxy_source_sha256": digest_at_start,
+        "baseline": None if args.baseline is None else [args.baseline, baseline_digest],
+        "load_average_at_end": Path("/proc/loadavg").read_text().split()[:3],
         "proxy_source_changed_during_run": source_digest() != digest_at_start,
         "proxy_source": "a snapshot of proxy/ taken at the start of the run",
     }

@@ -3,6 +3,7 @@
 -- cap and a machine-readable summary.
 --
 -- BENCH_STORE=0 sends "store": false instead: the proxy forwards without capturing.
+-- BENCH_HEADERS="Name: value" lines are added to every request (a peer gateway's routing).
 --
 -- BENCH_MAX_REQUESTS=N stops after N responses (per wrk thread; run.py uses -t1): the
 -- thread stops and prints "BENCH_STOP"; wrk's main thread still sleeps out -d, so run.py
@@ -26,6 +27,9 @@ function M.setup(stream)
   wrk.body = body
   wrk.headers["Content-Type"] = "application/json"
   wrk.headers["Authorization"] = "Bearer sk-bench-0123456789abcdef"
+  for name, value in (os.getenv("BENCH_HEADERS") or ""):gmatch("([^:\n]+):%s*([^\n]*)") do
+    wrk.headers[name] = value
+  end
 
   local max = tonumber(os.getenv("BENCH_MAX_REQUESTS") or "")
   if max then

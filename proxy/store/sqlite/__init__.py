@@ -28,4 +28,5 @@ def create(url: str, settings: StoreConfig, *, must_exist: bool = False) -> SQLi
         synchronous=settings.sqlite.synchronous,
         max_bytes=settings.sqlite.max_bytes,
         must_exist=must_exist,
+        checkpoints=settings.sqlite.checkpoints,
     )

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import orjson
 
 from proxy.identity import request_key
+from proxy.store.text import searchable
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +51,24 @@ def _backfill_request_keys(conn: sqlite3.Connection) -> None:
             if isinstance(body, dict):
                 updates.append((request_key(body), seq))
         conn.executemany("UPDATE completions SET request_key = ? WHERE seq = ?", updates)
+        last = rows[-1][0]
+
+
+def _backfill_search(conn: sqlite3.Connection) -> None:
+    """Index the text of every completion stored before search existed."""
+    last = 0
+    while True:
+        rows = conn.execute(
+            "SELECT seq, request, completion FROM completions WHERE seq > ?"
+            " ORDER BY seq LIMIT 1000",
+            (last,),
+        ).fetchall()
+        if not rows:
+            return
+        conn.executemany(
+            "INSERT INTO completions_fts (rowid, body) VALUES (?, ?)",
+            [(seq, searchable(request, completion)) for seq, request, completion in rows],
+        )
         last = rows[-1][0]
 
 
@@ -267,6 +286,23 @@ MIGRATIONS: tuple[Migration, ...] = (
             " (SELECT coalesce(max(seq), 0) FROM tombstones),"
             " (SELECT coalesce(max(seq), 0) FROM deleted_completions))",
         ),
+    ),
+    Migration(
+        "m010_search",
+        (
+            # Full-text search over prompts and answers (proxy.store.text.searchable): one
+            # row per completion, rowid = its seq. The index keeps its own copy of the text
+            # (an external-content table would need the text in a column of completions, a
+            # contentless one the original text again to delete a row, which SQLite older
+            # than 3.43 cannot do without it). Rows go in with their completion, in the same
+            # transaction (_insert); the trigger takes them out with it, whoever deletes
+            # (a delete, a prune, an import taken back).
+            "CREATE VIRTUAL TABLE completions_fts USING fts5("
+            " body, tokenize = 'unicode61 remove_diacritics 2', columnsize = 0)",
+            "CREATE TRIGGER completions_fts_delete AFTER DELETE ON completions BEGIN"
+            " DELETE FROM completions_fts WHERE rowid = old.seq; END",
+        ),
+        backfill=_backfill_search,
     ),
 )
 

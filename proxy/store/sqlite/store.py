@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import functools
 import inspect
+import itertools
+import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
@@ -34,6 +37,7 @@ from proxy.store.records import (
     ExchangeRecord,
     ExportFilter,
     KeyRecord,
+    LogEntry,
     Page,
     PruneReport,
     StoredCompletion,
@@ -42,6 +46,7 @@ from proxy.store.records import (
 )
 from proxy.store.sqlite.connection import ThreadedConnection
 from proxy.store.sqlite.migrations import migrate
+from proxy.store.text import fts5_query, preview, searchable
 
 
 class _Rejected(Exception):
@@ -68,6 +73,15 @@ INSERT INTO exchanges (
 """
 
 _COLUMNS = "c.id, c.completion, c.metadata"
+# A log row (``LogEntry``): the promoted columns and the last input message's content,
+# read from the request without loading it into Python.
+_LOG_COLUMNS = (
+    "c.id, c.caller, c.created, c.model, c.outcome, c.stream, c.duration_ms, c.stored_at,"
+    " c.prompt_tokens, c.cached_tokens, c.completion_tokens, c.metadata,"
+    " CASE WHEN json_valid(CAST(c.request AS TEXT))"
+    " THEN json_extract(CAST(c.request AS TEXT), '$.messages[#-1].content') END"
+)
+_INSERT_TEXT = "INSERT INTO completions_fts (rowid, body) VALUES (?, ?)"
 
 # Every caller with a stored completion, oldest name first: one seek in the caller-order
 # index per caller (a skip scan), not a read of every row. Admins read across callers with
@@ -102,6 +116,9 @@ WAL_RESTART_FRAMES = 1024
 # commits stall (measurements in docs/storage.md).
 PAGE_SIZE = 2048
 CALLERS_PER_READ = 100  # callers whose keys an admin's page reads in one statement
+# A list with several metadata pairs walks the rarest pair's rows; each pair's rows are
+# counted up to this many to find it (an index range each, about 50 ns a row).
+RAREST_CAP = 5_000
 IMPORT_CHUNK = 20_000  # rows per import transaction through the WAL (see _import)
 # Rows per transaction when the import writes the file directly (see _go_direct). Larger,
 # since no WAL has to stay small: once an index that takes rows at random places (the
@@ -125,24 +142,32 @@ def _page_sql(
     limit: int,
     *,
     keys_only: bool = False,
+    driver: int = 0,
+    columns: str = _COLUMNS,
 ) -> tuple[str, list[object]]:
     """One caller's keyset page as SQL, read in order from an index that leads with the
-    caller: the first metadata pair's when filtering, else the model's or the plain order.
-    With ``keys_only`` it reads just the page's ``(created, seq)``, from the index alone."""
+    caller: when filtering by metadata, the index range of pair ``driver`` (the rarest, see
+    ``_rarest``), each row checked for the other pairs by primary key before its completion
+    is read; else the model's or the plain order. With ``keys_only`` it reads just the
+    page's ``(created, seq)``, from the indexes alone when there is no model filter. A time
+    range bounds the same index range."""
     direction = "ASC" if order == "asc" else "DESC"
     compare = ">" if order == "asc" else "<"
     params: list[object] = []
     where: list[str] = []
     if query.metadata:
-        (key, value), rest = query.metadata[0], query.metadata[1:]
-        source = "completion_metadata m CROSS JOIN completions c ON c.seq = m.seq"
+        (key, value) = query.metadata[driver]
+        rest = query.metadata[:driver] + query.metadata[driver + 1 :]
+        source = "completion_metadata m"
+        if not keys_only or query.model is not None:
+            source += " CROSS JOIN completions c ON c.seq = m.seq"
         where.append("m.caller = ? AND m.key = ? AND m.value = ?")
         params += [caller, key, value]
         keys = "m.created, m.seq"
         for key, value in rest:
             where.append(
                 "EXISTS (SELECT 1 FROM completion_metadata x"
-                " WHERE x.seq = c.seq AND x.key = ? AND x.value = ?)"
+                " WHERE x.seq = m.seq AND x.key = ? AND x.value = ?)"
             )
             params += [key, value]
     else:
@@ -153,17 +178,91 @@ def _page_sql(
     if query.model is not None:
         where.append("c.model = ?")
         params.append(query.model)
+    first, second = keys.split(", ")
+    if query.since is not None:
+        where.append(f"{first} >= ?")
+        params.append(query.since)
+    if query.until is not None:
+        where.append(f"{first} < ?")
+        params.append(query.until)
     if cursor is not None:
         where.append(f"({keys}) {compare} (?, ?)")
         params += list(cursor)
-    first, second = keys.split(", ")
     sql = (
-        f"SELECT {keys if keys_only else _COLUMNS} FROM {source}"
+        f"SELECT {keys if keys_only else columns} FROM {source}"
         f" WHERE {' AND '.join(where)}"
         f" ORDER BY {first} {direction}, {second} {direction} LIMIT ?"
     )
     params.append(limit + 1)
     return sql, params
+
+
+def _rarest_sql(caller: str, pairs: Sequence[tuple[str, str]]) -> tuple[str, list[object]]:
+    """How many rows each pair has for ``caller``, each counted up to ``RAREST_CAP``: a
+    range of the metadata index, read from the index alone."""
+    counts = ", ".join(
+        "(SELECT count(*) FROM (SELECT 1 FROM completion_metadata"
+        " WHERE caller = ? AND key = ? AND value = ? LIMIT ?))"
+        for _ in pairs
+    )
+    params: list[object] = []
+    for key, value in pairs:
+        params += [caller, key, value, RAREST_CAP]
+    return f"SELECT {counts}", params
+
+
+def _search_sql(
+    caller: str | None, query: ListQuery, match: str, cursor: int | None, columns: str
+) -> tuple[str, list[object]]:
+    """A page of completions whose text matches, in storage order (seq), read from the
+    full-text index in that order and stopped at the page's end: the newest matches of a
+    common word are the first ones read. Every other filter applies to each match."""
+    page = query.page
+    direction, compare = ("ASC", ">") if page.order == "asc" else ("DESC", "<")
+    where = ["completions_fts MATCH ?"]
+    params: list[object] = [match]
+    for clause, value in (
+        ("c.caller = ?", caller),
+        ("c.model = ?", query.model),
+        ("c.created >= ?", query.since),
+        ("c.created < ?", query.until),
+        (f"completions_fts.rowid {compare} ?", cursor),
+    ):
+        if value is not None:
+            where.append(clause)
+            params.append(value)
+    for key, value in query.metadata:
+        where.append(
+            "EXISTS (SELECT 1 FROM completion_metadata x"
+            " WHERE x.seq = c.seq AND x.key = ? AND x.value = ?)"
+        )
+        params += [key, value]
+    # CROSS JOIN keeps the index outermost, so rows come in its (rowid) order.
+    sql = (
+        f"SELECT {columns} FROM completions_fts CROSS JOIN completions c"
+        f" ON c.seq = completions_fts.rowid WHERE {' AND '.join(where)}"
+        f" ORDER BY completions_fts.rowid {direction} LIMIT ?"
+    )
+    params.append(page.limit + 1)
+    return sql, params
+
+
+def _log_entry(row: Sequence[Any]) -> LogEntry:
+    return LogEntry(
+        id=row[0],
+        caller=row[1],
+        created=row[2],
+        model=row[3],
+        outcome=row[4],
+        stream=bool(row[5]),
+        duration_ms=row[6],
+        stored_at=row[7],
+        prompt_tokens=row[8],
+        cached_tokens=row[9],
+        completion_tokens=row[10],
+        metadata=orjson.loads(row[11]),
+        preview=preview(row[12]),
+    )
 
 
 # -- the writer's transactions: each runs whole on the writer's thread ---------------------
@@ -226,6 +325,7 @@ def _insert(conn: sqlite3.Connection, records: Iterable[CompletionRecord], now: 
     """
     cursor = conn.cursor()
     pairs = []
+    texts = []
     inserted = 0
     for record in records:
         cursor.execute(_INSERT_COMPLETION, _columns(record, now))
@@ -233,8 +333,11 @@ def _insert(conn: sqlite3.Connection, records: Iterable[CompletionRecord], now: 
             inserted += 1
             seq, caller, created = cursor.lastrowid, record.caller, record.created
             pairs += [(seq, key, value, caller, created) for key, value in record.metadata.items()]
+            texts.append((seq, searchable(record.request, record.completion)))
     if pairs:
         conn.executemany(_INSERT_METADATA, pairs)
+    # In the completion's own transaction: search never misses a committed completion.
+    conn.executemany(_INSERT_TEXT, texts)
     return inserted
 
 
@@ -313,11 +416,18 @@ def _import(
     conn.execute(f"PRAGMA cache_size = -{int(cache_kib)}")
     try:
         while True:
+            # A chunk's first batch is awaited before its transaction begins, so a producer
+            # that is slow to start (parsing a large file) keeps no other writer waiting.
+            first = next(pending, None)
+            if first is None:
+                if not accept():
+                    raise _Rejected
+                return inserted
             with _transaction(conn):
                 base = _last_seq(conn)
                 rows = 0
                 now = time.time()
-                for batch in pending:
+                for batch in itertools.chain([first], pending):
                     if not accept():
                         raise _Rejected
                     inserted += _insert(conn, batch, now)
@@ -502,8 +612,8 @@ def _delete(
     return True
 
 
-def _create_key(
-    conn: sqlite3.Connection, name: str, role: str, key_id: str, key_hash: bytes
+def _create_key(  # noqa: PLR0917 - the operation's arguments, in order
+    conn: sqlite3.Connection, name: str, role: str, key_id: str, key_hash: bytes, actor: str
 ) -> None:
     with _transaction(conn):
         if _fetchone(conn, "SELECT 1 FROM proxy_keys WHERE name = ?", (name,)) is not None:
@@ -513,10 +623,10 @@ def _create_key(
             " VALUES (?, ?, ?, ?, ?)",
             (name, key_id, key_hash, role, time.time()),
         )
-        _audit(conn, "cli", "key_created", None, name, {"role": role})
+        _audit(conn, actor, "key_created", None, name, {"role": role})
 
 
-def _revoke_key(conn: sqlite3.Connection, name: str) -> bool:
+def _revoke_key(conn: sqlite3.Connection, name: str, actor: str) -> bool:
     with _transaction(conn):
         row = _fetchone(
             conn,
@@ -525,7 +635,7 @@ def _revoke_key(conn: sqlite3.Connection, name: str) -> bool:
             (time.time(), name),
         )
         if row is not None:
-            _audit(conn, "cli", "key_revoked", None, name, {})
+            _audit(conn, actor, "key_revoked", None, name, {})
     return row is not None
 
 
@@ -576,11 +686,45 @@ def _checkpoint(conn: sqlite3.Connection, mode: str) -> int:
     return frames
 
 
+def _locked(
+    conn: sqlite3.Connection,
+    lock: int | None,
+    fn: Callable[Concatenate[sqlite3.Connection, P], T],
+    /,
+    *args: P.args,
+    **kwargs: P.kwargs,
+) -> T:
+    """``fn(conn, ...)`` holding the file's write lock (see ``SQLiteStore``): a writer of
+    another process waits in the kernel and is woken the moment this one is done, instead of
+    SQLite's busy handler, which sleeps 1, 2, 5, 10 ... ms between tries."""
+    if lock is None:
+        return fn(conn, *args, **kwargs)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        return fn(conn, *args, **kwargs)
+    finally:
+        fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _open_lock(path: str) -> int:
+    return os.open(path + "-lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+
+def _tidy(conn: sqlite3.Connection) -> None:
+    """Truncate the WAL if nobody else is using the file right now; never wait for it."""
+    busy = _fetchone(conn, "PRAGMA busy_timeout")[0]
+    conn.execute("PRAGMA busy_timeout = 0")
+    try:
+        _checkpoint(conn, "TRUNCATE")
+    finally:
+        conn.execute(f"PRAGMA busy_timeout = {int(busy)}")
+
+
 def _prepare_writer(conn: sqlite3.Connection) -> None:
     conn.execute("PRAGMA journal_mode = WAL")
     # Checkpoints run on their own connection (see _checkpoint_forever), not inside the
     # writer's commits, where they cost about 40% of write throughput. The WAL file is cut
-    # back to 64 MiB when it starts over (see SQLiteStore._write).
+    # back to 64 MiB when it starts over (see SQLiteStore._checkpoint_forever).
     _fetchone(conn, "PRAGMA wal_autocheckpoint = 0")
     _fetchone(conn, "PRAGMA journal_size_limit = 67108864")
     migrate(conn)
@@ -635,7 +779,16 @@ def _store_errors(cls: Cls) -> Cls:
 @_store_errors
 class SQLiteStore:
     """The SQLite store: one file, WAL; a writer connection on its own thread (every write is
-    one function there, see ``connection``), a reader connection, and a checkpointer."""
+    one function there, see ``connection``), a reader connection, and a checkpointer.
+
+    Several processes may share the file (``serve --workers N``, a CLI command beside a
+    running server). Their write transactions take turns on an ``flock`` of ``<file>-lock``
+    before ``BEGIN IMMEDIATE``, so one never meets another's transaction in SQLite: a wait
+    for the lock is a wait in the kernel, woken at once, never a "database is locked"
+    error or a busy-handler sleep. Imports run outside that lock (they commit in chunks and
+    other writers wait for SQLite's busy handler meanwhile). With ``checkpoints=False`` the
+    process leaves WAL checkpoints to another process on the file: one checkpointer per file.
+    """
 
     def __init__(
         self,
@@ -646,8 +799,14 @@ class SQLiteStore:
         checkpoint_interval: float = CHECKPOINT_INTERVAL,
         wal_restart_frames: int = WAL_RESTART_FRAMES,
         must_exist: bool = False,
+        checkpoints: bool = True,
     ) -> None:
         self.path = str(path)
+        self._checkpoints_on = checkpoints
+        # <file>-lock, opened twice: an flock belongs to an open file, so the writer and the
+        # checkpointer exclude each other only through descriptors of their own.
+        self._lock: int | None = None
+        self._checkpoint_lock: int | None = None
         self._must_exist = must_exist
         self._checkpoint_interval = checkpoint_interval
         self._wal_restart_frames = wal_restart_frames
@@ -657,8 +816,6 @@ class SQLiteStore:
         self._reader: aiosqlite.Connection | None = None
         self._checkpointer: ThreadedConnection | None = None
         self._checkpoints: asyncio.Task[None] | None = None
-        self._written = False
-        self._restart_wal = False  # set by the checkpointer when the WAL has grown long
 
     def _pragmas(self, page_size: int) -> list[str]:
         pragmas = [
@@ -694,10 +851,12 @@ class SQLiteStore:
         """Open the file (made, with its folder, unless ``must_exist``) and migrate it."""
         if self.path != ":memory:":
             _make_room(self.path, must_exist=self._must_exist)
+            self._lock = _open_lock(self.path)
+            self._checkpoint_lock = _open_lock(self.path)
         self._writer = ThreadedConnection(self._connect, "store-writer")
         await self._writer.open()
         try:
-            await self._writer.run(_prepare_writer)
+            await self._writer.run(_locked, self._lock, _prepare_writer)
             await self._open_beside()
         except BaseException:
             await self.close()
@@ -708,7 +867,10 @@ class SQLiteStore:
         self._reader = await self._connect_reader()
         self._checkpointer = ThreadedConnection(self._connect, "store-checkpointer")
         await self._checkpointer.open()
-        self._checkpoints = asyncio.create_task(self._checkpoint_forever(), name="wal-checkpoint")
+        if self._checkpoints_on:
+            self._checkpoints = asyncio.create_task(
+                self._checkpoint_forever(), name="wal-checkpoint"
+            )
 
     async def _close_beside(self) -> None:
         if self._checkpoints is not None:
@@ -725,24 +887,34 @@ class SQLiteStore:
     async def _checkpoint_forever(self) -> None:
         """Copy committed pages from the WAL into the database, beside the writer.
 
-        PASSIVE never waits for or blocks the writer or readers; whatever it cannot copy yet
+        PASSIVE never waits for or blocks the writers or readers; whatever it cannot copy yet
         is copied next time. The WAL keeps every commit durable meanwhile (kill -9 replays it).
+
+        The WAL starts over only if, when a transaction begins, every frame in it has been
+        copied; under steady writes a checkpoint beside them never wins that race and the WAL
+        would grow without end. So once it is long, the checkpointer takes the write lock
+        and copies the little that is left: the next transaction, in whichever process, then
+        writes the WAL from its start (a file over 64 MiB is cut back to that).
         """
         assert self._checkpointer is not None
+        checkpointer = self._checkpointer
         while True:
             await asyncio.sleep(self._checkpoint_interval)
-            if self._written:
-                self._written = False
-                frames = await self._checkpointer.run(_checkpoint, "PASSIVE")
-                self._restart_wal = frames >= self._wal_restart_frames
+            frames = await checkpointer.run(_checkpoint, "PASSIVE")
+            if frames >= self._wal_restart_frames:
+                await checkpointer.run(_locked, self._checkpoint_lock, _checkpoint, "PASSIVE")
 
     async def close(self) -> None:
         await self._close_beside()
         if self._writer is not None:
             with contextlib.suppress(sqlite3.Error):  # tidy, not needed: the WAL is replayed
-                await self._writer.run(_checkpoint, "TRUNCATE")
+                await self._writer.run(_locked, self._lock, _tidy)
             await self._writer.close()
         self._writer = None
+        for lock in (self._lock, self._checkpoint_lock):
+            if lock is not None:
+                os.close(lock)
+        self._lock = self._checkpoint_lock = None
 
     @property
     def _w(self) -> ThreadedConnection:
@@ -773,17 +945,7 @@ class SQLiteStore:
         *args: P.args,
         **kwargs: P.kwargs,
     ) -> T:
-        result = await self._w.run(fn, *args, **kwargs)
-        self._written = True
-        if self._restart_wal:
-            # The WAL starts over only if, when a transaction begins, every frame in it has
-            # been copied; under steady writes the checkpointer never wins that race and the
-            # WAL would grow without end. So once it is long, the writer itself copies the
-            # little the checkpointer has not, between two transactions: the next one then
-            # writes the WAL from its start (a file over 64 MiB is cut back to that).
-            self._restart_wal = False
-            await self._w.run(_checkpoint, "PASSIVE")
-        return result
+        return await self._w.run(_locked, self._lock, fn, *args, **kwargs)
 
     async def write_batch(self, records: Sequence[Writable]) -> int:
         """Write records in one transaction; return how many were new (duplicates are skipped)."""
@@ -814,7 +976,7 @@ class SQLiteStore:
             direct = await writer.run(_go_direct)
             if not direct:
                 await self._open_beside()
-            return await self._write(
+            return await writer.run(  # not under the write lock: see the class docstring
                 _import,
                 batches,
                 accept,
@@ -860,12 +1022,14 @@ class SQLiteStore:
 
     # -- keys ------------------------------------------------------------------------------
 
-    async def create_key(self, name: str, role: str, key_id: str, key_hash: bytes) -> None:
+    async def create_key(
+        self, name: str, role: str, key_id: str, key_hash: bytes, *, actor: str = "cli"
+    ) -> None:
         """Add a proxy key; raises ``KeyExists`` when the name is taken."""
-        await self._write(_create_key, name, role, key_id, key_hash)
+        await self._write(_create_key, name, role, key_id, key_hash, actor)
 
-    async def revoke_key(self, name: str) -> bool:
-        return await self._write(_revoke_key, name)
+    async def revoke_key(self, name: str, *, actor: str = "cli") -> bool:
+        return await self._write(_revoke_key, name, actor)
 
     async def list_keys(self) -> list[KeyRecord]:
         rows = await self._r.execute_fetchall(
@@ -955,23 +1119,67 @@ class SQLiteStore:
     async def list_completions(
         self, caller: str | None, query: ListQuery
     ) -> Page[StoredCompletion]:
+        rows, has_more = await self._select_page(caller, query, _COLUMNS)
+        items = [StoredCompletion(row[0], row[1], row[2]) for row in rows]
+        return Page(items=items, has_more=has_more)
+
+    async def log_entries(self, caller: str | None, query: ListQuery) -> Page[LogEntry]:
+        rows, has_more = await self._select_page(caller, query, _LOG_COLUMNS)
+        return Page(items=[_log_entry(row) for row in rows], has_more=has_more)
+
+    async def log_entry(self, caller: str | None, completion_id: str) -> LogEntry | None:
+        where = "c.id = ?" if caller is None else "c.caller = ? AND c.id = ?"
+        params = (completion_id,) if caller is None else (caller, completion_id)
+        row = await self._fetchone(
+            self._r,
+            f"SELECT {_LOG_COLUMNS} FROM completions c WHERE {where} ORDER BY c.seq LIMIT 1",
+            params,
+        )
+        return None if row is None else _log_entry(row)
+
+    async def _select_page(
+        self, caller: str | None, query: ListQuery, columns: str
+    ) -> tuple[list[Sequence[Any]], bool]:
+        """The rows (``columns``) of one page and whether more follow."""
         page: PageQuery = query.page
         cursor = await self._cursor(caller, page.after) if page.after else None
         if query.owner is not None and caller not in (None, query.owner):
-            return Page(items=[], has_more=False)
+            return [], False
         scope = caller if query.owner is None else query.owner
-        if scope is None:
-            rows, has_more = await self._page_across_callers(query, cursor)
+        if query.search is not None:
+            match = fts5_query(query.search)
+            if match is None:
+                return [], False
+            sql, params = _search_sql(
+                scope, query, match, None if cursor is None else cursor[1], columns
+            )
+            rows: list[Sequence[Any]] = list(await self._r.execute_fetchall(sql, params))
+            has_more = len(rows) > page.limit
+        elif scope is None:
+            rows, has_more = await self._page_across_callers(query, cursor, columns)
         else:
-            sql, params = _page_sql(scope, query, cursor, page.order, page.limit)
+            driver = await self._rarest(scope, query.metadata)
+            sql, params = _page_sql(
+                scope, query, cursor, page.order, page.limit, driver=driver, columns=columns
+            )
             rows = list(await self._r.execute_fetchall(sql, params))
             has_more = len(rows) > page.limit
-        items = [StoredCompletion(row[0], row[1], row[2]) for row in rows[: page.limit]]
-        return Page(items=items, has_more=has_more)
+        return rows[: page.limit], has_more
+
+    async def _rarest(self, caller: str, pairs: Sequence[tuple[str, str]]) -> int:
+        """The index of the pair with the fewest rows for ``caller`` (0 for fewer than two
+        pairs). Walking it and checking the others costs its rows, not the first pair's:
+        two pairs that each match thousands of rows but never the same one read only the
+        rarer one's. Past ``RAREST_CAP`` rows pairs count as equal, and the first wins."""
+        if len(pairs) < 2:
+            return 0
+        row = await self._fetchone(self._r, *_rarest_sql(caller, pairs))
+        counts = list(row) if row is not None else [0]
+        return counts.index(min(counts))
 
     async def _page_across_callers(
-        self, query: ListQuery, cursor: tuple[int, int] | None
-    ) -> tuple[list[sqlite3.Row], bool]:
+        self, query: ListQuery, cursor: tuple[int, int] | None, columns: str
+    ) -> tuple[list[Sequence[Any]], bool]:
         """An admin's page: each caller's first keys, read from that caller's index, merged;
         then the rows of the page. One short index read per caller, however many rows."""
         page = query.page
@@ -988,9 +1196,9 @@ class SQLiteStore:
         keys.sort(reverse=page.order == "desc")
         seqs = [seq for _, seq in keys[: page.limit]]
         found = {
-            row[3]: row
+            row[0]: row[1:]
             for row in await self._r.execute_fetchall(
-                f"SELECT {_COLUMNS}, c.seq FROM completions c"
+                f"SELECT c.seq, {columns} FROM completions c"
                 f" WHERE c.seq IN ({', '.join('?' * len(seqs))})",
                 seqs,
             )
@@ -998,9 +1206,14 @@ class SQLiteStore:
         # A row deleted since its key was read is left out; the page is one shorter.
         return [found[seq] for seq in seqs if seq in found], len(keys) > page.limit
 
-    async def list_exchanges(self, caller: str | None, page: PageQuery) -> Page[ExchangeRecord]:
+    async def list_exchanges(
+        self, caller: str | None, page: PageQuery, *, outcome: str | None = None
+    ) -> Page[ExchangeRecord]:
         """Audit records of exchanges that stored no completion, keyset-paged by request id."""
         where, params = (["caller = ?"], [caller]) if caller is not None else ([], [])
+        if outcome is not None:
+            where.append("outcome = ?")
+            params.append(outcome)
         compare, direction = (">", "ASC") if page.order == "asc" else ("<", "DESC")
         if page.after:
             row = await self._fetchone(
@@ -1155,6 +1368,7 @@ class SQLiteStore:
     ) -> list[str]:
         """SQLite's plan for a list query, so tests can prove it reads indexes, not the table."""
         cursor = (0, 0) if query.page.after else None
-        sql, params = _page_sql(caller, query, cursor, "asc", 1, keys_only=keys_only)
+        driver = await self._rarest(caller, query.metadata)
+        sql, params = _page_sql(caller, query, cursor, "asc", 1, keys_only=keys_only, driver=driver)
         async with self._r.execute("EXPLAIN QUERY PLAN " + sql, params) as result:
             return [str(row[3]) async for row in result]

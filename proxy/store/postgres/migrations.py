@@ -1,0 +1,213 @@
+"""The PostgreSQL schema as ordered, named steps, each applied with its record in one transaction.
+
+A step is never edited once released; a change of schema is a new step at the end. The
+``_migrations`` table records what a database (or schema) has. ``migrate`` holds a
+session-level advisory lock for the whole run, so when several proxy instances start at once
+on one database exactly one applies each step and the others wait, then find it recorded.
+
+Layout, as on SQLite: the completion's JSON and the client's request bytes (``bytea``) beside
+a few promoted, indexed columns; metadata pairs are also rows of ``completion_metadata``,
+indexed by (caller, key, value, created, seq), so a metadata filter is an index range read in
+list order. ``seq`` comes from an identity sequence: never reused, even after the newest row
+is deleted, so a deleted id keeps its place in the order.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import asyncpg
+
+# The first key of the two-key advisory locks this store takes; the second names the schema.
+LOCK_SPACE = 0x63707278  # "cprx"
+MIGRATE_LOCK = 1
+RETENTION_LOCK = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    name: str
+    statements: tuple[str, ...]
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        "p001_completions",
+        (
+            """
+            CREATE TABLE completions (
+                seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                id text NOT NULL,
+                caller text NOT NULL,
+                created bigint NOT NULL,
+                model text NOT NULL,
+                metadata bytea NOT NULL,
+                completion bytea NOT NULL,
+                request bytea NOT NULL,
+                request_id text,
+                stream boolean NOT NULL,
+                outcome text NOT NULL,
+                stored_at double precision NOT NULL,
+                duration_ms double precision,
+                request_key text,
+                prompt_tokens bigint NOT NULL DEFAULT 0,
+                cached_tokens bigint NOT NULL DEFAULT 0,
+                completion_tokens bigint NOT NULL DEFAULT 0
+            )
+            """,
+            # One index finds a completion by id for its owner and for an admin alike.
+            "CREATE UNIQUE INDEX completions_id_caller ON completions (id, caller)",
+            # Every list index leads with the caller (an admin's list reads caller by caller).
+            "CREATE INDEX completions_caller_order ON completions (caller, created, seq)",
+            "CREATE INDEX completions_caller_model_order"
+            " ON completions (caller, model, created, seq)",
+            "CREATE INDEX completions_request ON completions (request_key)",
+            """
+            CREATE TABLE completion_metadata (
+                seq bigint NOT NULL,
+                key text NOT NULL,
+                value text NOT NULL,
+                caller text NOT NULL,
+                created bigint NOT NULL,
+                PRIMARY KEY (seq, key)
+            )
+            """,
+            "CREATE INDEX completion_metadata_lookup"
+            " ON completion_metadata (caller, key, value, created, seq)",
+            # Deleted ids keep their place in the order, so `after=<deleted id>` pages on.
+            """
+            CREATE TABLE tombstones (
+                caller text NOT NULL,
+                id text NOT NULL,
+                created bigint NOT NULL,
+                seq bigint NOT NULL,
+                deleted_at double precision NOT NULL,
+                PRIMARY KEY (caller, id)
+            )
+            """,
+            "CREATE INDEX tombstones_id ON tombstones (id)",
+            "CREATE TABLE settings (name text PRIMARY KEY, value bytea NOT NULL)",
+            # Proxy keys: only a hash of the secret part is kept; key_id finds the row.
+            """
+            CREATE TABLE proxy_keys (
+                name text PRIMARY KEY,
+                key_id text NOT NULL UNIQUE,
+                key_hash bytea NOT NULL,
+                role text NOT NULL CHECK (role IN ('member', 'admin')),
+                created_at double precision NOT NULL,
+                revoked_at double precision
+            )
+            """,
+            # Who changed or deleted what, when: append-only, enforced by a trigger.
+            """
+            CREATE TABLE audit_log (
+                seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                at double precision NOT NULL,
+                actor text NOT NULL,
+                action text NOT NULL,
+                completion_id text,
+                owner text,
+                detail bytea NOT NULL
+            )
+            """,
+            """
+            CREATE FUNCTION audit_log_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                RAISE EXCEPTION 'audit_log is append-only';
+            END
+            $$
+            """,
+            "CREATE TRIGGER audit_log_no_change BEFORE UPDATE OR DELETE ON audit_log"
+            " FOR EACH ROW EXECUTE FUNCTION audit_log_append_only()",
+            "CREATE TRIGGER audit_log_no_truncate BEFORE TRUNCATE ON audit_log"
+            " FOR EACH STATEMENT EXECUTE FUNCTION audit_log_append_only()",
+            # Exchanges that did not end in a stored completion (failed, aborted, refused).
+            """
+            CREATE TABLE exchanges (
+                seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                request_id text NOT NULL,
+                caller text NOT NULL,
+                created bigint NOT NULL,
+                model text NOT NULL,
+                stream boolean NOT NULL,
+                outcome text NOT NULL,
+                status integer,
+                request bytea NOT NULL,
+                response bytea,
+                duration_ms double precision
+            )
+            """,
+            "CREATE INDEX exchanges_order ON exchanges (created, seq)",
+            "CREATE INDEX exchanges_caller_order ON exchanges (caller, created, seq)",
+            "CREATE INDEX exchanges_request_id ON exchanges (request_id)",
+            # Deleted completions, kept hidden when audit.delete_purges is false.
+            """
+            CREATE TABLE deleted_completions (
+                seq bigint NOT NULL,
+                id text NOT NULL,
+                caller text NOT NULL,
+                created bigint NOT NULL,
+                model text NOT NULL,
+                metadata bytea NOT NULL,
+                completion bytea NOT NULL,
+                request bytea NOT NULL,
+                request_id text,
+                stream boolean NOT NULL,
+                outcome text NOT NULL,
+                stored_at double precision NOT NULL,
+                duration_ms double precision,
+                request_key text,
+                prompt_tokens bigint NOT NULL,
+                cached_tokens bigint NOT NULL,
+                completion_tokens bigint NOT NULL,
+                deleted_at double precision NOT NULL,
+                deleted_by text NOT NULL
+            )
+            """,
+            "CREATE INDEX deleted_completions_created ON deleted_completions (created)",
+        ),
+    ),
+)
+
+
+async def applied(conn: asyncpg.Connection) -> list[str]:
+    """Names of the steps this database has, in the order they were applied."""
+    await conn.execute(
+        "CREATE TABLE IF NOT EXISTS _migrations"
+        " (name text PRIMARY KEY, applied_at double precision NOT NULL)"
+    )
+    rows = await conn.fetch("SELECT name FROM _migrations ORDER BY applied_at, name")
+    return [row[0] for row in rows]
+
+
+async def migrate(conn: asyncpg.Connection) -> list[str]:
+    """Apply every step the database lacks, in order; return the names applied now.
+
+    The whole run holds the migration advisory lock of the current schema: a second
+    instance starting at the same moment waits here, then finds every step recorded.
+    """
+    await conn.execute(
+        "SELECT pg_advisory_lock($1, hashtext(current_schema()))", LOCK_SPACE + MIGRATE_LOCK
+    )
+    try:
+        async with conn.transaction():  # the bookkeeping table, made once under the lock
+            done = set(await applied(conn))
+        names = []
+        for migration in MIGRATIONS:
+            if migration.name in done:
+                continue
+            async with conn.transaction():
+                for statement in migration.statements:
+                    await conn.execute(statement)
+                await conn.execute(
+                    "INSERT INTO _migrations (name, applied_at) VALUES ($1, $2)",
+                    migration.name,
+                    time.time(),
+                )
+            names.append(migration.name)
+        return names
+    finally:
+        await conn.execute(
+            "SELECT pg_advisory_unlock($1, hashtext(current_schema()))", LOCK_SPACE + MIGRATE_LOCK
+        )

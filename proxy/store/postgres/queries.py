@@ -1,0 +1,240 @@
+"""The PostgreSQL store's SQL: fixed statements and pure builders for list pages.
+
+Builders return ``(sql, params)`` with numbered placeholders; nothing here touches a
+connection, so every shape of query can be read (and explained) on its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from proxy.models import ListQuery, Order
+
+# The columns of a completion row, in CompletionRecord's order (seq apart).
+COMPLETION_COLUMNS = (
+    "id",
+    "caller",
+    "created",
+    "model",
+    "metadata",
+    "completion",
+    "request",
+    "request_id",
+    "stream",
+    "outcome",
+    "stored_at",
+    "duration_ms",
+    "request_key",
+    "prompt_tokens",
+    "cached_tokens",
+    "completion_tokens",
+)
+_TYPES = (
+    "text",
+    "text",
+    "bigint",
+    "text",
+    "bytea",
+    "bytea",
+    "bytea",
+    "text",
+    "boolean",
+    "text",
+    "double precision",
+    "double precision",
+    "text",
+    "bigint",
+    "bigint",
+    "bigint",
+)
+_NAMES = ", ".join(COMPLETION_COLUMNS)
+
+# One statement writes a whole batch: the completions (duplicates skipped), the metadata
+# rows of the new ones (taken from their encoded metadata), and the exchanges; it returns how
+# many rows were new. One statement is one transaction and one round trip.
+WRITE_BATCH = f"""
+WITH new AS (
+    INSERT INTO completions ({_NAMES})
+    SELECT * FROM unnest({", ".join(f"${i}::{t}[]" for i, t in enumerate(_TYPES, 1))})
+    ON CONFLICT (id, caller) DO NOTHING
+    RETURNING seq, caller, created, metadata
+), pairs AS (
+    INSERT INTO completion_metadata (seq, key, value, caller, created)
+    SELECT new.seq, kv.key, kv.value, new.caller, new.created
+    FROM new CROSS JOIN LATERAL jsonb_each_text(convert_from(new.metadata, 'UTF8')::jsonb) kv
+    WHERE new.metadata <> '\\x7b7d'::bytea
+), exchanged AS (
+    INSERT INTO exchanges (
+        request_id, caller, created, model, stream, outcome, status, request, response,
+        duration_ms
+    )
+    SELECT * FROM unnest(
+        $17::text[], $18::text[], $19::bigint[], $20::text[], $21::boolean[], $22::text[],
+        $23::integer[], $24::bytea[], $25::bytea[], $26::double precision[]
+    )
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM new) + (SELECT count(*) FROM exchanged)
+"""
+
+# An import's chunk: rows copied into a temporary table first (COPY), then moved in one
+# statement, as in WRITE_BATCH.
+IMPORT_STAGE = (
+    "CREATE TEMPORARY TABLE import_stage ("
+    + ", ".join(f"{name} {kind}" for name, kind in zip(COMPLETION_COLUMNS, _TYPES, strict=True))
+    + ", stage_order bigint) ON COMMIT DROP"
+)
+IMPORT_MOVE = f"""
+WITH new AS (
+    INSERT INTO completions ({_NAMES})
+    SELECT {_NAMES} FROM import_stage ORDER BY stage_order
+    ON CONFLICT (id, caller) DO NOTHING
+    RETURNING seq, caller, created, metadata
+), pairs AS (
+    INSERT INTO completion_metadata (seq, key, value, caller, created)
+    SELECT new.seq, kv.key, kv.value, new.caller, new.created
+    FROM new CROSS JOIN LATERAL jsonb_each_text(convert_from(new.metadata, 'UTF8')::jsonb) kv
+    WHERE new.metadata <> '\\x7b7d'::bytea
+)
+SELECT count(*) FROM new
+"""
+
+# Every caller with a stored completion: one seek in the caller-order index per caller (a
+# skip scan), not a read of every row.
+CALLERS = """
+WITH RECURSIVE callers(caller) AS (
+    SELECT min(caller) FROM completions
+    UNION ALL
+    SELECT (SELECT min(caller) FROM completions WHERE caller > callers.caller)
+    FROM callers WHERE callers.caller IS NOT NULL
+)
+"""
+
+# Filters matching fewer rows than this (per caller) are read whole and intersected; a
+# commoner filter is walked in list order (see page).
+RARE = 2000
+
+
+@dataclass(slots=True)
+class Params:
+    """Numbered placeholders, in the order their values are added."""
+
+    values: list[object] = field(default_factory=list)
+
+    def __call__(self, value: object) -> str:
+        self.values.append(value)
+        return f"${len(self.values)}"
+
+
+def _direction(order: Order) -> tuple[str, str]:
+    return ("ASC", ">") if order == "asc" else ("DESC", "<")
+
+
+def page_keys(  # noqa: PLR0917 - one page's coordinates
+    caller: str,
+    query: ListQuery,
+    cursor: tuple[int, int] | None,
+    p: Params,
+    limit: int,
+    rare: tuple[tuple[str, str], ...] = (),
+) -> str:
+    """SQL for one caller's next ``limit`` keys ``(created, seq)`` in list order.
+
+    ``caller`` is SQL (a placeholder, or a column of an enclosing query). Without metadata
+    filters it reads the caller's order index (or the model's); with them it walks the
+    first common filter's index range in order and checks the other pairs by primary key,
+    stopping at ``limit``. The ``rare`` pairs (each matching few rows) are instead read whole
+    and intersected first, so two filters that each match thousands of rows but seldom the
+    same one cost two short index reads rather than a walk of thousands of rows.
+    """
+    direction, compare = _direction(query.page.order)
+    common = [pair for pair in query.metadata if pair not in rare]
+    where: list[str] = []
+    if rare:
+        sets = [
+            f"SELECT seq FROM completion_metadata WHERE caller = {caller}"
+            f" AND key = {p(key)} AND value = {p(value)}"
+            for key, value in rare
+        ]
+        source = (
+            f"completions k WHERE k.seq IN ({' INTERSECT '.join(sets)}) AND k.caller = {caller}"
+        )
+        keys = "k.created, k.seq"
+        alias = "k"
+    elif common:
+        key, value = common.pop(0)
+        source = (
+            f"completion_metadata k WHERE k.caller = {caller} AND k.key = {p(key)}"
+            f" AND k.value = {p(value)}"
+        )
+        keys = "k.created, k.seq"
+        alias = "k"
+    else:
+        source = f"completions k WHERE k.caller = {caller}"
+        keys = "k.created, k.seq"
+        alias = "k"
+    for key, value in common:
+        where.append(
+            "EXISTS (SELECT 1 FROM completion_metadata x"
+            f" WHERE x.seq = {alias}.seq AND x.key = {p(key)} AND x.value = {p(value)})"
+        )
+    if query.model is not None:
+        if source.startswith("completions"):
+            where.append(f"k.model = {p(query.model)}")
+        else:
+            where.append(
+                f"EXISTS (SELECT 1 FROM completions y WHERE y.seq = k.seq"
+                f" AND y.model = {p(query.model)})"
+            )
+    if cursor is not None:
+        where.append(f"({keys}) {compare} ({p(cursor[0])}::bigint, {p(cursor[1])}::bigint)")
+    extra = "".join(f" AND {clause}" for clause in where)
+    return (
+        f"SELECT {keys} FROM {source}{extra}"
+        f" ORDER BY k.created {direction}, k.seq {direction} LIMIT {limit + 1}"
+    )
+
+
+def page(
+    caller: str | None,
+    query: ListQuery,
+    cursor: tuple[int, int] | None,
+    rare: tuple[tuple[str, str], ...] = (),
+) -> tuple[str, list[object]]:
+    """A whole page of completions (``id, completion, metadata``), one more than the limit.
+
+    One caller's page reads that caller's indexes. An admin's page (``caller`` None) reads
+    each caller's first keys (one short index read per caller, found by a skip scan) and
+    merges them, so no index without the caller in front is needed.
+    """
+    p = Params()
+    limit = query.page.limit
+    direction, _ = _direction(query.page.order)
+    if caller is not None:
+        keys = page_keys(p(caller), query, cursor, p, limit, rare)
+        sql = f"WITH keys AS ({keys})"
+    else:
+        inner = page_keys("callers.caller", query, cursor, p, limit)
+        sql = (
+            f"{CALLERS}, keys AS (SELECT page.created, page.seq FROM callers"
+            f" CROSS JOIN LATERAL ({inner}) page WHERE callers.caller IS NOT NULL"
+            f" ORDER BY page.created {direction}, page.seq {direction} LIMIT {limit + 1})"
+        )
+    sql += (
+        " SELECT c.id, c.completion, c.metadata FROM keys JOIN completions c ON c.seq = keys.seq"
+        f" ORDER BY keys.created {direction}, keys.seq {direction}"
+    )
+    return sql, p.values
+
+
+def rarity(caller: str, pairs: tuple[tuple[str, str], ...]) -> tuple[str, list[object]]:
+    """How many rows each pair matches for ``caller``, counted up to ``RARE``: one short
+    index-only read per pair."""
+    p = Params()
+    who = p(caller)
+    counts = [
+        "(SELECT count(*) FROM (SELECT 1 FROM completion_metadata WHERE caller = "
+        f"{who} AND key = {p(key)} AND value = {p(value)} LIMIT {RARE}) s)"
+        for key, value in pairs
+    ]
+    return f"SELECT {', '.join(counts)}", p.values

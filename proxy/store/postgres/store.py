@@ -1,0 +1,790 @@
+"""The PostgreSQL store: ``PostgresStore`` implements ``proxy.store.Store`` on one database that
+several proxy instances share.
+
+- A connection pool (asyncpg). Every write is one transaction; a batch from the writer is a
+  single statement (``queries.WRITE_BATCH``), so a group commit is one round trip.
+- Every statement runs under ``statement_timeout`` and every connection attempt under the
+  connect timeout, so a stuck or unreachable database turns into a ``StoreError`` in bounded
+  time rather than a hung client.
+- ``seq`` comes from an identity sequence shared by all instances: replay order and the list
+  order's tie-break are the same through every instance.
+- Retention takes a transaction-level advisory lock, so one instance prunes at a time; the
+  others skip that run.
+- Imports run in one transaction (rows staged by COPY, then moved in chunks): a bad file or a
+  failure rolls back everything it wrote, whatever other instances write meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from typing import Any, TypeVar
+
+import asyncpg
+import orjson
+
+from proxy.models import ListQuery, PageQuery
+from proxy.store.errors import KeyExists, StoreError, StoreMissing, UnknownCursor
+from proxy.store.postgres import queries
+from proxy.store.postgres.migrations import LOCK_SPACE, RETENTION_LOCK, migrate
+from proxy.store.records import (
+    AuditEntry,
+    CompletionRecord,
+    ExchangeRecord,
+    ExportFilter,
+    KeyRecord,
+    Page,
+    PruneReport,
+    StoredCompletion,
+    UsageRow,
+    Writable,
+)
+
+IMPORT_CHUNK = 20_000  # rows staged by COPY and moved per statement during an import
+EXPORT_BATCH = 2_000
+# Tables whose rows hold content (see prune): rewritten when a quarter of one was deleted.
+CONTENT_TABLES = (
+    "completions",
+    "completion_metadata",
+    "exchanges",
+    "deleted_completions",
+    "tombstones",
+)
+_GROUPS = {
+    "caller": "caller",
+    "model": "model",
+    "day": "to_char(to_timestamp(created) AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
+}
+# Failures of the database or of the way to it; everything else is a bug and stays itself.
+_FAILURES = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+
+
+class _Rejected(Exception):
+    """An import whose file had bad lines: its transaction is rolled back."""
+
+
+def _failure(error: BaseException) -> StoreError:
+    if isinstance(error, asyncpg.InvalidCatalogNameError):
+        return StoreMissing(f"PostgreSQL: {error}")
+    if isinstance(error, TimeoutError):
+        return StoreError("PostgreSQL did not answer in time (connect or statement timeout)")
+    reason = str(error) or type(error).__name__
+    return StoreError(f"PostgreSQL: {reason}")
+
+
+Cls = TypeVar("Cls", bound=type)
+
+
+def _store_errors(cls: Cls) -> Cls:
+    """Every public coroutine (and the export generator) of ``cls`` raises ``StoreError``
+    where asyncpg or the network failed, so nothing outside this package sees asyncpg's."""
+
+    def coroutine(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        async def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return await fn(*args, **kwargs)
+            except _FAILURES as error:
+                raise _failure(error) from error
+
+        return wrapper
+
+    def generator(fn: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+        @functools.wraps(fn)
+        async def wrapper(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+            try:
+                async for item in fn(*args, **kwargs):
+                    yield item
+            except _FAILURES as error:
+                raise _failure(error) from error
+
+        return wrapper
+
+    for name, fn in list(vars(cls).items()):
+        if name.startswith("_"):
+            continue
+        if inspect.iscoroutinefunction(fn):
+            setattr(cls, name, coroutine(fn))
+        elif inspect.isasyncgenfunction(fn):
+            setattr(cls, name, generator(fn))
+    return cls
+
+
+def _dump_metadata(metadata: dict[str, str]) -> bytes:
+    return orjson.dumps(metadata, option=orjson.OPT_SORT_KEYS)
+
+
+def _columns(records: Sequence[CompletionRecord], now: float) -> list[list[Any]]:
+    """The batch as one list per column, in ``queries.COMPLETION_COLUMNS`` order."""
+    return [
+        [r.id for r in records],
+        [r.caller for r in records],
+        [r.created for r in records],
+        [r.model for r in records],
+        [_dump_metadata(r.metadata) for r in records],
+        [r.completion for r in records],
+        [r.request for r in records],
+        [r.request_id for r in records],
+        [r.stream for r in records],
+        [r.outcome for r in records],
+        [r.stored_at if r.stored_at is not None else now for r in records],
+        [r.duration_ms for r in records],
+        [r.request_key for r in records],
+        [r.prompt_tokens for r in records],
+        [r.cached_tokens for r in records],
+        [r.completion_tokens for r in records],
+    ]
+
+
+def _exchange_columns(records: Sequence[ExchangeRecord]) -> list[list[Any]]:
+    return [
+        [r.request_id for r in records],
+        [r.caller for r in records],
+        [r.created for r in records],
+        [r.model for r in records],
+        [r.stream for r in records],
+        [r.outcome for r in records],
+        [r.status for r in records],
+        [r.request for r in records],
+        [r.response for r in records],
+        [r.duration_ms for r in records],
+    ]
+
+
+def _stage_rows(
+    records: Sequence[CompletionRecord], now: float, first: int
+) -> Iterator[tuple[Any, ...]]:
+    """Rows for COPY into the import stage: the completion's columns and their file order."""
+    for order, r in enumerate(records, first):
+        yield (
+            r.id,
+            r.caller,
+            r.created,
+            r.model,
+            _dump_metadata(r.metadata),
+            r.completion,
+            r.request,
+            r.request_id,
+            r.stream,
+            r.outcome,
+            r.stored_at if r.stored_at is not None else now,
+            r.duration_ms,
+            r.request_key,
+            r.prompt_tokens,
+            r.cached_tokens,
+            r.completion_tokens,
+            order,
+        )
+
+
+async def _audit(  # noqa: PLR0917 - one row's columns, in the table's order
+    conn: asyncpg.Connection,
+    actor: str,
+    action: str,
+    completion_id: str | None,
+    owner: str | None,
+    detail: dict[str, object],
+) -> None:
+    await conn.execute(
+        "INSERT INTO audit_log (at, actor, action, completion_id, owner, detail)"
+        " VALUES ($1, $2, $3, $4, $5, $6)",
+        time.time(),
+        actor,
+        action,
+        completion_id,
+        owner,
+        orjson.dumps(detail),
+    )
+
+
+async def _locate(
+    conn: asyncpg.Connection, caller: str | None, completion_id: str
+) -> asyncpg.Record | None:
+    """(seq, caller, created, metadata) of a completion this caller may see, locked."""
+    if caller is None:
+        return await conn.fetchrow(
+            "SELECT seq, caller, created, metadata FROM completions WHERE id = $1"
+            " ORDER BY seq LIMIT 1 FOR UPDATE",
+            completion_id,
+        )
+    return await conn.fetchrow(
+        "SELECT seq, caller, created, metadata FROM completions WHERE id = $1 AND caller = $2"
+        " FOR UPDATE",
+        completion_id,
+        caller,
+    )
+
+
+def _lock_key(kind: int) -> str:
+    return f"{LOCK_SPACE + kind}, hashtext(current_schema())"
+
+
+@_store_errors
+class PostgresStore:
+    """The PostgreSQL store: a pool of connections to one database (or one schema of it, when
+    the URL sets ``search_path``), shared with other proxy instances."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        pool_min: int = 2,
+        pool_max: int = 10,
+        connect_timeout: float = 10.0,
+        statement_timeout: float = 30.0,
+        must_exist: bool = False,
+    ) -> None:
+        self.url = url
+        self._pool_min = pool_min
+        self._pool_max = pool_max
+        self._connect_timeout = connect_timeout
+        self._statement_timeout = statement_timeout
+        self._must_exist = must_exist
+        self._pool: asyncpg.Pool | None = None
+
+    def _connect_args(self) -> dict[str, Any]:
+        return {
+            "timeout": self._connect_timeout,
+            # The client gives up a little after the server would have cancelled the
+            # statement, so a network that stalls is bounded too.
+            "command_timeout": self._statement_timeout + self._connect_timeout,
+            "server_settings": {
+                "statement_timeout": str(int(self._statement_timeout * 1000)),
+                "application_name": "completions-proxy",
+            },
+        }
+
+    async def open(self) -> None:
+        """Connect, migrate under the migration lock, then open the pool."""
+        conn = await asyncpg.connect(self.url, **self._connect_args())
+        try:
+            schema = await conn.fetchval("SELECT current_schema()")
+            if schema is None:
+                raise StoreError("PostgreSQL: the search_path names no existing schema")
+            if self._must_exist:
+                found = await conn.fetchval("SELECT to_regclass('_migrations') IS NOT NULL")
+                if not found:
+                    raise StoreMissing("PostgreSQL: this database holds no completions store")
+            # Migrations may rewrite tables: no statement timeout for them.
+            await conn.execute("SET statement_timeout = 0")
+            await migrate(conn)
+        finally:
+            await conn.close()
+        self._pool = await asyncpg.create_pool(
+            self.url,
+            min_size=min(self._pool_min, self._pool_max),
+            max_size=self._pool_max,
+            **self._connect_args(),
+        )
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            await pool.close()
+
+    @property
+    def _p(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise RuntimeError("store is not open")
+        return self._pool
+
+    def _acquire(self) -> Any:
+        return self._p.acquire(timeout=self._connect_timeout)
+
+    # -- writes ------------------------------------------------------------------------------
+
+    async def write_batch(self, records: Sequence[Writable]) -> int:
+        """Write records in one statement (one transaction); return how many were new."""
+        completions = [r for r in records if isinstance(r, CompletionRecord)]
+        exchanges = [r for r in records if isinstance(r, ExchangeRecord)]
+        async with self._acquire() as conn:
+            inserted: int = await conn.fetchval(
+                queries.WRITE_BATCH,
+                *_columns(completions, time.time()),
+                *_exchange_columns(exchanges),
+            )
+        return inserted
+
+    async def probe_write(self) -> None:
+        async with self._acquire() as conn:
+            await conn.execute(
+                "INSERT INTO settings (name, value) VALUES ('probe', $1)"
+                " ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                str(time.time()).encode(),
+            )
+
+    async def import_records(
+        self,
+        batches: Iterable[Sequence[CompletionRecord]],
+        accept: Callable[[], bool],
+        chunk_rows: int | None = None,
+    ) -> int:
+        """Insert every batch in one transaction; return how many were new. Rows are copied
+        (COPY, binary) into a temporary stage and moved into the tables ``chunk_rows`` at a
+        time. If ``accept()`` turns false or anything fails, the transaction rolls back:
+        nothing the import wrote stays, whatever else was written meanwhile. Batches are
+        produced off the event loop (they may wait on parsing processes)."""
+        chunk = chunk_rows or IMPORT_CHUNK
+        pending = iter(batches)
+        inserted = 0
+        now = time.time()
+        columns = [*queries.COMPLETION_COLUMNS, "stage_order"]
+        async with self._acquire() as conn:
+            try:
+                async with conn.transaction():
+                    await conn.execute("SET LOCAL statement_timeout = 0")
+                    await conn.execute(queries.IMPORT_STAGE)
+                    staged = total = 0
+                    while True:
+                        batch = await asyncio.to_thread(next, pending, None)
+                        if batch is None or not accept():
+                            break
+                        await conn.copy_records_to_table(
+                            "import_stage",
+                            records=_stage_rows(batch, now, total),
+                            columns=columns,
+                        )
+                        staged += len(batch)
+                        total += len(batch)
+                        if staged >= chunk:
+                            inserted += await conn.fetchval(queries.IMPORT_MOVE)
+                            await conn.execute("TRUNCATE import_stage")
+                            staged = 0
+                    if not accept():
+                        raise _Rejected
+                    if staged:
+                        inserted += await conn.fetchval(queries.IMPORT_MOVE)
+            except _Rejected:
+                await asyncio.to_thread(_drain, pending)  # the report names every bad line
+                return 0
+        return inserted
+
+    async def update_metadata(
+        self, caller: str | None, completion_id: str, metadata: dict[str, str], actor: str
+    ) -> StoredCompletion | None:
+        """Replace the metadata map; the change (before and after) goes to the audit log."""
+        encoded = _dump_metadata(metadata)
+        async with self._acquire() as conn, conn.transaction():
+            found = await _locate(conn, caller, completion_id)
+            if found is None:
+                return None
+            seq, owner, created, before = found
+            completion = await conn.fetchval(
+                "UPDATE completions SET metadata = $1 WHERE seq = $2 RETURNING completion",
+                encoded,
+                seq,
+            )
+            await conn.execute("DELETE FROM completion_metadata WHERE seq = $1", seq)
+            if metadata:
+                await conn.execute(
+                    "INSERT INTO completion_metadata (seq, key, value, caller, created)"
+                    " SELECT $1, key, value, $2, $3 FROM unnest($4::text[], $5::text[])"
+                    " AS pairs(key, value)",
+                    seq,
+                    owner,
+                    created,
+                    list(metadata),
+                    list(metadata.values()),
+                )
+            await _audit(
+                conn,
+                actor,
+                "update_metadata",
+                completion_id,
+                owner,
+                {"before": orjson.loads(before), "after": metadata},
+            )
+        return StoredCompletion(id=completion_id, completion=completion, metadata=encoded)
+
+    async def delete(
+        self, caller: str | None, completion_id: str, actor: str, *, purge: bool = True
+    ) -> bool:
+        """Delete a completion; with ``purge=False`` its row is kept in deleted_completions.
+
+        Either way the deletion goes to the audit log, and the id keeps its place in the
+        order (a tombstone) so paging with ``after=<deleted id>`` goes on.
+        """
+        async with self._acquire() as conn, conn.transaction():
+            found = await _locate(conn, caller, completion_id)
+            if found is None:
+                return False
+            seq, owner, created, metadata = found
+            now = time.time()
+            if not purge:
+                names = ", ".join(("seq", *queries.COMPLETION_COLUMNS))
+                await conn.execute(
+                    f"INSERT INTO deleted_completions ({names}, deleted_at, deleted_by)"
+                    f" SELECT {names}, $1, $2 FROM completions WHERE seq = $3",
+                    now,
+                    actor,
+                    seq,
+                )
+            await conn.execute("DELETE FROM completion_metadata WHERE seq = $1", seq)
+            await conn.execute("DELETE FROM completions WHERE seq = $1", seq)
+            await conn.execute(
+                "INSERT INTO tombstones (caller, id, created, seq, deleted_at)"
+                " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (caller, id) DO UPDATE SET"
+                " created = excluded.created, seq = excluded.seq,"
+                " deleted_at = excluded.deleted_at",
+                owner,
+                completion_id,
+                created,
+                seq,
+                now,
+            )
+            await _audit(
+                conn,
+                actor,
+                "delete",
+                completion_id,
+                owner,
+                {"metadata": orjson.loads(metadata), "content_purged": purge},
+            )
+        return True
+
+    # -- keys ------------------------------------------------------------------------------
+
+    async def create_key(self, name: str, role: str, key_id: str, key_hash: bytes) -> None:
+        """Add a proxy key; raises ``KeyExists`` when the name is taken."""
+        async with self._acquire() as conn, conn.transaction():
+            created = await conn.fetchval(
+                "INSERT INTO proxy_keys (name, key_id, key_hash, role, created_at)"
+                " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (name) DO NOTHING RETURNING name",
+                name,
+                key_id,
+                key_hash,
+                role,
+                time.time(),
+            )
+            if created is None:
+                raise KeyExists(name)
+            await _audit(conn, "cli", "key_created", None, name, {"role": role})
+
+    async def revoke_key(self, name: str) -> bool:
+        async with self._acquire() as conn, conn.transaction():
+            revoked = await conn.fetchval(
+                "UPDATE proxy_keys SET revoked_at = $1 WHERE name = $2 AND revoked_at IS NULL"
+                " RETURNING name",
+                time.time(),
+                name,
+            )
+            if revoked is not None:
+                await _audit(conn, "cli", "key_revoked", None, name, {})
+        return revoked is not None
+
+    async def list_keys(self) -> list[KeyRecord]:
+        rows = await self._p.fetch(
+            "SELECT name, key_id, role, created_at, revoked_at FROM proxy_keys ORDER BY name"
+        )
+        return [KeyRecord(*row) for row in rows]
+
+    async def find_key(self, key_id: str) -> tuple[KeyRecord, bytes] | None:
+        row = await self._p.fetchrow(
+            "SELECT name, key_id, role, created_at, revoked_at, key_hash FROM proxy_keys"
+            " WHERE key_id = $1",
+            key_id,
+        )
+        if row is None:
+            return None
+        return KeyRecord(*row[:5]), bytes(row[5])
+
+    # -- retention ---------------------------------------------------------------------------
+
+    async def _size(self, conn: asyncpg.Connection) -> int:
+        size: int = await conn.fetchval(
+            "SELECT sum(pg_total_relation_size(to_regclass(name)))::bigint"
+            " FROM unnest($1::text[]) AS tables(name)",
+            list(CONTENT_TABLES),
+        )
+        return size
+
+    async def prune(self, before: int) -> PruneReport:
+        """Delete everything created before ``before``, so that it is gone for good.
+
+        One instance prunes at a time (a transaction-level advisory lock); another instance
+        that finds the lock taken skips this run and reports nothing deleted. After the
+        delete, each content table is vacuumed; a table that lost a quarter or more of its
+        rows is rewritten (``VACUUM FULL``), so the deleted bytes are no longer in its files
+        (docs/storage-postgres.md says what "gone" means here).
+        """
+        async with self._acquire() as conn:
+            bytes_before = await self._size(conn)
+            async with conn.transaction():
+                await conn.execute("SET LOCAL statement_timeout = 0")
+                if not await conn.fetchval(
+                    f"SELECT pg_try_advisory_xact_lock({_lock_key(RETENTION_LOCK)})"
+                ):
+                    return PruneReport(0, 0)
+                before_rows = {
+                    table: await conn.fetchval(f"SELECT count(*) FROM {table}")
+                    for table in CONTENT_TABLES
+                }
+                old = f"caller IN ({queries.CALLERS} SELECT caller FROM callers) AND created < $1"
+                deleted = {
+                    "completion_metadata": await _count(
+                        conn,
+                        "DELETE FROM completion_metadata WHERE seq IN"
+                        f" (SELECT seq FROM completions WHERE {old})",
+                        before,
+                    ),
+                    "completions": await _count(
+                        conn, f"DELETE FROM completions WHERE {old}", before
+                    ),
+                    "exchanges": await _count(
+                        conn, "DELETE FROM exchanges WHERE created < $1", before
+                    ),
+                    "tombstones": await _count(
+                        conn, "DELETE FROM tombstones WHERE created < $1", before
+                    ),
+                    "deleted_completions": await _count(
+                        conn, "DELETE FROM deleted_completions WHERE created < $1", before
+                    ),
+                }
+                completions, exchanges = deleted["completions"], deleted["exchanges"]
+                if completions or exchanges:
+                    await _audit(
+                        conn,
+                        "retention",
+                        "prune",
+                        None,
+                        None,
+                        {"before": before, "completions": completions, "exchanges": exchanges},
+                    )
+            # Outside the transaction: VACUUM cannot run in one.
+            await conn.execute("SET statement_timeout = 0")
+            try:
+                for table in CONTENT_TABLES:
+                    if not deleted[table]:
+                        continue
+                    full = deleted[table] * 4 >= before_rows[table]
+                    await conn.execute(f"VACUUM {'FULL ' if full else ''}{table}")
+            finally:
+                await conn.execute("RESET statement_timeout")
+            return PruneReport(completions, exchanges, bytes_before, await self._size(conn))
+
+    async def setting(self, name: str, default: bytes) -> bytes:
+        """The stored value of a setting, storing ``default`` first if there is none."""
+        async with self._acquire() as conn:
+            await conn.execute(
+                "INSERT INTO settings (name, value) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
+                name,
+                default,
+            )
+            value: bytes = await conn.fetchval("SELECT value FROM settings WHERE name = $1", name)
+        return value
+
+    # -- reads -------------------------------------------------------------------------------
+
+    async def _one(
+        self, columns: str, caller: str | None, completion_id: str
+    ) -> asyncpg.Record | None:
+        if caller is None:
+            return await self._p.fetchrow(
+                f"SELECT {columns} FROM completions WHERE id = $1 ORDER BY seq LIMIT 1",
+                completion_id,
+            )
+        return await self._p.fetchrow(
+            f"SELECT {columns} FROM completions WHERE id = $1 AND caller = $2",
+            completion_id,
+            caller,
+        )
+
+    async def get(self, caller: str | None, completion_id: str) -> StoredCompletion | None:
+        row = await self._one("completion, metadata", caller, completion_id)
+        if row is None:
+            return None
+        return StoredCompletion(id=completion_id, completion=row[0], metadata=row[1])
+
+    async def request_of(self, caller: str | None, completion_id: str) -> bytes | None:
+        row = await self._one("request", caller, completion_id)
+        return None if row is None else bytes(row[0])
+
+    async def _cursor(self, caller: str | None, after: str) -> tuple[int, int]:
+        if caller is None:
+            row = await self._p.fetchrow(
+                "(SELECT created, seq FROM completions WHERE id = $1 ORDER BY seq LIMIT 1)"
+                " UNION ALL (SELECT created, seq FROM tombstones WHERE id = $1 LIMIT 1) LIMIT 1",
+                after,
+            )
+        else:
+            row = await self._p.fetchrow(
+                "(SELECT created, seq FROM completions WHERE id = $1 AND caller = $2)"
+                " UNION ALL (SELECT created, seq FROM tombstones WHERE id = $1 AND caller = $2)"
+                " LIMIT 1",
+                after,
+                caller,
+            )
+        if row is None:
+            raise UnknownCursor(after)
+        return row[0], row[1]
+
+    async def list_completions(
+        self, caller: str | None, query: ListQuery
+    ) -> Page[StoredCompletion]:
+        page = query.page
+        cursor = await self._cursor(caller, page.after) if page.after else None
+        if query.owner is not None and caller not in (None, query.owner):
+            return Page(items=[], has_more=False)
+        scope = caller if query.owner is None else query.owner
+        rare: tuple[tuple[str, str], ...] = ()
+        if scope is not None and len(query.metadata) > 1:
+            sql, params = queries.rarity(scope, query.metadata)
+            counts = await self._p.fetchrow(sql, *params)
+            assert counts is not None
+            rare = tuple(
+                pair
+                for pair, count in zip(query.metadata, counts, strict=True)
+                if count < queries.RARE
+            )
+        sql, params = queries.page(scope, query, cursor, rare)
+        rows = await self._p.fetch(sql, *params)
+        items = [
+            StoredCompletion(id=row[0], completion=row[1], metadata=row[2])
+            for row in rows[: page.limit]
+        ]
+        return Page(items=items, has_more=len(rows) > page.limit)
+
+    async def list_exchanges(self, caller: str | None, page: PageQuery) -> Page[ExchangeRecord]:
+        """Exchanges that stored no completion, keyset-paged by request id."""
+        p = queries.Params()
+        where = [f"caller = {p(caller)}"] if caller is not None else []
+        compare, direction = (">", "ASC") if page.order == "asc" else ("<", "DESC")
+        if page.after:
+            row = await self._p.fetchrow(
+                "SELECT created, seq FROM exchanges WHERE request_id = $1 ORDER BY seq LIMIT 1",
+                page.after,
+            )
+            if row is None:
+                raise UnknownCursor(page.after)
+            where.append(f"(created, seq) {compare} ({p(row[0])}::bigint, {p(row[1])}::bigint)")
+        sql = (
+            "SELECT request_id, caller, created, model, stream, outcome, status, request,"
+            f" response, duration_ms FROM exchanges WHERE {' AND '.join(where) or 'true'}"
+            f" ORDER BY created {direction}, seq {direction} LIMIT {page.limit + 1}"
+        )
+        rows = await self._p.fetch(sql, *p.values)
+        items = [ExchangeRecord(*row) for row in rows[: page.limit]]
+        return Page(items=items, has_more=len(rows) > page.limit)
+
+    async def audit_entries(self, after: int, limit: int) -> list[AuditEntry]:
+        """The audit log after entry ``after`` (its seq), oldest first."""
+        rows = await self._p.fetch(
+            "SELECT seq, at, actor, action, completion_id, owner, detail FROM audit_log"
+            " WHERE seq > $1 ORDER BY seq LIMIT $2",
+            after,
+            limit,
+        )
+        return [AuditEntry(*row) for row in rows]
+
+    async def usage(
+        self, since: int | None, until: int | None, group_by: Sequence[str]
+    ) -> list[UsageRow]:
+        """Completions and tokens summed per group (any of caller, model, day)."""
+        columns = [_GROUPS[name] for name in group_by]
+        p = queries.Params()
+        where = ["true"]
+        if since is not None:
+            where.append(f"created >= {p(since)}::bigint")
+        if until is not None:
+            where.append(f"created < {p(until)}::bigint")
+        selected = ", ".join([*columns, ""]) if columns else ""
+        grouping = (
+            f" GROUP BY {', '.join(columns)} ORDER BY {', '.join(columns)}" if columns else ""
+        )
+        sql = (
+            f"SELECT {selected}count(*), coalesce(sum(prompt_tokens), 0)::bigint,"
+            " coalesce(sum(cached_tokens), 0)::bigint,"
+            " coalesce(sum(completion_tokens), 0)::bigint"
+            f" FROM completions WHERE {' AND '.join(where)}{grouping}"
+        )
+        rows = await self._p.fetch(sql, *p.values)
+        width = len(columns)
+        return [
+            UsageRow(
+                group={name: str(row[i]) for i, name in enumerate(group_by)},
+                completions=row[width],
+                prompt_tokens=row[width + 1],
+                cached_tokens=row[width + 2],
+                completion_tokens=row[width + 3],
+            )
+            for row in rows
+            if row[width]
+        ]
+
+    async def recordings(self, request_key: str, caller: str | None) -> list[bytes]:
+        """Stored completions made for requests with this key, oldest first (by the shared
+        sequence, so every instance sees them in the same order)."""
+        if caller is None:
+            rows = await self._p.fetch(
+                "SELECT completion FROM completions WHERE request_key = $1 ORDER BY seq LIMIT 1000",
+                request_key,
+            )
+        else:
+            rows = await self._p.fetch(
+                "SELECT completion FROM completions WHERE request_key = $1 AND caller = $2"
+                " ORDER BY seq LIMIT 1000",
+                request_key,
+                caller,
+            )
+        return [bytes(row[0]) for row in rows]
+
+    async def export(self, where: ExportFilter) -> AsyncIterator[list[CompletionRecord]]:
+        """Every stored completion matching ``where``, in insertion order, a batch at a time,
+        read through a cursor in one snapshot (a repeatable-read transaction)."""
+        p = queries.Params()
+        clauses = ["true"]
+        if where.model is not None:
+            clauses.append(f"model = {p(where.model)}")
+        if where.since is not None:
+            clauses.append(f"created >= {p(where.since)}::bigint")
+        if where.until is not None:
+            clauses.append(f"created < {p(where.until)}::bigint")
+        for key, value in where.metadata:
+            clauses.append(
+                "EXISTS (SELECT 1 FROM completion_metadata m"
+                f" WHERE m.seq = completions.seq AND m.key = {p(key)} AND m.value = {p(value)})"
+            )
+        names = ", ".join(queries.COMPLETION_COLUMNS)
+        sql = f"SELECT {names} FROM completions WHERE {' AND '.join(clauses)} ORDER BY seq"
+        async with (
+            self._acquire() as conn,
+            conn.transaction(isolation="repeatable_read", readonly=True),
+        ):
+            cursor = await conn.cursor(sql, *p.values)
+            while rows := await cursor.fetch(EXPORT_BATCH):
+                yield [_record(row) for row in rows]
+
+
+def _record(row: asyncpg.Record) -> CompletionRecord:
+    return CompletionRecord(
+        id=row[0],
+        caller=row[1],
+        created=row[2],
+        model=row[3],
+        metadata=orjson.loads(row[4]),
+        completion=row[5],
+        request=row[6],
+        request_id=row[7],
+        stream=row[8],
+        outcome=row[9],
+        stored_at=row[10],
+        duration_ms=row[11],
+        request_key=row[12],
+        prompt_tokens=row[13],
+        cached_tokens=row[14],
+        completion_tokens=row[15],
+    )
+
+
+async def _count(conn: asyncpg.Connection, sql: str, *args: object) -> int:
+    """Rows a DELETE removed, from its command tag (``DELETE n``)."""
+    tag: str = await conn.execute(sql, *args)
+    return int(tag.rsplit(" ", 1)[-1])
+
+
+def _drain(pending: Iterator[Sequence[CompletionRecord]]) -> None:
+    for _ in pending:
+        pass

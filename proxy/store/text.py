@@ -1,0 +1,102 @@
+"""What full-text search reads of a completion, what a user's search means, and the short
+preview of a request a log row shows; pure, and the same for every backend.
+
+The searchable text is built from the stored request and completion, which are already
+redacted (see ``proxy.redaction``), so a redacted secret is never in an index: the input
+messages' text (string content and text parts), their tool calls' names and arguments, and
+each choice's content, refusal and tool calls.
+
+A search is words, each matched as a whole token (case- and accent-insensitive), all of
+which must appear; punctuation inside a word makes it a phrase (``don't`` → ``"don t"``).
+No operators: what a person types is never parsed as query syntax.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from typing import Any
+
+import orjson
+
+PREVIEW_CHARS = 160
+SEARCH_MAX_CHARS = 500
+_WORD = re.compile(r"\S+")
+_TOKEN = re.compile(r"\w")  # a word with no letter or digit matches nothing: left out
+
+
+def _content_text(content: Any) -> list[str]:
+    if isinstance(content, str):
+        return [content]
+    if isinstance(content, list):
+        return [
+            part["text"]
+            for part in content
+            if isinstance(part, dict) and isinstance(part.get("text"), str)
+        ]
+    return []
+
+
+def _calls_text(calls: Any) -> list[str]:
+    out: list[str] = []
+    for call in calls if isinstance(calls, list) else []:
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict):
+            out += [
+                v for v in (function.get("name"), function.get("arguments")) if isinstance(v, str)
+            ]
+    return out
+
+
+def _message_text(message: Any) -> list[str]:
+    if not isinstance(message, dict):
+        return []
+    texts = _content_text(message.get("content")) + _calls_text(message.get("tool_calls"))
+    refusal = message.get("refusal")
+    if isinstance(refusal, str):
+        texts.append(refusal)
+    return texts
+
+
+def searchable(request: bytes, completion: bytes) -> str:
+    """The text a completion is found by: its messages, answer and tool-call arguments."""
+    texts: list[str] = []
+    try:
+        sent = orjson.loads(request)
+    except orjson.JSONDecodeError:
+        sent = None
+    if isinstance(sent, dict) and isinstance(sent.get("messages"), list):
+        for message in sent["messages"]:
+            texts += _message_text(message)
+    try:
+        answer = orjson.loads(completion)
+    except orjson.JSONDecodeError:
+        answer = None
+    choices = answer.get("choices") if isinstance(answer, dict) else None
+    for choice in choices if isinstance(choices, list) else []:
+        if isinstance(choice, dict):
+            texts += _message_text(choice.get("message"))
+    return "\n".join(text for text in texts if text)
+
+
+def search_terms(search: str) -> list[str]:
+    """The words of a search, as typed (the backend quotes them for its own syntax)."""
+    return [t for t in _WORD.findall(search[:SEARCH_MAX_CHARS]) if _TOKEN.search(t)]
+
+
+def fts5_query(search: str) -> str | None:
+    """A search as an FTS5 MATCH expression: every word a quoted string, all required."""
+    terms = search_terms(search)
+    if not terms:
+        return None
+    return " ".join('"' + term.replace('"', '""') + '"' for term in terms)
+
+
+def preview(content: Any) -> str:
+    """A message's content (a string, or the JSON of its parts) as one short line."""
+    texts = _content_text(content)
+    if isinstance(content, str) and content.startswith("["):  # parts, as the store reads them
+        with contextlib.suppress(orjson.JSONDecodeError):
+            texts = _content_text(orjson.loads(content)) or texts
+    text = " ".join(" ".join(texts).split())
+    return text if len(text) <= PREVIEW_CHARS else text[: PREVIEW_CHARS - 1] + "\u2026"
