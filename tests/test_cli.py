@@ -422,5 +422,5 @@ def test_the_image_is_pinned_non_root_and_checks_health_in_exec_form() -> None:
     assert orjson.loads(entry.split(" ", 1)[1]) == ["completions-proxy"]
     constraints = (REPO / "constraints.txt").read_text(encoding="utf-8").splitlines()
     pinned = {line.split("==")[0].lower() for line in constraints if "==" in line}
-    for package in ("aiohttp", "aiosqlite", "pydantic", "orjson", "pyyaml", "uvloop"):
+    for package in ("aiohttp", "aiosqlite", "asyncpg", "jinja2", "orjson", "pydantic", "uvloop"):
         assert package in pinned, f"{package} is not pinned in constraints.txt"
