@@ -27,9 +27,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import orjson
 import pytest
 from aiohttp import web
+from pydantic import BaseModel
 
+from proxy.config import Config
 from tests.fakes import FakeUpstream, Reply
 from tests.processes import REPO, ProxyProcess
 
@@ -129,7 +132,8 @@ class RecentUpstream(FakeUpstream):
         return reply
 
 
-def run_block(block: Block, workdir: Path, env: dict[str, str], port: int) -> None:
+def run_block(block: Block, workdir: Path, env: dict[str, str], port: int) -> str:
+    """Run one block in ``workdir``; its standard output."""
     text = block.text.replace(ADDRESS, f"127.0.0.1:{port}")
     if block.language == "sh":
         args = ["bash", "-c", PREAMBLE + text]
@@ -144,6 +148,7 @@ def run_block(block: Block, workdir: Path, env: dict[str, str], port: int) -> No
         f"--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}\n--- serve.log\n"
         f"{serve_log.read_text() if serve_log.exists() else ''}"
     )
+    return result.stdout
 
 
 def stop_all(pids: set[int]) -> None:
@@ -189,19 +194,30 @@ async def test_the_readme_commands_run_as_pasted(aiohttp_server, tmp_path: Path)
     }
     for name in ("OPENAI_BASE_URL", "COMPLETIONS_PROXY_SECRET"):
         env.pop(name, None)
-    ran = []
+    ran: list[str] = []
+    outputs: dict[str, str] = {}
     try:
         proxy.start()
         await proxy.wait_healthy()
         for block in blocks():
             if block.tag:
                 continue
-            await asyncio.to_thread(run_block, block, workdir, env, proxy.port)
+            out = await asyncio.to_thread(run_block, block, workdir, env, proxy.port)
             ran.append(block.name)
+            outputs[block.text] = out
     finally:
         proxy.stop()
         await asyncio.to_thread(stop_all, {int(line) for line in pids.read_text().split()})
     assert len(ran) >= 8, ran
+    # The quick start's list finds the completion its first command stored (curl globbing the
+    # brackets would have printed nothing), and the SDK example prints the answer it stored.
+    [curl] = [text for text in outputs if "curl" in text and "metadata[topic]=demo" in text]
+    [listed] = [
+        orjson.loads(line) for line in outputs[curl].splitlines() if '"object":"list"' in line
+    ]
+    assert [item["metadata"] for item in listed["data"]] == [{"topic": "demo"}]
+    [sdk_example] = [text for text in outputs if "client.chat.completions.delete" in text]
+    assert outputs[sdk_example].startswith("echo: Say hello\n")
     # What the quick start stored is there: the curl and SDK examples went through the proxy.
     assert [r.json()["model"] for r in fake.chat_requests()][:2] == ["gpt-4o-mini"] * 2
 
@@ -209,3 +225,28 @@ async def test_the_readme_commands_run_as_pasted(aiohttp_server, tmp_path: Path)
 @pytest.mark.parametrize("tag", sorted(NOT_RUN))
 def test_blocks_not_run_exist_for_each_reason(tag: str) -> None:
     assert any(block.tag == tag for block in blocks()), f"no block is tagged {tag!r} any more"
+
+
+def config_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Every key of the configuration tree, dotted; a mapping (prices, patterns) is one key."""
+    keys = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys += config_keys(annotation, f"{prefix}{name}.")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def test_the_configuration_table_has_every_key() -> None:
+    text = README.read_text(encoding="utf-8")
+    table = text[text.index("\n## Configuration\n") :]
+    table = table[: table.index("\n## ", 1)]
+    documented = set(re.findall(r"(?m)^\| `([a-z_.]+)(?:\.<model>)?`", table))
+    keys = config_keys(Config)
+    assert len(keys) > 30
+    missing = [key for key in keys if key not in documented]
+    assert missing == [], f"keys missing from the README's configuration table: {missing}"
+    unknown = sorted(documented - set(keys))
+    assert unknown == [], f"the README documents keys the config does not have: {unknown}"
