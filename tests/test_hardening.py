@@ -23,7 +23,8 @@ import pytest
 
 from proxy.callers import new_key
 from proxy.keys import STORE, WRITER
-from proxy.store import CompletionRecord, SQLiteStore
+from proxy.store import CompletionRecord
+from proxy.store.sqlite import SQLiteStore
 from proxy.writer import WriteFailed, Writer
 from tests.conftest import sdk
 from tests.fakes import FakeUpstream, Reply, chunks, completion, sse
