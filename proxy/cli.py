@@ -41,10 +41,10 @@ import orjson
 import yaml
 from aiohttp import web
 
-from proxy import __version__
+from proxy import __version__, server
 from proxy.app import create_app, redactor_of
 from proxy.callers import new_key
-from proxy.config import Config, ConfigError, load_config, redacted
+from proxy.config import Config, ConfigError, load_config, redacted, without_password
 from proxy.keys import METRICS, WRITER
 from proxy.logs import configure
 from proxy.models import PageQuery, parse_moment
@@ -587,19 +587,12 @@ def serve(config: Config) -> int:
     app = create_app(config)
     _Lifecycle(config, sockets).attach(app)
     try:
-        web.run_app(
-            app,
-            sock=sockets,
-            access_log=None,
-            print=None,
-            shutdown_timeout=config.server.shutdown_timeout,
-            handler_cancellation=True,
-        )
+        server.run(app, config.server, sockets)  # limits and timeouts of client connections
     except OSError as error:
         log.error("cannot start: %s", error)
         return 1
     except StoreError as error:  # not a database, locked past the busy timeout, ...
-        log.error("cannot open the store at %s: %s", config.store.url, error)
+        log.error("cannot open the store at %s: %s", without_password(config.store.url), error)
         return 1
     finally:
         for sock in sockets:

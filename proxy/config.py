@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 from pydantic import (
@@ -300,6 +301,15 @@ def load_config(path: str | Path | None) -> Config:
     return validate(data, source=str(path))
 
 
+def without_password(url: str) -> str:
+    """A store URL fit to print or log: a ``postgresql://`` URL's password is masked."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+
+
 def redacted(config: Config) -> dict[str, Any]:
     """The config as a plain mapping, fit to print: names of secret variables, never values."""
     data = config.model_dump()
@@ -309,4 +319,5 @@ def redacted(config: Config) -> dict[str, Any]:
     name = config.callers.secret_env
     state = "set, value hidden" if os.environ.get(name) else "unset: portable fingerprints"
     data["callers"]["secret_env"] = f"{name} ({state})"
+    data["store"]["url"] = without_password(config.store.url)
     return data

@@ -3,12 +3,19 @@
 Every field is encoded by orjson, so CR, LF, ANSI escapes or U+2028 in any input end up
 escaped inside a JSON string: no input can split a line or forge another one. Bearer tokens
 never reach a log; callers appear as their fingerprint.
+
+Every record, the libraries' included (aiohttp logs raw header lines it cannot parse), goes
+through ``SecretFilter`` before it is written: anything shaped like a bearer token or an API
+key is replaced in the message, its extra fields and its traceback. ``RepeatFilter`` writes
+an identical warning or error once per ``window`` seconds; the next one written says how
+many were left out (``repeated``), so a flood of one failure cannot flood the log.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import sys
 import time
 from dataclasses import dataclass, fields
@@ -29,9 +36,87 @@ class JSONFormatter(logging.Formatter):
         for key, value in record.__dict__.items():
             if key not in _STANDARD and not key.startswith("_"):
                 entry[key] = value
-        if record.exc_info:
+        if record.exc_text:  # already formatted (and cleaned by SecretFilter)
+            entry["exception"] = record.exc_text
+        elif record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json_line(entry)
+
+
+# Bearer tokens, OpenAI-style keys (sk-...), the proxy's own keys (cpk_...), and the value of
+# any header line naming a key or authorization.
+_SECRET = re.compile(
+    r"(?i)(bearer\s+)[^\s'\"\\,;]+"
+    r"|\b(?:sk|cpk)[-_][A-Za-z0-9_\-]{6,}"
+    r"|((?:authorization|api[-_]key|x-api-key|cookie)\s*[:=]\s*)[^\r\n'\"\\]+"
+)
+_HINT = re.compile(r"(?i)bearer|sk-|sk_|cpk_|authorization|api.key|cookie")
+REDACTED = "[redacted]"
+
+
+def scrub(text: str) -> str:
+    """``text`` with every token-shaped part replaced."""
+    if _HINT.search(text) is None:  # most lines: one cheap scan, nothing to do
+        return text
+    return _SECRET.sub(lambda m: (m.group(1) or m.group(2) or "") + REDACTED, text)
+
+
+class SecretFilter(logging.Filter):
+    """Cleans every record of token-shaped text: message, extra fields and traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        cleaned = scrub(message)
+        if cleaned is not message or record.args:
+            record.msg, record.args = cleaned, None
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD and isinstance(value, str | bytes):
+                text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+                if (clean := scrub(text)) != text:
+                    record.__dict__[key] = clean
+        if record.exc_info and not record.exc_text:
+            record.exc_text = _FORMATTER.formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = scrub(record.exc_text)
+        return True
+
+
+_FORMATTER = logging.Formatter()
+_PER_REQUEST = frozenset({"request_id", "repeated"})
+
+
+class RepeatFilter(logging.Filter):
+    """One line per identical warning or error (same logger, level, message template,
+    exception type and extra fields but the request id) per ``window`` seconds; the next one
+    written carries ``repeated``. A line naming what it is about (a completion's id, say) is
+    never identical to another, so nothing that must be logged one by one is folded."""
+
+    def __init__(self, window: float = 10.0, remembered: int = 1024) -> None:
+        super().__init__()
+        self.window = window
+        self.remembered = remembered
+        self._seen: dict[tuple[Any, ...], list[float]] = {}  # key -> [first written, left out]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        kind = record.exc_info[0] if record.exc_info else None
+        extra = tuple(
+            (k, str(v))
+            for k, v in record.__dict__.items()
+            if k not in _STANDARD and k not in _PER_REQUEST
+        )
+        key = (record.name, record.levelno, str(record.msg), kind, extra)
+        seen = self._seen.get(key)
+        if seen is not None and record.created - seen[0] < self.window:
+            seen[1] += 1
+            return False
+        if seen is not None and seen[1]:
+            record.repeated = int(seen[1])
+        if len(self._seen) >= self.remembered:
+            self._seen.clear()  # bounded memory; at worst one more line per kind
+        self._seen[key] = [record.created, 0]
+        return True
 
 
 def head(created: float, level: str, logger: str, message: str) -> dict[str, Any]:
@@ -58,7 +143,7 @@ def _json_handler(logger: logging.Logger) -> logging.StreamHandler[Any] | None:
     if (
         type(handler) is not logging.StreamHandler
         or type(handler.formatter) is not JSONFormatter
-        or handler.filters
+        or any(type(f) not in _OWN_FILTERS for f in handler.filters)
         or handler.level > logging.INFO
     ):
         return None
@@ -80,6 +165,8 @@ class TextFormatter(logging.Formatter):
 
 def configure(config: LoggingConfig) -> None:
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(SecretFilter())
+    handler.addFilter(RepeatFilter())
     if config.format == "json":
         handler.setFormatter(JSONFormatter())
     else:
@@ -140,8 +227,10 @@ class AccessRecord:
             # The line JSONFormatter would make, written straight to its stream: the logging
             # module's record, dispatch and formatter cost twice what the line itself does.
             entry = head(time.time(), "info", logger.name, "request") | fields
+            # The proxy's own filters: secrets cleaned; access lines are never deduplicated.
+            line = scrub(json_line(entry))
             with handler.lock or contextlib.nullcontext():
-                handler.stream.write(json_line(entry) + handler.terminator)
+                handler.stream.write(line + handler.terminator)
                 handler.flush()
             return
         # Made and handled directly: ``logger.info`` would walk the stack to find its caller
@@ -150,5 +239,7 @@ class AccessRecord:
             logger.makeRecord(logger.name, logging.INFO, "", 0, "request", (), None, extra=fields)
         )
 
+
+_OWN_FILTERS = (SecretFilter, RepeatFilter)
 
 _LOGGED = tuple(f.name.lstrip("_") for f in fields(AccessRecord) if f.name != "started")

@@ -22,9 +22,10 @@
 A worker watches a pipe only the parent holds open: if the parent dies, even by ``kill -9``,
 the pipe ends and the worker shuts down gracefully on its own.
 
-Work that must happen once per server, not once per worker: retention and the SQLite store's
-WAL checkpoints run in worker 0 only (a replacement for worker 0 takes them over). Metrics:
-workers keep prometheus_client's multiprocess files in a directory the parent makes
+Work that must happen once per server, not once per worker: retention and the SQLite
+store's WAL checkpoints run in worker 0 only (a replacement for worker 0 takes them over).
+
+Metrics: workers keep prometheus_client's multiprocess files in a directory the parent makes
 (``PROMETHEUS_MULTIPROC_DIR``) and removes at exit, so ``/metrics``, whichever worker answers
 it, reports the whole server.
 """
@@ -47,6 +48,7 @@ import orjson
 from aiohttp import web
 from prometheus_client import multiprocess
 
+from proxy import server
 from proxy.app import create_app
 from proxy.config import Config, validate
 from proxy.store import StoreError, open_store
@@ -208,13 +210,29 @@ class Supervisor:
                     "delay_s": delay,
                 },
             )
+            await self._restart(slot, delay)
+
+    async def _restart(self, slot: _Slot, delay: float) -> None:
+        """Start a new worker in ``slot`` after ``delay`` seconds, however many tries it takes
+        to make a process; a worker that then fails to start is seen exiting by ``_watch``."""
+        while True:
             if delay:
                 await asyncio.sleep(delay)
-            reason = await self._spawn(slot)
+            try:
+                reason = await self._spawn(slot)
+            except OSError as error:  # no process could be made (out of memory, pids, ...)
+                log.error(
+                    "worker did not start",
+                    extra={"worker": slot.index, "reason": f"cannot start a process: {error}"},
+                )
+                delay = slot.backoff
+                slot.backoff = min(MAX_BACKOFF, max(FIRST_BACKOFF, slot.backoff * 2))
+                continue
             if reason is not None:
                 log.error("worker did not start", extra={"worker": slot.index, "reason": reason})
             else:
                 log.info("worker ready", extra={"worker": slot.index, "pid": self._pid(slot)})
+            return
 
     async def _stop_all(self) -> None:
         """SIGTERM to every worker; wait for them to drain; kill what outlives the grace."""
@@ -329,14 +347,14 @@ def run_worker(config: Config, index: int, ready_fd: int, life_fd: int) -> int:
     Says ``ready`` on ``ready_fd`` once it accepts connections, or one line saying why it
     cannot start; shuts down gracefully when ``life_fd`` (the parent's pipe) ends.
     """
-    server = config.server
+    settings = config.server
     told = False
     try:
         try:
-            sock = reuse_port_socket(server.host, server.port)
+            sock = reuse_port_socket(settings.host, settings.port)
         except OSError as error:
             raise _CannotStart(
-                f"cannot listen on {server.host}:{server.port}: {error.strerror}"
+                f"cannot listen on {settings.host}:{settings.port}: {error.strerror}"
             ) from None
         app = create_app(config)
 
@@ -359,14 +377,8 @@ def run_worker(config: Config, index: int, ready_fd: int, life_fd: int) -> int:
             loop.add_reader(life_fd, parent_gone)
 
         app.on_startup.append(started)
-        web.run_app(
-            app,
-            sock=sock,
-            access_log=None,
-            print=None,
-            shutdown_timeout=server.shutdown_timeout,
-            handler_cancellation=True,
-        )
+        # The same runner as a single process: connection limits, header and body timeouts.
+        server.run(app, settings, [sock])
     except _CannotStart as error:
         _tell(ready_fd, f"{error}\n".encode())
         return 1

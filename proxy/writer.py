@@ -28,8 +28,13 @@ from proxy.store import CompletionRecord, Store, Writable
 log = logging.getLogger("proxy.writer")
 
 PROBE_INTERVAL = 2.0
-# What drivers raise for a value they cannot encode (asyncpg's DataError is a ValueError).
+# What drivers raise for a value they cannot encode: sqlite3 an OverflowError, asyncpg a
+# DataError that is a ValueError (the store passes it on as the cause of a StoreError).
 _REJECTED = (OverflowError, ValueError, TypeError)
+
+
+def _rejects_record(error: BaseException) -> bool:
+    return isinstance(error, _REJECTED) or isinstance(error.__cause__, _REJECTED)
 
 
 class WriteFailed(Exception):
@@ -140,13 +145,13 @@ class Writer:
             return
         try:
             inserted = await self._store.write_batch([job.record for job in jobs])
-        except _REJECTED as error:
-            log.warning("batch of %d failed (%s); retrying one by one", len(jobs), error)
-            for job in jobs:
-                await self._write_one(job)
-            return
-        except Exception as error:  # noqa: BLE001 - the store's failure: every record fails
-            for job in jobs:
+        except Exception as error:  # noqa: BLE001 - sorted out below
+            if _rejects_record(error):
+                log.warning("batch of %d failed (%s); retrying one by one", len(jobs), error)
+                for job in jobs:
+                    await self._write_one(job)
+                return
+            for job in jobs:  # the store's failure: every record fails
                 self._fail(job, str(error))
             self._mark_broken(str(error))
             return
@@ -195,7 +200,7 @@ class Writer:
         try:
             inserted = await self._store.write_batch([job.record])
         except Exception as error:  # noqa: BLE001 - reported, counted and surfaced in _fail
-            if isinstance(error, _REJECTED):
+            if _rejects_record(error):
                 self._fail(job, f"the store refused this record: {error}", rejected=True)
             else:
                 self._fail(job, str(error))

@@ -38,8 +38,20 @@ async def upstream(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> Fake
 
 
 BACKENDS = ("sqlite", "postgres")
-# Modules whose every test also runs on PostgreSQL (they speak only through the API).
-BOTH_BACKENDS = frozenset({"test_backends"})
+# Tests that also run on PostgreSQL: whole modules, or ``module::test`` (they speak only
+# through the API; the others read the SQLite file too). Chosen to cover R13 and R19 on both
+# backends while the suite stays short.
+BOTH_BACKENDS = frozenset(
+    {
+        "test_backends",
+        "test_sdk",
+        "test_security::test_callers_by_operations_matrix",
+        "test_bad_input::test_sdk_exceptions_for_proxy_errors",
+        "test_bad_input::test_delete_with_json_content_type_and_no_body",
+        "test_console_search::test_search_through_the_api_finds_prompts_answers_and_tool_arguments",
+        "test_console_search::test_search_pages_newest_first_without_repeats",
+    }
+)
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -48,7 +60,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         mark.name == "parametrize" and "store_url" in mark.args[0]
         for mark in metafunc.definition.iter_markers()
     )
-    if module in BOTH_BACKENDS and "store_url" in metafunc.fixturenames and not chosen:
+    both = module in BOTH_BACKENDS or f"{module}::{metafunc.function.__name__}" in BOTH_BACKENDS
+    if both and "store_url" in metafunc.fixturenames and not chosen:
         metafunc.parametrize("store_url", BACKENDS, indirect=True)
 
 

@@ -1,8 +1,9 @@
 """PostgreSQL for tests: a fresh database per test run, a fresh schema per test, and a gate.
 
 The server is ``PROXY_TEST_PG`` (default ``postgresql://postgres@127.0.0.1:5432``, trust
-auth). Each run creates a database named ``<PROXY_TEST_PG_PREFIX>_<random>`` (prefix ``pg`` by
-default) and drops it at the end; each test gets its own schema in it, named by the URL's
+auth). Each run creates a database named ``<prefix>_<random>`` and drops it at the end; the
+prefix is ``PROXY_TEST_PG_PREFIX``, by default the checkout's folder name. Each test gets its
+own schema in it, named by the URL's
 ``search_path``, so tests never see each other's rows. Without a reachable server the
 PostgreSQL tests are skipped with the reason, except when ``CI`` is set: then they fail.
 
@@ -16,14 +17,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import secrets
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import asyncpg
 
 SERVER = os.environ.get("PROXY_TEST_PG", "postgresql://postgres@127.0.0.1:5432")
-PREFIX = os.environ.get("PROXY_TEST_PG_PREFIX", "pg")
+# Named after the checkout's folder unless set, so runs from different checkouts on one
+# server never touch each other's databases.
+PREFIX = os.environ.get("PROXY_TEST_PG_PREFIX") or re.sub(
+    r"\W", "_", Path(__file__).resolve().parents[1].name.lower()
+)
 
 
 class Unavailable(Exception):

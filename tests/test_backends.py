@@ -213,6 +213,7 @@ async def test_replay_strict_and_fallback(proxy_factory, upstream: FakeUpstream)
             model="gpt-test", messages=ask("r"), store=True
         )
         await _final_of_stream(client, model="gpt-test", messages=ask("s"), store=True)
+        await client.chat.completions.create(model="gpt-test", messages=ask("p"), store=True)
         upstream.script(Reply(json={**TOOL_ANSWER, "id": "chatcmpl-second"}))
         await client.chat.completions.create(model="gpt-test", messages=ask("r"), store=True)
     calls = len(upstream.received)
@@ -223,6 +224,9 @@ async def test_replay_strict_and_fallback(proxy_factory, upstream: FakeUpstream)
         second = await client.chat.completions.create(model="gpt-test", messages=ask("r"))
         assert second.id == "chatcmpl-second"
         assert await _final_of_stream(client, model="gpt-test", messages=ask("s")) == "echo: s"
+        as_plain = await client.chat.completions.create(model="gpt-test", messages=ask("s"))
+        assert as_plain.choices[0].message.content == "echo: s"  # recorded streamed
+        assert await _final_of_stream(client, model="gpt-test", messages=ask("p")) == "echo: p"
         with pytest.raises(openai.BadRequestError):
             await client.chat.completions.create(model="gpt-test", messages=ask("never"))
     assert len(upstream.received) == calls
@@ -327,7 +331,9 @@ async def test_keys_roles_audit_usage_and_metrics(team, store_url: str) -> None:
     assert usage[0]["cost_usd"] == round((5 * 1.0 + 7 * 2.0) / 1e6, 6)
     families = {
         f.name: f
-        for f in text_string_to_metric_families(await (await proxy.get("/metrics")).text())
+        for f in text_string_to_metric_families(
+            await (await proxy.get("/metrics", headers=admin)).text()
+        )
     }
     stored = [
         (s.labels["caller"], s.value)
@@ -415,3 +421,32 @@ async def test_healthz_reports_a_writable_store(proxy) -> None:
     response = await proxy.get("/healthz")
     body = await response.json()
     assert response.status == 200 and body["store"]["writable"] is True
+
+
+async def test_full_text_search_through_the_list(proxy) -> None:
+    async with sdk(proxy) as client:
+        made = {}
+        for key, text in (
+            ("cafe", "un café crème, please"),
+            ("dont", "I don't like Mondays"),
+            ("both", "café on Mondays"),
+        ):
+            made[key] = (
+                await client.chat.completions.create(
+                    model="gpt-test", messages=ask(text), store=True, metadata={"k": key}
+                )
+            ).id
+
+        async def found(search: str, **extra: Any) -> list[str]:
+            query = {"search": search, **extra}
+            return [c.id async for c in client.chat.completions.list(extra_query=query, limit=1)]
+
+        assert await found("CAFE") == [made["cafe"], made["both"]]  # accents and case folded
+        assert await found("cafe", order="desc") == [made["both"], made["cafe"]]
+        assert await found("cafe mondays") == [made["both"]]  # every word
+        assert await found("don't") == [made["dont"]]
+        assert await found("echo crème") == [made["cafe"]]  # the answer is searched too
+        assert await found("cafe", **{"metadata[k]": "both"}) == [made["both"]]
+        assert await found("nowhere") == []
+        await client.chat.completions.delete(made["both"])
+        assert await found("mondays") == [made["dont"]]

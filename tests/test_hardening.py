@@ -7,26 +7,37 @@ Raw requests go over a plain socket where an HTTP client would tidy the request 
 
 from __future__ import annotations
 
+import ast
 import asyncio
+import contextlib
 import gzip
+import io
+import logging
 import signal
 import sqlite3
 import time
 import tracemalloc
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import openai
 import orjson
 import pytest
+from aiohttp import web
 
+from proxy.app import create_app
 from proxy.callers import new_key
+from proxy.config import LoggingConfig
 from proxy.keys import STORE, WRITER
+from proxy.logs import AccessRecord, RepeatFilter, configure
+from proxy.outcome import Outcome, OutcomeSet
+from proxy.server import ProxyRunner, ProxyServer
 from proxy.store import CompletionRecord
 from proxy.store.sqlite import SQLiteStore
 from proxy.writer import WriteFailed, Writer
-from tests.conftest import sdk
+from tests.conftest import make_config, sdk
 from tests.fakes import FakeUpstream, Reply, chunks, completion, sse
 from tests.processes import ProxyProcess
 
@@ -553,7 +564,7 @@ async def test_sigterm_exits_promptly_while_the_store_is_locked(
     assert code == 0, process.log_tail()
     assert took < 12, (took, process.log_tail())
     assert all(not isinstance(a, BaseException) and a.status == 200 for a in answers), answers
-    assert process.log_tail(400).count("completion not stored") == 6
+    assert process.log_tail(400).count("completion not stored") == 6  # each with its id
 
 
 @pytest.mark.parametrize(
@@ -612,16 +623,20 @@ async def test_update_and_delete_on_a_full_store_are_503(
 ) -> None:
     proxy = await proxy_factory(store={"max_bytes": 256 * 1024})
     ids = await fill_until_broken(proxy, "")
-    update = await proxy.post(
-        f"/v1/chat/completions/{ids[0]}",
-        json={"metadata": {"k": "v" * 500, "l": "w" * 500}},
-        headers=AUTH,
-    )
-    assert update.status == 503
-    error = (await update.json())["error"]
-    assert error["code"] == "store_unavailable"
-    assert set(error) == {"message", "type", "param", "code"}
-    deleted = await proxy.delete(f"/v1/chat/completions/{ids[1]}", headers=AUTH)
+    metadata = {f"k{n}": "v" * 512 for n in range(16)}
+    statuses = []
+    for completion_id in ids:  # each update adds an audit entry until the file is full
+        update = await proxy.post(
+            f"/v1/chat/completions/{completion_id}", json={"metadata": metadata}, headers=AUTH
+        )
+        statuses.append(update.status)
+        if update.status == 503:
+            error = (await update.json())["error"]
+            assert error["code"] == "store_unavailable"
+            assert set(error) == {"message", "type", "param", "code"}
+            break
+    assert statuses[-1] == 503 and set(statuses) <= {200, 503}, statuses
+    deleted = await proxy.delete(f"/v1/chat/completions/{ids[0]}", headers=AUTH)
     assert deleted.status in {200, 503}  # a delete may fit in a full file; never a bare 500
     if deleted.status == 503:
         assert (await deleted.json())["error"]["code"] == "store_unavailable"
@@ -673,3 +688,291 @@ async def test_openapi_describes_create_as_the_upstream_answer_and_the_admin_end
         if isinstance(op, dict) and "operationId" in op
     }
     assert {"/admin/usage", "/admin/exchanges", "/admin/audit"} <= set(operations)
+
+
+# 3. Slow clients cannot exhaust the proxy (R19) ------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def served(
+    tmp_path: Path, upstream: FakeUpstream, **sections: dict[str, Any]
+) -> AsyncIterator[tuple[ProxyRunner, int]]:
+    """The app behind the proxy's own runner (connection cap, timeouts) on a real port."""
+    config = make_config(tmp_path, upstream.url, **sections)  # type: ignore[attr-defined]
+    runner = ProxyRunner(create_app(config), config.server)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield runner, runner.addresses[0][1]
+    finally:
+        await runner.cleanup()
+
+
+def server_of(runner: ProxyRunner) -> ProxyServer:
+    assert isinstance(runner.server, ProxyServer)
+    return runner.server
+
+
+async def test_healthz_and_real_clients_answer_during_hundreds_of_slow_connections(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    async with served(tmp_path, upstream) as (runner, port):
+        slow = []
+        for n in range(300):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            if n % 2:  # a head that never ends
+                writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+            else:  # a body that never ends
+                writer.write(
+                    b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                    b"Authorization: Bearer sk-slow\r\nContent-Length: 1000\r\n\r\n{"
+                )
+            slow.append((reader, writer))
+        await eventually(lambda: server_of(runner).open >= 300)
+        try:
+            async with aiohttp.ClientSession() as client:
+                health = await client.get(f"http://127.0.0.1:{port}/healthz")
+                assert health.status == 200
+            async with openai.AsyncOpenAI(
+                base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-real", max_retries=0
+            ) as real:
+                answer = await real.chat.completions.create(
+                    model="gpt-test", messages=ask("still here"), store=True
+                )
+            assert answer.choices[0].message.content == "echo: still here"
+        finally:
+            for _, writer in slow:
+                writer.close()
+
+
+async def test_a_head_that_never_ends_is_cut_at_the_header_timeout(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    async with served(tmp_path, upstream, server={"header_timeout": 0.5}) as (_, port):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: a")
+        started = time.monotonic()
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # closed by the proxy
+        assert time.monotonic() - started < 5
+        writer.close()
+
+
+async def test_a_body_that_never_ends_is_a_408_at_the_body_timeout(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    async with served(tmp_path, upstream, server={"body_timeout": 0.5}) as (_, port):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            b"Authorization: Bearer sk-slow\r\nContent-Length: 1000\r\n\r\n{"
+        )
+        data = await asyncio.wait_for(reader.read(), 10)  # answered, then closed
+        writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408")
+    assert orjson.loads(body)["error"]["code"] == "request_timeout"
+    assert upstream.received == []
+
+
+async def test_connections_past_the_cap_are_refused_cleanly(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    async with served(tmp_path, upstream, server={"max_connections": 5}) as (runner, port):
+        idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(5)]
+        await eventually(lambda: server_of(runner).open == 5)
+        status, head, body = await raw_request_to(port, get("/healthz"))
+        assert status == 503
+        assert b"application/json" in head
+        assert orjson.loads(body)["error"]["code"] == "too_many_connections"
+        for _, writer in idle:
+            writer.close()
+        await eventually(lambda: server_of(runner).open == 0)
+        status, _, _ = await raw_request_to(port, get("/healthz"))
+        assert status == 200
+
+
+async def raw_request_to(port: int, head: bytes) -> tuple[int, bytes, bytes]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(head)
+        data = await asyncio.wait_for(reader.read(), 30)
+    finally:
+        writer.close()
+    answer_head, _, answer_body = data.partition(b"\r\n\r\n")
+    return int(answer_head.split(b" ", 2)[1]), answer_head, answer_body
+
+
+def test_identical_errors_are_logged_once_with_a_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    buffer = io.StringIO()
+    monkeypatch.setattr("sys.stderr", buffer)
+    root = logging.getLogger()
+    saved, level = root.handlers[:], root.level
+    configure(LoggingConfig(format="json"))
+    logger = logging.getLogger("proxy.test")
+    try:
+        for _ in range(500):
+            try:
+                raise ConnectionResetError("peer went away")
+            except ConnectionResetError:
+                logger.exception("unhandled error")
+        logger.warning("something else")
+    finally:
+        root.handlers[:] = saved
+        root.setLevel(level)
+    lines = [orjson.loads(line) for line in buffer.getvalue().splitlines()]
+    assert [line["message"] for line in lines] == ["unhandled error", "something else"]
+
+
+def test_a_repeated_error_after_the_window_says_how_many_were_left_out() -> None:
+    repeats = RepeatFilter(window=10.0)
+    kept = []
+    for n, created in enumerate([0.0, 1.0, 2.0, 3.0, 12.0]):
+        record = logging.makeLogRecord(
+            {"name": "proxy.x", "levelno": logging.ERROR, "msg": "boom", "created": created}
+        )
+        if repeats.filter(record):
+            kept.append((n, getattr(record, "repeated", 0)))
+    assert kept == [(0, 0), (4, 3)]
+
+
+# 5. No token reaches the logs, ever (R12) ------------------------------------------------
+
+TOKEN = "sk-proj-NEVERLOGGED0123456789abcdef"
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        f"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization : Bearer {TOKEN}\r\n\r\n",
+        f"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\x01\r\n\r\n",
+        f"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}{'A' * 9000}\r\n\r\n",
+        f"GET /v1/models?key={TOKEN}{'A' * 9000} HTTP/1.1\r\nHost: x\r\n\r\n",
+        f"NOT HTTP {TOKEN}\r\n\r\n",
+    ],
+    ids=["space-before-colon", "control-character", "long-header", "long-line", "garbage"],
+)
+async def test_malformed_requests_get_json_400s_and_log_no_token(
+    upstream: FakeUpstream, tmp_path: Path, request_bytes: str
+) -> None:
+    process = ProxyProcess(
+        db=tmp_path / "completions.db",
+        upstream_url=upstream.url,  # type: ignore[attr-defined]
+        log_path=tmp_path / "proxy.log",
+        extra_args=["--config", str(debug_config(tmp_path))],
+    )
+    process.start()
+    try:
+        await process.wait_healthy()
+        status, head, body = await raw_request_to(process.port, request_bytes.encode())
+        process.terminate()
+        await process.wait_exit(20)
+    finally:
+        process.stop()
+    assert status == 400, (head, body)
+    assert b"application/json" in head.lower()
+    error = orjson.loads(body)["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert TOKEN not in error["message"]
+    log = (tmp_path / "proxy.log").read_text()
+    assert TOKEN not in log and TOKEN[8:20] not in log
+    assert "Traceback" not in log
+    assert upstream.received == []
+
+
+def debug_config(tmp_path: Path) -> Path:
+    """Logs at debug level, so every library message is written (and must be clean)."""
+    path = tmp_path / "config.yaml"
+    path.write_text("logging:\n  level: debug\n")
+    return path
+
+
+# Structure: no import loop; one outcome per exchange ----------------------------------------
+
+PACKAGE = Path(__file__).resolve().parents[1] / "proxy"
+
+
+def module_of(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def runtime_imports(path: Path, known: set[str]) -> set[str]:
+    """The project's modules ``path`` imports when it runs (``if TYPE_CHECKING:`` left out)."""
+    tree = ast.parse(path.read_text())
+    skipped = {
+        id(node)
+        for block in ast.walk(tree)
+        if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
+        for inner in block.body
+        for node in ast.walk(inner)
+    }
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
+        names: list[str] = []
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            submodules = [f"{node.module}.{alias.name}" for alias in node.names]
+            names = [name for name in submodules if name in known]
+            if len(names) < len(submodules):  # some name is defined in the module itself
+                names.append(node.module)
+        elif isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        found |= {name for name in names if name in known}
+    return found
+
+
+def test_the_package_has_no_import_cycle() -> None:
+    files = {module_of(path): path for path in PACKAGE.rglob("*.py")}
+    graph = {name: runtime_imports(path, set(files)) - {name} for name, path in files.items()}
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(name: str, trail: list[str]) -> None:
+        state[name] = 1
+        for target in sorted(graph[name]):
+            if state.get(target) == 1:
+                loop = [*trail[trail.index(target) :], target] if target in trail else [target]
+                raise AssertionError(f"import cycle: {' -> '.join(loop)}")
+            if target not in state:
+                visit(target, [*trail, target])
+        state[name] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+
+
+def test_errors_imports_nothing_of_ours_and_keys_names_real_types() -> None:
+    files = {module_of(path) for path in PACKAGE.rglob("*.py")}
+    assert runtime_imports(PACKAGE / "errors.py", files) == set()
+    keys = (PACKAGE / "keys.py").read_text()
+    assert "TYPE_CHECKING" not in keys
+    assert 'AppKey["' not in keys and 'RequestKey["' not in keys
+
+
+def test_an_outcome_is_set_once() -> None:
+    access = AccessRecord("req_1", "POST", "/v1/chat/completions", time.perf_counter())
+    access.outcome = Outcome.COMPLETE
+    with pytest.raises(OutcomeSet):
+        access.outcome = Outcome.CLIENT_GONE
+    assert access.outcome is Outcome.COMPLETE
+
+
+async def test_a_failure_after_the_answer_started_never_writes_a_second_response(
+    aiohttp_client: Any, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    app = create_app(make_config(tmp_path, upstream.url))  # type: ignore[attr-defined]
+
+    async def fails_midway(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        await response.write(b"partial")
+        raise RuntimeError("a bug after the answer began")
+
+    app.router.add_get("/started-then-failed", fails_midway)
+    client = await aiohttp_client(app)
+    _, head, body = await raw_request(
+        client, b"GET /started-then-failed HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
+    assert head.startswith(b"HTTP/1.1 200")
+    assert b"HTTP/1.1" not in body  # the connection was closed, not given another status line

@@ -24,6 +24,7 @@ from aiohttp.test_utils import TestClient
 
 from proxy.app import create_app
 from proxy.config import StoreConfig
+from proxy.models import ListQuery
 from proxy.store import CompletionRecord, StoreError, open_store
 from proxy.store.postgres.migrations import LOCK_SPACE, MIGRATIONS, RETENTION_LOCK, applied, migrate
 from tests import pg
@@ -448,4 +449,44 @@ async def test_pruned_content_is_gone_from_the_database_files(pg_url: str) -> No
         assert report.bytes_after < report.bytes_before * 0.3
     finally:
         await conn.close()
+        await store.close()
+
+
+def test_a_password_in_the_store_url_is_never_printed(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("store: {url: 'postgresql://proxy:hunter2@127.0.0.1:1/none'}\n")
+    shown = run_cli("check-config", str(config))
+    assert shown.returncode == 0 and "proxy:***@127.0.0.1:1/none" in shown.stdout
+    failed = run_cli("serve", "--config", str(config), "--port", "0")
+    assert failed.returncode == 1 and "proxy:***@" in failed.stdout + failed.stderr
+    assert "hunter2" not in shown.stdout + shown.stderr + failed.stdout + failed.stderr
+
+
+async def test_a_database_from_the_first_schema_is_brought_forward(pg_url: str) -> None:
+    """A database with only the first step (rows in it) gets the later steps at the next
+    open, its rows backfilled: search finds a completion stored before search existed."""
+    conn = await asyncpg.connect(pg_url)
+    try:
+        await conn.execute(
+            "CREATE TABLE _migrations (name text PRIMARY KEY, applied_at double precision)"
+        )
+        for statement in MIGRATIONS[0].statements:
+            await conn.execute(statement)
+        await conn.execute("INSERT INTO _migrations VALUES ($1, 0)", MIGRATIONS[0].name)
+        await conn.execute(
+            "INSERT INTO completions (id, caller, created, model, metadata, completion, request,"
+            " stream, outcome, stored_at) VALUES ('c-old', 'a', 1, 'm', '\\x7b7d', $1, $2,"
+            " false, 'complete', 0)",
+            b'{"choices": [{"message": {"content": "an old answer"}}]}',
+            b'{"messages": [{"role": "user", "content": "a question"}]}',
+        )
+    finally:
+        await conn.close()
+    store = await open_store(pg_url, StoreConfig(url=pg_url))
+    try:
+        page = await store.list_completions("a", ListQuery(search="old answer"))
+        assert [item.id for item in page.items] == ["c-old"]
+        entry = await store.log_entry("a", "c-old")
+        assert entry is not None and entry.preview == "a question"
+    finally:
         await store.close()

@@ -17,9 +17,10 @@ import pytest
 from aiohttp import web
 
 from proxy.identity import essential, request_key
-from proxy.testing.files import Exchange, RecordingFileError, file_name, read
+from proxy.testing.files import Exchange, RecordingFileError, file_name, read, write
 from proxy.testing.mismatch import closest, differences
-from tests.fakes import FakeUpstream
+from tests.fakes import FakeUpstream, Reply, sse
+from tests.helpers import tool_completion
 
 pytest_plugins = ["pytester"]
 
@@ -225,40 +226,78 @@ def test_swallows_the_error():
     )
 
 
-def test_a_plain_recording_replays_to_a_streaming_test(
-    project: pytest.Pytester, upstream_thread: UpstreamThread
-) -> None:
-    plain = """
+TOOL_TEST = """
 import openai, pytest
+
+TOOLS = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
+
 
 @pytest.mark.completions
 def test_weather():
     client = openai.OpenAI()
-    answer = client.chat.completions.create(
-        model="gpt-test", messages=[{"role": "user", "content": "weather?"}]
-    )
-    assert answer.choices[0].message.content == "echo: weather?"
+    ASK
+    message = final.choices[0].message
+    calls = [(c.id, c.function.name, c.function.arguments) for c in message.tool_calls]
+    assert calls == [("call_a", "weather", '{"city":'), ("call_b", "weather", '{"city": "Lyon"}')]
+    assert final.choices[0].finish_reason == "tool_calls" and final.usage.total_tokens == 13
 """
-    project.makepyfile(test_chat=plain)
-    record(project, upstream_thread, "test_chat.py::test_weather")
-    assert (
-        orjson.loads(recording(project, "test_weather").read_bytes())["request"].get("stream")
-        is None
-    )
-    upstream_thread.stop()
-    streamed = plain.replace(
-        '''    answer = client.chat.completions.create(
-        model="gpt-test", messages=[{"role": "user", "content": "weather?"}]
-    )
-    assert answer.choices[0].message.content == "echo: weather?"''',
-        '''    with client.chat.completions.stream(
-        model="gpt-test", messages=[{"role": "user", "content": "weather?"}]
+PLAIN = """final = client.chat.completions.create(
+        model="gpt-test", messages=[{"role": "user", "content": "weather?"}], tools=TOOLS
+    )"""
+STREAMED = """with client.chat.completions.stream(
+        model="gpt-test",
+        messages=[{"role": "user", "content": "weather?"}],
+        tools=TOOLS,
+        stream_options={"include_usage": True},
     ) as stream:
-        final = stream.get_final_completion()
-    assert final.choices[0].message.content == "echo: weather?"''',
-    )
-    assert streamed != plain
-    project.makepyfile(test_chat=streamed)
+        final = stream.get_final_completion()"""
+
+
+def streamed_tool_calls(completion_id: str) -> list[dict]:
+    """``tool_completion``'s answer as an upstream streams it, arguments cut mid-token."""
+    base = {"id": completion_id, "object": "chat.completion.chunk", "created": 1, "model": "m"}
+
+    def delta(d: dict, finish: str | None = None) -> dict:
+        return {**base, "choices": [{"index": 0, "delta": d, "finish_reason": finish}]}
+
+    def call(index: int, arguments: str, **first: str) -> dict:
+        named = {"id": first["id"], "type": "function"} if first else {}
+        function = (
+            {"name": "weather", "arguments": arguments} if first else {"arguments": arguments}
+        )
+        return delta({"tool_calls": [{"index": index, **named, "function": function}]})
+
+    return [
+        delta({"role": "assistant", "content": None}),
+        call(0, "", id="call_a"),
+        call(0, '{"city":'),
+        call(1, '{"city": ', id="call_b"),
+        call(1, '"Lyon"}'),
+        delta({}, "tool_calls"),
+        {
+            **base,
+            "choices": [],
+            "usage": {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13},
+        },
+    ]
+
+
+def test_a_plain_recording_replays_to_a_streaming_test(
+    project: pytest.Pytester, upstream_thread: UpstreamThread
+) -> None:
+    """Tool calls and the usage chunk included; then the other way round."""
+    upstream_thread.fake.script(Reply(json=tool_completion("chatcmpl-tools")))
+    project.makepyfile(test_chat=TOOL_TEST.replace("ASK", PLAIN))
+    record(project, upstream_thread, "test_chat.py::test_weather")
+    assert "stream" not in orjson.loads(recording(project, "test_weather").read_bytes())["request"]
+    project.makepyfile(test_chat=TOOL_TEST.replace("ASK", STREAMED))
+    project.runpytest_inprocess().assert_outcomes(passed=1)
+
+    upstream_thread.fake.script(Reply(sse=sse(streamed_tool_calls("chatcmpl-streamed"))))
+    record(project, upstream_thread, "test_chat.py::test_weather")
+    assert orjson.loads(recording(project, "test_weather").read_bytes())["request"]["stream"]
+    upstream_thread.stop()
+    project.makepyfile(test_chat=TOOL_TEST.replace("ASK", PLAIN))
     project.runpytest_inprocess().assert_outcomes(passed=1)
 
 
@@ -445,3 +484,74 @@ class TestModels:
     ]
     upstream_thread.stop()
     project.runpytest_inprocess().assert_outcomes(passed=2)
+
+
+def test_a_file_orders_lines_by_key_whatever_order_they_came_in(tmp_path: Path) -> None:
+    def exchange(text: str, answer: str) -> Exchange:
+        request = {"model": "m", "messages": [{"role": "user", "content": text}]}
+        return Exchange(request, {"id": answer}, request_key(request))
+
+    made = [exchange("a", "1"), exchange("b", "2"), exchange("a", "3"), exchange("c", "4")]
+    one, other = tmp_path / "one.jsonl", tmp_path / "other.jsonl"
+    write(one, made)
+    write(other, [made[3], made[1], made[0], made[2]])  # as concurrent requests may finish
+    assert one.read_bytes() == other.read_bytes()
+    answers = [e.response["id"] for e in read(one)]
+    assert answers.index("1") < answers.index("3")  # one request's recordings keep their order
+    assert [e.key for e in read(one)] == sorted(e.key for e in made)
+    write(one, [])
+    assert not one.exists()
+
+
+def test_fallback_records_only_what_is_missing(
+    project: pytest.Pytester, upstream_thread: UpstreamThread
+) -> None:
+    record(project, upstream_thread, "test_chat.py::test_sync_plain")
+    before = recording(project, "test_sync_plain").read_bytes().splitlines()
+    calls = upstream_thread.chat_calls()
+    extra = """
+    third = client.chat.completions.create(
+        model="gpt-test", messages=[{"role": "user", "content": "one more"}]
+    )
+    assert third.choices[0].message.content == "echo: one more"
+    note("sync_plain", first.id, second.id)"""
+    project.makepyfile(
+        test_chat=TESTS.replace('\n    note("sync_plain", first.id, second.id)', extra, 1)
+    )
+    result = project.runpytest_inprocess(
+        "--completions-mode=fallback",
+        f"--completions-upstream={upstream_thread.url}",
+        "test_chat.py::test_sync_plain",
+    )
+    result.assert_outcomes(passed=1)
+    assert upstream_thread.chat_calls() == calls + 1  # only the new request went upstream
+    after = recording(project, "test_sync_plain").read_bytes().splitlines()
+    assert len(after) == 3 and set(before) <= set(after)
+    upstream_thread.stop()
+    project.runpytest_inprocess("test_chat.py::test_sync_plain").assert_outcomes(passed=1)
+
+
+def test_a_broken_record_run_keeps_the_recording(
+    project: pytest.Pytester, upstream_thread: UpstreamThread
+) -> None:
+    record(project, upstream_thread, "test_chat.py::test_sync_plain")
+    before = recording(project, "test_sync_plain").read_bytes()
+    project.makeconftest(
+        """
+import pytest
+
+@pytest.fixture
+def broken():
+    raise RuntimeError("a fixture of the test fails before it asks anything")
+"""
+    )
+    project.makepyfile(
+        test_chat=TESTS.replace("def test_sync_plain():", "def test_sync_plain(broken):")
+    )
+    result = project.runpytest_inprocess(
+        "--completions-mode=record",
+        f"--completions-upstream={upstream_thread.url}",
+        "test_chat.py::test_sync_plain",
+    )
+    result.assert_outcomes(errors=1)
+    assert recording(project, "test_sync_plain").read_bytes() == before

@@ -43,6 +43,9 @@ NOT_RUN = {
     "docker": "needs a Docker engine, which CI does not have: .ci/run lints the Dockerfile with"
     " hadolint, installs the package the way the Dockerfile does, and asks a running proxy with"
     " the image's health check; tests/test_cli.py checks the Dockerfile's pins, user and check",
+    "postgres": "needs a PostgreSQL server at the reader's own address: tests/test_backends.py"
+    " runs the whole behaviour suite, export and import included, on PostgreSQL, and"
+    " tests/test_postgres.py what only PostgreSQL has (several instances, the schema lock)",
     "recipe": "runs a test suite of the reader's own against OpenAI: the offline half is run"
     " step by step by tests/test_recordings.py::test_a_committed_recording_file_replays_offline"
     " and the pytest plugin's modes by tests/test_pytest_plugin.py",

@@ -362,7 +362,7 @@ async def test_recordings_moved_to_a_fresh_database_replay_for_the_key_that_made
     proxy_factory, upstream: FakeUpstream, tmp_path: Path
 ) -> None:
     """Record with a key, export, import into a fresh database, replay with the same key."""
-    recorder = await proxy_factory(store={"path": str(tmp_path / "record.db")})
+    recorder = await proxy_factory(store={"url": str(tmp_path / "record.db")})
     request = {"model": "gpt-test", "messages": ASK, "tools": TOOLS}
     upstream.script(Reply(json=tool_completion("chatcmpl-moved")))
     async with sdk(recorder, "sk-proj-alice") as client:
@@ -373,7 +373,7 @@ async def test_recordings_moved_to_a_fresh_database_replay_for_the_key_that_made
     await upstream.server.close()  # type: ignore[attr-defined]
     await cli("import", str(exported), "--db", str(tmp_path / "fresh.db"))
     player = await proxy_factory(
-        store={"path": str(tmp_path / "fresh.db")}, replay={"mode": "strict"}
+        store={"url": str(tmp_path / "fresh.db")}, replay={"mode": "strict"}
     )
     async with sdk(player, "sk-proj-alice") as client:
         again = await client.chat.completions.create(**request)
@@ -396,7 +396,7 @@ async def test_a_keyed_recording_moved_without_its_secret_misses_and_says_why(
 ) -> None:
     monkeypatch.setenv("CALLERS_SECRET", "a-team-secret-of-enough-bytes")
     recorder = await proxy_factory(
-        store={"path": str(tmp_path / "record.db")}, callers={"secret_env": "CALLERS_SECRET"}
+        store={"url": str(tmp_path / "record.db")}, callers={"secret_env": "CALLERS_SECRET"}
     )
     request = {"model": "gpt-test", "messages": [{"role": "user", "content": "keyed"}]}
     async with sdk(recorder, "sk-proj-alice") as client:
@@ -405,14 +405,14 @@ async def test_a_keyed_recording_moved_without_its_secret_misses_and_says_why(
     await cli("export", "--db", str(tmp_path / "record.db"), "-o", str(exported))
     await cli("import", str(exported), "--db", str(tmp_path / "fresh.db"))
     player = await proxy_factory(
-        store={"path": str(tmp_path / "fresh.db")}, replay={"mode": "strict"}
+        store={"url": str(tmp_path / "fresh.db")}, replay={"mode": "strict"}
     )
     async with sdk(player, "sk-proj-alice") as client:
         with pytest.raises(openai.BadRequestError) as caught:
             await client.chat.completions.create(**request)
     assert "exist under other callers" in caught.value.message
     shared = await proxy_factory(
-        store={"path": str(tmp_path / "fresh.db")}, replay={"mode": "strict", "shared": True}
+        store={"url": str(tmp_path / "fresh.db")}, replay={"mode": "strict", "shared": True}
     )
     async with sdk(shared, "sk-proj-alice") as client:
         assert (await client.chat.completions.create(**request)).choices[0].message.content
@@ -428,7 +428,7 @@ async def test_a_database_with_a_generated_secret_keeps_its_callers(
     await old.close()
     callers = {}
     for name in ("old", "new", "newer"):
-        proxy = await proxy_factory(store={"path": str(tmp_path / f"{name}.db")})
+        proxy = await proxy_factory(store={"url": str(tmp_path / f"{name}.db")})
         async with sdk(proxy, "sk-proj-alice") as client:
             await client.chat.completions.create(
                 model="gpt-test", messages=[{"role": "user", "content": "who"}], store=True

@@ -3,8 +3,10 @@
 ``<test dir>/recordings/<module>/<test>.jsonl``; a test in a class is ``Class.test``, a
 parametrized one keeps its id (``test[gpt-4o]``). Each line is ``{"request": ...,
 "response": ...}`` with sorted keys: the request as the client sent it (after redaction) and
-the upstream's chat.completion (a streamed answer folded into one), in the order the test
-made them, and ``key``, the request key (``proxy.identity``) of the request as sent.
+the upstream's chat.completion (a streamed answer folded into one), and ``key``, the request
+key (``proxy.identity``) of the request as sent. Lines are ordered by key, and the recordings
+of one request in the order they were made: requests a test makes concurrently never swap
+lines from one recording to the next.
 Nothing else: no caller, no timings, so re-recording an unchanged test changes only what the
 upstream answered differently.
 
@@ -111,8 +113,8 @@ def line(exchange: Exchange) -> bytes:
 
 
 def write(path: Path, exchanges: Iterable[Exchange]) -> None:
-    """Replace the file with these exchanges (atomically); no exchanges removes it."""
-    lines = [line(e) for e in exchanges]
+    """Replace the file with these exchanges (atomically), in key order; none removes it."""
+    lines = [line(e) for e in sorted(exchanges, key=Exchange.replay_key)]
     if not lines:
         path.unlink(missing_ok=True)
         return

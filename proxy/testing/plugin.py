@@ -29,13 +29,12 @@ import os
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import pytest
 
 if TYPE_CHECKING:  # the proxy is imported only when a test asks for it
     from proxy.testing.files import Exchange
-    from proxy.testing.server import Mode
 
 Json = dict[str, Any]
 
@@ -48,13 +47,13 @@ PLACEHOLDER_KEY = "sk-completions-replay-placeholder"
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    mode: str
+    mode: Literal["record", "replay", "fallback", "off"]
     upstream: str
 
 
 _SETTINGS = pytest.StashKey[Settings]()
 _MISSES = pytest.StashKey[list[str]]()
-_FAILED = pytest.StashKey[bool]()
+_PASSED = pytest.StashKey[bool]()  # the test body ran to its end without a miss
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -101,15 +100,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
+    if _MISSES not in item.stash:  # a test without the proxy: not even its exception is touched
+        return (yield)
     failure: Exception | None = None
     try:
         result = yield
     except Exception as error:  # noqa: BLE001 - raised again below; interrupts pass through
-        item.stash[_FAILED] = True
         failure = error
     _fail_on_misses(item)  # outside the except: the report shows the misses alone
     if failure is not None:
         raise failure
+    item.stash[_PASSED] = True
     return result
 
 
@@ -117,11 +118,10 @@ def _fail_on_misses(item: pytest.Item) -> None:
     """A miss fails the test, even one the test caught, with every miss explained."""
     misses = item.stash.get(_MISSES, None)
     if misses:
-        item.stash[_FAILED] = True
         pytest.fail("\n\n".join(misses), pytrace=False)
 
 
-def test_name(node: pytest.Item) -> str:
+def recording_name(node: pytest.Item) -> str:
     """The test's name within its module: ``Class.test[param]``."""
     return node.nodeid.split("::", 1)[-1].replace("::", ".")
 
@@ -209,8 +209,8 @@ def completions_proxy(
     from proxy.testing.server import ProxyThread  # noqa: PLC0415
 
     node = request.node
-    mode: Mode = settings.mode  # type: ignore[assignment]
-    path = files.recording_path(Path(node.path), test_name(node))
+    mode = settings.mode
+    path = files.recording_path(Path(node.path), recording_name(node))
     recorded = [] if mode == "record" else files.read(path)
     explain = _Explainer(node.nodeid, path, request.config.rootpath, recorded)
     proxy = ProxyThread(mode, settings.upstream, recorded, explain)
@@ -223,16 +223,16 @@ def completions_proxy(
         yield base_url
     finally:
         exchanges = proxy.stop()
-        _save(path, mode, recorded, exchanges, failed=node.stash.get(_FAILED, False))
+        _save(path, mode, recorded, exchanges, passed=node.stash.get(_PASSED, False))
 
 
 def _save(
-    path: Path, mode: str, recorded: list[Exchange], exchanges: list[Exchange], *, failed: bool
+    path: Path, mode: str, recorded: list[Exchange], exchanges: list[Exchange], *, passed: bool
 ) -> None:
     from proxy.testing import files  # noqa: PLC0415
 
     if mode == "replay" or exchanges == recorded:
         return
-    if mode == "record" and not exchanges and failed:
-        return  # a broken run (upstream down, bad key) never erases a good recording
+    if mode == "record" and not exchanges and not passed:
+        return  # a broken run (upstream down, bad key, a fixture failing) keeps the recording
     files.write(path, exchanges)

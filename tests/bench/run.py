@@ -1199,12 +1199,6 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--workdir", type=Path, help="where databases and logs go (kept)")
     parser.add_argument("--check", action="store_true", help="exit 3 when a target fails")
     parser.add_argument(
-        "--baseline",
-        metavar="REV",
-        help="also time the multi-pair lists with the SQLite store at git revision REV,"
-        " on the same database, right after each case",
-    )
-    parser.add_argument(
         "--only",
         choices=("http", "rss", "store"),
         action="append",
@@ -1221,8 +1215,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--baseline",
         metavar="REV",
-        help="also measure relay@base and proxy@base: proxy/ as of this git revision,"
-        " in the same interleaved rounds (to measure a change against the code before it)",
+        help="compare with git revision REV: HTTP measures relay@base and proxy@base (proxy/"
+        " as of REV) in the same interleaved rounds; the store part times the multi-pair"
+        " lists with REV's SQLite store on the same database, right after each case",
     )
     parser.add_argument(
         "--peers",

@@ -15,9 +15,12 @@ is deleted, so a deleted id keeps its place in the order.
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import asyncpg
+
+from proxy.store.postgres.search import document
 
 # The first key of the two-key advisory locks this store takes; the second names the schema.
 LOCK_SPACE = 0x63707278  # "cprx"
@@ -29,6 +32,24 @@ RETENTION_LOCK = 2
 class Migration:
     name: str
     statements: tuple[str, ...]
+    # Python work on existing rows, run after the statements in the same transaction.
+    backfill: Callable[[asyncpg.Connection], Awaitable[None]] | None = None
+
+
+async def _backfill_search(conn: asyncpg.Connection) -> None:
+    """Give completions stored before full-text search their search document."""
+    last = 0
+    while rows := await conn.fetch(
+        "SELECT seq, request, completion FROM completions WHERE seq > $1 ORDER BY seq LIMIT 1000",
+        last,
+    ):
+        await conn.execute(
+            "UPDATE completions c SET search = d.body::tsvector"
+            " FROM unnest($1::bigint[], $2::text[]) AS d(seq, body) WHERE c.seq = d.seq",
+            [row[0] for row in rows],
+            [document(row[1], row[2]) for row in rows],
+        )
+        last = rows[-1][0]
 
 
 MIGRATIONS: tuple[Migration, ...] = (
@@ -168,6 +189,24 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX deleted_completions_created ON deleted_completions (created)",
         ),
     ),
+    Migration(
+        "p002_search",
+        (
+            # Full-text search: each completion's words and positions (see search.document), a
+            # tsvector beside it, written in the completion's own statement, gone with its row.
+            "ALTER TABLE completions ADD COLUMN search tsvector",
+            "CREATE INDEX completions_search ON completions USING gin (search)",
+            "CREATE INDEX exchanges_outcome_order ON exchanges (outcome, created, seq)",
+        ),
+        _backfill_search,
+    ),
+    Migration(
+        "p003_ended_sessions",
+        (
+            # Console sessions signed out before they expire, refused by every instance.
+            "CREATE TABLE ended_sessions (sid text PRIMARY KEY, expires double precision NOT NULL)",
+        ),
+    ),
 )
 
 
@@ -200,6 +239,8 @@ async def migrate(conn: asyncpg.Connection) -> list[str]:
             async with conn.transaction():
                 for statement in migration.statements:
                     await conn.execute(statement)
+                if migration.backfill is not None:
+                    await migration.backfill(conn)
                 await conn.execute(
                     "INSERT INTO _migrations (name, applied_at) VALUES ($1, $2)",
                     migration.name,

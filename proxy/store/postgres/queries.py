@@ -49,13 +49,18 @@ _TYPES = (
 )
 _NAMES = ", ".join(COMPLETION_COLUMNS)
 
-# One statement writes a whole batch: the completions (duplicates skipped), the metadata
-# rows of the new ones (taken from their encoded metadata), and the exchanges; it returns how
-# many rows were new. One statement is one transaction and one round trip.
+_SOURCE = ", ".join(f"u.{name}" for name in COMPLETION_COLUMNS)
+
+# One statement writes a whole batch: the completions (duplicates skipped) with their search
+# documents, the metadata rows of the new ones (taken from their encoded metadata), and the
+# exchanges; it returns how many rows were new. One statement is one transaction and one
+# round trip.
 WRITE_BATCH = f"""
 WITH new AS (
-    INSERT INTO completions ({_NAMES})
-    SELECT * FROM unnest({", ".join(f"${i}::{t}[]" for i, t in enumerate(_TYPES, 1))})
+    INSERT INTO completions ({_NAMES}, search)
+    SELECT {_SOURCE}, u.body::tsvector
+    FROM unnest({", ".join(f"${i}::{t}[]" for i, t in enumerate(_TYPES, 1))}, $17::text[])
+        AS u({_NAMES}, body)
     ON CONFLICT (id, caller) DO NOTHING
     RETURNING seq, caller, created, metadata
 ), pairs AS (
@@ -69,8 +74,8 @@ WITH new AS (
         duration_ms
     )
     SELECT * FROM unnest(
-        $17::text[], $18::text[], $19::bigint[], $20::text[], $21::boolean[], $22::text[],
-        $23::integer[], $24::bytea[], $25::bytea[], $26::double precision[]
+        $18::text[], $19::text[], $20::bigint[], $21::text[], $22::boolean[], $23::text[],
+        $24::integer[], $25::bytea[], $26::bytea[], $27::double precision[]
     )
     RETURNING 1
 )
@@ -82,12 +87,12 @@ SELECT (SELECT count(*) FROM new) + (SELECT count(*) FROM exchanged)
 IMPORT_STAGE = (
     "CREATE TEMPORARY TABLE import_stage ("
     + ", ".join(f"{name} {kind}" for name, kind in zip(COMPLETION_COLUMNS, _TYPES, strict=True))
-    + ", stage_order bigint) ON COMMIT DROP"
+    + ", body text, stage_order bigint) ON COMMIT DROP"
 )
 IMPORT_MOVE = f"""
 WITH new AS (
-    INSERT INTO completions ({_NAMES})
-    SELECT {_NAMES} FROM import_stage ORDER BY stage_order
+    INSERT INTO completions ({_NAMES}, search)
+    SELECT {_SOURCE}, u.body::tsvector FROM import_stage u ORDER BY u.stage_order
     ON CONFLICT (id, caller) DO NOTHING
     RETURNING seq, caller, created, metadata
 ), pairs AS (
@@ -160,7 +165,6 @@ def page_keys(  # noqa: PLR0917 - one page's coordinates
             f"completions k WHERE k.seq IN ({' INTERSECT '.join(sets)}) AND k.caller = {caller}"
         )
         keys = "k.created, k.seq"
-        alias = "k"
     elif common:
         key, value = common.pop(0)
         source = (
@@ -168,15 +172,14 @@ def page_keys(  # noqa: PLR0917 - one page's coordinates
             f" AND k.value = {p(value)}"
         )
         keys = "k.created, k.seq"
-        alias = "k"
     else:
         source = f"completions k WHERE k.caller = {caller}"
         keys = "k.created, k.seq"
-        alias = "k"
     for key, value in common:
         where.append(
-            "EXISTS (SELECT 1 FROM completion_metadata x"
-            f" WHERE x.seq = {alias}.seq AND x.key = {p(key)} AND x.value = {p(value)})"
+            # The caller too, so the planner may drive from this pair's index if it is rarer.
+            "EXISTS (SELECT 1 FROM completion_metadata x WHERE x.seq = k.seq"
+            f" AND x.caller = {caller} AND x.key = {p(key)} AND x.value = {p(value)})"
         )
     if query.model is not None:
         if source.startswith("completions"):
@@ -186,6 +189,10 @@ def page_keys(  # noqa: PLR0917 - one page's coordinates
                 f"EXISTS (SELECT 1 FROM completions y WHERE y.seq = k.seq"
                 f" AND y.model = {p(query.model)})"
             )
+    if query.since is not None:
+        where.append(f"k.created >= {p(query.since)}::bigint")
+    if query.until is not None:
+        where.append(f"k.created < {p(query.until)}::bigint")
     if cursor is not None:
         where.append(f"({keys}) {compare} ({p(cursor[0])}::bigint, {p(cursor[1])}::bigint)")
     extra = "".join(f" AND {clause}" for clause in where)
@@ -195,13 +202,21 @@ def page_keys(  # noqa: PLR0917 - one page's coordinates
     )
 
 
+PAGE_COLUMNS = "c.id, c.completion, c.metadata"
+LOG_COLUMNS = (
+    "c.id, c.caller, c.created, c.model, c.outcome, c.stream, c.duration_ms, c.stored_at,"
+    " c.prompt_tokens, c.cached_tokens, c.completion_tokens, c.metadata, c.request"
+)
+
+
 def page(
     caller: str | None,
     query: ListQuery,
     cursor: tuple[int, int] | None,
     rare: tuple[tuple[str, str], ...] = (),
+    columns: str = PAGE_COLUMNS,
 ) -> tuple[str, list[object]]:
-    """A whole page of completions (``id, completion, metadata``), one more than the limit.
+    """A whole page of completions (``columns``), one more than the limit.
 
     One caller's page reads that caller's indexes. An admin's page (``caller`` None) reads
     each caller's first keys (one short index read per caller, found by a skip scan) and
@@ -221,8 +236,42 @@ def page(
             f" ORDER BY page.created {direction}, page.seq {direction} LIMIT {limit + 1})"
         )
     sql += (
-        " SELECT c.id, c.completion, c.metadata FROM keys JOIN completions c ON c.seq = keys.seq"
+        f" SELECT {columns} FROM keys JOIN completions c ON c.seq = keys.seq"
         f" ORDER BY keys.created {direction}, keys.seq {direction}"
+    )
+    return sql, p.values
+
+
+def search_page(
+    caller: str | None,
+    query: ListQuery,
+    match: str,
+    cursor: int | None,
+    columns: str = PAGE_COLUMNS,
+) -> tuple[str, list[object]]:
+    """A page of completions matching ``match`` (a tsquery, see ``search.query``), in
+    storage order (seq), with every other filter applied to each match; ``cursor`` is the
+    seq of the ``after`` id."""
+    p = Params()
+    direction, compare = _direction(query.page.order)
+    where = [f"c.search @@ {p(match)}::tsquery"]
+    for clause, value in (
+        ("c.caller = {}", caller),
+        ("c.model = {}", query.model),
+        ("c.created >= {}::bigint", query.since),
+        ("c.created < {}::bigint", query.until),
+        (f"c.seq {compare} {{}}::bigint", cursor),
+    ):
+        if value is not None:
+            where.append(clause.format(p(value)))
+    for key, value in query.metadata:
+        where.append(
+            "EXISTS (SELECT 1 FROM completion_metadata x WHERE x.seq = c.seq"
+            f" AND x.key = {p(key)} AND x.value = {p(value)})"
+        )
+    sql = (
+        f"SELECT {columns} FROM completions c WHERE {' AND '.join(where)}"
+        f" ORDER BY c.seq {direction} LIMIT {query.page.limit + 1}"
     )
     return sql, p.values
 

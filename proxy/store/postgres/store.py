@@ -28,7 +28,7 @@ import orjson
 
 from proxy.models import ListQuery, PageQuery
 from proxy.store.errors import KeyExists, StoreError, StoreMissing, UnknownCursor
-from proxy.store.postgres import queries
+from proxy.store.postgres import queries, search
 from proxy.store.postgres.migrations import LOCK_SPACE, RETENTION_LOCK, migrate
 from proxy.store.records import (
     AuditEntry,
@@ -36,12 +36,14 @@ from proxy.store.records import (
     ExchangeRecord,
     ExportFilter,
     KeyRecord,
+    LogEntry,
     Page,
     PruneReport,
     StoredCompletion,
     UsageRow,
     Writable,
 )
+from proxy.store.text import preview
 
 IMPORT_CHUNK = 20_000  # rows staged by COPY and moved per statement during an import
 EXPORT_BATCH = 2_000
@@ -136,6 +138,7 @@ def _columns(records: Sequence[CompletionRecord], now: float) -> list[list[Any]]
         [r.prompt_tokens for r in records],
         [r.cached_tokens for r in records],
         [r.completion_tokens for r in records],
+        [search.document(r.request, r.completion) for r in records],
     ]
 
 
@@ -176,6 +179,7 @@ def _stage_rows(
             r.prompt_tokens,
             r.cached_tokens,
             r.completion_tokens,
+            search.document(r.request, r.completion),
             order,
         )
 
@@ -331,7 +335,7 @@ class PostgresStore:
         pending = iter(batches)
         inserted = 0
         now = time.time()
-        columns = [*queries.COMPLETION_COLUMNS, "stage_order"]
+        columns = [*queries.COMPLETION_COLUMNS, "body", "stage_order"]
         async with self._acquire() as conn:
             try:
                 async with conn.transaction():
@@ -447,7 +451,9 @@ class PostgresStore:
 
     # -- keys ------------------------------------------------------------------------------
 
-    async def create_key(self, name: str, role: str, key_id: str, key_hash: bytes) -> None:
+    async def create_key(
+        self, name: str, role: str, key_id: str, key_hash: bytes, *, actor: str = "cli"
+    ) -> None:
         """Add a proxy key; raises ``KeyExists`` when the name is taken."""
         async with self._acquire() as conn, conn.transaction():
             created = await conn.fetchval(
@@ -461,9 +467,10 @@ class PostgresStore:
             )
             if created is None:
                 raise KeyExists(name)
-            await _audit(conn, "cli", "key_created", None, name, {"role": role})
+            await _audit(conn, actor, "key_created", None, name, {"role": role})
 
-    async def revoke_key(self, name: str) -> bool:
+    async def revoke_key(self, name: str, *, actor: str = "cli") -> bool:
+        """Revoke a live key; ``actor`` (who did it) goes to the audit trail."""
         async with self._acquire() as conn, conn.transaction():
             revoked = await conn.fetchval(
                 "UPDATE proxy_keys SET revoked_at = $1 WHERE name = $2 AND revoked_at IS NULL"
@@ -472,7 +479,7 @@ class PostgresStore:
                 name,
             )
             if revoked is not None:
-                await _audit(conn, "cli", "key_revoked", None, name, {})
+                await _audit(conn, actor, "key_revoked", None, name, {})
         return revoked is not None
 
     async def list_keys(self) -> list[KeyRecord]:
@@ -576,6 +583,20 @@ class PostgresStore:
             value: bytes = await conn.fetchval("SELECT value FROM settings WHERE name = $1", name)
         return value
 
+    async def end_session(self, session_id: str, expires: float) -> None:
+        async with self._acquire() as conn, conn.transaction():
+            await conn.execute("DELETE FROM ended_sessions WHERE expires < $1", time.time())
+            await conn.execute(
+                "INSERT INTO ended_sessions (sid, expires) VALUES ($1, $2)"
+                " ON CONFLICT (sid) DO UPDATE SET expires = excluded.expires",
+                session_id,
+                expires,
+            )
+
+    async def session_ended(self, session_id: str) -> bool:
+        found = await self._p.fetchval("SELECT 1 FROM ended_sessions WHERE sid = $1", session_id)
+        return found is not None
+
     # -- reads -------------------------------------------------------------------------------
 
     async def _one(
@@ -624,33 +645,63 @@ class PostgresStore:
     async def list_completions(
         self, caller: str | None, query: ListQuery
     ) -> Page[StoredCompletion]:
+        rows, has_more = await self._select_page(caller, query, queries.PAGE_COLUMNS)
+        items = [StoredCompletion(id=row[0], completion=row[1], metadata=row[2]) for row in rows]
+        return Page(items=items, has_more=has_more)
+
+    async def log_entries(self, caller: str | None, query: ListQuery) -> Page[LogEntry]:
+        rows, has_more = await self._select_page(caller, query, queries.LOG_COLUMNS)
+        return Page(items=[_log_entry(row) for row in rows], has_more=has_more)
+
+    async def log_entry(self, caller: str | None, completion_id: str) -> LogEntry | None:
+        where = "c.id = $1" if caller is None else "c.id = $1 AND c.caller = $2"
+        params = (completion_id,) if caller is None else (completion_id, caller)
+        row = await self._p.fetchrow(
+            f"SELECT {queries.LOG_COLUMNS} FROM completions c WHERE {where} ORDER BY c.seq LIMIT 1",
+            *params,
+        )
+        return None if row is None else _log_entry(row)
+
+    async def _select_page(
+        self, caller: str | None, query: ListQuery, columns: str
+    ) -> tuple[list[asyncpg.Record], bool]:
+        """The rows (``columns``) of one page and whether more follow."""
         page = query.page
         cursor = await self._cursor(caller, page.after) if page.after else None
         if query.owner is not None and caller not in (None, query.owner):
-            return Page(items=[], has_more=False)
+            return [], False
         scope = caller if query.owner is None else query.owner
-        rare: tuple[tuple[str, str], ...] = ()
-        if scope is not None and len(query.metadata) > 1:
-            sql, params = queries.rarity(scope, query.metadata)
-            counts = await self._p.fetchrow(sql, *params)
-            assert counts is not None
-            rare = tuple(
-                pair
-                for pair, count in zip(query.metadata, counts, strict=True)
-                if count < queries.RARE
+        if query.search is not None:
+            match = search.query(query.search)
+            if match is None:
+                return [], False
+            sql, params = queries.search_page(
+                scope, query, match, None if cursor is None else cursor[1], columns
             )
-        sql, params = queries.page(scope, query, cursor, rare)
+        else:
+            rare: tuple[tuple[str, str], ...] = ()
+            if scope is not None and len(query.metadata) > 1:
+                sql, params = queries.rarity(scope, query.metadata)
+                counts = await self._p.fetchrow(sql, *params)
+                assert counts is not None
+                rare = tuple(
+                    pair
+                    for pair, count in zip(query.metadata, counts, strict=True)
+                    if count < queries.RARE
+                )
+            sql, params = queries.page(scope, query, cursor, rare, columns)
         rows = await self._p.fetch(sql, *params)
-        items = [
-            StoredCompletion(id=row[0], completion=row[1], metadata=row[2])
-            for row in rows[: page.limit]
-        ]
-        return Page(items=items, has_more=len(rows) > page.limit)
+        return rows[: page.limit], len(rows) > page.limit
 
-    async def list_exchanges(self, caller: str | None, page: PageQuery) -> Page[ExchangeRecord]:
-        """Exchanges that stored no completion, keyset-paged by request id."""
+    async def list_exchanges(
+        self, caller: str | None, page: PageQuery, *, outcome: str | None = None
+    ) -> Page[ExchangeRecord]:
+        """Exchanges that stored no completion (those that ended with ``outcome``, when
+        given), keyset-paged by request id."""
         p = queries.Params()
         where = [f"caller = {p(caller)}"] if caller is not None else []
+        if outcome is not None:
+            where.append(f"outcome = {p(outcome)}")
         compare, direction = (">", "ASC") if page.order == "asc" else ("<", "DESC")
         if page.after:
             row = await self._p.fetchrow(
@@ -686,6 +737,8 @@ class PostgresStore:
         columns = [_GROUPS[name] for name in group_by]
         p = queries.Params()
         where = ["true"]
+        if since is not None or until is not None:  # a range of each caller's order index
+            where.append(f"caller IN ({queries.CALLERS} SELECT caller FROM callers)")
         if since is not None:
             where.append(f"created >= {p(since)}::bigint")
         if until is not None:
@@ -756,6 +809,30 @@ class PostgresStore:
             cursor = await conn.cursor(sql, *p.values)
             while rows := await cursor.fetch(EXPORT_BATCH):
                 yield [_record(row) for row in rows]
+
+
+def _log_entry(row: asyncpg.Record) -> LogEntry:
+    """A log row; the preview is the last input message's text, read from the request."""
+    try:
+        request = orjson.loads(row[12])
+        content = request["messages"][-1]["content"]
+    except (orjson.JSONDecodeError, KeyError, IndexError, TypeError):
+        content = None
+    return LogEntry(
+        id=row[0],
+        caller=row[1],
+        created=row[2],
+        model=row[3],
+        outcome=row[4],
+        stream=row[5],
+        duration_ms=row[6],
+        stored_at=row[7],
+        prompt_tokens=row[8],
+        cached_tokens=row[9],
+        completion_tokens=row[10],
+        metadata=orjson.loads(row[11]),
+        preview=preview(content),
+    )
 
 
 def _record(row: asyncpg.Record) -> CompletionRecord:

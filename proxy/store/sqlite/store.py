@@ -46,7 +46,7 @@ from proxy.store.records import (
 )
 from proxy.store.sqlite.connection import ThreadedConnection
 from proxy.store.sqlite.migrations import migrate
-from proxy.store.text import fts5_query, preview, searchable
+from proxy.store.text import filter_tags, fts5_query, preview, searchable
 
 
 class _Rejected(Exception):
@@ -81,7 +81,7 @@ _LOG_COLUMNS = (
     " CASE WHEN json_valid(CAST(c.request AS TEXT))"
     " THEN json_extract(CAST(c.request AS TEXT), '$.messages[#-1].content') END"
 )
-_INSERT_TEXT = "INSERT INTO completions_fts (rowid, body) VALUES (?, ?)"
+_INSERT_TEXT = "INSERT INTO completions_fts (rowid, body, tags) VALUES (?, ?, ?)"
 
 # Every caller with a stored completion, oldest name first: one seek in the caller-order
 # index per caller (a skip scan), not a read of every row. Admins read across callers with
@@ -216,7 +216,9 @@ def _search_sql(
 ) -> tuple[str, list[object]]:
     """A page of completions whose text matches, in storage order (seq), read from the
     full-text index in that order and stopped at the page's end: the newest matches of a
-    common word are the first ones read. Every other filter applies to each match."""
+    common word are the first ones read. The caller, model and metadata filters are tags
+    inside the index (``match`` requires them), so they narrow the walk itself; they are
+    checked again on the rows, with the time range."""
     page = query.page
     direction, compare = ("ASC", ">") if page.order == "asc" else ("DESC", "<")
     where = ["completions_fts MATCH ?"]
@@ -333,7 +335,9 @@ def _insert(conn: sqlite3.Connection, records: Iterable[CompletionRecord], now: 
             inserted += 1
             seq, caller, created = cursor.lastrowid, record.caller, record.created
             pairs += [(seq, key, value, caller, created) for key, value in record.metadata.items()]
-            texts.append((seq, searchable(record.request, record.completion)))
+            text = searchable(record.request, record.completion)
+            tags = filter_tags(caller, record.model, record.metadata.items())
+            texts.append((seq, text, " ".join(tags)))
     if pairs:
         conn.executemany(_INSERT_METADATA, pairs)
     # In the completion's own transaction: search never misses a committed completion.
@@ -561,8 +565,12 @@ def _update_metadata(  # noqa: PLR0917 - the operation's arguments, in order
         seq, owner, created, before = found
         row = _fetchone(
             conn,
-            "UPDATE completions SET metadata = ? WHERE seq = ? RETURNING completion",
+            "UPDATE completions SET metadata = ? WHERE seq = ? RETURNING completion, model",
             (encoded, seq),
+        )
+        conn.execute(  # the search index's tags follow the new metadata
+            "UPDATE completions_fts SET tags = ? WHERE rowid = ?",
+            (" ".join(filter_tags(owner, row[1], metadata.items())), seq),
         )
         conn.execute("DELETE FROM completion_metadata WHERE seq = ?", (seq,))
         conn.executemany(
@@ -671,6 +679,15 @@ def _prune(conn: sqlite3.Connection, before: int) -> tuple[int, int]:
     return completions, exchanges
 
 
+def _end_session(conn: sqlite3.Connection, session_id: str, expires: float) -> None:
+    with _transaction(conn):
+        conn.execute("DELETE FROM ended_sessions WHERE expires < ?", (time.time(),))
+        conn.execute(
+            "INSERT OR REPLACE INTO ended_sessions (sid, expires) VALUES (?, ?)",
+            (session_id, expires),
+        )
+
+
 def _setting(conn: sqlite3.Connection, name: str, default: bytes) -> bytes:
     conn.execute(
         "INSERT INTO settings (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
@@ -704,6 +721,15 @@ def _locked(
         return fn(conn, *args, **kwargs)
     finally:
         fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _wal_state(path: str) -> tuple[int, int] | None:
+    """The WAL file's size and modification time, None when there is none."""
+    try:
+        status = os.stat(path + "-wal")
+    except OSError:
+        return None
+    return status.st_size, status.st_mtime_ns
 
 
 def _open_lock(path: str) -> int:
@@ -898,8 +924,15 @@ class SQLiteStore:
         """
         assert self._checkpointer is not None
         checkpointer = self._checkpointer
+        seen: tuple[int, int] | None = None
         while True:
             await asyncio.sleep(self._checkpoint_interval)
+            # Only when the WAL changed, by this process or another: a stat, not a trip to
+            # the checkpointer's thread, while nothing is written.
+            now = _wal_state(self.path)
+            if now == seen:
+                continue
+            seen = now
             frames = await checkpointer.run(_checkpoint, "PASSIVE")
             if frames >= self._wal_restart_frames:
                 await checkpointer.run(_locked, self._checkpoint_lock, _checkpoint, "PASSIVE")
@@ -1072,6 +1105,15 @@ class SQLiteStore:
         """The stored value of a setting, storing ``default`` first if there is none."""
         return await self._write(_setting, name, default)
 
+    async def end_session(self, session_id: str, expires: float) -> None:
+        await self._write(_end_session, session_id, expires)
+
+    async def session_ended(self, session_id: str) -> bool:
+        row = await self._fetchone(
+            self._r, "SELECT 1 FROM ended_sessions WHERE sid = ?", (session_id,)
+        )
+        return row is not None
+
     # -- reads -------------------------------------------------------------------------------
 
     async def _one(
@@ -1147,7 +1189,7 @@ class SQLiteStore:
             return [], False
         scope = caller if query.owner is None else query.owner
         if query.search is not None:
-            match = fts5_query(query.search)
+            match = fts5_query(query.search, filter_tags(scope, query.model, query.metadata))
             if match is None:
                 return [], False
             sql, params = _search_sql(
@@ -1262,7 +1304,13 @@ class SQLiteStore:
     async def usage(
         self, since: int | None, until: int | None, group_by: Sequence[str]
     ) -> list[UsageRow]:
-        """Completions and tokens summed per group (any of caller, model, day)."""
+        """Completions and tokens summed per group (any of caller, model, day).
+
+        Bounds on whole UTC days (or none) are read from ``usage_by_day``, which the
+        completions' triggers keep (m011): a few rows per day, however many completions.
+        Other bounds sum the completions themselves."""
+        if all(bound is None or bound % 86400 == 0 for bound in (since, until)):
+            return await self._usage_by_day(since, until, group_by)
         columns = [_GROUPS[name] for name in group_by]
         where, params = ["1"], []
         if since is not None or until is not None:  # a range of each caller's order index
@@ -1284,6 +1332,40 @@ class SQLiteStore:
         )
         async with self._r.execute(sql, params) as cursor:
             rows = list(await cursor.fetchall())
+        width = len(columns)
+        return [
+            UsageRow(
+                group={name: str(row[i]) for i, name in enumerate(group_by)},
+                completions=row[width],
+                prompt_tokens=row[width + 1],
+                cached_tokens=row[width + 2],
+                completion_tokens=row[width + 3],
+            )
+            for row in rows
+            if row[width]
+        ]
+
+    async def _usage_by_day(
+        self, since: int | None, until: int | None, group_by: Sequence[str]
+    ) -> list[UsageRow]:
+        columns = list(group_by)
+        where, params = ["1"], []
+        if since is not None:
+            where.append("day >= date(?, 'unixepoch')")
+            params.append(since)
+        if until is not None:
+            where.append("day < date(?, 'unixepoch')")
+            params.append(until)
+        selected = ", ".join([*columns, ""]) if columns else ""
+        grouping = (
+            f" GROUP BY {', '.join(columns)} ORDER BY {', '.join(columns)}" if columns else ""
+        )
+        sql = (
+            f"SELECT {selected}coalesce(sum(completions), 0), coalesce(sum(prompt_tokens), 0),"
+            " coalesce(sum(cached_tokens), 0), coalesce(sum(completion_tokens), 0)"
+            f" FROM usage_by_day WHERE {' AND '.join(where)}{grouping}"
+        )
+        rows = await self._r.execute_fetchall(sql, params)
         width = len(columns)
         return [
             UsageRow(
