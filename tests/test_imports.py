@@ -4,7 +4,6 @@ conftest.py, tests/helpers.py and the support modules, never by importing each o
 from __future__ import annotations
 
 import ast
-from collections.abc import Collection
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -18,12 +17,13 @@ def module_name(path: Path) -> str:
     return ".".join(parts)
 
 
-def imported(path: Path, package: str, modules: Collection[str] = ()) -> set[str]:
+def imported(path: Path, package: str, modules: frozenset[str] = frozenset()) -> set[str]:
     """Every module of ``package`` that ``path`` imports, at any level of the file (imports
     inside functions or under TYPE_CHECKING still make a loop a reader has to follow).
 
-    ``from pkg import sub`` where ``sub`` is one of ``modules`` depends on ``pkg.sub``, not on
-    whatever ``pkg/__init__.py`` gathers; a name that is not a module depends on ``pkg``."""
+    ``from pkg import name`` is an edge to the submodule ``pkg.name`` when there is one (as
+    import tools count it: a package's ``__init__`` importing its own modules, which import
+    each other through the package, is no loop), else to ``pkg`` itself."""
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     here = module_name(path)
     is_package = path.name == "__init__.py"
@@ -38,10 +38,9 @@ def imported(path: Path, package: str, modules: Collection[str] = ()) -> set[str
                 source = ".".join([*base, node.module] if node.module else base)
             else:
                 source = node.module or ""
-            submodules = {f"{source}.{alias.name}" for alias in node.names}
-            names.update(submodules & set(modules))
-            if not submodules <= set(modules):
-                names.add(source)
+            for alias in node.names:
+                submodule = f"{source}.{alias.name}"
+                names.add(submodule if submodule in modules else source)
     return {name for name in names if name == package or name.startswith(package + ".")}
 
 
@@ -50,7 +49,7 @@ def graph(package: str) -> dict[str, set[str]]:
     modules = {module_name(path): path for path in files}
     edges: dict[str, set[str]] = {}
     for name, path in modules.items():
-        targets = {target for target in imported(path, package, modules) if target in modules}
+        targets = {t for t in imported(path, package, frozenset(modules)) if t in modules}
         edges[name] = targets - {name}
     return edges
 
@@ -92,9 +91,8 @@ def test_the_proxy_package_has_no_import_cycle() -> None:
 
 def test_test_modules_never_import_each_other() -> None:
     offenders = []
-    modules = {module_name(path) for path in (REPO / "tests").rglob("*.py")}
     for path in sorted((REPO / "tests").rglob("test_*.py")):
-        for target in imported(path, "tests", modules):
+        for target in imported(path, "tests"):
             if target.rsplit(".", 1)[-1].startswith("test_"):
                 offenders.append(f"{module_name(path)} imports {target}")
     assert offenders == []
