@@ -276,9 +276,9 @@ def assert_all_stored(ledger: Ledger, db: Path, log: str) -> None:
 
 
 @pytest.fixture
-def workers_proxy(tmp_path: Path, upstream: FakeUpstream) -> Iterator[ProxyProcess]:
+def workers_proxy(tmp_path: Path, upstream: FakeUpstream, store_url: str) -> Iterator[ProxyProcess]:
     proxy = ProxyProcess(
-        db=tmp_path / "completions.db",
+        db=store_url,  # a SQLite path or a postgresql:// URL, given as --db
         upstream_url=upstream.url,  # type: ignore[attr-defined]
         log_path=tmp_path / "proxy.log",
         extra_args=["--workers", str(WORKERS)],
@@ -313,6 +313,7 @@ async def stop_and_check(proxy: ProxyProcess) -> str:
 # -- tests -------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("store_url", ["sqlite", "postgres"], indirect=True)
 async def test_a_completion_is_visible_through_every_worker_at_once(
     started: ProxyProcess,
 ) -> None:
