@@ -554,6 +554,9 @@ def test_workers_must_be_a_count_or_auto(tmp_path: Path) -> None:
     result = run_cli("serve", "--workers", "0", "--db", str(tmp_path / "c.db"))
     assert result.returncode == 2
     assert "server.workers: Value error, must be at least 1, or auto" in result.stderr
+    memory = run_cli("serve", "--workers", "2", "--db", ":memory:")
+    assert memory.returncode == 2
+    assert "several workers need a store they share" in _one_message(memory)
     path = tmp_path / "c.yaml"
     path.write_text("server:\n  workers: auto\n")
     shown = run_cli("check-config", str(path))
