@@ -478,6 +478,11 @@ def _check_serve(config: Config) -> None:
         raise ConfigError(
             f"auth.mode is keys, so the upstream key must be in {config.auth.upstream_key_env}"
         )
+    if config.server.worker_count() > 1 and config.store.url in (":memory:", "sqlite://:memory:"):
+        raise ConfigError(
+            "several workers need a store they share: a database file or PostgreSQL,"
+            " not :memory: (each worker would have its own)"
+        )
 
 
 def _check_secret(config: Config) -> None:
