@@ -109,16 +109,12 @@ CHECKPOINT_INTERVAL = 0.5  # seconds between WAL checkpoints while there are wri
 # Past this many frames (2 MiB of PAGE_SIZE pages, 4 MiB in a file made with 4 KiB pages)
 # the writer restarts the WAL (see _write).
 # Small on purpose: every page read searches the WAL's index, so a short WAL keeps reads and
-# commits fast; on the bench (4 KiB pages then), 1,024 frames gave a lower p50 and p99 at one
-# connection than 64 MiB, at the same throughput.
+# commits fast (measurements in docs/storage.md).
 WAL_RESTART_FRAMES = 1024
 # New databases get 2 KiB pages; an existing file keeps the size it was made with. A commit
-# writes every B-tree page it changes to the WAL whole, and most of them are index leaves
-# that gain a few bytes: one bench completion wrote 13.3 pages (54 KiB) at 4 KiB and 15.8
-# pages (32 KiB) at 2 KiB. The WAL is fsynced before each checkpoint, and while that runs,
-# commits stall; with 40% fewer bytes to sync, plain p99 at one connection fell from 7-10 ms
-# to 5-6 ms (the bench's requests, five interleaved rounds; streamed p99 unchanged). p50,
-# reads and batched writes measured the same within noise (README, Storage).
+# writes every B-tree page it changes to the WAL whole, mostly index leaves that gain a few
+# bytes, so smaller pages mean less to write and to fsync at each checkpoint, during which
+# commits stall (measurements in docs/storage.md).
 PAGE_SIZE = 2048
 CALLERS_PER_READ = 100  # callers whose keys an admin's page reads in one statement
 # A list with several metadata pairs walks the rarest pair's rows; each pair's rows are
@@ -128,8 +124,7 @@ IMPORT_CHUNK = 20_000  # rows per import transaction through the WAL (see _impor
 # Rows per transaction when the import writes the file directly (see _go_direct). Larger,
 # since no WAL has to stay small: once an index that takes rows at random places (the
 # request key's) has fewer leaf pages than a chunk has rows, every chunk rewrites, and
-# journals, nearly all of them. A million rows: 100,000 rows per chunk wrote 27% fewer
-# bytes than 20,000 and ran 13% faster (two interleaved pairs).
+# journals, nearly all of them (measurements in docs/benchmarks.md).
 IMPORT_CHUNK_DIRECT = 100_000
 IMPORT_CACHE_KIB = 256 * 1024  # the page cache while an import runs (see _import)
 
@@ -485,7 +480,7 @@ def _go_direct(conn: sqlite3.Connection) -> bool:
 
     In WAL mode every new page is written twice, to the WAL and then to the database; with a
     rollback journal it is written once (only the pages a transaction changes are copied to
-    the journal first), which made a million-row import 11% faster. Leaving WAL needs the
+    the journal first). Leaving WAL needs the
     file to itself, so with another connection open (a running proxy, an export) this returns
     False at once and the import stays in WAL. ``synchronous = FULL`` while direct: with a
     rollback journal, NORMAL can lose more than the last commit on power failure.
