@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import orjson
 
 from proxy.identity import request_key
+from proxy.store.sqlite.signature import signature
 from proxy.store.text import filter_tags, searchable
 
 
@@ -51,6 +52,23 @@ def _backfill_request_keys(conn: sqlite3.Connection) -> None:
             if isinstance(body, dict):
                 updates.append((request_key(body), seq))
         conn.executemany("UPDATE completions SET request_key = ? WHERE seq = ?", updates)
+        last = rows[-1][0]
+
+
+def _backfill_signatures(conn: sqlite3.Connection) -> None:
+    """Give the metadata rows stored before m014 their completion's signature."""
+    last = 0
+    while True:
+        rows = conn.execute(
+            "SELECT seq, metadata FROM completions WHERE seq > ? ORDER BY seq LIMIT 5000",
+            (last,),
+        ).fetchall()
+        if not rows:
+            return
+        conn.executemany(
+            "UPDATE completion_metadata SET sig = ? WHERE seq = ?",
+            [(signature(orjson.loads(metadata).items()), seq) for seq, metadata in rows],
+        )
         last = rows[-1][0]
 
 
@@ -397,6 +415,24 @@ MIGRATIONS: tuple[Migration, ...] = (
             " body, tags, tokenize = 'unicode61 remove_diacritics 2', columnsize = 0)",
         ),
         backfill=_backfill_search_tags,
+    ),
+    Migration(
+        "m014_metadata_signature",
+        (
+            # The signature of the completion's whole metadata on each of its pairs' rows
+            # (see signature.py): a list with several pairs walks one pair's index range
+            # and checks the others there, instead of one lookup per row.
+            "ALTER TABLE completion_metadata ADD COLUMN sig INTEGER NOT NULL DEFAULT 0",
+            "DROP INDEX completion_metadata_lookup",
+        ),
+        _backfill_signatures,
+    ),
+    Migration(
+        "m015_metadata_lookup_with_signature",
+        (
+            "CREATE INDEX completion_metadata_lookup"
+            " ON completion_metadata (caller, key, value, created, seq, sig)",
+        ),
     ),
 )
 
