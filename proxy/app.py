@@ -18,9 +18,10 @@ import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from proxy import admin, admin_keys, console, handlers, openapi
+from proxy import admin, admin_keys, handlers, openapi
 from proxy.callers import Callers
 from proxy.config import Config, ConfigError
+from proxy.console import routes as console_routes
 from proxy.keys import (
     CALLERS,
     CONFIG,
@@ -235,7 +236,7 @@ def create_app(config: Config) -> web.Application:
     app.router.add_post("/admin/keys", admin_keys.create_key)
     app.router.add_post("/admin/keys/{name}/revoke", admin_keys.revoke_key)
     if config.console.enabled:
-        console.setup(app)
+        console_routes.setup(app)
     if config.metrics.enabled:
         app.router.add_get("/metrics", admin.metrics, allow_head=False)
     app.router.add_route("*", "/v1/{tail:.*}", handlers.forward)

@@ -8,6 +8,7 @@
     completions-proxy keys create NAME [--role member|admin] | keys list | keys revoke NAME [STORE]
     completions-proxy usage [--since T] [--until T] [--group-by caller,model,day] [--json] [STORE]
     completions-proxy prune [--days N] [--dry-run] [--yes] [STORE]
+    completions-proxy health [--config FILE] [--host HOST] [--port PORT] [--pid N]
 
 STORE is ``--config FILE --db URL_OR_PATH``, the same for every command: the store is
 ``--db`` if given, else the config's ``store.url`` (default ``./completions.db``), opened with
@@ -29,8 +30,11 @@ import os
 import socket
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import IO
 
 import orjson
@@ -130,6 +134,22 @@ def _parser() -> argparse.ArgumentParser:
         "--group-by", default="caller,model", type=_groups, metavar="caller,model,day"
     )
     usage.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    health = commands.add_parser(
+        "health",
+        help="exit 0 when a running proxy's /healthz answers 200 (the image's health check)",
+    )
+    health.add_argument("--config", metavar="FILE", help="the config serve was given")
+    health.add_argument("--host", help="the address serve listens on")
+    health.add_argument("--port", type=int, help="the port serve listens on")
+    health.add_argument(
+        "--pid",
+        type=int,
+        default=1,
+        help="without --config, --host or --port: follow this process's serve command, if it"
+        " is one (default 1, a container's main process)",
+    )
+    health.add_argument("--timeout", type=float, default=3.0, help="seconds to wait (3)")
 
     prune = commands.add_parser("prune", help="apply retention now and give space back")
     _store_flags(prune, config="config with the store and retention.days")
@@ -393,6 +413,63 @@ def _serve_config(args: argparse.Namespace) -> Config:
     )
 
 
+def _serve_command_of(pid: int) -> Config | None:
+    """The configuration of process ``pid`` when it is ``completions-proxy serve``, else None.
+
+    Its command line is parsed as ``serve`` would parse it, and a relative ``--config`` is
+    read from that process's working directory.
+    """
+    try:
+        argv = [part.decode() for part in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")]
+        cwd = os.readlink(f"/proc/{pid}/cwd")
+    except (OSError, UnicodeDecodeError):
+        return None
+    for start, part in enumerate(argv):
+        if Path(part).name == "completions-proxy" or argv[start - 1 : start + 1] == ["-m", "proxy"]:
+            words = [word for word in argv[start + 1 :] if word]
+            break
+    else:
+        return None
+    if not words or words[0] != "serve":
+        return None
+    try:
+        parsed = _parser().parse_args(words)
+    except SystemExit:
+        return None
+    if parsed.config:
+        parsed.config = str(Path(cwd, parsed.config))
+    return _serve_config(parsed)
+
+
+def _health(args: argparse.Namespace) -> int:
+    config = None
+    if args.config is None and args.host is None and args.port is None:
+        config = _serve_command_of(args.pid)
+    if config is None:
+        config = load_config(args.config).with_overrides(
+            {"server": {"host": args.host, "port": args.port}}
+        )
+    host = config.server.host
+    if host in ("", "0.0.0.0"):  # noqa: S104 - a wildcard bind is probed on loopback
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    url = f"http://{f'[{host}]' if ':' in host else host}:{config.server.port}/healthz"
+    try:
+        with urllib.request.urlopen(url, timeout=args.timeout) as response:
+            status = response.status
+    except urllib.error.HTTPError as error:
+        status = error.code
+    except (OSError, ValueError) as error:
+        reason = getattr(error, "reason", None) or error
+        sys.stderr.write(f"completions-proxy: {url}: {reason}\n")
+        return 1
+    if status != 200:
+        sys.stderr.write(f"completions-proxy: {url} answered {status}\n")
+        return 1
+    return 0
+
+
 def _check_serve(config: Config) -> None:
     """What can only be checked with the environment: secrets present, rules compiling."""
     _check_secret(config)
@@ -400,6 +477,11 @@ def _check_serve(config: Config) -> None:
     if config.auth.mode == "keys" and not os.environ.get(config.auth.upstream_key_env):
         raise ConfigError(
             f"auth.mode is keys, so the upstream key must be in {config.auth.upstream_key_env}"
+        )
+    if config.server.worker_count() > 1 and config.store.url in (":memory:", "sqlite://:memory:"):
+        raise ConfigError(
+            "several workers need a store they share: a database file or PostgreSQL,"
+            " not :memory: (each worker would have its own)"
         )
 
 
@@ -557,6 +639,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _check_serve(config)
             sys.stdout.write(yaml.safe_dump(redacted(config), sort_keys=False))
             return 0
+        if args.command == "health":
+            return _health(args)
         if args.command == "keys":
             return asyncio.run(_keys(args, load_config(args.config)))
         if args.command == "usage":

@@ -91,10 +91,10 @@ def exchange_middleware(access_log: bool) -> Middleware:
                 return response
             if request.writer.output_size:
                 # A response already began on this connection (the handler failed after
-                # preparing one): another status line would land inside its body.
+                # preparing one): another status line would land inside its body, so the
+                # connection is closed instead and the client sees a broken transfer.
                 request.protocol.force_close()
-                response = None
-                raise ConnectionResetError("response already started")
+                return response
             if "x-request-id" not in response.headers:
                 response.headers["x-request-id"] = request_id
             # Sent here rather than after the middleware returns, so the access log and

@@ -71,6 +71,7 @@ class ProxyRequestHandler(RequestHandler):
         manager = self._manager
         if isinstance(manager, ProxyServer) and manager.full:
             self._manager = None  # never registered, so connection_lost has nothing to undo
+            self._force_close = True  # and whatever the client still sends is ignored
             manager.refused += 1
             if isinstance(transport, asyncio.WriteTransport):
                 transport.write(manager.refusal)

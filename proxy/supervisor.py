@@ -48,6 +48,7 @@ import orjson
 from aiohttp import web
 from prometheus_client import multiprocess
 
+from proxy import server
 from proxy.app import create_app
 from proxy.config import Config, validate
 from proxy.store import StoreError, open_store
@@ -346,14 +347,14 @@ def run_worker(config: Config, index: int, ready_fd: int, life_fd: int) -> int:
     Says ``ready`` on ``ready_fd`` once it accepts connections, or one line saying why it
     cannot start; shuts down gracefully when ``life_fd`` (the parent's pipe) ends.
     """
-    server = config.server
+    settings = config.server
     told = False
     try:
         try:
-            sock = reuse_port_socket(server.host, server.port)
+            sock = reuse_port_socket(settings.host, settings.port)
         except OSError as error:
             raise _CannotStart(
-                f"cannot listen on {server.host}:{server.port}: {error.strerror}"
+                f"cannot listen on {settings.host}:{settings.port}: {error.strerror}"
             ) from None
         app = create_app(config)
 
@@ -376,14 +377,8 @@ def run_worker(config: Config, index: int, ready_fd: int, life_fd: int) -> int:
             loop.add_reader(life_fd, parent_gone)
 
         app.on_startup.append(started)
-        web.run_app(
-            app,
-            sock=sock,
-            access_log=None,
-            print=None,
-            shutdown_timeout=server.shutdown_timeout,
-            handler_cancellation=True,
-        )
+        # The same runner as a single process: connection limits, header and body timeouts.
+        server.run(app, settings, [sock])
     except _CannotStart as error:
         _tell(ready_fd, f"{error}\n".encode())
         return 1

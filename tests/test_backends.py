@@ -407,6 +407,7 @@ async def test_retention_deletes_everything_before_the_cutoff(proxy, store_url: 
         made = await client.chat.completions.create(
             model="gpt-test", messages=ask("old"), store=True
         )
+    # Everything stored is older than a day: without a terminal, prune needs --yes for that.
     code, _, err = await cli("prune", "--db", store_url, "--days", "1", "--yes")
     assert code == 0, err
     async with sdk(proxy) as client:

@@ -357,3 +357,70 @@ async def test_sigterm_logs_one_shutdown_line_with_what_was_drained(
 
 def sdk_for(proxy: ProxyProcess) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=proxy.base_url, api_key="sk-test-drain", max_retries=0)
+
+
+# -- health, and the Dockerfile that uses it -------------------------------------------------
+
+
+async def test_health_follows_the_serve_command_it_is_pointed_at(tmp_path: Path) -> None:
+    config = tmp_path / "proxy.yaml"
+    port = free_port()
+    config.write_text(f"server: {{port: {port}}}\n", encoding="utf-8")
+    process = ProxyProcess(
+        db=tmp_path / "health.db",
+        upstream_url="http://127.0.0.1:9/v1",
+        log_path=tmp_path / "proxy.log",
+        port=free_port(),
+    )
+    process.args = lambda: [  # type: ignore[method-assign]
+        *command(), "serve", "--config", "proxy.yaml", "--db", str(tmp_path / "health.db"),
+    ]  # fmt: skip
+    process.port = port
+    try:
+        process.popen = subprocess.Popen(
+            process.args(), cwd=tmp_path, stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        await process.wait_healthy()
+        # The port comes from the config file that process was started with, relative to
+        # its own working directory, as in a container whose CMD names a config.
+        followed = await asyncio.to_thread(
+            run_cli, "health", "--pid", str(process.popen.pid), "--timeout", "5"
+        )
+        assert (followed.returncode, followed.stderr) == (0, "")
+        direct = await asyncio.to_thread(run_cli, "health", "--port", str(port))
+        assert direct.returncode == 0
+        process.terminate()
+        assert await process.wait_exit(30) == 0
+    finally:
+        process.stop()
+    down = await asyncio.to_thread(run_cli, "health", "--port", str(port))
+    assert down.returncode == 1
+    assert down.stderr.count("\n") == 1
+    assert down.stderr.startswith(f"completions-proxy: http://127.0.0.1:{port}/healthz: ")
+
+
+def dockerfile() -> list[str]:
+    """The Dockerfile's instructions, continuation lines joined, comments left out."""
+    text = (REPO / "Dockerfile").read_text(encoding="utf-8")
+    joined = text.replace("\\\n", " ")
+    return [line.strip() for line in joined.splitlines() if line.strip() and line[0] != "#"]
+
+
+def test_the_image_is_pinned_non_root_and_checks_health_in_exec_form() -> None:
+    lines = dockerfile()
+    bases = [line.split()[1] for line in lines if line.startswith("FROM ")]
+    assert bases and all(
+        base.startswith("python:3.") and base.count(".") == 2 and "-slim-" in base for base in bases
+    ), bases  # an exact Python and Debian release, never a moving tag
+    assert any("--constraint constraints.txt" in line for line in lines if "pip wheel" in line)
+    assert [line for line in lines if line.startswith("USER ")] == ["USER 10001:10001"]
+    [check] = [line for line in lines if line.startswith("HEALTHCHECK ")]
+    exec_form = check.split(" CMD ", 1)[1].strip()
+    assert orjson.loads(exec_form) == ["completions-proxy", "health"]
+    [entry] = [line for line in lines if line.startswith("ENTRYPOINT ")]
+    assert orjson.loads(entry.split(" ", 1)[1]) == ["completions-proxy"]
+    constraints = (REPO / "constraints.txt").read_text(encoding="utf-8").splitlines()
+    pinned = {line.split("==")[0].lower() for line in constraints if "==" in line}
+    for package in ("aiohttp", "aiosqlite", "asyncpg", "jinja2", "orjson", "pydantic", "uvloop"):
+        assert package in pinned, f"{package} is not pinned in constraints.txt"

@@ -8,6 +8,7 @@ Screenshots of the main pages go to ``$CONSOLE_SCREENSHOTS`` when set, else a te
 from __future__ import annotations
 
 import os
+import re
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -37,6 +38,20 @@ XSS_SCRIPT = "<script>window.__xss = 1</script>"
 XSS_IMG = '"><img src=x onerror="window.__xss = 2">'
 XSS_LINK = "javascript:window.__xss = 3"
 FILLERS = 55  # more than a page (50)
+PROMPTS = (
+    "Summarize the release notes for the mobile app",
+    "Translate the welcome email into German",
+    "Draft a polite reply to a refund request",
+    "Explain this stack trace from the billing service",
+    "Suggest three names for the new search feature",
+    "Rewrite the onboarding checklist as bullet points",
+    "Classify the sentiment of this support ticket",
+    "Write a SQL query for monthly active users",
+    "Review this pull request description for clarity",
+    "Extract the dates from the contract excerpt",
+    "Outline a postmortem for the login outage",
+)
+TEAMS = ("support", "search", "billing")
 
 
 # Module scope, not session: Playwright's sync API keeps an event loop running in this thread
@@ -194,11 +209,21 @@ def team(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Team]:
             keys[name] = made["key"]
         team = Team(servers, keys, {})
         alice, bob = team.sdk("alice"), team.sdk("bob")
+        ids = team.ids
+        # Oldest, so the first page of the log (and its screenshot) shows ordinary work.
+        ids["xss"] = alice.chat.completions.create(
+            model="gpt-test",
+            messages=ask(f"{XSS_SCRIPT} and {XSS_IMG}", system=XSS_LINK),
+            store=True,
+            metadata={"link": XSS_LINK, "html": XSS_IMG},
+        ).id
         for n in range(FILLERS):
             alice.chat.completions.create(
-                model="gpt-test", messages=ask(f"filler number {n}"), store=True
+                model="gpt-test",
+                messages=ask(f"{PROMPTS[n % len(PROMPTS)]} (ticket {n})"),
+                store=True,
+                metadata={"team": TEAMS[n % len(TEAMS)]} if n % 2 else None,
             )
-        ids = team.ids
         ids["plain"] = alice.chat.completions.create(
             model="gpt-test",
             messages=ask("What is the capital of France?", system="Answer in one word."),
@@ -231,12 +256,6 @@ def team(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Team]:
         servers.upstream.script(choices_reply("chatcmpl-choices01"))
         ids["choices"] = alice.chat.completions.create(
             model="gpt-test", messages=ask("Two answers please"), store=True, n=2
-        ).id
-        ids["xss"] = alice.chat.completions.create(
-            model="gpt-test",
-            messages=ask(f"{XSS_SCRIPT} and {XSS_IMG}", system=XSS_LINK),
-            store=True,
-            metadata={"link": XSS_LINK, "html": XSS_IMG},
         ).id
         ids["other_model"] = alice.chat.completions.create(
             model="gpt-other", messages=ask("a different model"), store=True
@@ -399,9 +418,11 @@ def test_search_from_the_log_with_filters(context: BrowserContext, team: Team, s
     page.press("#q", "Enter")
     page.wait_for_url("**q=celsius**")
     assert log_ids(page) == [team.ids["tool"]]
-    page.goto(team.url + "/ui/log?q=filler+number+7")
+    page.goto(team.url + "/ui/log?q=sql+query+ticket+7")
     assert len(log_ids(page)) == 1
-    page.goto(team.url + "/ui/log?q=filler&model=gpt-other")
+    page.goto(team.url + "/ui/log?q=ticket")
+    assert len(log_ids(page)) == 50  # a full page of matches, newest first
+    page.goto(team.url + "/ui/log?q=ticket&model=gpt-other")
     assert log_ids(page) == []
     expect(page.locator(".empty")).to_contain_text("Nothing found")
     page.goto(team.url + "/ui/log?q=private+plan")
@@ -409,7 +430,7 @@ def test_search_from_the_log_with_filters(context: BrowserContext, team: Team, s
     admin = sign_in(context.browser.new_context(), team, "root")  # type: ignore[union-attr]
     admin.goto(team.url + "/ui/log?q=private+plan")
     assert log_ids(admin) == [team.ids["bob"]]
-    admin.goto(team.url + "/ui/log?q=filler&caller=bob")
+    admin.goto(team.url + "/ui/log?q=ticket&caller=bob")
     assert log_ids(admin) == []
     admin.context.close()
 
@@ -576,7 +597,7 @@ def test_stored_markup_is_shown_as_text_and_never_runs(
     dialogs: list[str] = []
     page = sign_in(context, team, "alice")
     page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
-    answer = page.goto(team.url + "/ui/log")
+    answer = page.goto(team.url + "/ui/log?q=xss")
     assert answer is not None
     csp = answer.headers["content-security-policy"]
     assert "script-src 'self'" in csp and "unsafe-inline" not in csp
@@ -606,8 +627,11 @@ def test_usage_page_charts_and_table(context: BrowserContext, team: Team, shots:
     shoot(page, shots, "usage", full=True)
     expect(page.locator("figure.chart")).to_have_count(5)
     assert page.locator("figure.chart rect").count() > 0
-    day = page.locator("table.data tbody tr", has_text="2023-11-14")
-    expect(day.filter(has_text="bob")).to_contain_text("$0.000019")
+    other = page.locator("table.data").first.locator("tbody tr", has_text="gpt-other")
+    expect(other).to_contain_text("2023-11-14")
+    expect(other.locator("td").last).to_have_text("\u2013")  # no price for gpt-other
+    bob = page.locator("table.data").nth(1).locator("tbody tr", has_text="bob")
+    expect(bob).to_have_text(re.compile(r"bob\s*1\s*5\s*7\s*\$0\.000019"))
     expect(page.locator("table.data tfoot")).to_contain_text("Total")
     member = sign_in(context.browser.new_context(), team, "bob")  # type: ignore[union-attr]
     member.goto(team.url + "/ui/usage?since=2023-11-01&until=2023-11-30")

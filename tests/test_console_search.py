@@ -8,13 +8,16 @@ import sqlite3
 from dataclasses import replace
 from pathlib import Path
 
+import asyncpg
 import openai
 import pytest
 
+from proxy.keys import STORE
 from proxy.models import ListQuery, PageQuery
 from proxy.store import CompletionRecord, StoreError
 from proxy.store.sqlite import SQLiteStore
-from proxy.store.text import fts5_query, searchable
+from proxy.store.text import filter_tags, fts5_query, searchable
+from tests.conftest import BACKENDS
 from tests.fakes import FakeUpstream, Reply
 
 
@@ -32,6 +35,26 @@ async def found(client: openai.AsyncOpenAI, search: str, **params: object) -> li
     return [c.id for c in page.data]
 
 
+both = pytest.mark.parametrize("store_url", BACKENDS, indirect=True)
+
+
+async def indexed_text(proxy, store_url: str) -> str:
+    """Everything the search index holds, as text (SQLite's FTS rows, PostgreSQL's
+    tsvectors)."""
+    if store_url.startswith("postgresql"):
+        conn = await asyncpg.connect(
+            store_url.split("?", maxsplit=1)[0],
+            server_settings={"search_path": store_url.split("search_path=")[1]},
+        )
+        try:
+            rows = await conn.fetch("SELECT search_text::text FROM completions")
+        finally:
+            await conn.close()
+        return " ".join(row[0] or "" for row in rows)
+    return " ".join(body for _, body in fts_rows(Path(store_url)))
+
+
+@both
 async def test_search_through_the_api_finds_prompts_answers_and_tool_arguments(
     alice: openai.AsyncOpenAI, bob: openai.AsyncOpenAI, upstream: FakeUpstream
 ) -> None:
@@ -82,6 +105,11 @@ async def test_search_through_the_api_finds_prompts_answers_and_tool_arguments(
     assert await found(alice, "lighthouses nowhere") == []  # every word must appear
     assert await found(alice, "café", metadata={"t": "y"}) == []  # with the filters
     assert await found(alice, "café", metadata={"t": "x"}) == [cafe.id]
+    await alice.chat.completions.update(cafe.id, metadata={"t": "z"})  # tags follow edits
+    assert await found(alice, "café", metadata={"t": "x"}) == []
+    assert await found(alice, "café", metadata={"t": "z"}) == [cafe.id]
+    assert await found(alice, "café", model="gpt-other") == []
+    assert await found(alice, "café", model="gpt-test") == [cafe.id]
     assert await found(alice, '"OR" NEAR( *') == []  # no query syntax: words only
     assert await found(alice, "?!") == []
     assert await found(bob, "lighthouses") == []  # only one's own
@@ -91,6 +119,7 @@ async def test_search_through_the_api_finds_prompts_answers_and_tool_arguments(
     assert refused.value.body["param"] == "search"  # type: ignore[index]
 
 
+@both
 async def test_search_pages_newest_first_without_repeats(alice: openai.AsyncOpenAI) -> None:
     made = [
         (
@@ -117,8 +146,9 @@ async def test_search_pages_newest_first_without_repeats(alice: openai.AsyncOpen
     assert seen == made[::-1]
 
 
+@both
 async def test_deleted_and_pruned_completions_leave_the_index(
-    proxy, alice: openai.AsyncOpenAI, tmp_path: Path
+    proxy, alice: openai.AsyncOpenAI, store_url: str
 ) -> None:
     kept = await alice.chat.completions.create(
         model="gpt-test", messages=ask("zebra kept"), store=True
@@ -128,21 +158,17 @@ async def test_deleted_and_pruned_completions_leave_the_index(
     )
     await alice.chat.completions.delete(gone.id)
     assert await found(alice, "zebra") == [kept.id]
-    db = tmp_path / "completions.db"
-    assert [body for _, body in fts_rows(db) if "gone" in body] == []
-    store = SQLiteStore(db)
-    await store.open()
-    try:
-        await store.prune(before=2_000_000_000)
-        page = await store.list_completions(None, ListQuery(search="zebra"))
-        assert page.items == []
-    finally:
-        await store.close()
-    assert fts_rows(db) == []
+    assert "gone" not in await indexed_text(proxy, store_url)
+    store = proxy.app[STORE]
+    await store.prune(before=2_000_000_000)
+    assert (await store.list_completions(None, ListQuery(search="zebra"))).items == []
+    assert await found(alice, "zebra") == []
+    assert "zebra" not in await indexed_text(proxy, store_url)
 
 
+@both
 async def test_redacted_secrets_stay_out_of_the_index(
-    alice: openai.AsyncOpenAI, tmp_path: Path
+    proxy, alice: openai.AsyncOpenAI, store_url: str
 ) -> None:
     secret = "sk-proj-" + "A1b2C3d4E5f6G7h8I9j0K1l2M3n4"
     made = await alice.chat.completions.create(
@@ -150,8 +176,9 @@ async def test_redacted_secrets_stay_out_of_the_index(
     )
     assert await found(alice, secret) == []
     assert await found(alice, "please") == [made.id]
-    bodies = " ".join(body for _, body in fts_rows(tmp_path / "completions.db"))
-    assert "please" in bodies and secret not in bodies and "A1b2C3d4" not in bodies
+    bodies = await indexed_text(proxy, store_url)
+    assert "please" in bodies and secret.lower() not in bodies.lower()
+    assert "a1b2c3d4" not in bodies.lower()
 
 
 def _record(n: int, text: str) -> CompletionRecord:
@@ -178,7 +205,7 @@ async def test_an_old_file_is_indexed_when_it_gains_search(tmp_path: Path) -> No
     with contextlib.closing(sqlite3.connect(path)) as conn:  # as a file before m010
         conn.execute("DROP TRIGGER completions_fts_delete")
         conn.execute("DROP TABLE completions_fts")
-        conn.execute("DELETE FROM _migrations WHERE name = 'm010_search'")
+        conn.execute("DELETE FROM _migrations WHERE name IN ('m010_search', 'm013_search_tags')")
         conn.commit()
     store = SQLiteStore(path)
     await store.open()
@@ -224,5 +251,95 @@ def test_searchable_text_and_query_are_pure() -> None:
         "no",
     ]
     assert searchable(b"not json", b"{}") == ""
-    assert fts5_query('say "hi" now') == '"say" """hi""" "now"'
+    assert fts5_query('say "hi" now') == 'body : ("say" """hi""" "now")'
+    tags = filter_tags("a b", "gpt-4o", [("k", 'v "w"'), ("k", "v2")])
+    assert len(tags) == 4 and all(tag.isalnum() for tag in tags) and len(set(tags)) == 4
+    assert filter_tags("a b", None) == tags[:1] and filter_tags(None, None) == []
+    assert fts5_query("x", tags[:2]) == f'body : ("x") AND tags : ({tags[0]} {tags[1]})'
     assert fts5_query("  ") is None
+
+
+async def test_usage_over_whole_days_reads_the_rollup_and_matches_the_rows(
+    tmp_path: Path,
+) -> None:
+    """Whole-day bounds read usage_by_day (kept by triggers); other bounds sum the rows.
+    Both must agree, through inserts, a delete and a prune."""
+    store = SQLiteStore(tmp_path / "usage.db")
+    await store.open()
+    try:
+        records = [
+            replace(
+                _record(n, "x"),
+                caller=("ann", "ben")[n % 2],
+                model=("m1", "m2", "m3")[n % 3],
+                created=86400 * (1 + n % 5) + n,
+                prompt_tokens=n,
+                cached_tokens=n // 2,
+                completion_tokens=2 * n,
+            )
+            for n in range(60)
+        ]
+        await store.write_batch(records)
+        await store.delete(None, records[7].id, "test")
+        await store.prune(before=86400 * 2)  # the first day goes
+        for groups in (["day", "caller", "model"], ["caller"], ["model", "day"], []):
+            rolled = await store.usage(0, 86400 * 30, groups)  # whole days
+            summed = await store.usage(1, 86400 * 30 - 1, groups)  # not: read the rows
+            assert rolled == summed, groups
+            assert sum(r.completions for r in rolled) == 60 - 1 - 12
+    finally:
+        await store.close()
+
+
+@both
+async def test_log_rows_time_range_and_failed_outcomes_on_each_backend(
+    proxy, alice: openai.AsyncOpenAI, bob: openai.AsyncOpenAI, upstream: FakeUpstream
+) -> None:
+    """What the console reads: log rows with their promoted columns and preview, a time
+    range, one row by id, and failed exchanges by outcome."""
+    made = await alice.chat.completions.create(
+        model="gpt-test",
+        messages=[{"role": "user", "content": [{"type": "text", "text": "parts  here"}]}],
+        store=True,
+        metadata={"k": "v"},
+    )
+    await bob.chat.completions.create(model="gpt-test", messages=ask("bob"), store=True)
+    upstream.script(Reply(status=500, json={"error": {"message": "no"}}))
+    with pytest.raises(openai.InternalServerError):
+        await alice.chat.completions.create(model="gpt-test", messages=ask("x"), store=True)
+    store = proxy.app[STORE]
+    caller = (await store.log_entries(None, ListQuery())).items[0].caller
+    page = await store.log_entries(caller, ListQuery(page=PageQuery(order="desc")))
+    (entry,) = page.items
+    assert (entry.id, entry.model, entry.outcome, entry.metadata) == (
+        made.id,
+        "gpt-test",
+        "complete",
+        {"k": "v"},
+    )
+    assert entry.preview == "parts here" and entry.prompt_tokens == 5
+    assert entry.completion_tokens == 7 and entry.duration_ms is not None
+    assert await store.log_entry(caller, made.id) == entry
+    assert await store.log_entry("someone else", made.id) is None
+    everyone = await store.log_entries(None, ListQuery())
+    assert len(everyone.items) == 2
+    created = entry.created
+    inside = ListQuery(since=created, until=created + 1)
+    assert [e.id for e in (await store.log_entries(caller, inside)).items] == [made.id]
+    assert (await store.log_entries(caller, ListQuery(since=created + 1))).items == []
+    assert (await store.log_entries(None, ListQuery(until=created))).items == []
+    failed = await store.list_exchanges(None, PageQuery(), outcome="upstream_error")
+    assert [e.status for e in failed.items] == [500]
+    assert (await store.list_exchanges(None, PageQuery(), outcome="client_gone")).items == []
+
+
+@both
+async def test_ended_sessions_are_seen_by_every_process_on_the_store(proxy) -> None:
+    store = proxy.app[STORE]
+    assert not await store.session_ended("s1")
+    await store.end_session("old", 1.0)  # already past: dropped by the next end
+    await store.end_session("s1", 4_000_000_000.0)
+    await store.end_session("s1", 4_000_000_001.0)  # twice is fine
+    assert await store.session_ended("s1")
+    await store.end_session("s2", 4_000_000_000.0)
+    assert not await store.session_ended("old")

@@ -956,3 +956,23 @@ def test_an_outcome_is_set_once() -> None:
     with pytest.raises(OutcomeSet):
         access.outcome = Outcome.CLIENT_GONE
     assert access.outcome is Outcome.COMPLETE
+
+
+async def test_a_failure_after_the_answer_started_never_writes_a_second_response(
+    aiohttp_client: Any, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    app = create_app(make_config(tmp_path, upstream.url))  # type: ignore[attr-defined]
+
+    async def fails_midway(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        await response.write(b"partial")
+        raise RuntimeError("a bug after the answer began")
+
+    app.router.add_get("/started-then-failed", fails_midway)
+    client = await aiohttp_client(app)
+    _, head, body = await raw_request(
+        client, b"GET /started-then-failed HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
+    assert head.startswith(b"HTTP/1.1 200")
+    assert b"HTTP/1.1" not in body  # the connection was closed, not given another status line

@@ -17,9 +17,13 @@ def module_name(path: Path) -> str:
     return ".".join(parts)
 
 
-def imported(path: Path, package: str) -> set[str]:
+def imported(path: Path, package: str, modules: frozenset[str] = frozenset()) -> set[str]:
     """Every module of ``package`` that ``path`` imports, at any level of the file (imports
-    inside functions or under TYPE_CHECKING still make a loop a reader has to follow)."""
+    inside functions or under TYPE_CHECKING still make a loop a reader has to follow).
+
+    ``from pkg import name`` is an edge to the submodule ``pkg.name`` when there is one (as
+    import tools count it: a package's ``__init__`` importing its own modules, which import
+    each other through the package, is no loop), else to ``pkg`` itself."""
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     here = module_name(path)
     is_package = path.name == "__init__.py"
@@ -34,8 +38,9 @@ def imported(path: Path, package: str) -> set[str]:
                 source = ".".join([*base, node.module] if node.module else base)
             else:
                 source = node.module or ""
-            names.add(source)
-            names.update(f"{source}.{alias.name}" for alias in node.names)
+            for alias in node.names:
+                submodule = f"{source}.{alias.name}"
+                names.add(submodule if submodule in modules else source)
     return {name for name in names if name == package or name.startswith(package + ".")}
 
 
@@ -44,7 +49,7 @@ def graph(package: str) -> dict[str, set[str]]:
     modules = {module_name(path): path for path in files}
     edges: dict[str, set[str]] = {}
     for name, path in modules.items():
-        targets = {target for target in imported(path, package) if target in modules}
+        targets = {t for t in imported(path, package, frozenset(modules)) if t in modules}
         edges[name] = targets - {name}
     return edges
 

@@ -181,7 +181,7 @@ async def test_a_committed_recording_file_replays_offline(
     proxy_factory, upstream: FakeUpstream, tmp_path: Path
 ) -> None:
     """The README's recipe: a recording file next to the tests, imported, replayed strictly."""
-    recorder = await proxy_factory(store={"path": str(tmp_path / "record.db")})
+    recorder = await proxy_factory(store={"url": str(tmp_path / "record.db")})
     async with sdk(recorder, "sk-ci-recorder") as client:
         original = await client.chat.completions.create(model="gpt-test", messages=ASK, store=True)
     _, exported, _ = await cli("export", "--db", str(tmp_path / "record.db"))
@@ -192,7 +192,7 @@ async def test_a_committed_recording_file_replays_offline(
     )
     assert code == 0, err
     offline = await proxy_factory(
-        store={"path": str(tmp_path / "replay.db")}, replay={"mode": "strict", "shared": True}
+        store={"url": str(tmp_path / "replay.db")}, replay={"mode": "strict", "shared": True}
     )
     async with sdk(offline, "sk-any-throwaway-key") as client:
         replayed = await client.chat.completions.create(model="gpt-test", messages=ASK, stream=True)

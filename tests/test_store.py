@@ -18,6 +18,7 @@ from proxy.responses import stored_completion
 from proxy.store import CompletionRecord, StoreError, UnknownCursor
 from proxy.store.sqlite import SQLiteStore
 from proxy.store.sqlite.migrations import MIGRATIONS, migrate
+from proxy.store.sqlite.signature import pair_bits, signature
 from proxy.store.sqlite.store import _CALLERS, CALLERS_PER_READ, PAGE_SIZE
 from proxy.writer import Writer
 
@@ -646,3 +647,46 @@ async def test_a_list_with_several_pairs_walks_the_rarest_one(store: SQLiteStore
         page = await store.list_completions("caller_a", ListQuery(metadata=pairs))
         assert page.items == []
         assert not page.has_more
+
+
+async def test_an_old_file_gets_the_signatures_of_its_metadata(tmp_path: Path) -> None:
+    """Metadata rows stored before m014 are given their completion's signature, so lists
+    with several pairs find them."""
+    path = tmp_path / "old.db"
+    steps = [m for m in MIGRATIONS if m.name < "m014"]
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
+        db.execute("CREATE TABLE _migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)")
+        for step in steps:
+            for statement in step.statements:
+                db.execute(statement)
+            db.execute("INSERT INTO _migrations VALUES (?, 0)", (step.name,))
+        for seq, env in ((1, "prod"), (2, "dev"), (3, "prod")):
+            metadata = {"env": env, "user": "u1"}
+            db.execute(
+                "INSERT INTO completions (seq, id, caller, created, model, metadata, completion,"
+                " request, stream, outcome, stored_at) VALUES (?, ?, 'caller_a', 1000,"
+                " 'gpt-test', ?, '{}', '{}', 0, 'complete', 0)",
+                (seq, f"chatcmpl-{seq}", orjson.dumps(metadata, option=orjson.OPT_SORT_KEYS)),
+            )
+            db.executemany(
+                "INSERT INTO completion_metadata (seq, key, value, caller, created)"
+                " VALUES (?, ?, ?, 'caller_a', 1000)",
+                [(seq, key, value) for key, value in metadata.items()],
+            )
+    store = SQLiteStore(path)
+    await store.open()
+    try:
+        for pairs in ((("user", "u1"), ("env", "prod")), (("env", "prod"), ("user", "u1"))):
+            page = await store.list_completions("caller_a", ListQuery(metadata=pairs))
+            assert [item.id for item in page.items] == ["chatcmpl-1", "chatcmpl-3"]
+    finally:
+        await store.close()
+
+
+def test_a_pair_signature_never_changes() -> None:
+    """Signatures are stored in database files: the same pair must give the same bits in
+    every process and every release, or lists with several pairs would miss stored rows."""
+    assert pair_bits("env", "prod") == 77309411328
+    assert signature([("env", "prod"), ("user", "u1")]) == 77313605888
+    assert signature([]) == 0
+    assert all(0 < pair_bits(str(n), "v") < 1 << 63 for n in range(1000))

@@ -175,7 +175,7 @@ class Ledger:
         self.received[completion_id] = kind
         self.acks += 1
 
-    async def reach(self, count: int, timeout: float = 60) -> None:
+    async def reach(self, count: int, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
         while self.acks < count:
             if time.monotonic() > deadline:
@@ -276,9 +276,9 @@ def assert_all_stored(ledger: Ledger, db: Path, log: str) -> None:
 
 
 @pytest.fixture
-def workers_proxy(tmp_path: Path, upstream: FakeUpstream) -> Iterator[ProxyProcess]:
+def workers_proxy(tmp_path: Path, upstream: FakeUpstream, store_url: str) -> Iterator[ProxyProcess]:
     proxy = ProxyProcess(
-        db=tmp_path / "completions.db",
+        db=store_url,  # a SQLite path or a postgresql:// URL, given as --db
         upstream_url=upstream.url,  # type: ignore[attr-defined]
         log_path=tmp_path / "proxy.log",
         extra_args=["--workers", str(WORKERS)],
@@ -313,6 +313,7 @@ async def stop_and_check(proxy: ProxyProcess) -> str:
 # -- tests -------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("store_url", ["sqlite", "postgres"], indirect=True)
 async def test_a_completion_is_visible_through_every_worker_at_once(
     started: ProxyProcess,
 ) -> None:
@@ -427,6 +428,7 @@ async def test_kill_9_of_one_worker_mid_load(started: ProxyProcess) -> None:
     assert set(ledger.failures) <= {
         "ServerDisconnectedError",
         "ClientOSError",
+        "ClientConnectorError",
         "ClientConnectionResetError",
         "ClientPayloadError",
         "stream ended without [DONE]",
@@ -552,6 +554,9 @@ def test_workers_must_be_a_count_or_auto(tmp_path: Path) -> None:
     result = run_cli("serve", "--workers", "0", "--db", str(tmp_path / "c.db"))
     assert result.returncode == 2
     assert "server.workers: Value error, must be at least 1, or auto" in result.stderr
+    memory = run_cli("serve", "--workers", "2", "--db", ":memory:")
+    assert memory.returncode == 2
+    assert "several workers need a store they share" in _one_message(memory)
     path = tmp_path / "c.yaml"
     path.write_text("server:\n  workers: auto\n")
     shown = run_cli("check-config", str(path))

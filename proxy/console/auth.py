@@ -26,7 +26,7 @@ from proxy.console import session as sessions
 from proxy.console.render import page
 from proxy.console.state import CONSOLE, ConsoleState
 from proxy.errors import ProxyError, Unauthorized
-from proxy.keys import ACCESS, CALLERS
+from proxy.keys import ACCESS, CALLERS, STORE
 
 SIGNIN = "/ui/signin"
 HOME = "/ui/"
@@ -68,7 +68,7 @@ async def visitor_of(request: web.Request) -> Visitor | None:
         return None
     now = time.time()
     session = sessions.unsign(state.key, value, now)
-    if session is None or session.sid in state.ended:
+    if session is None or await request.app[STORE].session_ended(session.sid):
         return None
     callers = request.app[CALLERS]
     if callers.keys:
@@ -230,11 +230,7 @@ async def signin(request: web.Request) -> web.StreamResponse:
 
 @signed_in(changes=True)
 async def signout(request: web.Request, visitor: Visitor) -> web.StreamResponse:
-    state = request.app[CONSOLE]
-    now = time.time()
-    for sid in [sid for sid, expires in state.ended.items() if expires <= now]:
-        del state.ended[sid]
-    state.ended[visitor.session.sid] = visitor.session.expires
+    await request.app[STORE].end_session(visitor.session.sid, visitor.session.expires)
     response = redirect(SIGNIN)
     response.del_cookie(sessions.COOKIE, path="/ui/")
     return response

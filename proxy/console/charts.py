@@ -2,7 +2,9 @@
 
 The template draws what ``stacked`` returns (rectangles, ticks, labels), so every label goes
 through autoescaping like any other text. Series get colours by index from the stylesheet
-(``.s0`` … ``.s7``); past eight they repeat, and the table under each chart has the numbers.
+(``.s0`` … ``.s7``): the seven largest series are drawn, the rest added up as "other", and
+the tables under the charts have every number. Coordinates come formatted, so the template
+only places them.
 """
 
 from __future__ import annotations
@@ -16,19 +18,22 @@ LEFT, RIGHT, TOP, BOTTOM = 64, 8, 8, 28
 COLOURS = 8
 
 
+OTHER = "other"
+
+
 @dataclass(frozen=True, slots=True)
 class Bar:
-    x: float
-    y: float
-    width: float
-    height: float
+    x: str
+    y: str
+    width: str
+    height: str
     colour: int
     title: str
 
 
 @dataclass(frozen=True, slots=True)
 class Tick:
-    at: float
+    at: str
     label: str
 
 
@@ -61,6 +66,7 @@ def stacked(
     label: Callable[[float], str],
 ) -> Chart:
     """One bar per day, stacked by series (series name → day → value)."""
+    series = _largest(series, COLOURS - 1)
     names = list(series)
     totals = [sum(series[name].get(day, 0.0) for name in names) for day in days]
     top = nice_ceiling(max(totals, default=0.0))
@@ -77,12 +83,39 @@ def stacked(
                 continue
             height = value / top * plot_h
             y = TOP + plot_h - (base + value) / top * plot_h
-            bars.append(Bar(x, y, width, height, colour % COLOURS, f"{day} {name}: {label(value)}"))
+            bars.append(
+                Bar(
+                    f"{x:.1f}",
+                    f"{y:.1f}",
+                    f"{width:.1f}",
+                    f"{height:.1f}",
+                    colour % COLOURS,
+                    f"{day} {name}: {label(value)}",
+                )
+            )
             base += value
     every = max(1, math.ceil(len(days) / 10))  # at most ten dates under the axis
     x_ticks = [
-        Tick(LEFT + i * slot + slot / 2, day[5:]) for i, day in enumerate(days) if i % every == 0
+        Tick(f"{LEFT + i * slot + slot / 2:.1f}", day[5:])
+        for i, day in enumerate(days)
+        if i % every == 0
     ]
-    y_ticks = [Tick(TOP + plot_h - f * plot_h, label(top * f)) for f in (0.0, 0.5, 1.0)]
+    y_ticks = [Tick(f"{TOP + plot_h - f * plot_h:.1f}", label(top * f)) for f in (0.0, 0.5, 1.0)]
     legend = [(i % COLOURS, name) for i, name in enumerate(names)]
     return Chart(WIDTH, HEIGHT, LEFT, TOP + plot_h, bars, x_ticks, y_ticks, legend)
+
+
+def _largest(
+    series: Mapping[str, Mapping[str, float]], keep: int
+) -> dict[str, Mapping[str, float]]:
+    """The ``keep`` largest series by total, and the rest added up as ``OTHER``."""
+    ranked = sorted(series, key=lambda name: -sum(series[name].values()))
+    if len(ranked) <= keep + 1:
+        return {name: series[name] for name in sorted(series)}
+    shown: dict[str, Mapping[str, float]] = {name: series[name] for name in ranked[:keep]}
+    rest: dict[str, float] = {}
+    for name in ranked[keep:]:
+        for day, value in series[name].items():
+            rest[day] = rest.get(day, 0.0) + value
+    shown[OTHER] = rest
+    return shown

@@ -78,6 +78,7 @@ def environment() -> jinja2.Environment:
         autoescape=True,
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
+        auto_reload=False,  # templates ship with the package: no stat() per page
         lstrip_blocks=True,
     )
     env.filters.update(when=when, iso=iso, money=money, count=count, millis=millis, pretty=pretty)

@@ -32,6 +32,30 @@ class UsageLine:
     cost: float | None
 
 
+def _totals(lines: list[UsageLine], by: str) -> list[UsageLine]:
+    """Lines added up per ``by`` (day and model, or caller); the cost of the priced parts,
+    None when no part has a price."""
+    merged: dict[tuple[str, ...], UsageLine] = {}
+    for line in lines:
+        key = (line.day, line.model) if by == "day" else (line.caller,)
+        seen = merged.get(key)
+        if seen is None:
+            merged[key] = line
+            continue
+        merged[key] = UsageLine(
+            day=seen.day,
+            model=seen.model,
+            caller=seen.caller,
+            requests=seen.requests + line.requests,
+            prompt_tokens=seen.prompt_tokens + line.prompt_tokens,
+            completion_tokens=seen.completion_tokens + line.completion_tokens,
+            cost=None
+            if seen.cost is None and line.cost is None
+            else (seen.cost or 0.0) + (line.cost or 0.0),
+        )
+    return list(merged.values())
+
+
 def _series(lines: list[UsageLine], by: str, value: str) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     for line in lines:
@@ -101,7 +125,10 @@ async def usage(request: web.Request, visitor: Visitor) -> web.StreamResponse:
             "since": first.isoformat(),
             "until": last.isoformat(),
             "figures": figures if lines else [],
-            "lines": sorted(lines, key=lambda x: (x.day, x.model, x.caller), reverse=True),
+            "lines": sorted(_totals(lines, "day"), key=lambda x: (x.day, x.model), reverse=True),
+            "callers": sorted(_totals(lines, "caller"), key=lambda x: -x.requests)
+            if visitor.admin
+            else [],
             "totals": totals,
         },
     )

@@ -60,6 +60,12 @@ class Store(Protocol):
     async def log_entry(self, caller: str | None, completion_id: str) -> LogEntry | None:
         """One completion's log row, if this caller may see it."""
 
+    async def end_session(self, session_id: str, expires: float) -> None:
+        """Record a console session as signed out (it lapses at ``expires`` anyway); records
+        already past their expiry are dropped. Every process on the store sees it."""
+
+    async def session_ended(self, session_id: str) -> bool: ...
+
     async def update_metadata(
         self, caller: str | None, completion_id: str, metadata: dict[str, str], actor: str
     ) -> StoredCompletion | None: ...

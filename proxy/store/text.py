@@ -14,7 +14,10 @@ No operators: what a person types is never parsed as query syntax.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import re
+import unicodedata
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import orjson
@@ -84,12 +87,39 @@ def search_terms(search: str) -> list[str]:
     return [t for t in _WORD.findall(search[:SEARCH_MAX_CHARS]) if _TOKEN.search(t)]
 
 
-def fts5_query(search: str) -> str | None:
-    """A search as an FTS5 MATCH expression: every word a quoted string, all required."""
+def folded(text: str) -> str:
+    """Lower case, accents taken off: what a backend without an accent-folding tokenizer
+    indexes and searches (PostgreSQL's ``simple`` configuration, without ``unaccent``)."""
+    decomposed = unicodedata.normalize("NFKD", text.lower())
+    return "".join(char for char in decomposed if not unicodedata.combining(char))
+
+
+def _tag(kind: str, value: str) -> str:
+    return kind + hashlib.blake2b(value.encode(), digest_size=10).hexdigest()
+
+
+def filter_tags(
+    caller: str | None, model: str | None, metadata: Iterable[tuple[str, str]] = ()
+) -> list[str]:
+    """A completion's caller, model and metadata pairs as index tokens (letters and digits
+    only, whatever the values hold). A search with filters then intersects them inside the
+    index, instead of testing every match of a common word against the filters."""
+    tags = [] if caller is None else [_tag("o", caller)]
+    if model is not None:
+        tags.append(_tag("m", model))
+    tags += [_tag("k", f"{key}\x00{value}") for key, value in metadata]
+    return tags
+
+
+def fts5_query(search: str, tags: Sequence[str] = ()) -> str | None:
+    """A search as an FTS5 MATCH expression: every word a quoted string, all required, in
+    the text column; every tag required in the tags column."""
     terms = search_terms(search)
     if not terms:
         return None
-    return " ".join('"' + term.replace('"', '""') + '"' for term in terms)
+    words = " ".join('"' + term.replace('"', '""') + '"' for term in terms)
+    match = f"body : ({words})"
+    return match if not tags else f"{match} AND tags : ({' '.join(tags)})"
 
 
 def preview(content: Any) -> str:

@@ -200,6 +200,13 @@ MIGRATIONS: tuple[Migration, ...] = (
         ),
         _backfill_search,
     ),
+    Migration(
+        "p003_ended_sessions",
+        (
+            # Console sessions signed out before they expire, refused by every instance.
+            "CREATE TABLE ended_sessions (sid text PRIMARY KEY, expires double precision NOT NULL)",
+        ),
+    ),
 )
 
 

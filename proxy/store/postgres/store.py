@@ -583,6 +583,20 @@ class PostgresStore:
             value: bytes = await conn.fetchval("SELECT value FROM settings WHERE name = $1", name)
         return value
 
+    async def end_session(self, session_id: str, expires: float) -> None:
+        async with self._acquire() as conn, conn.transaction():
+            await conn.execute("DELETE FROM ended_sessions WHERE expires < $1", time.time())
+            await conn.execute(
+                "INSERT INTO ended_sessions (sid, expires) VALUES ($1, $2)"
+                " ON CONFLICT (sid) DO UPDATE SET expires = excluded.expires",
+                session_id,
+                expires,
+            )
+
+    async def session_ended(self, session_id: str) -> bool:
+        found = await self._p.fetchval("SELECT 1 FROM ended_sessions WHERE sid = $1", session_id)
+        return found is not None
+
     # -- reads -------------------------------------------------------------------------------
 
     async def _one(

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import orjson
 
 from proxy.identity import request_key
-from proxy.store.text import searchable
+from proxy.store.sqlite.signature import signature
+from proxy.store.text import filter_tags, searchable
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +55,23 @@ def _backfill_request_keys(conn: sqlite3.Connection) -> None:
         last = rows[-1][0]
 
 
+def _backfill_signatures(conn: sqlite3.Connection) -> None:
+    """Give the metadata rows stored before m014 their completion's signature."""
+    last = 0
+    while True:
+        rows = conn.execute(
+            "SELECT seq, metadata FROM completions WHERE seq > ? ORDER BY seq LIMIT 5000",
+            (last,),
+        ).fetchall()
+        if not rows:
+            return
+        conn.executemany(
+            "UPDATE completion_metadata SET sig = ? WHERE seq = ?",
+            [(signature(orjson.loads(metadata).items()), seq) for seq, metadata in rows],
+        )
+        last = rows[-1][0]
+
+
 def _backfill_search(conn: sqlite3.Connection) -> None:
     """Index the text of every completion stored before search existed."""
     last = 0
@@ -68,6 +86,31 @@ def _backfill_search(conn: sqlite3.Connection) -> None:
         conn.executemany(
             "INSERT INTO completions_fts (rowid, body) VALUES (?, ?)",
             [(seq, searchable(request, completion)) for seq, request, completion in rows],
+        )
+        last = rows[-1][0]
+
+
+def _backfill_search_tags(conn: sqlite3.Connection) -> None:
+    """Index every completion again, with its filter tags."""
+    last = 0
+    while True:
+        rows = conn.execute(
+            "SELECT seq, caller, model, metadata, request, completion FROM completions"
+            " WHERE seq > ? ORDER BY seq LIMIT 1000",
+            (last,),
+        ).fetchall()
+        if not rows:
+            return
+        conn.executemany(
+            "INSERT INTO completions_fts (rowid, body, tags) VALUES (?, ?, ?)",
+            [
+                (
+                    seq,
+                    searchable(request, completion),
+                    " ".join(filter_tags(caller, model, orjson.loads(metadata).items())),
+                )
+                for seq, caller, model, metadata, request, completion in rows
+            ],
         )
         last = rows[-1][0]
 
@@ -303,6 +346,93 @@ MIGRATIONS: tuple[Migration, ...] = (
             " DELETE FROM completions_fts WHERE rowid = old.seq; END",
         ),
         backfill=_backfill_search,
+    ),
+    Migration(
+        "m011_usage_by_day",
+        (
+            # Tokens per (day, caller, model), kept by triggers in every transaction that
+            # adds or removes a completion, so usage over whole days reads a few rows per
+            # day instead of every completion in the range.
+            """
+            CREATE TABLE usage_by_day (
+                day TEXT NOT NULL,
+                caller TEXT NOT NULL,
+                model TEXT NOT NULL,
+                completions INTEGER NOT NULL,
+                prompt_tokens INTEGER NOT NULL,
+                cached_tokens INTEGER NOT NULL,
+                completion_tokens INTEGER NOT NULL,
+                PRIMARY KEY (day, caller, model)
+            ) WITHOUT ROWID
+            """,
+            """
+            CREATE TRIGGER usage_by_day_insert AFTER INSERT ON completions BEGIN
+                INSERT INTO usage_by_day VALUES (
+                    date(new.created, 'unixepoch'), new.caller, new.model, 1,
+                    new.prompt_tokens, new.cached_tokens, new.completion_tokens
+                ) ON CONFLICT (day, caller, model) DO UPDATE SET
+                    completions = completions + 1,
+                    prompt_tokens = prompt_tokens + excluded.prompt_tokens,
+                    cached_tokens = cached_tokens + excluded.cached_tokens,
+                    completion_tokens = completion_tokens + excluded.completion_tokens;
+            END
+            """,
+            """
+            CREATE TRIGGER usage_by_day_delete AFTER DELETE ON completions BEGIN
+                UPDATE usage_by_day SET
+                    completions = completions - 1,
+                    prompt_tokens = prompt_tokens - old.prompt_tokens,
+                    cached_tokens = cached_tokens - old.cached_tokens,
+                    completion_tokens = completion_tokens - old.completion_tokens
+                WHERE day = date(old.created, 'unixepoch') AND caller = old.caller
+                    AND model = old.model;
+            END
+            """,
+            "INSERT INTO usage_by_day SELECT date(created, 'unixepoch'), caller, model,"
+            " count(*), sum(prompt_tokens), sum(cached_tokens), sum(completion_tokens)"
+            " FROM completions GROUP BY 1, 2, 3",
+        ),
+    ),
+    Migration(
+        "m012_ended_sessions",
+        (
+            # Console sessions signed out before they expire, so every process sharing
+            # the file refuses them; a row is dropped once its session would have expired.
+            "CREATE TABLE ended_sessions (sid TEXT PRIMARY KEY, expires REAL NOT NULL)"
+            " WITHOUT ROWID",
+        ),
+    ),
+    Migration(
+        "m013_search_tags",
+        (
+            # The index gains a column of tags (text.filter_tags: the caller, the model and
+            # each metadata pair as one token each), so a search with filters is an
+            # intersection inside the index: a member searching a common word, or a word
+            # with a metadata pair that never meets it, no longer tests every match. FTS5
+            # tables cannot gain a column, so the table is made again and filled.
+            "DROP TABLE completions_fts",
+            "CREATE VIRTUAL TABLE completions_fts USING fts5("
+            " body, tags, tokenize = 'unicode61 remove_diacritics 2', columnsize = 0)",
+        ),
+        backfill=_backfill_search_tags,
+    ),
+    Migration(
+        "m014_metadata_signature",
+        (
+            # The signature of the completion's whole metadata on each of its pairs' rows
+            # (see signature.py): a list with several pairs walks one pair's index range
+            # and checks the others there, instead of one lookup per row.
+            "ALTER TABLE completion_metadata ADD COLUMN sig INTEGER NOT NULL DEFAULT 0",
+            "DROP INDEX completion_metadata_lookup",
+        ),
+        _backfill_signatures,
+    ),
+    Migration(
+        "m015_metadata_lookup_with_signature",
+        (
+            "CREATE INDEX completion_metadata_lookup"
+            " ON completion_metadata (caller, key, value, created, seq, sig)",
+        ),
     ),
 )
 

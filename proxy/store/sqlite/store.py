@@ -46,7 +46,8 @@ from proxy.store.records import (
 )
 from proxy.store.sqlite.connection import ThreadedConnection
 from proxy.store.sqlite.migrations import migrate
-from proxy.store.text import fts5_query, preview, searchable
+from proxy.store.sqlite.signature import signature
+from proxy.store.text import filter_tags, fts5_query, preview, searchable
 
 
 class _Rejected(Exception):
@@ -63,7 +64,7 @@ ON CONFLICT (caller, id) DO NOTHING
 """
 
 _INSERT_METADATA = """
-INSERT INTO completion_metadata (seq, key, value, caller, created) VALUES (?, ?, ?, ?, ?)
+INSERT INTO completion_metadata (seq, key, value, caller, created, sig) VALUES (?, ?, ?, ?, ?, ?)
 """
 
 _INSERT_EXCHANGE = """
@@ -81,7 +82,7 @@ _LOG_COLUMNS = (
     " CASE WHEN json_valid(CAST(c.request AS TEXT))"
     " THEN json_extract(CAST(c.request AS TEXT), '$.messages[#-1].content') END"
 )
-_INSERT_TEXT = "INSERT INTO completions_fts (rowid, body) VALUES (?, ?)"
+_INSERT_TEXT = "INSERT INTO completions_fts (rowid, body, tags) VALUES (?, ?, ?)"
 
 # Every caller with a stored completion, oldest name first: one seek in the caller-order
 # index per caller (a skip scan), not a read of every row. Admins read across callers with
@@ -108,16 +109,12 @@ CHECKPOINT_INTERVAL = 0.5  # seconds between WAL checkpoints while there are wri
 # Past this many frames (2 MiB of PAGE_SIZE pages, 4 MiB in a file made with 4 KiB pages)
 # the writer restarts the WAL (see _write).
 # Small on purpose: every page read searches the WAL's index, so a short WAL keeps reads and
-# commits fast; on the bench (4 KiB pages then), 1,024 frames gave a lower p50 and p99 at one
-# connection than 64 MiB, at the same throughput.
+# commits fast (measurements in docs/storage.md).
 WAL_RESTART_FRAMES = 1024
 # New databases get 2 KiB pages; an existing file keeps the size it was made with. A commit
-# writes every B-tree page it changes to the WAL whole, and most of them are index leaves
-# that gain a few bytes: one bench completion wrote 13.3 pages (54 KiB) at 4 KiB and 15.8
-# pages (32 KiB) at 2 KiB. The WAL is fsynced before each checkpoint, and while that runs,
-# commits stall; with 40% fewer bytes to sync, plain p99 at one connection fell from 7-10 ms
-# to 5-6 ms (the bench's requests, five interleaved rounds; streamed p99 unchanged). p50,
-# reads and batched writes measured the same within noise (README, Storage).
+# writes every B-tree page it changes to the WAL whole, mostly index leaves that gain a few
+# bytes, so smaller pages mean less to write and to fsync at each checkpoint, during which
+# commits stall (measurements in docs/storage.md).
 PAGE_SIZE = 2048
 CALLERS_PER_READ = 100  # callers whose keys an admin's page reads in one statement
 # A list with several metadata pairs walks the rarest pair's rows; each pair's rows are
@@ -127,8 +124,7 @@ IMPORT_CHUNK = 20_000  # rows per import transaction through the WAL (see _impor
 # Rows per transaction when the import writes the file directly (see _go_direct). Larger,
 # since no WAL has to stay small: once an index that takes rows at random places (the
 # request key's) has fewer leaf pages than a chunk has rows, every chunk rewrites, and
-# journals, nearly all of them. A million rows: 100,000 rows per chunk wrote 27% fewer
-# bytes than 20,000 and ran 13% faster (two interleaved pairs).
+# journals, nearly all of them (measurements in docs/benchmarks.md).
 IMPORT_CHUNK_DIRECT = 100_000
 IMPORT_CACHE_KIB = 256 * 1024  # the page cache while an import runs (see _import)
 
@@ -152,8 +148,9 @@ def _page_sql(
 ) -> tuple[str, list[object]]:
     """One caller's keyset page as SQL, read in order from an index that leads with the
     caller: when filtering by metadata, the index range of pair ``driver`` (the rarest, see
-    ``_rarest``), each row checked for the other pairs by primary key before its completion
-    is read; else the model's or the plain order. With ``keys_only`` it reads just the
+    ``_rarest``), each row checked for the other pairs: first by the signature on its index
+    entry, then, for the few that pass, exactly by primary key, before its completion is
+    read; else the model's or the plain order. With ``keys_only`` it reads just the
     page's ``(created, seq)``, from the indexes alone when there is no model filter. A time
     range bounds the same index range."""
     direction = "ASC" if order == "asc" else "DESC"
@@ -169,6 +166,9 @@ def _page_sql(
         where.append("m.caller = ? AND m.key = ? AND m.value = ?")
         params += [caller, key, value]
         keys = "m.created, m.seq"
+        if rest:
+            where.append("(m.sig & ?) = ?")
+            params += [signature(rest)] * 2
         for key, value in rest:
             where.append(
                 "EXISTS (SELECT 1 FROM completion_metadata x"
@@ -221,7 +221,9 @@ def _search_sql(
 ) -> tuple[str, list[object]]:
     """A page of completions whose text matches, in storage order (seq), read from the
     full-text index in that order and stopped at the page's end: the newest matches of a
-    common word are the first ones read. Every other filter applies to each match."""
+    common word are the first ones read. The caller, model and metadata filters are tags
+    inside the index (``match`` requires them), so they narrow the walk itself; they are
+    checked again on the rows, with the time range."""
     page = query.page
     direction, compare = ("ASC", ">") if page.order == "asc" else ("DESC", "<")
     where = ["completions_fts MATCH ?"]
@@ -337,8 +339,12 @@ def _insert(conn: sqlite3.Connection, records: Iterable[CompletionRecord], now: 
         if cursor.rowcount:  # zero for a duplicate
             inserted += 1
             seq, caller, created = cursor.lastrowid, record.caller, record.created
-            pairs += [(seq, key, value, caller, created) for key, value in record.metadata.items()]
-            texts.append((seq, searchable(record.request, record.completion)))
+            items = record.metadata.items()
+            sig = signature(items)
+            pairs += [(seq, key, value, caller, created, sig) for key, value in items]
+            text = searchable(record.request, record.completion)
+            tags = filter_tags(caller, record.model, items)
+            texts.append((seq, text, " ".join(tags)))
     if pairs:
         conn.executemany(_INSERT_METADATA, pairs)
     # In the completion's own transaction: search never misses a committed completion.
@@ -474,7 +480,7 @@ def _go_direct(conn: sqlite3.Connection) -> bool:
 
     In WAL mode every new page is written twice, to the WAL and then to the database; with a
     rollback journal it is written once (only the pages a transaction changes are copied to
-    the journal first), which made a million-row import 11% faster. Leaving WAL needs the
+    the journal first). Leaving WAL needs the
     file to itself, so with another connection open (a running proxy, an export) this returns
     False at once and the import stays in WAL. ``synchronous = FULL`` while direct: with a
     rollback journal, NORMAL can lose more than the last commit on power failure.
@@ -564,14 +570,20 @@ def _update_metadata(  # noqa: PLR0917 - the operation's arguments, in order
         if found is None:
             return None
         seq, owner, created, before = found
+        sig = signature(metadata.items())
         row = _fetchone(
             conn,
-            "UPDATE completions SET metadata = ? WHERE seq = ? RETURNING completion",
+            "UPDATE completions SET metadata = ? WHERE seq = ? RETURNING completion, model",
             (encoded, seq),
+        )
+        conn.execute(  # the search index's tags follow the new metadata
+            "UPDATE completions_fts SET tags = ? WHERE rowid = ?",
+            (" ".join(filter_tags(owner, row[1], metadata.items())), seq),
         )
         conn.execute("DELETE FROM completion_metadata WHERE seq = ?", (seq,))
         conn.executemany(
-            _INSERT_METADATA, [(seq, k, v, owner, created) for k, v in metadata.items()]
+            _INSERT_METADATA,
+            [(seq, k, v, owner, created, sig) for k, v in metadata.items()],
         )
         _audit(
             conn,
@@ -674,6 +686,15 @@ def _prune(conn: sqlite3.Connection, before: int) -> tuple[int, int]:
         conn.execute("VACUUM")
         _checkpoint(conn, "TRUNCATE")
     return completions, exchanges
+
+
+def _end_session(conn: sqlite3.Connection, session_id: str, expires: float) -> None:
+    with _transaction(conn):
+        conn.execute("DELETE FROM ended_sessions WHERE expires < ?", (time.time(),))
+        conn.execute(
+            "INSERT OR REPLACE INTO ended_sessions (sid, expires) VALUES (?, ?)",
+            (session_id, expires),
+        )
 
 
 def _setting(conn: sqlite3.Connection, name: str, default: bytes) -> bytes:
@@ -1093,6 +1114,15 @@ class SQLiteStore:
         """The stored value of a setting, storing ``default`` first if there is none."""
         return await self._write(_setting, name, default)
 
+    async def end_session(self, session_id: str, expires: float) -> None:
+        await self._write(_end_session, session_id, expires)
+
+    async def session_ended(self, session_id: str) -> bool:
+        row = await self._fetchone(
+            self._r, "SELECT 1 FROM ended_sessions WHERE sid = ?", (session_id,)
+        )
+        return row is not None
+
     # -- reads -------------------------------------------------------------------------------
 
     async def _one(
@@ -1168,7 +1198,7 @@ class SQLiteStore:
             return [], False
         scope = caller if query.owner is None else query.owner
         if query.search is not None:
-            match = fts5_query(query.search)
+            match = fts5_query(query.search, filter_tags(scope, query.model, query.metadata))
             if match is None:
                 return [], False
             sql, params = _search_sql(
@@ -1283,7 +1313,13 @@ class SQLiteStore:
     async def usage(
         self, since: int | None, until: int | None, group_by: Sequence[str]
     ) -> list[UsageRow]:
-        """Completions and tokens summed per group (any of caller, model, day)."""
+        """Completions and tokens summed per group (any of caller, model, day).
+
+        Bounds on whole UTC days (or none) are read from ``usage_by_day``, which the
+        completions' triggers keep (m011): a few rows per day, however many completions.
+        Other bounds sum the completions themselves."""
+        if all(bound is None or bound % 86400 == 0 for bound in (since, until)):
+            return await self._usage_by_day(since, until, group_by)
         columns = [_GROUPS[name] for name in group_by]
         where, params = ["1"], []
         if since is not None or until is not None:  # a range of each caller's order index
@@ -1305,6 +1341,40 @@ class SQLiteStore:
         )
         async with self._r.execute(sql, params) as cursor:
             rows = list(await cursor.fetchall())
+        width = len(columns)
+        return [
+            UsageRow(
+                group={name: str(row[i]) for i, name in enumerate(group_by)},
+                completions=row[width],
+                prompt_tokens=row[width + 1],
+                cached_tokens=row[width + 2],
+                completion_tokens=row[width + 3],
+            )
+            for row in rows
+            if row[width]
+        ]
+
+    async def _usage_by_day(
+        self, since: int | None, until: int | None, group_by: Sequence[str]
+    ) -> list[UsageRow]:
+        columns = list(group_by)
+        where, params = ["1"], []
+        if since is not None:
+            where.append("day >= date(?, 'unixepoch')")
+            params.append(since)
+        if until is not None:
+            where.append("day < date(?, 'unixepoch')")
+            params.append(until)
+        selected = ", ".join([*columns, ""]) if columns else ""
+        grouping = (
+            f" GROUP BY {', '.join(columns)} ORDER BY {', '.join(columns)}" if columns else ""
+        )
+        sql = (
+            f"SELECT {selected}coalesce(sum(completions), 0), coalesce(sum(prompt_tokens), 0),"
+            " coalesce(sum(cached_tokens), 0), coalesce(sum(completion_tokens), 0)"
+            f" FROM usage_by_day WHERE {' AND '.join(where)}{grouping}"
+        )
+        rows = await self._r.execute_fetchall(sql, params)
         width = len(columns)
         return [
             UsageRow(
