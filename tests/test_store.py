@@ -706,3 +706,33 @@ def test_a_record_crosses_processes_whole() -> None:
         stream=True,
     )
     assert pickle.loads(pickle.dumps(sent)) == sent
+
+
+@pytest.mark.parametrize("order", ["asc", "desc"])
+async def test_pages_with_several_pairs_are_the_same_whichever_way_they_are_read(
+    store: SQLiteStore, order: str
+) -> None:
+    """Pages that fill within the first pair's first entries, and pages that do not (read
+    from the rarest pair), page through the same matches in the same order."""
+    records = [
+        record(
+            n,
+            created=1000 + n % 7,
+            metadata={"env": "prod" if n % 2 else "dev", "team": "a" if n % 3 else "b"},
+        )
+        for n in range(1, 121)
+    ]
+    await store.write_batch(records)
+    for pairs in ((("env", "prod"), ("team", "b")), (("team", "b"), ("env", "prod"))):
+        query = ListQuery(metadata=pairs, page=PageQuery(order=order))  # type: ignore[arg-type]
+        for limit in (1, 3, 100):
+            seen: list[str] = []
+            after = None
+            while True:
+                page = replace(query.page, limit=limit, after=after)
+                result = await store.list_completions("caller_a", replace(query, page=page))
+                seen += [item.id for item in result.items]
+                if not result.has_more:
+                    break
+                after = seen[-1]
+            assert seen == listed(records, query), (pairs, limit)
