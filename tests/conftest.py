@@ -106,6 +106,8 @@ def make_config(
         "store": {"url": store_url or str(tmp_path / "completions.db")},
         "logging": {"format": "json"},
     }
+    if "path" in sections.get("store", {}):  # the old name of url, given by the test
+        del data["store"]["url"]
     for name, values in sections.items():
         data.setdefault(name, {}).update(values)
     return validate(data, source="test")

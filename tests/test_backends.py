@@ -250,14 +250,17 @@ async def test_export_import_both_formats_idempotent_and_bad_files_write_nothing
         await client.chat.completions.create(
             model="gpt-test", messages=ask("weather?"), tools=TOOLS, store=True
         )
-    code, exported, err = await cli("export", "--db", store_url)
+    # Commands that only read run at once: each is a process start, the slow part here.
+    (code, exported, err), (_, out, _), (code_ft, tuning, err_ft) = await asyncio.gather(
+        cli("export", "--db", store_url),
+        cli("export", "--db", store_url, "--metadata", "n=1"),
+        cli("export", "--db", store_url, "--format", "finetune"),
+    )
     assert code == 0, err
     records = jsonl(exported)
     assert len(records) == 4 and records[0]["prompt_tokens"] == 5
-    code, out, err = await cli("export", "--db", store_url, "--metadata", "n=1")
     assert [r["request"]["messages"][0]["content"] for r in jsonl(out)] == ["q1"]
-    code, tuning, err = await cli("export", "--db", store_url, "--format", "finetune")
-    assert code == 0, err
+    assert code_ft == 0, err_ft
     examples = jsonl(tuning)
     assert [e["messages"][-1]["role"] for e in examples] == ["assistant"] * 4
     assert "tools" in examples[-1]
@@ -278,8 +281,9 @@ async def test_export_import_both_formats_idempotent_and_bad_files_write_nothing
     assert code == 0 and "imported 0 new completions (4 already present)" in err, err
     code, again, _ = await cli("export", "--db", other_store)
     assert jsonl(again) == records  # whole rows, token counts included
-    code, usage_a, _ = await cli("usage", "--db", store_url, "--json")
-    code, usage_b, _ = await cli("usage", "--db", other_store, "--json")
+    (_, usage_a, _), (_, usage_b, _) = await asyncio.gather(
+        cli("usage", "--db", store_url, "--json"), cli("usage", "--db", other_store, "--json")
+    )
     assert orjson.loads(usage_a) == orjson.loads(usage_b)
 
 
@@ -389,6 +393,15 @@ async def test_capture_all_keeps_failed_exchanges(
                 pass
         assert [c.id async for c in client.chat.completions.list()] == [kept.id]
     headers = {"Authorization": f"Bearer {root_key}"}
+    # A failed exchange's audit record is queued when its handler ends, which may be just
+    # after the client saw the failure: wait until both are committed.
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while True:
+        everything = await (await proxy.get("/admin/exchanges", headers=headers)).json()
+        if len(everything["data"]) >= 2 or loop.time() > deadline:
+            break
+        await asyncio.sleep(0.02)
     first = await (await proxy.get("/admin/exchanges?limit=1", headers=headers)).json()
     assert first["has_more"] is True
     rest = await (

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import pickle
 import sqlite3
 import time
 from collections.abc import Iterable
@@ -690,3 +691,18 @@ def test_a_pair_signature_never_changes() -> None:
     assert signature([("env", "prod"), ("user", "u1")]) == 77313605888
     assert signature([]) == 0
     assert all(0 < pair_bits(str(n), "v") < 1 << 63 for n in range(1000))
+
+
+def test_a_record_crosses_processes_whole() -> None:
+    """Import workers pickle records: every field, in its place, survives the trip."""
+    sent = record(
+        5,
+        duration_ms=12.5,
+        request_key="k",
+        stored_at=3.0,
+        prompt_tokens=7,
+        cached_tokens=2,
+        completion_tokens=9,
+        stream=True,
+    )
+    assert pickle.loads(pickle.dumps(sent)) == sent
