@@ -39,13 +39,12 @@ from typing import IO
 
 import orjson
 import yaml
-from aiohttp import web
 
 from proxy import __version__, server
 from proxy.app import create_app, redactor_of
 from proxy.callers import new_key
 from proxy.config import Config, ConfigError, load_config, redacted, without_password
-from proxy.keys import METRICS, WRITER
+from proxy.lifecycle import Lifecycle
 from proxy.logs import configure
 from proxy.models import PageQuery, parse_moment
 from proxy.recordings import export_to, import_from
@@ -527,53 +526,6 @@ def _bind(host: str, port: int) -> list[socket.socket]:
     return sockets
 
 
-class _Lifecycle:
-    """The start and shutdown lines of ``serve``: "listening" once the store is open and the
-    sockets are bound, and one "shutdown" line with what the drain finished."""
-
-    def __init__(self, config: Config, sockets: Sequence[socket.socket]) -> None:
-        self._config = config
-        self._addresses = [sock.getsockname()[:2] for sock in sockets]
-        self._stopping_at = 0.0
-        self._finished = 0
-        self._committed = 0
-
-    def attach(self, app: web.Application) -> None:
-        app.on_startup.append(self._listening)  # after the cleanup contexts: the store is open
-        app.on_shutdown.append(self._stopping)  # new connections refused, requests in flight
-        app.on_cleanup.append(self._stopped)  # after the writer committed its queue
-
-    async def _listening(self, app: web.Application) -> None:
-        config = self._config
-        log.info(
-            "listening",
-            extra={
-                "host": config.server.host,
-                "port": self._addresses[0][1] if self._addresses else config.server.port,
-                "upstream": config.upstream.url,
-                "db": config.store.url,
-            },
-        )
-
-    async def _stopping(self, app: web.Application) -> None:
-        self._stopping_at = time.monotonic()
-        self._finished = app[METRICS].finished
-        self._committed = app[WRITER].stats.committed
-
-    async def _stopped(self, app: web.Application) -> None:
-        if not self._stopping_at:
-            return  # start-up failed; its error says why
-        log.info(
-            "shutdown",
-            extra={
-                "requests_drained": app[METRICS].finished - self._finished,
-                "completions_committed": app[WRITER].stats.committed - self._committed,
-                "seconds": round(time.monotonic() - self._stopping_at, 3),
-                "shutdown_timeout": self._config.server.shutdown_timeout,
-            },
-        )
-
-
 def serve(config: Config) -> int:
     configure(config.logging)
     if config.server.worker_count() > 1:
@@ -590,7 +542,7 @@ def serve(config: Config) -> int:
         )
         return 1
     app = create_app(config)
-    _Lifecycle(config, sockets).attach(app)
+    Lifecycle(config, [sock.getsockname()[1] for sock in sockets]).attach(app)
     try:
         server.run(app, config.server, sockets)  # limits and timeouts of client connections
     except OSError as error:

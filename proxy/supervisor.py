@@ -51,6 +51,7 @@ from prometheus_client import multiprocess
 from proxy import server
 from proxy.app import create_app
 from proxy.config import Config, validate
+from proxy.lifecycle import Lifecycle
 from proxy.store import StoreError, open_store
 
 log = logging.getLogger("proxy.supervisor")
@@ -377,6 +378,7 @@ def run_worker(config: Config, index: int, ready_fd: int, life_fd: int) -> int:
             loop.add_reader(life_fd, parent_gone)
 
         app.on_startup.append(started)
+        Lifecycle(config, [settings.port], worker=index).attach(app)
         # The same runner as a single process: connection limits, header and body timeouts.
         server.run(app, settings, [sock])
     except _CannotStart as error:

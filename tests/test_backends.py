@@ -393,6 +393,15 @@ async def test_capture_all_keeps_failed_exchanges(
                 pass
         assert [c.id async for c in client.chat.completions.list()] == [kept.id]
     headers = {"Authorization": f"Bearer {root_key}"}
+    # A failed exchange's audit record is queued when its handler ends, which may be just
+    # after the client saw the failure: wait until both are committed.
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while True:
+        everything = await (await proxy.get("/admin/exchanges", headers=headers)).json()
+        if len(everything["data"]) >= 2 or loop.time() > deadline:
+            break
+        await asyncio.sleep(0.02)
     first = await (await proxy.get("/admin/exchanges?limit=1", headers=headers)).json()
     assert first["has_more"] is True
     rest = await (

@@ -42,12 +42,9 @@ async def indexed_text(proxy, store_url: str) -> str:
     """Everything the search index holds, as text (SQLite's FTS rows, PostgreSQL's
     tsvectors)."""
     if store_url.startswith("postgresql"):
-        conn = await asyncpg.connect(
-            store_url.split("?", maxsplit=1)[0],
-            server_settings={"search_path": store_url.split("search_path=")[1]},
-        )
+        conn = await asyncpg.connect(store_url)  # search_path from the URL
         try:
-            rows = await conn.fetch("SELECT search_text::text FROM completions")
+            rows = await conn.fetch("SELECT search::text FROM completions")
         finally:
             await conn.close()
         return " ".join(row[0] or "" for row in rows)

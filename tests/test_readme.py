@@ -1,7 +1,8 @@
 """The README's commands work as pasted.
 
-Every fenced ``sh`` and ``python`` block of README.md is run, in README order, in one scratch
-directory, against a real proxy process in front of the fake upstream, with two changes only:
+Every fenced ``sh`` and ``python`` block of README.md, then of the docs pages in ``DOCS`` (the
+user's guide's depth), is run, in that order, in one scratch directory, against a real proxy
+process in front of the fake upstream, with two changes only:
 the README's address ``127.0.0.1:8080`` becomes the test proxy's, and ``completions-proxy
 serve`` also gets ``--host 127.0.0.1 --port <free port> --upstream <the fake>`` (later flags
 win) and is left running in the background once healthy. ``OPENAI_API_KEY`` holds a made-up
@@ -37,6 +38,20 @@ from tests.fakes import FakeUpstream, Reply
 from tests.processes import REPO, ProxyProcess
 
 README = REPO / "README.md"
+# The docs pages that hold commands moved out of the README; their blocks are run after its own.
+DOCS = [
+    REPO / "docs" / name
+    for name in (
+        "api.md",
+        "operations.md",
+        "export-import.md",
+        "replay.md",
+        "team.md",
+        "instances.md",
+        "development.md",
+    )
+]
+CONFIGURATION = REPO / "docs" / "configuration.md"
 ADDRESS = "127.0.0.1:8080"
 
 NOT_RUN = {
@@ -79,32 +94,36 @@ s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 
 @dataclass(frozen=True)
 class Block:
-    line: int  # where the block starts in README.md
+    path: Path
+    line: int  # where the block starts in its file
     language: str
     tag: str
     text: str
 
     @property
     def name(self) -> str:
-        return f"README.md:{self.line} ({self.language}{' ' + self.tag if self.tag else ''})"
+        tag = f" {self.tag}" if self.tag else ""
+        return f"{self.path.relative_to(REPO)}:{self.line} ({self.language}{tag})"
 
 
-def blocks() -> list[Block]:
-    """Every fenced block in a language this test knows, with its tag."""
-    text = README.read_text(encoding="utf-8")
+def blocks(paths: list[Path] | None = None) -> list[Block]:
+    """Every fenced block in a language this test knows, with its tag, README first."""
     found = []
-    for match in re.finditer(r"(?m)^( *)```(\w+)[ \t]*([^\n]*)\n(.*?)^\1```", text, re.S):
-        indent, language, tag, body = match.groups()
-        if language not in LANGUAGES:
-            continue
-        body = "\n".join(line.removeprefix(indent) for line in body.splitlines())
-        found.append(Block(text.count("\n", 0, match.start()) + 1, language, tag.strip(), body))
+    for path in paths if paths is not None else [README, *DOCS]:
+        text = path.read_text(encoding="utf-8")
+        for match in re.finditer(r"(?m)^( *)```(\w+)[ \t]*([^\n]*)\n(.*?)^\1```", text, re.S):
+            indent, language, tag, body = match.groups()
+            if language not in LANGUAGES:
+                continue
+            body = "\n".join(line.removeprefix(indent) for line in body.splitlines())
+            line = text.count("\n", 0, match.start()) + 1
+            found.append(Block(path, line, language, tag.strip(), body))
     return found
 
 
 def test_every_block_is_run_or_says_why_not() -> None:
     found = blocks()
-    assert len(found) >= 10, "the README lost its examples, or this test its parser"
+    assert len(blocks([README])) >= 10, "the README lost its examples, or this test its parser"
     for block in found:
         assert block.tag in {"", "install", *NOT_RUN}, f"{block.name}: unknown tag {block.tag!r}"
     run = [block for block in found if not block.tag]
@@ -242,14 +261,27 @@ def config_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     return keys
 
 
-def test_the_configuration_table_has_every_key() -> None:
+def test_the_docs_pages_are_linked_from_the_readme() -> None:
     text = README.read_text(encoding="utf-8")
-    table = text[text.index("\n## Configuration\n") :]
-    table = table[: table.index("\n## ", 1)]
+    for path in [*DOCS, CONFIGURATION]:
+        assert f"]({path.relative_to(REPO)}" in text, f"the README does not link {path.name}"
+
+
+def test_the_readme_configuration_overview_names_every_section() -> None:
+    text = README.read_text(encoding="utf-8")
+    overview = text[text.index("\n## Configuration\n") :]
+    overview = overview[: overview.index("\n## ", 1)]
+    named = set(re.findall(r"(?m)^\| `([a-z_]+)` \|", overview))
+    assert named == set(Config.model_fields), "the README's configuration overview is off"
+    assert "](docs/configuration.md)" in overview
+
+
+def test_the_configuration_table_has_every_key() -> None:
+    table = CONFIGURATION.read_text(encoding="utf-8")
     documented = set(re.findall(r"(?m)^\| `([a-z_.]+)(?:\.<model>)?`", table))
     keys = config_keys(Config)
     assert len(keys) > 30
     missing = [key for key in keys if key not in documented]
-    assert missing == [], f"keys missing from the README's configuration table: {missing}"
+    assert missing == [], f"keys missing from docs/configuration.md's table: {missing}"
     unknown = sorted(documented - set(keys))
-    assert unknown == [], f"the README documents keys the config does not have: {unknown}"
+    assert unknown == [], f"docs/configuration.md documents keys the config lacks: {unknown}"

@@ -180,7 +180,7 @@ async def test_import_from_stdin(proxy, upstream: FakeUpstream, tmp_path: Path) 
 async def test_a_committed_recording_file_replays_offline(
     proxy_factory, upstream: FakeUpstream, tmp_path: Path
 ) -> None:
-    """The README's recipe: a recording file next to the tests, imported, replayed strictly."""
+    """docs/replay.md's recipe: a recording file next to the tests, imported, replayed strictly."""
     recorder = await proxy_factory(store={"url": str(tmp_path / "record.db")})
     async with sdk(recorder, "sk-ci-recorder") as client:
         original = await client.chat.completions.create(model="gpt-test", messages=ASK, store=True)

@@ -507,6 +507,17 @@ async def test_sigterm_drains_both_workers(gated: GatedUpstream, tmp_path: Path)
         assert ledger.acks == in_flight
         assert await proxy.wait_exit(60) == 0, proxy.log_tail()
         assert_all_stored(ledger, proxy.db, proxy.log_tail())
+        # Each worker logs one shutdown line naming itself; together they drained every
+        # request that was in flight at SIGTERM.
+        lines = [
+            orjson.loads(line)
+            for line in proxy.log_path.read_text(encoding="utf-8").splitlines()
+            if line.startswith("{")
+        ]
+        shutdown = [line for line in lines if line["message"] == "shutdown"]
+        assert sorted(line["worker"] for line in shutdown) == list(range(WORKERS))
+        assert sum(line["requests_drained"] for line in shutdown) == in_flight
+        assert sum(line["completions_committed"] for line in shutdown) == in_flight
     finally:
         if proxy.popen is not None:
             for pid in worker_pids(proxy.popen.pid):

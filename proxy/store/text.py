@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import re
-import unicodedata
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -85,13 +84,6 @@ def searchable(request: bytes, completion: bytes) -> str:
 def search_terms(search: str) -> list[str]:
     """The words of a search, as typed (the backend quotes them for its own syntax)."""
     return [t for t in _WORD.findall(search[:SEARCH_MAX_CHARS]) if _TOKEN.search(t)]
-
-
-def folded(text: str) -> str:
-    """Lower case, accents taken off: what a backend without an accent-folding tokenizer
-    indexes and searches (PostgreSQL's ``simple`` configuration, without ``unaccent``)."""
-    decomposed = unicodedata.normalize("NFKD", text.lower())
-    return "".join(char for char in decomposed if not unicodedata.combining(char))
 
 
 def _tag(kind: str, value: str) -> str:

@@ -120,6 +120,9 @@ CALLERS_PER_READ = 100  # callers whose keys an admin's page reads in one statem
 # A list with several metadata pairs walks the rarest pair's rows; each pair's rows are
 # counted up to this many to find it (an index range each, about 50 ns a row).
 RAREST_CAP = 5_000
+# Before counting, a list with several pairs reads this many of the first pair's entries:
+# when its matches are dense the page fills there, in one statement and no count.
+FIRST_WALK = 1_000
 IMPORT_CHUNK = 20_000  # rows per import transaction through the WAL (see _import)
 # Rows per transaction when the import writes the file directly (see _go_direct). Larger,
 # since no WAL has to stay small: once an index that takes rows at random places (the
@@ -199,6 +202,55 @@ def _page_sql(
         f" ORDER BY {first} {direction}, {second} {direction} LIMIT ?"
     )
     params.append(limit + 1)
+    return sql, params
+
+
+def _walked_sql(  # noqa: PLR0917 - a page query's parts, as _page_sql takes them
+    caller: str,
+    query: ListQuery,
+    cursor: tuple[int, int] | None,
+    order: Order,
+    limit: int,
+    columns: str,
+    walk: int,
+) -> tuple[str, list[object]]:
+    """A page with several metadata pairs driven by the first, reading at most ``walk`` of
+    its index entries (in a subquery, in list order). When the page fills within them it is
+    the page ``_page_sql`` gives; when it does not, nothing is known (see ``_select_page``)."""
+    direction = "ASC" if order == "asc" else "DESC"
+    compare = ">" if order == "asc" else "<"
+    (key, value), rest = query.metadata[0], query.metadata[1:]
+    inner = ["caller = ?", "key = ?", "value = ?"]
+    params: list[object] = [caller, key, value]
+    if query.since is not None:
+        inner.append("created >= ?")
+        params.append(query.since)
+    if query.until is not None:
+        inner.append("created < ?")
+        params.append(query.until)
+    if cursor is not None:
+        inner.append(f"(created, seq) {compare} (?, ?)")
+        params += list(cursor)
+    params.append(walk)
+    outer = ["(m.sig & ?) = ?"]
+    params += [signature(rest)] * 2
+    for key, value in rest:
+        outer.append(
+            "EXISTS (SELECT 1 FROM completion_metadata x"
+            " WHERE x.seq = m.seq AND x.key = ? AND x.value = ?)"
+        )
+        params += [key, value]
+    if query.model is not None:
+        outer.append("c.model = ?")
+        params.append(query.model)
+    params.append(limit + 1)
+    # No ORDER BY outside: rows come in the subquery's order, since CROSS JOIN keeps it the
+    # outer loop; sorting them again would check all ``walk`` entries before the first row.
+    sql = (
+        f"SELECT {columns} FROM (SELECT created, seq, sig FROM completion_metadata"
+        f" WHERE {' AND '.join(inner)} ORDER BY created {direction}, seq {direction} LIMIT ?) m"
+        f" CROSS JOIN completions c ON c.seq = m.seq WHERE {' AND '.join(outer)} LIMIT ?"
+    )
     return sql, params
 
 
@@ -1209,11 +1261,18 @@ class SQLiteStore:
         elif scope is None:
             rows, has_more = await self._page_across_callers(query, cursor, columns)
         else:
-            driver = await self._rarest(scope, query.metadata)
-            sql, params = _page_sql(
-                scope, query, cursor, page.order, page.limit, driver=driver, columns=columns
-            )
-            rows = list(await self._r.execute_fetchall(sql, params))
+            rows = []
+            if len(query.metadata) > 1:  # first, the pair given first, a few entries of it
+                walked = _walked_sql(
+                    scope, query, cursor, page.order, page.limit, columns, FIRST_WALK
+                )
+                rows = list(await self._r.execute_fetchall(*walked))
+            if len(rows) <= page.limit:  # not a full page yet: the whole of the rarest pair
+                driver = await self._rarest(scope, query.metadata)
+                sql, params = _page_sql(
+                    scope, query, cursor, page.order, page.limit, driver=driver, columns=columns
+                )
+                rows = list(await self._r.execute_fetchall(sql, params))
             has_more = len(rows) > page.limit
         return rows[: page.limit], has_more
 
