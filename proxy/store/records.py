@@ -7,8 +7,9 @@ in ``proxy.responses``, never by a store.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 Item = TypeVar("Item")
 
@@ -132,6 +133,12 @@ class KeyRecord:
     revoked_at: float | None
 
 
+class Row(Protocol):
+    """A database row as either backend's driver returns it: read by position."""
+
+    def __getitem__(self, index: int, /) -> Any: ...
+
+
 @dataclass(frozen=True, slots=True)
 class UsageRow:
     group: dict[str, str]
@@ -139,6 +146,23 @@ class UsageRow:
     prompt_tokens: int
     cached_tokens: int
     completion_tokens: int
+
+    @classmethod
+    def rows_of(cls, rows: Iterable[Row], group_by: Sequence[str]) -> list[UsageRow]:
+        """Rows of a usage query, each its groups' values then the four sums, as
+        ``UsageRow``s; a group with no completion is left out."""
+        width = len(group_by)
+        return [
+            cls(
+                group={name: str(row[i]) for i, name in enumerate(group_by)},
+                completions=row[width],
+                prompt_tokens=row[width + 1],
+                cached_tokens=row[width + 2],
+                completion_tokens=row[width + 3],
+            )
+            for row in rows
+            if row[width]
+        ]
 
 
 @dataclass(frozen=True, slots=True)

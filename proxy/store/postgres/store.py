@@ -754,18 +754,7 @@ class PostgresStore:
             f" FROM completions WHERE {' AND '.join(where)}{grouping}"
         )
         rows = await self._p.fetch(sql, *p.values)
-        width = len(columns)
-        return [
-            UsageRow(
-                group={name: str(row[i]) for i, name in enumerate(group_by)},
-                completions=row[width],
-                prompt_tokens=row[width + 1],
-                cached_tokens=row[width + 2],
-                completion_tokens=row[width + 3],
-            )
-            for row in rows
-            if row[width]
-        ]
+        return UsageRow.rows_of(rows, group_by)
 
     async def recordings(self, request_key: str, caller: str | None) -> list[bytes]:
         """Stored completions made for requests with this key, oldest first (by the shared

@@ -1400,18 +1400,7 @@ class SQLiteStore:
         )
         async with self._r.execute(sql, params) as cursor:
             rows = list(await cursor.fetchall())
-        width = len(columns)
-        return [
-            UsageRow(
-                group={name: str(row[i]) for i, name in enumerate(group_by)},
-                completions=row[width],
-                prompt_tokens=row[width + 1],
-                cached_tokens=row[width + 2],
-                completion_tokens=row[width + 3],
-            )
-            for row in rows
-            if row[width]
-        ]
+        return UsageRow.rows_of(rows, group_by)
 
     async def _usage_by_day(
         self, since: int | None, until: int | None, group_by: Sequence[str]
@@ -1434,18 +1423,7 @@ class SQLiteStore:
             f" FROM usage_by_day WHERE {' AND '.join(where)}{grouping}"
         )
         rows = await self._r.execute_fetchall(sql, params)
-        width = len(columns)
-        return [
-            UsageRow(
-                group={name: str(row[i]) for i, name in enumerate(group_by)},
-                completions=row[width],
-                prompt_tokens=row[width + 1],
-                cached_tokens=row[width + 2],
-                completion_tokens=row[width + 3],
-            )
-            for row in rows
-            if row[width]
-        ]
+        return UsageRow.rows_of(rows, group_by)
 
     async def recordings(self, request_key: str, caller: str | None) -> list[bytes]:
         """Stored completions made for requests with this key, oldest first."""
