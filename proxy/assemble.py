@@ -1,7 +1,7 @@
 """From captured bytes to the stored chat.completion, and back out to API shapes; pure.
 
-Nothing here does I/O or keeps state, so every rule of CONTRACT.md about folding a stream,
-echoing request fields and listing input messages is unit-tested on its own.
+Nothing here does I/O or keeps state, so every rule of the wire contract (docs/api.md) about
+folding a stream, echoing request fields and listing input messages is unit-tested on its own.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Durability promises proven with real processes: R1, R2 and R17 of RELIABILITY.md, and CLI exits.
+"""Durability promises proven with real processes (R1, R2 and R17 of docs/reliability.md),
+and CLI exits.
 
 The proxy runs as a subprocess (``tests/processes.py``); the fake upstream runs in this
 process, so a test can count what reached it. A client-side ledger records the id of every
