@@ -79,7 +79,12 @@ _FAILED = frozenset(
 
 async def read_body(request: web.Request) -> bytes:
     """The whole request body, within ``server.body_timeout``; a client that sends it slower
-    gets a 408 and its connection closed, so it cannot hold the connection open forever."""
+    gets a 408 and its connection closed, so it cannot hold the connection open forever.
+
+    A body already received whole (most requests: it came with the head) is read without
+    arming the timer."""
+    if request.content.is_eof():
+        return await request.read()
     try:
         async with asyncio.timeout(request.app[CONFIG].server.body_timeout):
             return await request.read()
