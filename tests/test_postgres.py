@@ -26,6 +26,7 @@ from proxy.app import create_app
 from proxy.config import StoreConfig
 from proxy.models import ListQuery
 from proxy.store import CompletionRecord, StoreError, open_store
+from proxy.store.postgres import search
 from proxy.store.postgres.migrations import LOCK_SPACE, MIGRATIONS, RETENTION_LOCK, applied, migrate
 from tests import pg
 from tests.conftest import make_config, sdk
@@ -418,13 +419,14 @@ async def test_retention_runs_on_one_instance_at_a_time(pg_url: str) -> None:
 async def test_pruned_content_is_gone_from_the_database_files(pg_url: str) -> None:
     """A canary in a completion older than the cutoff, with nine in ten rows deleted: after the
     retention run it is in no file of the database's directory (tables, TOAST, indexes)."""
-    canary = "canary-" + "7f3a9c" * 3
+    # No run of it repeats, so compression (lz4 copies such runs whole) cannot break it up.
+    canary = "canary-0123456789bdefghijklmopqsuvwxyz"
     store = await open_store(pg_url, StoreConfig(url=pg_url))
     conn = await asyncpg.connect(pg_url)
     try:
         # Rows of 3 KB of random text (inline, or out of line in TOAST), as written by the bench.
         old = [_record(n, 100, os.urandom(1500 if n % 2 else 900).hex()) for n in range(900)]
-        old[17] = _record(17, 100, canary + os.urandom(3000).hex())  # stored, not compressed
+        old[17] = _record(17, 100, canary + os.urandom(3000).hex())
         await store.write_batch(old)
         await store.write_batch([_record(n, 10_000) for n in range(900, 1000)])
         await conn.execute("CHECKPOINT")  # the canary is in the files now, not only in memory
@@ -490,3 +492,26 @@ async def test_a_database_from_the_first_schema_is_brought_forward(pg_url: str) 
         assert entry is not None and entry.preview == "a question"
     finally:
         await store.close()
+
+
+async def test_a_search_document_reads_back_as_its_words_and_positions(pg_url: str) -> None:
+    """The binary tsvector the store sends is what PostgreSQL reads: words folded, each once
+    with its positions, at most 256 positions a word, positions past the last one kept at
+    it, words too long for a lexeme left out."""
+    conn = await asyncpg.connect(pg_url)
+    try:
+        await conn.set_type_codec("tsvector", **search.TSVECTOR_CODEC)
+
+        async def read(text: str) -> str:
+            return await conn.fetchval("SELECT $1::tsvector::text", search.vector(text))
+
+        assert await read("Café, café: don't X_y") == "'cafe':1,2 'don':3 't':4 'x':5 'y':6"
+        assert await read("Zebra apple") == "'apple':2 'zebra':1"  # sorted by the server
+        assert await read("") == ""
+        many = await read("w " * 300)
+        assert many == "'w':" + ",".join(map(str, range(1, 257)))
+        late = await read("a " * search.MAX_POSITION + "b c a")
+        assert late.endswith("'b':16383 'c':16383")
+        assert await read("x" * 3000 + " kept") == "'kept':2"
+    finally:
+        await conn.close()

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from proxy.store.postgres.search import document
+from proxy.store.postgres.search import TSVECTOR_CODEC, document
 
 # The first key of the two-key advisory locks this store takes; the second names the schema.
 LOCK_SPACE = 0x63707278  # "cprx"
@@ -38,14 +38,15 @@ class Migration:
 
 async def _backfill_search(conn: asyncpg.Connection) -> None:
     """Give completions stored before full-text search their search document."""
+    await conn.set_type_codec("tsvector", **TSVECTOR_CODEC)
     last = 0
     while rows := await conn.fetch(
         "SELECT seq, request, completion FROM completions WHERE seq > $1 ORDER BY seq LIMIT 1000",
         last,
     ):
         await conn.execute(
-            "UPDATE completions c SET search = d.body::tsvector"
-            " FROM unnest($1::bigint[], $2::text[]) AS d(seq, body) WHERE c.seq = d.seq",
+            "UPDATE completions c SET search = d.body"
+            " FROM unnest($1::bigint[], $2::tsvector[]) AS d(seq, body) WHERE c.seq = d.seq",
             [row[0] for row in rows],
             [document(row[1], row[2]) for row in rows],
         )
@@ -205,6 +206,26 @@ MIGRATIONS: tuple[Migration, ...] = (
         (
             # Console sessions signed out before they expire, refused by every instance.
             "CREATE TABLE ended_sessions (sid text PRIMARY KEY, expires double precision NOT NULL)",
+        ),
+    ),
+    Migration(
+        "p004_lz4_bodies",
+        (
+            # A ~3 KB completion row is compressed on every insert; lz4 costs a fraction of
+            # the default pglz. New rows only (old rows keep pglz, both read the same). A
+            # server built without lz4 keeps pglz.
+            """
+            DO $$
+            BEGIN
+                ALTER TABLE completions
+                    ALTER COLUMN completion SET COMPRESSION lz4,
+                    ALTER COLUMN request SET COMPRESSION lz4,
+                    ALTER COLUMN search SET COMPRESSION lz4;
+            EXCEPTION WHEN feature_not_supported THEN
+                NULL;
+            END
+            $$
+            """,
         ),
     ),
 )

@@ -58,8 +58,8 @@ _SOURCE = ", ".join(f"u.{name}" for name in COMPLETION_COLUMNS)
 WRITE_BATCH = f"""
 WITH new AS (
     INSERT INTO completions ({_NAMES}, search)
-    SELECT {_SOURCE}, u.body::tsvector
-    FROM unnest({", ".join(f"${i}::{t}[]" for i, t in enumerate(_TYPES, 1))}, $17::text[])
+    SELECT {_SOURCE}, u.body
+    FROM unnest({", ".join(f"${i}::{t}[]" for i, t in enumerate(_TYPES, 1))}, $17::tsvector[])
         AS u({_NAMES}, body)
     ON CONFLICT (id, caller) DO NOTHING
     RETURNING seq, caller, created, metadata
@@ -87,12 +87,12 @@ SELECT (SELECT count(*) FROM new) + (SELECT count(*) FROM exchanged)
 IMPORT_STAGE = (
     "CREATE TEMPORARY TABLE import_stage ("
     + ", ".join(f"{name} {kind}" for name, kind in zip(COMPLETION_COLUMNS, _TYPES, strict=True))
-    + ", body text, stage_order bigint) ON COMMIT DROP"
+    + ", body tsvector, stage_order bigint) ON COMMIT DROP"
 )
 IMPORT_MOVE = f"""
 WITH new AS (
     INSERT INTO completions ({_NAMES}, search)
-    SELECT {_SOURCE}, u.body::tsvector FROM import_stage u ORDER BY u.stage_order
+    SELECT {_SOURCE}, u.body FROM import_stage u ORDER BY u.stage_order
     ON CONFLICT (id, caller) DO NOTHING
     RETURNING seq, caller, created, metadata
 ), pairs AS (

@@ -222,6 +222,11 @@ async def _locate(
     )
 
 
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    """Each pooled connection sends search documents as binary tsvectors."""
+    await conn.set_type_codec("tsvector", **search.TSVECTOR_CODEC)
+
+
 def _lock_key(kind: int) -> str:
     return f"{LOCK_SPACE + kind}, hashtext(current_schema())"
 
@@ -281,6 +286,7 @@ class PostgresStore:
             self.url,
             min_size=min(self._pool_min, self._pool_max),
             max_size=self._pool_max,
+            init=_init_connection,
             **self._connect_args(),
         )
 
