@@ -11,6 +11,7 @@ import itertools
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -515,3 +516,41 @@ async def test_a_search_document_reads_back_as_its_words_and_positions(pg_url: s
         assert await read("x" * 3000 + " kept") == "'kept':2"
     finally:
         await conn.close()
+
+
+async def test_an_import_rejected_or_failing_after_several_chunks_leaves_nothing(
+    pg_url: str,
+) -> None:
+    """Chunks are inserted while the next one is read; a file found bad after several of
+    them, or an insert that fails, leaves none of the import's rows, and a completion another
+    instance stored meanwhile stays. The batches are read to the end (every bad line gets
+    reported), by one thread at a time."""
+    store = await open_store(pg_url, StoreConfig(url=pg_url))
+    other = await open_store(pg_url, StoreConfig(url=pg_url))
+    try:
+        read: list[int] = []
+
+        def batches() -> Iterator[list[CompletionRecord]]:
+            for k in range(8):
+                read.append(k)
+                yield [_record(n, 100) for n in range(k * 4, k * 4 + 4)]
+
+        async def rejected() -> int:
+            return await store.import_records(batches(), accept=lambda: len(read) < 6, chunk_rows=4)
+
+        inserted, _ = await asyncio.gather(rejected(), other.write_batch([_record(1000, 100)]))
+        assert inserted == 0 and len(read) == 8
+        assert [c.id for c in (await store.list_completions("a", ListQuery())).items] == ["c1000"]
+
+        def failing() -> Iterator[list[CompletionRecord]]:
+            yield [_record(n, 100) for n in range(8)]
+            yield [_record(n, 100) for n in range(8, 12)]
+            yield [replace(_record(12, 100), model=None)]  # type: ignore[arg-type]
+
+        with pytest.raises(StoreError):
+            await store.import_records(failing(), accept=lambda: True, chunk_rows=4)
+        assert len((await store.list_completions("a", ListQuery())).items) == 1
+        assert await store.import_records(batches(), accept=lambda: True, chunk_rows=5) == 32
+    finally:
+        await store.close()
+        await other.close()

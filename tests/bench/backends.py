@@ -15,6 +15,9 @@ For each backend, in this process through ``open_store`` (the proxy's own way in
 - import: ``import_records`` of ``--import-rows`` completions into an empty store (records
   built in memory: the file parsing that ``completions-proxy import`` adds is measured by
   ``recordings_bench``);
+- ``--phase`` runs only some of these (``write``, ``writer``, ``reads``, ``import``), and
+  ``--build import`` fills the reads' store through ``import_records`` (the quick way to
+  1,000,000 rows);
 - with ``--http ROUNDS``: the proxy as a process (``serve``) on each backend in front of the
   bench's mock upstream, ``wrk`` at 32 connections, plain and streamed, ``"store": true``,
   10 s per run, the backends interleaved round by round (medians reported).
@@ -60,6 +63,7 @@ from tests.bench.run import (
     timed,
 )
 
+PHASES = ("write", "writer", "reads", "import")
 PAIRS = 400  # "a" and "b" metadata values: each matches rows / PAIRS rows, never the same one
 
 
@@ -198,22 +202,29 @@ async def run_backend(backend: str, args: argparse.Namespace, workdir: Path) -> 
         print(f"[{backend}] {text}", flush=True)
 
     result: dict[str, Any] = {}
-    async with store_at(backend, workdir, args.pg, "write") as store:
-        result["write_batch_per_s"] = await bench_write_batch(store, args.write_records)
-        log(f"write_batch {result['write_batch_per_s']:,.0f} completions/s")
-    async with store_at(backend, workdir, args.pg, "writer") as store:
-        result["writer_per_s"] = await bench_writer(store, args.write_records)
-        log(f"Writer {result['writer_per_s']:,.0f} completions/s")
-    async with store_at(backend, workdir, args.pg, "reads") as store:
-        started = time.perf_counter()
-        for batch in batches(0, args.rows, 10_000):
-            await store.write_batch(batch)
-        result["build_per_s"] = args.rows / (time.perf_counter() - started)
-        log(f"built {args.rows:,} at {result['build_per_s']:,.0f} completions/s")
-        result["reads_ms"] = await bench_reads(store, args.rows, args.calls)
-        for name, figures in result["reads_ms"].items():
-            log(f"  {name:<30} p50 {figures['p50']:7.3f} ms  p99 {figures['p99']:7.3f} ms")
-    if args.import_rows:
+    phases = set(args.phase or PHASES)
+    if "write" in phases:
+        async with store_at(backend, workdir, args.pg, "write") as store:
+            result["write_batch_per_s"] = await bench_write_batch(store, args.write_records)
+            log(f"write_batch {result['write_batch_per_s']:,.0f} completions/s")
+    if "writer" in phases:
+        async with store_at(backend, workdir, args.pg, "writer") as store:
+            result["writer_per_s"] = await bench_writer(store, args.write_records)
+            log(f"Writer {result['writer_per_s']:,.0f} completions/s")
+    if "reads" in phases:
+        async with store_at(backend, workdir, args.pg, "reads") as store:
+            started = time.perf_counter()
+            if args.build == "import":
+                await store.import_records(batches(0, args.rows, 5_000), accept=lambda: True)
+            else:
+                for batch in batches(0, args.rows, 10_000):
+                    await store.write_batch(batch)
+            result["build_per_s"] = args.rows / (time.perf_counter() - started)
+            log(f"built {args.rows:,} at {result['build_per_s']:,.0f} completions/s")
+            result["reads_ms"] = await bench_reads(store, args.rows, args.calls)
+            for name, figures in result["reads_ms"].items():
+                log(f"  {name:<30} p50 {figures['p50']:7.3f} ms  p99 {figures['p99']:7.3f} ms")
+    if args.import_rows and "import" in phases:
         async with store_at(backend, workdir, args.pg, "import") as store:
             result["import_per_s"] = await bench_import(store, args.import_rows)
             log(f"import {args.import_rows:,} at {result['import_per_s']:,.0f} rows/s")
@@ -227,7 +238,7 @@ def table(results: dict[str, dict[str, Any]]) -> str:
     for key in ("write_batch_per_s", "writer_per_s", "build_per_s", "import_per_s"):
         if key in first:
             rows.append((key, *(f"{results[n].get(key, 0):,.0f}" for n in names)))
-    for name in first["reads_ms"]:
+    for name in first.get("reads_ms", {}):
         rows.append(
             (
                 f"{name} p50/p99 ms",
@@ -321,6 +332,15 @@ def main() -> None:
     parser.add_argument("--write-records", type=int, default=50_000)
     parser.add_argument("--import-rows", type=int, default=1_000_000)
     parser.add_argument("--pg", default="postgresql://postgres@127.0.0.1:5432")
+    parser.add_argument(
+        "--phase", action="append", choices=PHASES, help="only these store phases (default: all)"
+    )
+    parser.add_argument(
+        "--build",
+        choices=("write", "import"),
+        default="write",
+        help="how the reads' store is filled: write_batch (10,000 a batch) or import_records",
+    )
     parser.add_argument("--http", type=int, default=0, metavar="ROUNDS", help="proxy req/s")
     parser.add_argument("--out", default="tests/bench/backends.json")
     args = parser.parse_args()

@@ -51,11 +51,10 @@ _NAMES = ", ".join(COMPLETION_COLUMNS)
 
 _SOURCE = ", ".join(f"u.{name}" for name in COMPLETION_COLUMNS)
 
-# One statement writes a whole batch: the completions (duplicates skipped) with their search
-# documents, the metadata rows of the new ones (taken from their encoded metadata), and the
-# exchanges; it returns how many rows were new. One statement is one transaction and one
-# round trip.
-WRITE_BATCH = f"""
+# The completions of a batch (duplicates skipped) with their search documents, and the
+# metadata rows of the new ones (taken from their encoded metadata): the first part of one
+# statement that writes a whole batch, as arrays (one per column).
+_INSERT_COMPLETIONS = f"""
 WITH new AS (
     INSERT INTO completions ({_NAMES}, search)
     SELECT {_SOURCE}, u.body
@@ -68,7 +67,11 @@ WITH new AS (
     SELECT new.seq, kv.key, kv.value, new.caller, new.created
     FROM new CROSS JOIN LATERAL jsonb_each_text(convert_from(new.metadata, 'UTF8')::jsonb) kv
     WHERE new.metadata <> '\\x7b7d'::bytea
-), exchanged AS (
+)"""
+
+# The writer's batch: completions and exchanges; returns how many rows were new. One
+# statement is one transaction and one round trip.
+WRITE_BATCH = f"""{_INSERT_COMPLETIONS}, exchanged AS (
     INSERT INTO exchanges (
         request_id, caller, created, model, stream, outcome, status, request, response,
         duration_ms
@@ -82,25 +85,8 @@ WITH new AS (
 SELECT (SELECT count(*) FROM new) + (SELECT count(*) FROM exchanged)
 """
 
-# An import's chunk: rows copied into a temporary table first (COPY), then moved in one
-# statement, as in WRITE_BATCH.
-IMPORT_STAGE = (
-    "CREATE TEMPORARY TABLE import_stage ("
-    + ", ".join(f"{name} {kind}" for name, kind in zip(COMPLETION_COLUMNS, _TYPES, strict=True))
-    + ", body tsvector, stage_order bigint) ON COMMIT DROP"
-)
-IMPORT_MOVE = f"""
-WITH new AS (
-    INSERT INTO completions ({_NAMES}, search)
-    SELECT {_SOURCE}, u.body FROM import_stage u ORDER BY u.stage_order
-    ON CONFLICT (id, caller) DO NOTHING
-    RETURNING seq, caller, created, metadata
-), pairs AS (
-    INSERT INTO completion_metadata (seq, key, value, caller, created)
-    SELECT new.seq, kv.key, kv.value, new.caller, new.created
-    FROM new CROSS JOIN LATERAL jsonb_each_text(convert_from(new.metadata, 'UTF8')::jsonb) kv
-    WHERE new.metadata <> '\\x7b7d'::bytea
-)
+# An import's chunk (in the import's transaction): completions only; how many were new.
+IMPORT_BATCH = f"""{_INSERT_COMPLETIONS}
 SELECT count(*) FROM new
 """
 

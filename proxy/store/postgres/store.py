@@ -45,7 +45,7 @@ from proxy.store.records import (
 )
 from proxy.store.text import preview
 
-IMPORT_CHUNK = 20_000  # rows staged by COPY and moved per statement during an import
+IMPORT_CHUNK = 5_000  # rows per statement during an import
 EXPORT_BATCH = 2_000
 # Tables whose rows hold content (see prune): rewritten when a quarter of one was deleted.
 CONTENT_TABLES = (
@@ -155,33 +155,6 @@ def _exchange_columns(records: Sequence[ExchangeRecord]) -> list[list[Any]]:
         [r.response for r in records],
         [r.duration_ms for r in records],
     ]
-
-
-def _stage_rows(
-    records: Sequence[CompletionRecord], now: float, first: int
-) -> Iterator[tuple[Any, ...]]:
-    """Rows for COPY into the import stage: the completion's columns and their file order."""
-    for order, r in enumerate(records, first):
-        yield (
-            r.id,
-            r.caller,
-            r.created,
-            r.model,
-            _dump_metadata(r.metadata),
-            r.completion,
-            r.request,
-            r.request_id,
-            r.stream,
-            r.outcome,
-            r.stored_at if r.stored_at is not None else now,
-            r.duration_ms,
-            r.request_key,
-            r.prompt_tokens,
-            r.cached_tokens,
-            r.completion_tokens,
-            search.document(r.request, r.completion),
-            order,
-        )
 
 
 async def _audit(  # noqa: PLR0917 - one row's columns, in the table's order
@@ -332,44 +305,44 @@ class PostgresStore:
         accept: Callable[[], bool],
         chunk_rows: int | None = None,
     ) -> int:
-        """Insert every batch in one transaction; return how many were new. Rows are copied
-        (COPY, binary) into a temporary stage and moved into the tables ``chunk_rows`` at a
-        time. If ``accept()`` turns false or anything fails, the transaction rolls back:
-        nothing the import wrote stays, whatever else was written meanwhile. Batches are
-        produced off the event loop (they may wait on parsing processes)."""
+        """Insert every batch in one transaction; return how many were new. Batches are
+        gathered into chunks of ``chunk_rows`` and each chunk is one statement (arrays, as
+        in ``write_batch``). The next chunk is read and its columns built (search
+        documents: most of this process's work) in a thread while the server inserts the
+        current one, so the two overlap. If ``accept()`` turns false or anything fails,
+        the transaction rolls back: nothing the import wrote stays, whatever else was
+        written meanwhile."""
         chunk = chunk_rows or IMPORT_CHUNK
         pending = iter(batches)
-        inserted = 0
         now = time.time()
-        columns = [*queries.COMPLETION_COLUMNS, "body", "stage_order"]
+
+        def next_chunk() -> list[list[Any]] | None:
+            rows: list[CompletionRecord] = []
+            while len(rows) < chunk and accept():
+                batch = next(pending, None)
+                if batch is None:
+                    break
+                rows += batch
+            return _columns(rows, now) if rows else None
+
+        inserted = 0
         async with self._acquire() as conn:
+            ahead = asyncio.ensure_future(asyncio.to_thread(next_chunk))
             try:
                 async with conn.transaction():
                     await conn.execute("SET LOCAL statement_timeout = 0")
-                    await conn.execute(queries.IMPORT_STAGE)
-                    staged = total = 0
-                    while True:
-                        batch = await asyncio.to_thread(next, pending, None)
-                        if batch is None or not accept():
-                            break
-                        await conn.copy_records_to_table(
-                            "import_stage",
-                            records=_stage_rows(batch, now, total),
-                            columns=columns,
-                        )
-                        staged += len(batch)
-                        total += len(batch)
-                        if staged >= chunk:
-                            inserted += await conn.fetchval(queries.IMPORT_MOVE)
-                            await conn.execute("TRUNCATE import_stage")
-                            staged = 0
+                    while (columns := await ahead) is not None and accept():
+                        ahead = asyncio.ensure_future(asyncio.to_thread(next_chunk))
+                        inserted += await conn.fetchval(queries.IMPORT_BATCH, *columns)
                     if not accept():
                         raise _Rejected
-                    if staged:
-                        inserted += await conn.fetchval(queries.IMPORT_MOVE)
             except _Rejected:
                 await asyncio.to_thread(_drain, pending)  # the report names every bad line
                 return 0
+            finally:
+                # The batches are read by one thread at a time: a failed insert waits for
+                # the chunk being read before anything else reads on.
+                await asyncio.wait([ahead])
         return inserted
 
     async def update_metadata(
