@@ -25,7 +25,7 @@ from aiohttp.test_utils import TestClient
 
 from proxy.app import create_app
 from proxy.config import StoreConfig
-from proxy.models import ListQuery
+from proxy.models import ListQuery, PageQuery
 from proxy.store import CompletionRecord, StoreError, open_store
 from proxy.store.postgres import search
 from proxy.store.postgres.migrations import LOCK_SPACE, MIGRATIONS, RETENTION_LOCK, applied, migrate
@@ -554,3 +554,67 @@ async def test_an_import_rejected_or_failing_after_several_chunks_leaves_nothing
     finally:
         await store.close()
         await other.close()
+
+
+async def test_several_pairs_are_read_from_the_rarest_and_checked_by_signature(
+    pg_url: str,
+) -> None:
+    """Whatever order the pairs come in and whichever way the list goes, the answer is the
+    same; a metadata update moves a completion's signature with its pairs; metadata rows
+    stored before signatures existed get theirs when the store opens."""
+    conn = await asyncpg.connect(pg_url)
+    try:  # a store as p004 left it, with one completion and its metadata rows
+        await conn.execute(
+            "CREATE TABLE _migrations (name text PRIMARY KEY, applied_at double precision)"
+        )
+        for step in MIGRATIONS:
+            if step.name < "p005":
+                for statement in step.statements:
+                    await conn.execute(statement)
+                await conn.execute("INSERT INTO _migrations VALUES ($1, 0)", step.name)
+        seq = await conn.fetchval(
+            "INSERT INTO completions (id, caller, created, model, metadata, completion, request,"
+            " stream, outcome, stored_at) VALUES ('c-old', 'a', 1, 'm', $1, '\\x7b7d',"
+            " '\\x7b7d', false, 'complete', 0) RETURNING seq",
+            b'{"env":"prod","user":"u1"}',
+        )
+        await conn.execute(
+            "INSERT INTO completion_metadata (seq, key, value, caller, created)"
+            " VALUES ($1, 'env', 'prod', 'a', 1), ($1, 'user', 'u1', 'a', 1)",
+            seq,
+        )
+    finally:
+        await conn.close()
+    store = await open_store(pg_url, StoreConfig(url=pg_url))
+    try:
+        common, rare, other = ("env", "prod"), ("user", "u1"), ("user", "u2")
+        records = [
+            replace(
+                _record(n, 100 + n),
+                metadata={"env": "prod", "user": "u1" if n in (3, 7) else f"x{n}"},
+            )
+            for n in range(1, 41)
+        ] + [
+            replace(_record(n, 100 + n), metadata={"env": "dev", "user": "u2"})
+            for n in range(41, 61)
+        ]
+        await store.write_batch(records)
+        for pairs in ((common, rare), (rare, common)):
+            for order in ("asc", "desc"):
+                page = await store.list_completions(
+                    "a", ListQuery(metadata=pairs, page=PageQuery(order=order))
+                )
+                expected = ["c-old", "c3", "c7"]
+                assert [item.id for item in page.items] == (
+                    expected if order == "asc" else expected[::-1]
+                )
+        for pairs in ((common, other), (other, common)):  # many rows each, never the same one
+            page = await store.list_completions("a", ListQuery(metadata=pairs))
+            assert page.items == [] and not page.has_more
+        await store.update_metadata("a", "c41", {"env": "prod", "user": "u1"}, "test")
+        page = await store.list_completions("a", ListQuery(metadata=(rare, common)))
+        assert [item.id for item in page.items] == ["c-old", "c3", "c7", "c41"]
+        found = await store.list_completions("a", ListQuery(metadata=(other, ("env", "dev"))))
+        assert "c41" not in [item.id for item in found.items]
+    finally:
+        await store.close()

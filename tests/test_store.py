@@ -17,9 +17,9 @@ import pytest
 from proxy.models import ListQuery, PageQuery
 from proxy.responses import stored_completion
 from proxy.store import CompletionRecord, StoreError, UnknownCursor
+from proxy.store.signature import pair_bits, signature
 from proxy.store.sqlite import SQLiteStore
 from proxy.store.sqlite.migrations import MIGRATIONS, migrate
-from proxy.store.sqlite.signature import pair_bits, signature
 from proxy.store.sqlite.store import _CALLERS, CALLERS_PER_READ, PAGE_SIZE
 from proxy.writer import Writer
 

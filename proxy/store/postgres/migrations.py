@@ -19,8 +19,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import asyncpg
+import orjson
 
 from proxy.store.postgres.search import TSVECTOR_CODEC, document
+from proxy.store.signature import signature
 
 # The first key of the two-key advisory locks this store takes; the second names the schema.
 LOCK_SPACE = 0x63707278  # "cprx"
@@ -51,6 +53,25 @@ async def _backfill_search(conn: asyncpg.Connection) -> None:
             [document(row[1], row[2]) for row in rows],
         )
         last = rows[-1][0]
+
+
+async def _backfill_signatures(conn: asyncpg.Connection) -> None:
+    """Give completions stored before p005, and their metadata rows, their signature."""
+    last = 0
+    while rows := await conn.fetch(
+        "SELECT seq, metadata FROM completions WHERE seq > $1 ORDER BY seq LIMIT 5000", last
+    ):
+        seqs = [row[0] for row in rows]
+        sigs = [signature(orjson.loads(row[1]).items()) for row in rows]
+        for table in ("completions", "completion_metadata"):
+            await conn.execute(
+                f"UPDATE {table} t SET sig = d.sig"
+                " FROM unnest($1::bigint[], $2::bigint[]) AS d(seq, sig)"
+                " WHERE t.seq = d.seq AND d.sig <> 0",
+                seqs,
+                sigs,
+            )
+        last = seqs[-1]
 
 
 MIGRATIONS: tuple[Migration, ...] = (
@@ -226,6 +247,26 @@ MIGRATIONS: tuple[Migration, ...] = (
             END
             $$
             """,
+        ),
+    ),
+    Migration(
+        "p005_metadata_signature",
+        (
+            # The completion's metadata signature (proxy.store.signature) on the completion
+            # and on each of its metadata rows: a list with several pairs walks the rarest
+            # pair's index entries and rules most rows out by the signature alone.
+            "ALTER TABLE completions ADD COLUMN sig bigint NOT NULL DEFAULT 0",
+            "ALTER TABLE completion_metadata ADD COLUMN sig bigint NOT NULL DEFAULT 0",
+        ),
+        _backfill_signatures,
+    ),
+    Migration(
+        "p006_metadata_index_with_signature",
+        (
+            # The pairs' index carries the signature, so the walk reads nothing else.
+            "CREATE INDEX completion_metadata_pairs"
+            " ON completion_metadata (caller, key, value, created, seq) INCLUDE (sig)",
+            "DROP INDEX completion_metadata_lookup",
         ),
     ),
 )

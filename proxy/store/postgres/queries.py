@@ -6,9 +6,11 @@ connection, so every shape of query can be read (and explained) on its own.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from proxy.models import ListQuery, Order
+from proxy.store.signature import signature
 
 # The columns of a completion row, in CompletionRecord's order (seq apart).
 COMPLETION_COLUMNS = (
@@ -56,15 +58,17 @@ _SOURCE = ", ".join(f"u.{name}" for name in COMPLETION_COLUMNS)
 # statement that writes a whole batch, as arrays (one per column).
 _INSERT_COMPLETIONS = f"""
 WITH new AS (
-    INSERT INTO completions ({_NAMES}, search)
-    SELECT {_SOURCE}, u.body
-    FROM unnest({", ".join(f"${i}::{t}[]" for i, t in enumerate(_TYPES, 1))}, $17::tsvector[])
-        AS u({_NAMES}, body)
+    INSERT INTO completions ({_NAMES}, search, sig)
+    SELECT {_SOURCE}, u.body, u.sig
+    FROM unnest(
+        {", ".join(f"${i}::{t}[]" for i, t in enumerate(_TYPES, 1))},
+        $17::tsvector[], $18::bigint[]
+    ) AS u({_NAMES}, body, sig)
     ON CONFLICT (id, caller) DO NOTHING
-    RETURNING seq, caller, created, metadata
+    RETURNING seq, caller, created, metadata, sig
 ), pairs AS (
-    INSERT INTO completion_metadata (seq, key, value, caller, created)
-    SELECT new.seq, kv.key, kv.value, new.caller, new.created
+    INSERT INTO completion_metadata (seq, key, value, caller, created, sig)
+    SELECT new.seq, kv.key, kv.value, new.caller, new.created, new.sig
     FROM new CROSS JOIN LATERAL jsonb_each_text(convert_from(new.metadata, 'UTF8')::jsonb) kv
     WHERE new.metadata <> '\\x7b7d'::bytea
 )"""
@@ -77,8 +81,8 @@ WRITE_BATCH = f"""{_INSERT_COMPLETIONS}, exchanged AS (
         duration_ms
     )
     SELECT * FROM unnest(
-        $18::text[], $19::text[], $20::bigint[], $21::text[], $22::boolean[], $23::text[],
-        $24::integer[], $25::bytea[], $26::bytea[], $27::double precision[]
+        $19::text[], $20::text[], $21::bigint[], $22::text[], $23::boolean[], $24::text[],
+        $25::integer[], $26::bytea[], $27::bytea[], $28::double precision[]
     )
     RETURNING 1
 )
@@ -101,9 +105,8 @@ WITH RECURSIVE callers(caller) AS (
 )
 """
 
-# Filters matching fewer rows than this (per caller) are read whole and intersected; a
-# commoner filter is walked in list order (see page).
-RARE = 2000
+# Each metadata pair's rows are counted up to this many to find the rarest (see rarity).
+RAREST_CAP = 5_000
 
 
 @dataclass(slots=True)
@@ -132,48 +135,45 @@ def _direction(order: Order) -> tuple[str, str]:
     return ("ASC", ">") if order == "asc" else ("DESC", "<")
 
 
+def sig_check(p: Params, pairs: Sequence[tuple[str, str]], row: str = "k") -> str:
+    """SQL true unless row ``row``'s signature rules out one of ``pairs`` (see
+    ``proxy.store.signature``): read from the index entry, before any exact check."""
+    mask = p(signature(pairs))
+    return f"({row}.sig & {mask}::bigint) = {mask}::bigint"
+
+
 def page_keys(  # noqa: PLR0917 - one page's coordinates
     caller: str,
     query: ListQuery,
     cursor: tuple[int, int] | None,
     p: Params,
     limit: int,
-    rare: tuple[tuple[str, str], ...] = (),
+    driver: int = 0,
 ) -> str:
     """SQL for one caller's next ``limit`` keys ``(created, seq)`` in list order.
 
     ``caller`` is SQL (a placeholder, or a column of an enclosing query). Without metadata
-    filters it reads the caller's order index (or the model's); with them it walks the
-    first common filter's index range in order and checks the other pairs by primary key,
-    stopping at ``limit``. The ``rare`` pairs (each matching few rows) are instead read whole
-    and intersected first, so two filters that each match thousands of rows but seldom the
-    same one cost two short index reads rather than a walk of thousands of rows.
+    filters it reads the caller's order index (or the model's). With them it walks pair
+    ``driver``'s index range in order (the rarest pair, see ``rarity``), stopping at
+    ``limit``; each entry is checked for the other pairs first by the signature on the
+    entry itself (no other read), then, for the few that pass, exactly by primary key. So
+    two pairs that never meet cost a walk of the rarer one's index entries, nothing else.
     """
     direction, compare = _direction(query.page.order)
-    common = [pair for pair in query.metadata if pair not in rare]
     where: list[str] = []
-    if rare:
-        sets = [
-            f"SELECT seq FROM completion_metadata WHERE caller = {caller}"
-            f" AND key = {p(key)} AND value = {p(value)}"
-            for key, value in rare
-        ]
-        # ANY(ARRAY(...)): the set (the caller's rows already) is read once, first, and its
-        # rows fetched by primary key, whatever the planner's statistics say.
-        source = f"completions k WHERE k.seq = ANY(ARRAY({' INTERSECT '.join(sets)}))"
-        keys = "k.created, k.seq"
-    elif common:
-        key, value = common.pop(0)
+    if query.metadata:
+        key, value = query.metadata[driver]
+        rest = query.metadata[:driver] + query.metadata[driver + 1 :]
         source = (
             f"completion_metadata k WHERE k.caller = {caller} AND k.key = {p(key)}"
             f" AND k.value = {p(value)}"
         )
-        keys = "k.created, k.seq"
+        if rest:
+            where.append(sig_check(p, rest))
+        where += [pair_check(p, key, value) for key, value in rest]
     else:
         source = f"completions k WHERE k.caller = {caller}"
-        keys = "k.created, k.seq"
-    for key, value in common:
-        where.append(pair_check(p, key, value))
+    keys = "k.created, k.seq"
     if query.model is not None:
         if source.startswith("completions"):
             where.append(f"k.model = {p(query.model)}")
@@ -205,7 +205,7 @@ def page(
     caller: str | None,
     query: ListQuery,
     cursor: tuple[int, int] | None,
-    rare: tuple[tuple[str, str], ...] = (),
+    driver: int = 0,
     columns: str = PAGE_COLUMNS,
 ) -> tuple[str, list[object]]:
     """A whole page of completions (``columns``), one more than the limit.
@@ -218,7 +218,7 @@ def page(
     limit = query.page.limit
     direction, _ = _direction(query.page.order)
     if caller is not None:
-        keys = page_keys(p(caller), query, cursor, p, limit, rare)
+        keys = page_keys(p(caller), query, cursor, p, limit, driver)
         sql = f"WITH keys AS ({keys})"
     else:
         inner = page_keys("callers.caller", query, cursor, p, limit)
@@ -256,6 +256,8 @@ def search_page(
     ):
         if value is not None:
             where.append(clause.format(p(value)))
+    if query.metadata:
+        where.append(sig_check(p, query.metadata, "c"))
     for key, value in query.metadata:
         where.append(pair_check(p, key, value, "c"))
     sql = (
@@ -266,13 +268,13 @@ def search_page(
 
 
 def rarity(caller: str, pairs: tuple[tuple[str, str], ...]) -> tuple[str, list[object]]:
-    """How many rows each pair matches for ``caller``, counted up to ``RARE``: one short
-    index-only read per pair."""
+    """How many rows each pair matches for ``caller``, counted up to ``RAREST_CAP``: one
+    short index-only read per pair."""
     p = Params()
     who = p(caller)
     counts = [
         "(SELECT count(*) FROM (SELECT 1 FROM completion_metadata WHERE caller = "
-        f"{who} AND key = {p(key)} AND value = {p(value)} LIMIT {RARE}) s)"
+        f"{who} AND key = {p(key)} AND value = {p(value)} LIMIT {RAREST_CAP}) s)"
         for key, value in pairs
     ]
     return f"SELECT {', '.join(counts)}", p.values

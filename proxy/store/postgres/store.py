@@ -43,9 +43,11 @@ from proxy.store.records import (
     UsageRow,
     Writable,
 )
+from proxy.store.signature import signature
 from proxy.store.text import preview
 
 IMPORT_CHUNK = 5_000  # rows per statement during an import
+SPLIT_BATCH = 64  # completions from which write_batch overlaps building and inserting
 EXPORT_BATCH = 2_000
 # Tables whose rows hold content (see prune): rewritten when a quarter of one was deleted.
 CONTENT_TABLES = (
@@ -139,6 +141,7 @@ def _columns(records: Sequence[CompletionRecord], now: float) -> list[list[Any]]
         [r.cached_tokens for r in records],
         [r.completion_tokens for r in records],
         [search.document(r.request, r.completion) for r in records],
+        [signature(r.metadata.items()) for r in records],
     ]
 
 
@@ -280,15 +283,33 @@ class PostgresStore:
     # -- writes ------------------------------------------------------------------------------
 
     async def write_batch(self, records: Sequence[Writable]) -> int:
-        """Write records in one statement (one transaction); return how many were new."""
+        """Write records in one transaction; return how many were new.
+
+        A batch is one statement (one round trip). A large batch is two, in one transaction:
+        the second half's columns (search documents, most of this process's work) are built
+        in a thread while the server inserts the first half, so the two overlap."""
         completions = [r for r in records if isinstance(r, CompletionRecord)]
         exchanges = [r for r in records if isinstance(r, ExchangeRecord)]
+        now = time.time()
         async with self._acquire() as conn:
-            inserted: int = await conn.fetchval(
-                queries.WRITE_BATCH,
-                *_columns(completions, time.time()),
-                *_exchange_columns(exchanges),
-            )
+            if len(completions) < SPLIT_BATCH:
+                inserted: int = await conn.fetchval(
+                    queries.WRITE_BATCH,
+                    *_columns(completions, now),
+                    *_exchange_columns(exchanges),
+                )
+                return inserted
+            half = len(completions) // 2
+            first = _columns(completions[:half], now)
+            later = asyncio.ensure_future(asyncio.to_thread(_columns, completions[half:], now))
+            try:
+                async with conn.transaction():
+                    inserted = await conn.fetchval(
+                        queries.WRITE_BATCH, *first, *_exchange_columns(exchanges)
+                    )
+                    inserted += await conn.fetchval(queries.IMPORT_BATCH, *await later)
+            finally:
+                await asyncio.wait([later])
         return inserted
 
     async def probe_write(self) -> None:
@@ -355,22 +376,26 @@ class PostgresStore:
             if found is None:
                 return None
             seq, owner, created, before = found
+            sig = signature(metadata.items())
             completion = await conn.fetchval(
-                "UPDATE completions SET metadata = $1 WHERE seq = $2 RETURNING completion",
+                "UPDATE completions SET metadata = $1, sig = $2 WHERE seq = $3"
+                " RETURNING completion",
                 encoded,
+                sig,
                 seq,
             )
             await conn.execute("DELETE FROM completion_metadata WHERE seq = $1", seq)
             if metadata:
                 await conn.execute(
-                    "INSERT INTO completion_metadata (seq, key, value, caller, created)"
-                    " SELECT $1, key, value, $2, $3 FROM unnest($4::text[], $5::text[])"
+                    "INSERT INTO completion_metadata (seq, key, value, caller, created, sig)"
+                    " SELECT $1, key, value, $2, $3, $6 FROM unnest($4::text[], $5::text[])"
                     " AS pairs(key, value)",
                     seq,
                     owner,
                     created,
                     list(metadata),
                     list(metadata.values()),
+                    sig,
                 )
             await _audit(
                 conn,
@@ -658,17 +683,13 @@ class PostgresStore:
                 scope, query, match, None if cursor is None else cursor[1], columns
             )
         else:
-            rare: tuple[tuple[str, str], ...] = ()
+            driver = 0
             if scope is not None and len(query.metadata) > 1:
                 sql, params = queries.rarity(scope, query.metadata)
                 counts = await self._p.fetchrow(sql, *params)
                 assert counts is not None
-                rare = tuple(
-                    pair
-                    for pair, count in zip(query.metadata, counts, strict=True)
-                    if count < queries.RARE
-                )
-            sql, params = queries.page(scope, query, cursor, rare, columns)
+                driver = min(range(len(query.metadata)), key=lambda i: counts[i])
+            sql, params = queries.page(scope, query, cursor, driver, columns)
         rows = await self._p.fetch(sql, *params)
         return rows[: page.limit], len(rows) > page.limit
 

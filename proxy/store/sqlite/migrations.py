@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import orjson
 
 from proxy.identity import request_key
-from proxy.store.sqlite.signature import signature
+from proxy.store.signature import signature
 from proxy.store.text import filter_tags, searchable
 
 

@@ -44,9 +44,9 @@ from proxy.store.records import (
     UsageRow,
     Writable,
 )
+from proxy.store.signature import signature
 from proxy.store.sqlite.connection import ThreadedConnection
 from proxy.store.sqlite.migrations import migrate
-from proxy.store.sqlite.signature import signature
 from proxy.store.text import filter_tags, fts5_query, preview, searchable
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Iterable
 
-BITS = 63  # SQLite integers are signed 64-bit: bit 63 stays clear
+BITS = 63  # both backends keep it as a signed 64-bit integer: bit 63 stays clear
 
 
 def pair_bits(key: str, value: str) -> int:
