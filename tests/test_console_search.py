@@ -12,9 +12,10 @@ import asyncpg
 import openai
 import pytest
 
+from proxy.config import StoreConfig
 from proxy.keys import STORE
 from proxy.models import ListQuery, PageQuery
-from proxy.store import CompletionRecord, StoreError
+from proxy.store import CompletionRecord, StoreError, open_store
 from proxy.store.sqlite import SQLiteStore
 from proxy.store.text import filter_tags, fts5_query, searchable
 from tests.conftest import BACKENDS
@@ -256,13 +257,13 @@ def test_searchable_text_and_query_are_pure() -> None:
     assert fts5_query("  ") is None
 
 
+@both
 async def test_usage_over_whole_days_reads_the_rollup_and_matches_the_rows(
-    tmp_path: Path,
+    store_url: str,
 ) -> None:
     """Whole-day bounds read usage_by_day (kept by triggers); other bounds sum the rows.
-    Both must agree, through inserts, a delete and a prune."""
-    store = SQLiteStore(tmp_path / "usage.db")
-    await store.open()
+    Both must agree, through inserts, a delete and a prune, on each backend."""
+    store = await open_store(store_url, StoreConfig())
     try:
         records = [
             replace(

@@ -28,6 +28,22 @@ MIGRATE_LOCK = 1
 RETENTION_LOCK = 2
 
 
+# A completion's UTC day, from its ``created`` (Unix seconds).
+USAGE_DAY = "(to_timestamp(created) AT TIME ZONE 'UTC')::date"
+
+_USAGE_UPSERT = f"""
+                INSERT INTO usage_by_day AS u
+                SELECT {USAGE_DAY} AS day, caller, model, {{sign}}count(*),
+                    {{sign}}sum(prompt_tokens), {{sign}}sum(cached_tokens),
+                    {{sign}}sum(completion_tokens)
+                FROM {{rows}} GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
+                ON CONFLICT (day, caller, model) DO UPDATE SET
+                    completions = u.completions + excluded.completions,
+                    prompt_tokens = u.prompt_tokens + excluded.prompt_tokens,
+                    cached_tokens = u.cached_tokens + excluded.cached_tokens,
+                    completion_tokens = u.completion_tokens + excluded.completion_tokens;"""
+
+
 @dataclass(frozen=True, slots=True)
 class Migration:
     name: str
@@ -205,6 +221,54 @@ MIGRATIONS: tuple[Migration, ...] = (
         (
             # Console sessions signed out before they expire, refused by every instance.
             "CREATE TABLE ended_sessions (sid text PRIMARY KEY, expires double precision NOT NULL)",
+        ),
+    ),
+    Migration(
+        "p005_usage_by_day",
+        (
+            # Tokens per (UTC day, caller, model), kept by statement triggers in every
+            # transaction that adds or removes completions, so usage over whole days reads a
+            # few rows per day instead of every completion in the range. One grouped upsert
+            # per statement (a batch, an import chunk, a prune), in key order, so concurrent
+            # writers lock the rows they share in the same order and never deadlock.
+            """
+            CREATE TABLE usage_by_day (
+                day date NOT NULL,
+                caller text NOT NULL,
+                model text NOT NULL,
+                completions bigint NOT NULL,
+                prompt_tokens bigint NOT NULL,
+                cached_tokens bigint NOT NULL,
+                completion_tokens bigint NOT NULL,
+                PRIMARY KEY (day, caller, model)
+            )
+            """,
+            f"""
+            CREATE FUNCTION usage_by_day_add() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                {_USAGE_UPSERT.format(rows="added", sign="+")}
+                RETURN NULL;
+            END $$
+            """,
+            f"""
+            CREATE FUNCTION usage_by_day_remove() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                {_USAGE_UPSERT.format(rows="removed", sign="-")}
+                RETURN NULL;
+            END $$
+            """,
+            "CREATE TRIGGER usage_by_day_insert AFTER INSERT ON completions"
+            " REFERENCING NEW TABLE AS added FOR EACH STATEMENT"
+            " EXECUTE FUNCTION usage_by_day_add()",
+            "CREATE TRIGGER usage_by_day_delete AFTER DELETE ON completions"
+            " REFERENCING OLD TABLE AS removed FOR EACH STATEMENT"
+            " EXECUTE FUNCTION usage_by_day_remove()",
+            f"""
+            INSERT INTO usage_by_day
+            SELECT {USAGE_DAY} AS day, caller, model, count(*), sum(prompt_tokens),
+                sum(cached_tokens), sum(completion_tokens)
+            FROM completions GROUP BY 1, 2, 3
+            """,
         ),
     ),
 )
