@@ -19,8 +19,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import asyncpg
+import orjson
 
-from proxy.store.postgres.search import document
+from proxy.store.postgres.search import document, tag_words
+from proxy.store.text import filter_tags
 
 # The first key of the two-key advisory locks this store takes; the second names the schema.
 LOCK_SPACE = 0x63707278  # "cprx"
@@ -64,6 +66,27 @@ async def _backfill_search(conn: asyncpg.Connection) -> None:
             " FROM unnest($1::bigint[], $2::text[]) AS d(seq, body) WHERE c.seq = d.seq",
             [row[0] for row in rows],
             [document(row[1], row[2]) for row in rows],
+        )
+        last = rows[-1][0]
+
+
+async def _backfill_search_tags(conn: asyncpg.Connection) -> None:
+    """Add each stored completion's filter tags (caller, model, metadata pairs) to its
+    search document, so a search with filters intersects them inside the index."""
+    last = 0
+    while rows := await conn.fetch(
+        "SELECT seq, caller, model, metadata FROM completions WHERE seq > $1"
+        " ORDER BY seq LIMIT 5000",
+        last,
+    ):
+        await conn.execute(
+            "UPDATE completions c SET search = c.search || d.tags::tsvector"
+            " FROM unnest($1::bigint[], $2::text[]) AS d(seq, tags) WHERE c.seq = d.seq",
+            [row[0] for row in rows],
+            [
+                " ".join(tag_words(filter_tags(row[1], row[2], orjson.loads(row[3]).items())))
+                for row in rows
+            ],
         )
         last = rows[-1][0]
 
@@ -270,6 +293,11 @@ MIGRATIONS: tuple[Migration, ...] = (
             FROM completions GROUP BY 1, 2, 3
             """,
         ),
+    ),
+    Migration(
+        "p006_search_tags",
+        (),  # the search documents gain their completions' filter tags
+        _backfill_search_tags,
     ),
 )
 

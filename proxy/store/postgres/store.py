@@ -43,7 +43,7 @@ from proxy.store.records import (
     UsageRow,
     Writable,
 )
-from proxy.store.text import preview
+from proxy.store.text import filter_tags, preview
 
 IMPORT_CHUNK = 20_000  # rows staged by COPY and moved per statement during an import
 EXPORT_BATCH = 2_000
@@ -129,6 +129,10 @@ def _store_errors(cls: Cls) -> Cls:
     return cls
 
 
+def _tags(record: CompletionRecord) -> list[str]:
+    return filter_tags(record.caller, record.model, record.metadata.items())
+
+
 def _dump_metadata(metadata: dict[str, str]) -> bytes:
     return orjson.dumps(metadata, option=orjson.OPT_SORT_KEYS)
 
@@ -152,7 +156,7 @@ def _columns(records: Sequence[CompletionRecord], now: float) -> list[list[Any]]
         [r.prompt_tokens for r in records],
         [r.cached_tokens for r in records],
         [r.completion_tokens for r in records],
-        [search.document(r.request, r.completion) for r in records],
+        [search.document(r.request, r.completion, _tags(r)) for r in records],
     ]
 
 
@@ -193,7 +197,7 @@ def _stage_rows(
             r.prompt_tokens,
             r.cached_tokens,
             r.completion_tokens,
-            search.document(r.request, r.completion),
+            search.document(r.request, r.completion, _tags(r)),
             order,
         )
 
@@ -398,10 +402,15 @@ class PostgresStore:
             if found is None:
                 return None
             seq, owner, created, before = found
+            # The pairs' search tags change with them (the caller's and model's stay).
             completion = await conn.fetchval(
-                "UPDATE completions SET metadata = $1 WHERE seq = $2 RETURNING completion",
+                "UPDATE completions SET metadata = $1,"
+                " search = ts_delete(search, $3::text[]) || $4::tsvector"
+                " WHERE seq = $2 RETURNING completion",
                 encoded,
                 seq,
+                filter_tags(None, None, orjson.loads(before).items()),
+                " ".join(search.tag_words(filter_tags(None, None, metadata.items()))),
             )
             await conn.execute("DELETE FROM completion_metadata WHERE seq = $1", seq)
             if metadata:
@@ -694,10 +703,11 @@ class PostgresStore:
             return [], False
         scope = caller if query.owner is None else query.owner
         if query.search is not None:
-            match = search.query(query.search)
+            tags = filter_tags(scope, query.model, query.metadata)
+            match = search.query(query.search, tags)
             if match is None:
                 return [], False
-            sql, params = queries.search_page(
+            return await self._search_page(
                 scope, query, match, None if cursor is None else cursor[1], columns
             )
         else:
@@ -714,6 +724,31 @@ class PostgresStore:
             sql, params = queries.page(scope, query, cursor, rare, columns)
         rows = await self._p.fetch(sql, *params)
         return rows[: page.limit], len(rows) > page.limit
+
+    async def _search_page(
+        self, scope: str | None, query: ListQuery, match: str, cursor: int | None, columns: str
+    ) -> tuple[list[asyncpg.Record], bool]:
+        """A page of search results in two steps, since no one plan fits every search.
+
+        First the newest ``SEARCH_WINDOW`` completions in scope are tested one by one: a
+        common word fills its page there at once. Only a search that does not is asked of
+        the index alone (index scans and sequential scans turned off for that query): the
+        words and filter tags are intersected inside the GIN index and only their matches
+        are read, however the planner rates a combination it cannot foresee (a word and a
+        pair that never meet would otherwise walk every completion)."""
+        limit = query.page.limit
+        sql, params = queries.search_page(
+            scope, query, match, cursor, columns, window=queries.SEARCH_WINDOW
+        )
+        rows = await self._p.fetch(sql, *params)
+        if len(rows) > limit:
+            return rows[:limit], True
+        sql, params = queries.search_page(scope, query, match, cursor, columns)
+        async with self._acquire() as conn, conn.transaction():
+            await conn.execute("SET LOCAL enable_indexscan = off")
+            await conn.execute("SET LOCAL enable_seqscan = off")
+            rows = await conn.fetch(sql, *params)
+        return rows[:limit], len(rows) > limit
 
     async def list_exchanges(
         self, caller: str | None, page: PageQuery, *, outcome: str | None = None
