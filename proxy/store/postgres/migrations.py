@@ -21,13 +21,30 @@ from dataclasses import dataclass
 import asyncpg
 import orjson
 
-from proxy.store.postgres.search import TSVECTOR_CODEC, document
+from proxy.store.postgres.search import TSVECTOR_CODEC, document, tag_words
 from proxy.store.signature import signature
+from proxy.store.text import filter_tags
 
 # The first key of the two-key advisory locks this store takes; the second names the schema.
 LOCK_SPACE = 0x63707278  # "cprx"
 MIGRATE_LOCK = 1
 RETENTION_LOCK = 2
+
+
+# A completion's UTC day, from its ``created`` (Unix seconds).
+USAGE_DAY = "(to_timestamp(created) AT TIME ZONE 'UTC')::date"
+
+_USAGE_UPSERT = f"""
+                INSERT INTO usage_by_day AS u
+                SELECT {USAGE_DAY} AS day, caller, model, {{sign}}count(*),
+                    {{sign}}sum(prompt_tokens), {{sign}}sum(cached_tokens),
+                    {{sign}}sum(completion_tokens)
+                FROM {{rows}} GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
+                ON CONFLICT (day, caller, model) DO UPDATE SET
+                    completions = u.completions + excluded.completions,
+                    prompt_tokens = u.prompt_tokens + excluded.prompt_tokens,
+                    cached_tokens = u.cached_tokens + excluded.cached_tokens,
+                    completion_tokens = u.completion_tokens + excluded.completion_tokens;"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,8 +72,29 @@ async def _backfill_search(conn: asyncpg.Connection) -> None:
         last = rows[-1][0]
 
 
+async def _backfill_search_tags(conn: asyncpg.Connection) -> None:
+    """Add each stored completion's filter tags (caller, model, metadata pairs) to its
+    search document, so a search with filters intersects them inside the index."""
+    last = 0
+    while rows := await conn.fetch(
+        "SELECT seq, caller, model, metadata FROM completions WHERE seq > $1"
+        " ORDER BY seq LIMIT 5000",
+        last,
+    ):
+        await conn.execute(
+            "UPDATE completions c SET search = c.search || d.tags::tsvector"
+            " FROM unnest($1::bigint[], $2::text[]) AS d(seq, tags) WHERE c.seq = d.seq",
+            [row[0] for row in rows],
+            [
+                " ".join(tag_words(filter_tags(row[1], row[2], orjson.loads(row[3]).items())))
+                for row in rows
+            ],
+        )
+        last = rows[-1][0]
+
+
 async def _backfill_signatures(conn: asyncpg.Connection) -> None:
-    """Give completions stored before p005, and their metadata rows, their signature."""
+    """Give completions stored before p008, and their metadata rows, their signature."""
     last = 0
     while rows := await conn.fetch(
         "SELECT seq, metadata FROM completions WHERE seq > $1 ORDER BY seq LIMIT 5000", last
@@ -230,7 +268,60 @@ MIGRATIONS: tuple[Migration, ...] = (
         ),
     ),
     Migration(
-        "p004_lz4_bodies",
+        "p005_usage_by_day",
+        (
+            # Tokens per (UTC day, caller, model), kept by statement triggers in every
+            # transaction that adds or removes completions, so usage over whole days reads a
+            # few rows per day instead of every completion in the range. One grouped upsert
+            # per statement (a batch, an import chunk, a prune), in key order, so concurrent
+            # writers lock the rows they share in the same order and never deadlock.
+            """
+            CREATE TABLE usage_by_day (
+                day date NOT NULL,
+                caller text NOT NULL,
+                model text NOT NULL,
+                completions bigint NOT NULL,
+                prompt_tokens bigint NOT NULL,
+                cached_tokens bigint NOT NULL,
+                completion_tokens bigint NOT NULL,
+                PRIMARY KEY (day, caller, model)
+            )
+            """,
+            f"""
+            CREATE FUNCTION usage_by_day_add() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                {_USAGE_UPSERT.format(rows="added", sign="+")}
+                RETURN NULL;
+            END $$
+            """,
+            f"""
+            CREATE FUNCTION usage_by_day_remove() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                {_USAGE_UPSERT.format(rows="removed", sign="-")}
+                RETURN NULL;
+            END $$
+            """,
+            "CREATE TRIGGER usage_by_day_insert AFTER INSERT ON completions"
+            " REFERENCING NEW TABLE AS added FOR EACH STATEMENT"
+            " EXECUTE FUNCTION usage_by_day_add()",
+            "CREATE TRIGGER usage_by_day_delete AFTER DELETE ON completions"
+            " REFERENCING OLD TABLE AS removed FOR EACH STATEMENT"
+            " EXECUTE FUNCTION usage_by_day_remove()",
+            f"""
+            INSERT INTO usage_by_day
+            SELECT {USAGE_DAY} AS day, caller, model, count(*), sum(prompt_tokens),
+                sum(cached_tokens), sum(completion_tokens)
+            FROM completions GROUP BY 1, 2, 3
+            """,
+        ),
+    ),
+    Migration(
+        "p006_search_tags",
+        (),  # the search documents gain their completions' filter tags
+        _backfill_search_tags,
+    ),
+    Migration(
+        "p007_lz4_bodies",
         (
             # A ~3 KB completion row is compressed on every insert; lz4 costs a fraction of
             # the default pglz. New rows only (old rows keep pglz, both read the same). A
@@ -250,7 +341,7 @@ MIGRATIONS: tuple[Migration, ...] = (
         ),
     ),
     Migration(
-        "p005_metadata_signature",
+        "p008_metadata_signature",
         (
             # The completion's metadata signature (proxy.store.signature) on the completion
             # and on each of its metadata rows: a list with several pairs walks the rarest
@@ -261,7 +352,7 @@ MIGRATIONS: tuple[Migration, ...] = (
         _backfill_signatures,
     ),
     Migration(
-        "p006_metadata_index_with_signature",
+        "p009_metadata_index_with_signature",
         (
             # The pairs' index carries the signature, so the walk reads nothing else.
             "CREATE INDEX completion_metadata_pairs"

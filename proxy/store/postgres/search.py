@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Sequence
 from typing import Any
 
 from proxy.store.text import search_terms, searchable
@@ -59,10 +60,11 @@ def words(text: str) -> list[str]:
     return _TOKEN.findall(fold(text))
 
 
-def vector(text: str) -> bytes:
+def vector(text: str, tags: Sequence[str] = ()) -> bytes:
     """``text`` as a ``tsvector`` in PostgreSQL's binary format (``tsvectorrecv``): the
     number of words (int32), then each word once, NUL-terminated, with its number of
     positions and the positions (uint16 each, ascending). The server sorts the words.
+    ``tags`` are words without positions (a word of the text already found as it is).
 
     The loop is the write path's largest cost in Python, so it does the least per word:
     each entry is kept as its encoded word then its positions' bytes, ready to join, and
@@ -90,20 +92,34 @@ def vector(text: str) -> bytes:
             entry[0] += b"\0" + _UINT16[len(entry) - 1]
             out += entry
             kept += 1
+    for tag in tags:
+        if tag not in entries:
+            entries[tag] = []
+            out.append(tag.encode() + b"\0\0\0")
+            kept += 1
     out[0] = kept.to_bytes(4, "big")
     return b"".join(out)
 
 
-def document(request: bytes, completion: bytes) -> bytes:
-    """What a completion's ``search`` column is made from (a binary tsvector)."""
-    return vector(searchable(request, completion))
+def document(request: bytes, completion: bytes, tags: Sequence[str] = ()) -> bytes:
+    """What a completion's ``search`` column is made from (a binary tsvector): its words
+    with their positions, and its filter tags (``text.filter_tags``: caller, model and
+    metadata pairs, letters and digits only) as words without positions, so a search with
+    filters is one intersection inside the index."""
+    return vector(searchable(request, completion), tags)
 
 
-def query(search: str) -> str | None:
-    """A search as a tsquery literal (every word required), or None when it has no word."""
+def tag_words(tags: Sequence[str]) -> list[str]:
+    """Tags as the words of a tsvector or tsquery literal."""
+    return [f"'{tag}'" for tag in tags]
+
+
+def query(search: str, tags: Sequence[str] = ()) -> str | None:
+    """A search as a tsquery literal (every word required, and every tag), or None when it
+    has no word."""
     phrases = []
     for term in search_terms(search):
         parts = [w for w in words(term) if len(w.encode()) <= MAX_WORD_BYTES]
         if parts:
             phrases.append("(" + " <-> ".join(f"'{part}'" for part in parts) + ")")
-    return " & ".join(phrases) or None
+    return " & ".join(phrases + tag_words(tags)) if phrases else None
