@@ -28,6 +28,7 @@ from proxy.config import StoreConfig
 from proxy.models import ListQuery, PageQuery
 from proxy.store import CompletionRecord, StoreError, open_store
 from proxy.store.postgres import search
+from proxy.store.postgres import store as pg_store
 from proxy.store.postgres.migrations import LOCK_SPACE, MIGRATIONS, RETENTION_LOCK, applied, migrate
 from tests import pg
 from tests.conftest import make_config, sdk
@@ -617,4 +618,38 @@ async def test_several_pairs_are_read_from_the_rarest_and_checked_by_signature(
         found = await store.list_completions("a", ListQuery(metadata=(other, ("env", "dev"))))
         assert "c41" not in [item.id for item in found.items]
     finally:
+        await store.close()
+
+
+async def test_a_large_import_vacuums_the_pairs_and_analyses_the_completions(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An import of many rows ends with the pairs' table vacuumed (lists read its index
+    alone) and both tables analysed; a small one leaves that to autovacuum."""
+    monkeypatch.setattr(pg_store, "VACUUM_AFTER_IMPORT", 50)
+    store = await open_store(pg_url, StoreConfig(url=pg_url))
+    conn = await asyncpg.connect(pg_url)
+
+    async def maintained() -> list[tuple[str, bool, bool]]:
+        rows = await conn.fetch(
+            "SELECT relname, last_vacuum IS NOT NULL, last_analyze IS NOT NULL"
+            " FROM pg_stat_user_tables WHERE schemaname = current_schema()"
+            " AND relname IN ('completions', 'completion_metadata') ORDER BY relname"
+        )
+        return [tuple(row) for row in rows]
+
+    try:
+        await store.import_records([[_record(n, 100) for n in range(10)]], accept=lambda: True)
+        assert await maintained() == [
+            ("completion_metadata", False, False),
+            ("completions", False, False),
+        ]
+        batches = [[_record(n, 100) for n in range(k, k + 25)] for k in range(10, 110, 25)]
+        assert await store.import_records(batches, accept=lambda: True) == 100
+        assert await maintained() == [
+            ("completion_metadata", True, True),
+            ("completions", False, True),
+        ]
+    finally:
+        await conn.close()
         await store.close()

@@ -48,6 +48,7 @@ from proxy.store.text import filter_tags, preview
 
 IMPORT_CHUNK = 5_000  # rows per statement during an import
 SPLIT_BATCH = 64  # completions from which write_batch overlaps building and inserting
+VACUUM_AFTER_IMPORT = 10_000  # rows an import adds before it vacuums what it filled
 EXPORT_BATCH = 2_000
 # Tables whose rows hold content (see prune): rewritten when a quarter of one was deleted.
 CONTENT_TABLES = (
@@ -390,6 +391,16 @@ class PostgresStore:
                 # The batches are read by one thread at a time: a failed insert waits for
                 # the chunk being read before anything else reads on.
                 await asyncio.wait([ahead])
+            if inserted >= VACUUM_AFTER_IMPORT:
+                # Lists with several metadata pairs read the pairs' index alone only where
+                # the visibility map says so, and plans need the new rows' statistics:
+                # both at once, rather than whenever autovacuum comes round.
+                await conn.execute("SET statement_timeout = 0")
+                try:
+                    await conn.execute("VACUUM (ANALYZE) completion_metadata")
+                    await conn.execute("ANALYZE completions")
+                finally:
+                    await conn.execute("RESET statement_timeout")
         return inserted
 
     async def update_metadata(
