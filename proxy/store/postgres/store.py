@@ -2,7 +2,8 @@
 several proxy instances share.
 
 - A connection pool (asyncpg). Every write is one transaction; a batch from the writer is a
-  single statement (``queries.WRITE_BATCH``), so a group commit is one round trip.
+  single statement (``queries.WRITE_BATCH``), or two for a large batch (see ``write_batch``),
+  and its search documents travel as binary ``tsvector`` values (``search.TSVECTOR_CODEC``).
 - Every statement runs under ``statement_timeout`` and every connection attempt under the
   connect timeout, so a stuck or unreachable database turns into a ``StoreError`` in bounded
   time rather than a hung client.
@@ -10,8 +11,9 @@ several proxy instances share.
   order's tie-break are the same through every instance.
 - Retention takes a transaction-level advisory lock, so one instance prunes at a time; the
   others skip that run.
-- Imports run in one transaction (rows staged by COPY, then moved in chunks): a bad file or a
-  failure rolls back everything it wrote, whatever other instances write meanwhile.
+- Imports run in one transaction (chunks of rows as arrays, the next built while the server
+  inserts one): a bad file or a failure rolls back everything it wrote, whatever other
+  instances write meanwhile.
 """
 
 from __future__ import annotations
