@@ -207,7 +207,46 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE TABLE ended_sessions (sid text PRIMARY KEY, expires double precision NOT NULL)",
         ),
     ),
+    Migration(
+        "p004_unindexed",
+        (
+            # Completions written with search off (store.search: false) have no search
+            # vector yet: this index finds them when search is turned back on, and holds
+            # nothing while it is on.
+            "CREATE INDEX completions_unindexed ON completions (seq) WHERE search IS NULL",
+        ),
+    ),
 )
+
+UNINDEXED_CHUNK = 1000  # completions given their search vector per statement
+
+
+async def index_unindexed(conn: asyncpg.Connection) -> int:
+    """Give every completion written while search was off its search vector; return how
+    many. Under the migration lock, so instances starting together do it once; each chunk
+    commits on its own, so writers wait for one chunk at most."""
+    await conn.execute(
+        "SELECT pg_advisory_lock($1, hashtext(current_schema()))", LOCK_SPACE + MIGRATE_LOCK
+    )
+    done = 0
+    try:
+        while rows := await conn.fetch(
+            "SELECT seq, request, completion FROM completions WHERE search IS NULL"
+            " ORDER BY seq LIMIT $1",
+            UNINDEXED_CHUNK,
+        ):
+            await conn.execute(
+                "UPDATE completions c SET search = d.body::tsvector"
+                " FROM unnest($1::bigint[], $2::text[]) AS d(seq, body) WHERE c.seq = d.seq",
+                [row[0] for row in rows],
+                [document(row[1], row[2]) for row in rows],
+            )
+            done += len(rows)
+        return done
+    finally:
+        await conn.execute(
+            "SELECT pg_advisory_unlock($1, hashtext(current_schema()))", LOCK_SPACE + MIGRATE_LOCK
+        )
 
 
 async def applied(conn: asyncpg.Connection) -> list[str]:

@@ -27,9 +27,9 @@ import asyncpg
 import orjson
 
 from proxy.models import ListQuery, PageQuery
-from proxy.store.errors import KeyExists, StoreError, StoreMissing, UnknownCursor
+from proxy.store.errors import KeyExists, SearchOff, StoreError, StoreMissing, UnknownCursor
 from proxy.store.postgres import queries, search
-from proxy.store.postgres.migrations import LOCK_SPACE, RETENTION_LOCK, migrate
+from proxy.store.postgres.migrations import LOCK_SPACE, RETENTION_LOCK, index_unindexed, migrate
 from proxy.store.records import (
     AuditEntry,
     CompletionRecord,
@@ -119,8 +119,16 @@ def _dump_metadata(metadata: dict[str, str]) -> bytes:
     return orjson.dumps(metadata, option=orjson.OPT_SORT_KEYS)
 
 
-def _columns(records: Sequence[CompletionRecord], now: float) -> list[list[Any]]:
-    """The batch as one list per column, in ``queries.COMPLETION_COLUMNS`` order."""
+def _document(record: CompletionRecord, index: bool) -> str | None:
+    """The record's search document; None (not indexed yet) with search off."""
+    return search.document(record.request, record.completion) if index else None
+
+
+def _columns(
+    records: Sequence[CompletionRecord], now: float, index: bool = True
+) -> list[list[Any]]:
+    """The batch as one list per column, in ``queries.COMPLETION_COLUMNS`` order, then the
+    search documents (see ``_document``)."""
     return [
         [r.id for r in records],
         [r.caller for r in records],
@@ -138,7 +146,7 @@ def _columns(records: Sequence[CompletionRecord], now: float) -> list[list[Any]]
         [r.prompt_tokens for r in records],
         [r.cached_tokens for r in records],
         [r.completion_tokens for r in records],
-        [search.document(r.request, r.completion) for r in records],
+        [_document(r, index) for r in records],
     ]
 
 
@@ -158,7 +166,7 @@ def _exchange_columns(records: Sequence[ExchangeRecord]) -> list[list[Any]]:
 
 
 def _stage_rows(
-    records: Sequence[CompletionRecord], now: float, first: int
+    records: Sequence[CompletionRecord], now: float, first: int, index: bool = True
 ) -> Iterator[tuple[Any, ...]]:
     """Rows for COPY into the import stage: the completion's columns and their file order."""
     for order, r in enumerate(records, first):
@@ -179,7 +187,7 @@ def _stage_rows(
             r.prompt_tokens,
             r.cached_tokens,
             r.completion_tokens,
-            search.document(r.request, r.completion),
+            _document(r, index),
             order,
         )
 
@@ -240,8 +248,10 @@ class PostgresStore:
         connect_timeout: float = 10.0,
         statement_timeout: float = 30.0,
         must_exist: bool = False,
+        search: bool = True,
     ) -> None:
         self.url = url
+        self._search = search
         self._pool_min = pool_min
         self._pool_max = pool_max
         self._connect_timeout = connect_timeout
@@ -275,6 +285,8 @@ class PostgresStore:
             # Migrations may rewrite tables: no statement timeout for them.
             await conn.execute("SET statement_timeout = 0")
             await migrate(conn)
+            if self._search and not self._must_exist:
+                await index_unindexed(conn)
         finally:
             await conn.close()
         self._pool = await asyncpg.create_pool(
@@ -307,7 +319,7 @@ class PostgresStore:
         async with self._acquire() as conn:
             inserted: int = await conn.fetchval(
                 queries.WRITE_BATCH,
-                *_columns(completions, time.time()),
+                *_columns(completions, time.time(), self._search),
                 *_exchange_columns(exchanges),
             )
         return inserted
@@ -348,7 +360,7 @@ class PostgresStore:
                             break
                         await conn.copy_records_to_table(
                             "import_stage",
-                            records=_stage_rows(batch, now, total),
+                            records=_stage_rows(batch, now, total, self._search),
                             columns=columns,
                         )
                         staged += len(batch)
@@ -672,6 +684,8 @@ class PostgresStore:
             return [], False
         scope = caller if query.owner is None else query.owner
         if query.search is not None:
+            if not self._search:
+                raise SearchOff
             match = search.query(query.search)
             if match is None:
                 return [], False

@@ -30,7 +30,7 @@ import aiosqlite
 import orjson
 
 from proxy.models import ListQuery, Order, PageQuery
-from proxy.store.errors import KeyExists, StoreError, StoreMissing, UnknownCursor
+from proxy.store.errors import KeyExists, SearchOff, StoreError, StoreMissing, UnknownCursor
 from proxy.store.records import (
     AuditEntry,
     CompletionRecord,
@@ -46,8 +46,9 @@ from proxy.store.records import (
 )
 from proxy.store.sqlite.connection import ThreadedConnection
 from proxy.store.sqlite.migrations import migrate
+from proxy.store.sqlite.search import add_functions, follow_writes, index_backlog
 from proxy.store.sqlite.signature import signature
-from proxy.store.text import filter_tags, fts5_query, preview, searchable
+from proxy.store.text import filter_tags, fts5_query, preview
 
 
 class _Rejected(Exception):
@@ -82,7 +83,6 @@ _LOG_COLUMNS = (
     " CASE WHEN json_valid(CAST(c.request AS TEXT))"
     " THEN json_extract(CAST(c.request AS TEXT), '$.messages[#-1].content') END"
 )
-_INSERT_TEXT = "INSERT INTO completions_fts (rowid, body, tags) VALUES (?, ?, ?)"
 
 # Every caller with a stored completion, oldest name first: one seek in the caller-order
 # index per caller (a skip scan), not a read of every row. Admins read across callers with
@@ -381,10 +381,11 @@ def _insert(conn: sqlite3.Connection, records: Iterable[CompletionRecord], now: 
     is known at once and gets no metadata rows; the metadata rows then go in as plain values,
     which costs less than half what deriving them from the completion rows did. SQLite
     gives each new row the next seq, never one a deleted row had (AUTOINCREMENT, m009).
+    The connection's trigger indexes each new row for search, or notes it for later, in the
+    same transaction (see ``search.follow_writes``).
     """
     cursor = conn.cursor()
     pairs = []
-    texts = []
     inserted = 0
     for record in records:
         cursor.execute(_INSERT_COMPLETION, _columns(record, now))
@@ -394,13 +395,8 @@ def _insert(conn: sqlite3.Connection, records: Iterable[CompletionRecord], now: 
             items = record.metadata.items()
             sig = signature(items)
             pairs += [(seq, key, value, caller, created, sig) for key, value in items]
-            text = searchable(record.request, record.completion)
-            tags = filter_tags(caller, record.model, items)
-            texts.append((seq, text, " ".join(tags)))
     if pairs:
         conn.executemany(_INSERT_METADATA, pairs)
-    # In the completion's own transaction: search never misses a committed completion.
-    conn.executemany(_INSERT_TEXT, texts)
     return inserted
 
 
@@ -623,14 +619,11 @@ def _update_metadata(  # noqa: PLR0917 - the operation's arguments, in order
             return None
         seq, owner, created, before = found
         sig = signature(metadata.items())
+        # The search index's tags follow (the completions_search_update trigger).
         row = _fetchone(
             conn,
-            "UPDATE completions SET metadata = ? WHERE seq = ? RETURNING completion, model",
+            "UPDATE completions SET metadata = ? WHERE seq = ? RETURNING completion",
             (encoded, seq),
-        )
-        conn.execute(  # the search index's tags follow the new metadata
-            "UPDATE completions_fts SET tags = ? WHERE rowid = ?",
-            (" ".join(filter_tags(owner, row[1], metadata.items())), seq),
         )
         conn.execute("DELETE FROM completion_metadata WHERE seq = ?", (seq,))
         conn.executemany(
@@ -807,7 +800,7 @@ def _tidy(conn: sqlite3.Connection) -> None:
         conn.execute(f"PRAGMA busy_timeout = {int(busy)}")
 
 
-def _prepare_writer(conn: sqlite3.Connection) -> None:
+def _prepare_writer(conn: sqlite3.Connection, *, search: bool) -> None:
     conn.execute("PRAGMA journal_mode = WAL")
     # Checkpoints run on their own connection (see _checkpoint_forever), not inside the
     # writer's commits, where they cost about 40% of write throughput. The WAL file is cut
@@ -815,6 +808,12 @@ def _prepare_writer(conn: sqlite3.Connection) -> None:
     _fetchone(conn, "PRAGMA wal_autocheckpoint = 0")
     _fetchone(conn, "PRAGMA journal_size_limit = 67108864")
     migrate(conn)
+    follow_writes(conn, search=search)
+
+
+def _index_backlog(conn: sqlite3.Connection) -> int:
+    with _transaction(conn):
+        return index_backlog(conn)
 
 
 def _make_room(path: str, *, must_exist: bool) -> None:
@@ -887,8 +886,10 @@ class SQLiteStore:
         wal_restart_frames: int = WAL_RESTART_FRAMES,
         must_exist: bool = False,
         checkpoints: bool = True,
+        search: bool = True,
     ) -> None:
         self.path = str(path)
+        self._search = search
         self._checkpoints_on = checkpoints
         # <file>-lock, opened twice: an flock belongs to an open file, so the writer and the
         # checkpointer exclude each other only through descriptors of their own.
@@ -920,6 +921,7 @@ class SQLiteStore:
     def _connect(self) -> sqlite3.Connection:
         """A connection for a ``ThreadedConnection`` (called on its thread)."""
         conn = sqlite3.connect(self.path, isolation_level=None)
+        add_functions(conn)
         if _fetchone(conn, "PRAGMA page_count")[0] == 0:  # a new database: nothing written yet
             conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")
         page_size = _fetchone(conn, "PRAGMA page_size")[0]
@@ -935,7 +937,9 @@ class SQLiteStore:
         return conn
 
     async def open(self) -> None:
-        """Open the file (made, with its folder, unless ``must_exist``) and migrate it."""
+        """Open the file (made, with its folder, unless ``must_exist``) and migrate it; with
+        search on (and not ``must_exist``: a command that only reads), index what was written
+        while it was off."""
         if self.path != ":memory:":
             _make_room(self.path, must_exist=self._must_exist)
             self._lock = _open_lock(self.path)
@@ -943,8 +947,11 @@ class SQLiteStore:
         self._writer = ThreadedConnection(self._connect, "store-writer")
         await self._writer.open()
         try:
-            await self._writer.run(_locked, self._lock, _prepare_writer)
-            await self._open_beside()
+            await self._writer.run(_locked, self._lock, _prepare_writer, search=self._search)
+            await self._open_beside()  # the checkpointer keeps the WAL short meanwhile
+            if self._search and not self._must_exist:
+                while await self._write(_index_backlog):
+                    pass
         except BaseException:
             await self.close()
             raise
@@ -1250,6 +1257,8 @@ class SQLiteStore:
             return [], False
         scope = caller if query.owner is None else query.owner
         if query.search is not None:
+            if not self._search:
+                raise SearchOff
             match = fts5_query(query.search, filter_tags(scope, query.model, query.metadata))
             if match is None:
                 return [], False
