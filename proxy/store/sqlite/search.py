@@ -8,10 +8,10 @@ being deleted or changed, through the SQL functions ``search_text`` and ``search
 tool without them cannot delete completions from the file: the delete fails, rather than
 leave the words of a deleted completion in the index.
 
-A completion written while search is off (``store.search: false``) is not indexed; its seq
-goes to ``search_backlog`` instead, in the same transaction, and ``index_backlog`` indexes
-those rows when the store next opens with search on. Which of the two a write does is set
-per connection (``follow_writes``), by a TEMP trigger on ``completions``.
+The store's insert indexes each new completion in its own transaction. One written while
+search is off (``store.search: false``) is not indexed; its seq goes to ``search_backlog``
+instead, in the same transaction, and ``index_backlog`` indexes those rows when the store
+next opens with search on.
 """
 
 from __future__ import annotations
@@ -24,30 +24,11 @@ from proxy.store.text import searchable, stored_tags
 # write lock, so other writers wait for one chunk at most.
 BACKLOG_CHUNK = 2_000
 
-_FOLLOW = "completions_search_follow"
-
 
 def add_functions(conn: sqlite3.Connection) -> None:
     """The functions the index's triggers call (deterministic: the same row, the same text)."""
     conn.create_function("search_text", 2, searchable, deterministic=True)
     conn.create_function("search_tags", 3, stored_tags, deterministic=True)
-
-
-def follow_writes(conn: sqlite3.Connection, *, search: bool) -> None:
-    """Make this connection's inserts into ``completions`` index the new row (``search``),
-    or note it in the backlog, in the insert's own transaction."""
-    conn.execute(f"DROP TRIGGER IF EXISTS temp.{_FOLLOW}")
-    if search:
-        action = (
-            "INSERT INTO completions_fts (rowid, body, tags) VALUES (new.seq,"
-            " search_text(new.request, new.completion),"
-            " search_tags(new.caller, new.model, new.metadata))"
-        )
-    else:
-        action = "INSERT INTO search_backlog (seq) VALUES (new.seq)"
-    conn.execute(
-        f"CREATE TEMP TRIGGER {_FOLLOW} AFTER INSERT ON main.completions BEGIN {action}; END"
-    )
 
 
 def index_backlog(conn: sqlite3.Connection, limit: int = BACKLOG_CHUNK) -> int:

@@ -46,9 +46,9 @@ from proxy.store.records import (
 )
 from proxy.store.sqlite.connection import ThreadedConnection
 from proxy.store.sqlite.migrations import migrate
-from proxy.store.sqlite.search import add_functions, follow_writes, index_backlog
+from proxy.store.sqlite.search import add_functions, index_backlog
 from proxy.store.sqlite.signature import signature
-from proxy.store.text import filter_tags, fts5_query, preview
+from proxy.store.text import filter_tags, fts5_query, preview, searchable
 
 
 class _Rejected(Exception):
@@ -73,6 +73,9 @@ INSERT INTO exchanges (
     request_id, caller, created, model, stream, outcome, status, request, response, duration_ms
 ) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 """
+
+_INSERT_TEXT = "INSERT INTO completions_fts (rowid, body, tags) VALUES (?, ?, ?)"
+_DEFER_TEXT = "INSERT INTO search_backlog (seq) VALUES (?)"
 
 _COLUMNS = "c.id, c.completion, c.metadata"
 # A log row (``LogEntry``): the promoted columns and the last input message's content,
@@ -374,18 +377,23 @@ def _columns(record: CompletionRecord, now: float) -> tuple[Any, ...]:
     )
 
 
-def _insert(conn: sqlite3.Connection, records: Iterable[CompletionRecord], now: float) -> int:
+def _insert(
+    conn: sqlite3.Connection, records: Iterable[CompletionRecord], now: float, search: bool
+) -> int:
     """Insert inside the caller's transaction; return how many were new.
 
     One statement per completion, so a duplicate (same caller and id, kept as first written)
     is known at once and gets no metadata rows; the metadata rows then go in as plain values,
     which costs less than half what deriving them from the completion rows did. SQLite
     gives each new row the next seq, never one a deleted row had (AUTOINCREMENT, m009).
-    The connection's trigger indexes each new row for search, or notes it for later, in the
-    same transaction (see ``search.follow_writes``).
+    New rows are indexed for search in the same transaction; with ``search`` off they go to
+    the backlog instead (see ``proxy.store.sqlite.search``). In Python rather than by a
+    trigger calling the text functions, which cost about 25 us more per row.
     """
     cursor = conn.cursor()
     pairs = []
+    texts = []
+    later = []
     inserted = 0
     for record in records:
         cursor.execute(_INSERT_COMPLETION, _columns(record, now))
@@ -395,12 +403,20 @@ def _insert(conn: sqlite3.Connection, records: Iterable[CompletionRecord], now: 
             items = record.metadata.items()
             sig = signature(items)
             pairs += [(seq, key, value, caller, created, sig) for key, value in items]
+            if search:
+                text = searchable(record.request, record.completion)
+                texts.append((seq, text, " ".join(filter_tags(caller, record.model, items))))
+            else:
+                later.append((seq,))
     if pairs:
         conn.executemany(_INSERT_METADATA, pairs)
+    # In the completion's own transaction: search never misses a committed completion.
+    conn.executemany(_INSERT_TEXT, texts)
+    conn.executemany(_DEFER_TEXT, later)
     return inserted
 
 
-def _write_batch(conn: sqlite3.Connection, records: Sequence[Writable]) -> int:
+def _write_batch(conn: sqlite3.Connection, records: Sequence[Writable], search: bool) -> int:
     completions = [r for r in records if isinstance(r, CompletionRecord)]
     exchanges = [
         (
@@ -420,7 +436,7 @@ def _write_batch(conn: sqlite3.Connection, records: Sequence[Writable]) -> int:
     ]
     with _transaction(conn):
         now = time.time()
-        inserted = _insert(conn, completions, now) if completions else 0
+        inserted = _insert(conn, completions, now, search) if completions else 0
         if exchanges:
             conn.executemany(_INSERT_EXCHANGE, exchanges)
             inserted += len(exchanges)
@@ -435,6 +451,7 @@ def _import(
     *,
     copy_beside: Callable[[], Future[int]] | None,
     cache_kib: int,
+    search: bool = True,
 ) -> int:
     """Insert in transactions of about ``chunk_rows`` rows, noting the seq range each one
     took. When ``accept()`` turns false (a bad line) or anything fails, the open transaction
@@ -489,7 +506,7 @@ def _import(
                 for batch in itertools.chain([first], pending):
                     if not accept():
                         raise _Rejected
-                    inserted += _insert(conn, batch, now)
+                    inserted += _insert(conn, batch, now, search)
                     rows += len(batch)
                     if rows >= chunk_rows:
                         break
@@ -800,7 +817,7 @@ def _tidy(conn: sqlite3.Connection) -> None:
         conn.execute(f"PRAGMA busy_timeout = {int(busy)}")
 
 
-def _prepare_writer(conn: sqlite3.Connection, *, search: bool) -> None:
+def _prepare_writer(conn: sqlite3.Connection) -> None:
     conn.execute("PRAGMA journal_mode = WAL")
     # Checkpoints run on their own connection (see _checkpoint_forever), not inside the
     # writer's commits, where they cost about 40% of write throughput. The WAL file is cut
@@ -808,7 +825,6 @@ def _prepare_writer(conn: sqlite3.Connection, *, search: bool) -> None:
     _fetchone(conn, "PRAGMA wal_autocheckpoint = 0")
     _fetchone(conn, "PRAGMA journal_size_limit = 67108864")
     migrate(conn)
-    follow_writes(conn, search=search)
 
 
 def _index_backlog(conn: sqlite3.Connection) -> int:
@@ -947,7 +963,7 @@ class SQLiteStore:
         self._writer = ThreadedConnection(self._connect, "store-writer")
         await self._writer.open()
         try:
-            await self._writer.run(_locked, self._lock, _prepare_writer, search=self._search)
+            await self._writer.run(_locked, self._lock, _prepare_writer)
             await self._open_beside()  # the checkpointer keeps the WAL short meanwhile
             if self._search and not self._must_exist:
                 while await self._write(_index_backlog):
@@ -1050,7 +1066,7 @@ class SQLiteStore:
 
     async def write_batch(self, records: Sequence[Writable]) -> int:
         """Write records in one transaction; return how many were new (duplicates are skipped)."""
-        return await self._write(_write_batch, records)
+        return await self._write(_write_batch, records, self._search)
 
     async def import_records(
         self,
@@ -1084,6 +1100,7 @@ class SQLiteStore:
                 chunk_rows or (IMPORT_CHUNK_DIRECT if direct else IMPORT_CHUNK),
                 copy_beside=None if direct else self._copy_beside,
                 cache_kib=IMPORT_CACHE_KIB,
+                search=self._search,
             )
         finally:
             if direct:
