@@ -2,10 +2,12 @@
 for search costs the store's writes.
 
     python -m tests.bench.console_bench pages --rows 1000000    # build once, then time pages
+    python -m tests.bench.console_bench pages --rows 1000000 --db postgresql://.../bench
     python -m tests.bench.console_bench writes --rows 100000    # write_batch records/s
 
 ``pages`` builds a store of ``--rows`` completions (20 callers, 60 days, metadata, a varied
-vocabulary) in ``--workdir`` (kept, and reused when it is already there), serves it with the
+vocabulary) in ``--workdir``, or in the PostgreSQL database ``--db`` names (kept, and reused
+when it already holds that many completions), serves it with the
 real app on a loopback port in keys mode, signs in through the sign-in form as an admin and
 as a member, and times each page's GET from the client (so server time plus loopback):
 ``--calls`` sequential requests per page, p50 and p99. ``writes`` times ``write_batch``,
@@ -35,8 +37,8 @@ from aiohttp import web
 
 from proxy.app import create_app
 from proxy.callers import new_key
-from proxy.config import validate
-from proxy.store import CompletionRecord
+from proxy.config import StoreConfig, validate
+from proxy.store import CompletionRecord, ExportFilter, Store, backend_of, open_store
 from proxy.store.sqlite import SQLiteStore
 
 CALLERS = [f"member-{n:02d}" for n in range(20)]
@@ -117,10 +119,20 @@ def batches(start: int, stop: int, size: int, rows: int) -> Iterator[list[Comple
         yield [record(i, rows) for i in range(first, min(first + size, stop))]
 
 
-async def build(path: Path, rows: int) -> None:
-    store = SQLiteStore(path)
-    await store.open()
+async def stored_rows(store: Store) -> int:
+    """How many completions the store holds (the export's count, on either backend)."""
+    count = 0
+    async for chunk in store.export(ExportFilter()):
+        count += len(chunk)
+    return count
+
+
+async def build(url: str, rows: int) -> None:
+    """Fill the store at ``url`` with ``rows`` completions unless it holds them already."""
+    store = await open_store(url, StoreConfig())
     try:
+        if backend_of(url) == "postgres" and await stored_rows(store) >= rows:
+            return
         started = time.perf_counter()
         for n, batch in enumerate(batches(0, rows, 2000, rows)):
             await store.write_batch(batch)
@@ -130,6 +142,21 @@ async def build(path: Path, rows: int) -> None:
                 print(f"  built {done:,} ({rate:,.0f}/s)", file=sys.stderr)
     finally:
         await store.close()
+
+
+async def forget_keys(url: str) -> None:
+    """Remove the proxy keys an earlier run made, so this run can make its own."""
+    if backend_of(url) == "postgres":
+        import asyncpg  # noqa: PLC0415 - only for a PostgreSQL run
+
+        conn = await asyncpg.connect(url)
+        try:
+            await conn.execute("DELETE FROM proxy_keys")
+        finally:
+            await conn.close()
+        return
+    with contextlib.closing(sqlite3.connect(url)) as db, db:
+        db.execute("DELETE FROM proxy_keys")
 
 
 async def writes(path: Path, rows: int) -> dict[str, float]:
@@ -183,18 +210,14 @@ async def timed(session: aiohttp.ClientSession, url: str, calls: int) -> dict[st
     }
 
 
-async def pages(workdir: Path, rows: int, calls: int) -> dict[str, Any]:
-    db = workdir / f"console-{rows}.db"
-    if not db.exists():
-        await build(db, rows)
+async def pages(url: str, rows: int, calls: int) -> dict[str, Any]:
+    if backend_of(url) == "postgres" or not Path(url).exists():
+        await build(url, rows)
     os.environ.setdefault("OPENAI_API_KEY", "sk-bench-upstream")
-    store = SQLiteStore(db)
-    await store.open()
+    store = await open_store(url, StoreConfig())
     await store.close()
-    with contextlib.closing(sqlite3.connect(db)) as conn, conn:  # keys of an earlier run
-        conn.execute("DELETE FROM proxy_keys")
-    store = SQLiteStore(db)
-    await store.open()
+    await forget_keys(url)
+    store = await open_store(url, StoreConfig())
     keys = {}
     try:
         for name, role in (("bench-admin", "admin"), (CALLERS[3], "member")):
@@ -205,7 +228,7 @@ async def pages(workdir: Path, rows: int, calls: int) -> dict[str, Any]:
         await store.close()
     config = validate(
         {
-            "store": {"path": str(db)},
+            "store": {"url": url},
             "auth": {"mode": "keys"},
             "logging": {"access_log": False},
         },
@@ -217,7 +240,7 @@ async def pages(workdir: Path, rows: int, calls: int) -> dict[str, Any]:
     await site.start()
     host, port = runner.addresses[0][:2]
     base = f"http://{host}:{port}"
-    results: dict[str, Any] = {"rows": rows}
+    results: dict[str, Any] = {"rows": rows, "backend": backend_of(url)}
     try:
         # unsafe=True: the jar keeps cookies from an IP address (127.0.0.1).
         async with (
@@ -269,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--calls", type=int, default=30)
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument(
+        "--db", default=None, help="pages: a postgresql:// URL (default: a SQLite file in workdir)"
+    )
     args = parser.parse_args(argv)
     if args.part == "writes":
         with tempfile.TemporaryDirectory() as tmp:
@@ -276,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         workdir = args.workdir or Path(tempfile.gettempdir()) / "console-bench"
         workdir.mkdir(parents=True, exist_ok=True)
-        result = asyncio.run(pages(workdir, args.rows, args.calls))
+        url = args.db or str(workdir / f"console-{args.rows}.db")
+        result = asyncio.run(pages(url, args.rows, args.calls))
     print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
     return 0
 
