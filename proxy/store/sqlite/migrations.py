@@ -449,6 +449,13 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE VIRTUAL TABLE completions_fts USING fts5("
             " body, tags, tokenize = 'unicode61 remove_diacritics 2', columnsize = 0,"
             " content = '')",
+            # Each commit adds a segment to the index and FTS5 merges them as they pile up;
+            # the proxy commits a few completions at a time, so with the default (merge 4
+            # segments of a level) every entry was rewritten once per level, about ten times
+            # at a million completions. Merging 16 at a time halves the levels; a search
+            # reads more segments (fractions of a millisecond). crisismerge must stay above.
+            "INSERT INTO completions_fts (completions_fts, rank) VALUES ('automerge', 16)",
+            "INSERT INTO completions_fts (completions_fts, rank) VALUES ('crisismerge', 32)",
             "CREATE TABLE search_backlog (seq INTEGER PRIMARY KEY)",
             "INSERT INTO search_backlog (seq) SELECT seq FROM completions",
             """
