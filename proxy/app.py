@@ -34,6 +34,7 @@ from proxy.keys import (
     STORE,
     WRITER,
 )
+from proxy.logs import AccessLog
 from proxy.metrics import Metrics
 from proxy.middleware import exchange_middleware
 from proxy.redaction import DEFAULT_BUILTIN, Redactor
@@ -196,10 +197,18 @@ def _lower(names: list[str]) -> frozenset[str]:
 
 
 def create_app(config: Config) -> web.Application:
+    access_log = AccessLog(logging.getLogger("proxy.access")) if config.logging.access_log else None
     app = web.Application(
         client_max_size=config.server.max_body_bytes,
-        middlewares=[exchange_middleware(config.logging.access_log)],
+        middlewares=[exchange_middleware(access_log)],
     )
+    if access_log is not None:
+        lines = access_log
+
+        async def flush_access_log(_: web.Application) -> None:
+            lines.flush()  # the last pass's lines, if the loop stops before it writes them
+
+        app.on_cleanup.append(flush_access_log)
     app[CONFIG] = config
     app[OPENAPI] = orjson.dumps(openapi.document())
     app[REDACTOR] = redactor_of(config)

@@ -13,6 +13,7 @@ many were left out (``repeated``), so a flood of one failure cannot flood the lo
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import re
@@ -220,30 +221,94 @@ class AccessRecord:
         self._outcome = value
 
     def emit(self, logger: logging.Logger) -> None:
+        """Write this record's line now (``AccessLog`` writes the lines of a server)."""
         if not logger.isEnabledFor(logging.INFO):
             return
+        handler = _json_handler(logger)
+        if handler is None:
+            self._handle(logger)
+            return
+        line = self._line(logger.name, scrub(self.path), scrub(self.model or ""))
+        with handler.lock or contextlib.nullcontext():
+            handler.stream.write(line + handler.terminator)
+            handler.flush()
+
+    def _fields(self) -> dict[str, Any]:
         # Plain getattr, not dataclasses.asdict: this runs once per request.
         fields = {name: value for name in _LOGGED if (value := getattr(self, name)) is not None}
         fields["duration_ms"] = round((time.perf_counter() - self.started) * 1000, 3)
-        handler = _json_handler(logger)
-        if handler is not None:
-            # The line JSONFormatter would make, written straight to its stream: the logging
-            # module's record, dispatch and formatter cost twice what the line itself does.
-            # What SecretFilter would do: of an access record, only the path and the model
-            # are the client's own text.
-            fields["path"] = scrub(self.path)
-            if self.model:
-                fields["model"] = scrub(self.model)
-            entry = head(time.time(), "info", logger.name, "request") | fields
-            with handler.lock or contextlib.nullcontext():
-                handler.stream.write(json_line(entry) + handler.terminator)
-                handler.flush()
-            return
+        return fields
+
+    def _line(self, logger: str, path: str, model: str) -> str:
+        """The line JSONFormatter would make, with ``path`` and ``model`` already scrubbed.
+        What SecretFilter would do: of an access record, only the path and the model are the
+        client's own text."""
+        entry = head(time.time(), "info", logger, "request") | self._fields()
+        entry["path"] = path
+        if self.model:
+            entry["model"] = model
+        return json_line(entry)
+
+    def _handle(self, logger: logging.Logger) -> None:
         # Made and handled directly: ``logger.info`` would walk the stack to find its caller
         # (``findCaller``), which was most of the cost of logging a request.
         logger.handle(
-            logger.makeRecord(logger.name, logging.INFO, "", 0, "request", (), None, extra=fields)
+            logger.makeRecord(
+                logger.name, logging.INFO, "", 0, "request", (), None, extra=self._fields()
+            )
         )
+
+
+class AccessLog:
+    """The access lines of one server, written once per pass of the event loop.
+
+    With the proxy's own handler (``configure``, nothing filtering on the way) a record's
+    line is made at once and kept; the first line of a pass schedules one write of all of
+    them (``loop.call_soon``), so under load one write carries many requests' lines instead
+    of one system call each, and no line waits longer than that pass. ``flush`` writes what
+    is kept (the app calls it on shutdown). Paths and models repeat, so their scrubbed form
+    is remembered (a bounded map). Any other logging setup gets each record through
+    ``logging`` as it comes.
+    """
+
+    REMEMBERED = 1024
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self._logger = logger
+        self._lines: list[str] = []
+        self._scrubbed: dict[str, str] = {}
+
+    def write(self, record: AccessRecord) -> None:
+        logger = self._logger
+        if not logger.isEnabledFor(logging.INFO):
+            return
+        if _json_handler(logger) is None:
+            record._handle(logger)
+            return
+        line = record._line(logger.name, self._scrub(record.path), self._scrub(record.model))
+        if not self._lines:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self._lines.append(line)
+
+    def _scrub(self, text: str | None) -> str:
+        if not text:
+            return ""
+        clean = self._scrubbed.get(text)
+        if clean is None:
+            if len(self._scrubbed) >= self.REMEMBERED:
+                self._scrubbed.clear()
+            clean = self._scrubbed[text] = scrub(text)
+        return clean
+
+    def flush(self) -> None:
+        lines, self._lines = self._lines, []
+        handler = _json_handler(self._logger)
+        if not lines or handler is None:
+            return
+        terminator = handler.terminator
+        with handler.lock or contextlib.nullcontext():
+            handler.stream.write(terminator.join(lines) + terminator)
+            handler.flush()
 
 
 _OWN_FILTERS = (SecretFilter, RepeatFilter)

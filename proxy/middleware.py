@@ -26,12 +26,11 @@ from proxy.errors import (
     render,
 )
 from proxy.keys import ACCESS, METRICS
-from proxy.logs import AccessRecord
+from proxy.logs import AccessLog, AccessRecord
 from proxy.outcome import Outcome
 from proxy.store.errors import StoreError
 
 log = logging.getLogger("proxy.middleware")
-access_logger = logging.getLogger("proxy.access")
 
 
 def request_ids() -> Iterator[str]:
@@ -41,7 +40,7 @@ def request_ids() -> Iterator[str]:
     return (f"{prefix}{n:016x}" for n in itertools.count(1))
 
 
-def exchange_middleware(access_log: bool) -> Middleware:
+def exchange_middleware(access_log: AccessLog | None) -> Middleware:
     """Give every request an id and an access record; render every failure of the proxy's own.
 
     Only ``ProxyError`` (and aiohttp's own HTTP errors, such as a body over the size limit)
@@ -108,8 +107,8 @@ def exchange_middleware(access_log: bool) -> Middleware:
                 access.status = response.status
             elif access.outcome is None:
                 access.outcome = Outcome.CLIENT_GONE
-            if access_log:
-                access.emit(access_logger)
+            if access_log is not None:
+                access_log.write(access)
             metrics = request.app.get(METRICS)
             if metrics is not None:
                 metrics.request(

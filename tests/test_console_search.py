@@ -12,9 +12,10 @@ import asyncpg
 import openai
 import pytest
 
+from proxy.config import StoreConfig
 from proxy.keys import STORE
 from proxy.models import ListQuery, PageQuery
-from proxy.store import CompletionRecord, SearchOff, StoreError
+from proxy.store import CompletionRecord, SearchOff, StoreError, open_store
 from proxy.store.sqlite import SQLiteStore
 from proxy.store.text import filter_tags, fts5_query, searchable
 from tests.conftest import BACKENDS
@@ -267,13 +268,13 @@ def test_searchable_text_and_query_are_pure() -> None:
     assert fts5_query("  ") is None
 
 
+@both
 async def test_usage_over_whole_days_reads_the_rollup_and_matches_the_rows(
-    tmp_path: Path,
+    store_url: str,
 ) -> None:
     """Whole-day bounds read usage_by_day (kept by triggers); other bounds sum the rows.
-    Both must agree, through inserts, a delete and a prune."""
-    store = SQLiteStore(tmp_path / "usage.db")
-    await store.open()
+    Both must agree, through inserts, a delete and a prune, on each backend."""
+    store = await open_store(store_url, StoreConfig())
     try:
         records = [
             replace(
@@ -435,3 +436,38 @@ async def test_a_backlog_is_indexed_in_chunks_at_open(tmp_path: Path) -> None:
         await store.close()
     with contextlib.closing(sqlite3.connect(path)) as conn:
         assert conn.execute("SELECT count(*) FROM search_backlog").fetchone()[0] == 0
+
+
+@both
+async def test_search_with_filters_past_the_newest_thousand_and_after_a_metadata_edit(
+    store_url: str,
+) -> None:
+    """Matches older than the newest thousand completions, found through the index alone on
+    PostgreSQL; a filter the word never meets gives an empty page; paging in both orders;
+    a metadata edit moves a completion from one filter's results to another's."""
+    records = [
+        replace(_record(n, "needle" if n < 12 else "hay"), metadata={"env": "dev"})
+        for n in range(1500)
+    ]
+    store = await open_store(store_url, StoreConfig())
+    try:
+        await store.write_batch(records)
+
+        async def ids(order: str = "desc", after: str | None = None, **filters) -> list[str]:
+            query = ListQuery(
+                page=PageQuery(after=after, limit=5, order=order), search="needle", **filters
+            )
+            return [c.id for c in (await store.list_completions("caller_a", query)).items]
+
+        newest = [f"chatcmpl-{n}" for n in range(11, -1, -1)]
+        assert await ids(metadata=(("env", "dev"),)) == newest[:5]
+        assert await ids(after=newest[4], metadata=(("env", "dev"),)) == newest[5:10]
+        assert await ids(after=newest[9]) == newest[10:]
+        assert await ids("asc", metadata=(("env", "dev"),)) == newest[::-1][:5]
+        assert await ids(metadata=(("env", "prod"),)) == []
+        assert await ids(model="other-model") == []
+        await store.update_metadata("caller_a", "chatcmpl-3", {"env": "prod"}, "test")
+        assert await ids(metadata=(("env", "prod"),)) == ["chatcmpl-3"]
+        assert "chatcmpl-3" not in await ids(after=newest[4], metadata=(("env", "dev"),))
+    finally:
+        await store.close()

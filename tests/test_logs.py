@@ -1,7 +1,9 @@
-"""The access log's direct JSON path writes exactly the line the logging route would."""
+"""The access log's direct JSON path writes exactly the line the logging route would, and a
+server's lines go out together, once per pass of the event loop."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import logging
@@ -12,7 +14,7 @@ import orjson
 import pytest
 
 from proxy.config import LoggingConfig
-from proxy.logs import AccessRecord, configure
+from proxy.logs import AccessLog, AccessRecord, configure
 from proxy.outcome import Outcome
 
 
@@ -76,3 +78,42 @@ def test_an_access_log_below_its_level_writes_nothing(monkeypatch: pytest.Monkey
         logging.getLogger().setLevel(logging.WARNING)
         _access().emit(logging.getLogger("proxy.access"))
     assert buffer.getvalue() == ""
+
+
+class _Writes(io.StringIO):
+    """A stream that counts its writes."""
+
+    writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+async def test_the_lines_of_one_loop_pass_go_out_in_one_write(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with configured(monkeypatch):
+        stream = _Writes()
+        logging.getLogger().handlers[0].setStream(stream)  # type: ignore[attr-defined]
+        access_log = AccessLog(logging.getLogger("proxy.access"))
+        for _ in range(3):
+            access_log.write(_access())
+        assert stream.getvalue() == ""  # kept until the pass ends
+        await asyncio.sleep(0)
+        assert stream.writes == 1
+        lines = stream.getvalue().splitlines()
+        assert len(lines) == 3
+        direct = _access()
+        direct.emit(logging.getLogger("proxy.access"))  # the same line, written at once
+        expected = orjson.loads(stream.getvalue().splitlines()[-1])
+        for line in lines:
+            entry = orjson.loads(line)
+            for varying in ("time", "duration_ms"):
+                entry.pop(varying), expected.pop(varying, None)
+            assert entry == expected
+        access_log.write(_access())
+        access_log.flush()  # what the app does on shutdown
+        assert len(stream.getvalue().splitlines()) == 5
+        await asyncio.sleep(0)  # the pass's scheduled write finds nothing left
+        assert len(stream.getvalue().splitlines()) == 5

@@ -327,6 +327,26 @@ async def test_one_writer_groups_concurrent_commits(tmp_path: Path) -> None:
         assert db.execute("SELECT count(*) FROM completions").fetchone()[0] == 1000
 
 
+async def test_a_commit_whose_waiter_is_cancelled_is_still_committed(
+    store: SQLiteStore, tmp_path: Path
+) -> None:
+    """A client that goes away while its completion waits in the writer's queue cancels its
+    wait, never the commit; the records queued with it are committed and their waiters told."""
+    writer = Writer(store)
+    waiters = [asyncio.create_task(writer.commit(record(n))) for n in range(1, 4)]
+    await asyncio.sleep(0)  # one turn of the loop: all three are queued, the writer not started
+    waiters[1].cancel()
+    writer.start()
+    try:
+        await asyncio.gather(waiters[0], waiters[2])
+        with pytest.raises(asyncio.CancelledError):
+            await waiters[1]
+    finally:
+        await writer.close()
+    assert writer.stats.committed == 3 and writer.stats.failed == 0
+    assert rows_of(tmp_path / "store.db")[0] == ["chatcmpl-1", "chatcmpl-2", "chatcmpl-3"]
+
+
 # -- import: chunked transactions, taken back whole ------------------------------------------
 
 

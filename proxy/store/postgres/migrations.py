@@ -19,13 +19,31 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import asyncpg
+import orjson
 
-from proxy.store.postgres.search import document
+from proxy.store.postgres.search import document, tag_words
+from proxy.store.text import filter_tags
 
 # The first key of the two-key advisory locks this store takes; the second names the schema.
 LOCK_SPACE = 0x63707278  # "cprx"
 MIGRATE_LOCK = 1
 RETENTION_LOCK = 2
+
+
+# A completion's UTC day, from its ``created`` (Unix seconds).
+USAGE_DAY = "(to_timestamp(created) AT TIME ZONE 'UTC')::date"
+
+_USAGE_UPSERT = f"""
+                INSERT INTO usage_by_day AS u
+                SELECT {USAGE_DAY} AS day, caller, model, {{sign}}count(*),
+                    {{sign}}sum(prompt_tokens), {{sign}}sum(cached_tokens),
+                    {{sign}}sum(completion_tokens)
+                FROM {{rows}} GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
+                ON CONFLICT (day, caller, model) DO UPDATE SET
+                    completions = u.completions + excluded.completions,
+                    prompt_tokens = u.prompt_tokens + excluded.prompt_tokens,
+                    cached_tokens = u.cached_tokens + excluded.cached_tokens,
+                    completion_tokens = u.completion_tokens + excluded.completion_tokens;"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +66,27 @@ async def _backfill_search(conn: asyncpg.Connection) -> None:
             " FROM unnest($1::bigint[], $2::text[]) AS d(seq, body) WHERE c.seq = d.seq",
             [row[0] for row in rows],
             [document(row[1], row[2]) for row in rows],
+        )
+        last = rows[-1][0]
+
+
+async def _backfill_search_tags(conn: asyncpg.Connection) -> None:
+    """Add each stored completion's filter tags (caller, model, metadata pairs) to its
+    search document, so a search with filters intersects them inside the index."""
+    last = 0
+    while rows := await conn.fetch(
+        "SELECT seq, caller, model, metadata FROM completions WHERE seq > $1"
+        " ORDER BY seq LIMIT 5000",
+        last,
+    ):
+        await conn.execute(
+            "UPDATE completions c SET search = c.search || d.tags::tsvector"
+            " FROM unnest($1::bigint[], $2::text[]) AS d(seq, tags) WHERE c.seq = d.seq",
+            [row[0] for row in rows],
+            [
+                " ".join(tag_words(filter_tags(row[1], row[2], orjson.loads(row[3]).items())))
+                for row in rows
+            ],
         )
         last = rows[-1][0]
 
@@ -208,7 +247,60 @@ MIGRATIONS: tuple[Migration, ...] = (
         ),
     ),
     Migration(
-        "p004_unindexed",
+        "p005_usage_by_day",
+        (
+            # Tokens per (UTC day, caller, model), kept by statement triggers in every
+            # transaction that adds or removes completions, so usage over whole days reads a
+            # few rows per day instead of every completion in the range. One grouped upsert
+            # per statement (a batch, an import chunk, a prune), in key order, so concurrent
+            # writers lock the rows they share in the same order and never deadlock.
+            """
+            CREATE TABLE usage_by_day (
+                day date NOT NULL,
+                caller text NOT NULL,
+                model text NOT NULL,
+                completions bigint NOT NULL,
+                prompt_tokens bigint NOT NULL,
+                cached_tokens bigint NOT NULL,
+                completion_tokens bigint NOT NULL,
+                PRIMARY KEY (day, caller, model)
+            )
+            """,
+            f"""
+            CREATE FUNCTION usage_by_day_add() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                {_USAGE_UPSERT.format(rows="added", sign="+")}
+                RETURN NULL;
+            END $$
+            """,
+            f"""
+            CREATE FUNCTION usage_by_day_remove() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                {_USAGE_UPSERT.format(rows="removed", sign="-")}
+                RETURN NULL;
+            END $$
+            """,
+            "CREATE TRIGGER usage_by_day_insert AFTER INSERT ON completions"
+            " REFERENCING NEW TABLE AS added FOR EACH STATEMENT"
+            " EXECUTE FUNCTION usage_by_day_add()",
+            "CREATE TRIGGER usage_by_day_delete AFTER DELETE ON completions"
+            " REFERENCING OLD TABLE AS removed FOR EACH STATEMENT"
+            " EXECUTE FUNCTION usage_by_day_remove()",
+            f"""
+            INSERT INTO usage_by_day
+            SELECT {USAGE_DAY} AS day, caller, model, count(*), sum(prompt_tokens),
+                sum(cached_tokens), sum(completion_tokens)
+            FROM completions GROUP BY 1, 2, 3
+            """,
+        ),
+    ),
+    Migration(
+        "p006_search_tags",
+        (),  # the search documents gain their completions' filter tags
+        _backfill_search_tags,
+    ),
+    Migration(
+        "p007_unindexed",
         (
             # Completions written with search off (store.search: false) have no search
             # vector yet: this index finds them when search is turned back on, and holds
@@ -231,15 +323,20 @@ async def index_unindexed(conn: asyncpg.Connection) -> int:
     done = 0
     try:
         while rows := await conn.fetch(
-            "SELECT seq, request, completion FROM completions WHERE search IS NULL"
-            " ORDER BY seq LIMIT $1",
+            "SELECT seq, request, completion, caller, model, metadata FROM completions"
+            " WHERE search IS NULL ORDER BY seq LIMIT $1",
             UNINDEXED_CHUNK,
         ):
             await conn.execute(
                 "UPDATE completions c SET search = d.body::tsvector"
                 " FROM unnest($1::bigint[], $2::text[]) AS d(seq, body) WHERE c.seq = d.seq",
                 [row[0] for row in rows],
-                [document(row[1], row[2]) for row in rows],
+                [
+                    document(
+                        row[1], row[2], filter_tags(row[3], row[4], orjson.loads(row[5]).items())
+                    )
+                    for row in rows
+                ],
             )
             done += len(rows)
         return done

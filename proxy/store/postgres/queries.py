@@ -248,30 +248,45 @@ def page(
     return sql, p.values
 
 
-def search_page(
+# Completions a search tests one by one, newest first, before it asks the index alone.
+SEARCH_WINDOW = 1000
+
+
+def search_page(  # noqa: PLR0917 - one page's coordinates
     caller: str | None,
     query: ListQuery,
     match: str,
     cursor: int | None,
     columns: str = PAGE_COLUMNS,
+    window: int | None = None,
 ) -> tuple[str, list[object]]:
     """A page of completions matching ``match`` (a tsquery, see ``search.query``), in
     storage order (seq), with every other filter applied to each match; ``cursor`` is the
-    seq of the ``after`` id."""
+    seq of the ``after`` id. With ``window``, only the first ``window`` completions in scope
+    (in the page's order, past the cursor) are tested."""
     p = Params()
     direction, compare = _direction(query.page.order)
+    scope = []
+    if caller is not None:
+        scope.append(f"caller = {p(caller)}")
+    if cursor is not None:
+        scope.append(f"seq {compare} {p(cursor)}::bigint")
     where = [f"c.search @@ {p(match)}::tsquery"]
+    where += [f"c.{clause}" for clause in scope]
     for clause, value in (
-        ("c.caller = {}", caller),
         ("c.model = {}", query.model),
         ("c.created >= {}::bigint", query.since),
         ("c.created < {}::bigint", query.until),
-        (f"c.seq {compare} {{}}::bigint", cursor),
     ):
         if value is not None:
             where.append(clause.format(p(value)))
     for key, value in query.metadata:
         where.append(pair_check(p, key, value, "c"))
+    if window is not None:
+        where.append(
+            f"c.seq IN (SELECT seq FROM completions WHERE {' AND '.join(scope) or 'true'}"
+            f" ORDER BY seq {direction} LIMIT {window})"
+        )
     sql = (
         f"SELECT {columns} FROM completions c WHERE {' AND '.join(where)}"
         f" ORDER BY c.seq {direction} LIMIT {query.page.limit + 1}"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Sequence
 
 from proxy.store.text import search_terms, searchable
 
@@ -53,16 +54,24 @@ def vector(text: str) -> str:
     return " ".join(f"'{word}':{','.join(map(str, at))}" for word, at in positions.items())
 
 
-def document(request: bytes, completion: bytes) -> str:
-    """What a completion's ``search`` column is made from (a tsvector literal)."""
-    return vector(searchable(request, completion))
+def document(request: bytes, completion: bytes, tags: Sequence[str] = ()) -> str:
+    """What a completion's ``search`` column is made from (a tsvector literal): its words
+    with their positions, and its filter tags (``text.filter_tags``: caller, model and
+    metadata pairs, letters and digits only) as words without positions, so a search with
+    filters is one intersection inside the index."""
+    return " ".join([vector(searchable(request, completion)), *tag_words(tags)]).strip()
 
 
-def query(search: str) -> str | None:
-    """A search as a tsquery literal (every word required), or None when it has no word."""
+def tag_words(tags: Sequence[str]) -> list[str]:
+    return [f"'{tag}'" for tag in tags]
+
+
+def query(search: str, tags: Sequence[str] = ()) -> str | None:
+    """A search as a tsquery literal (every word required, and every tag), or None when it
+    has no word."""
     phrases = []
     for term in search_terms(search):
         parts = [w for w in words(term) if len(w.encode()) <= MAX_WORD_BYTES]
         if parts:
             phrases.append("(" + " <-> ".join(f"'{part}'" for part in parts) + ")")
-    return " & ".join(phrases) or None
+    return " & ".join(phrases + tag_words(tags)) if phrases else None

@@ -43,7 +43,7 @@ from proxy.store.records import (
     UsageRow,
     Writable,
 )
-from proxy.store.text import preview
+from proxy.store.text import filter_tags, preview
 
 IMPORT_CHUNK = 20_000  # rows staged by COPY and moved per statement during an import
 EXPORT_BATCH = 2_000
@@ -60,6 +60,20 @@ _GROUPS = {
     "model": "model",
     "day": "to_char(to_timestamp(created) AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
 }
+# The same groups in usage_by_day, whose day is a date.
+_DAY_GROUPS = {"caller": "caller", "model": "model", "day": "to_char(day, 'YYYY-MM-DD')"}
+
+
+def _selected(columns: Sequence[str]) -> str:
+    return ", ".join([*columns, ""]) if columns else ""
+
+
+def _grouping(columns: Sequence[str]) -> str:
+    if not columns:
+        return ""
+    return f" GROUP BY {', '.join(columns)} ORDER BY {', '.join(columns)}"
+
+
 # Failures of the database or of the way to it; everything else is a bug and stays itself.
 _FAILURES = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 
@@ -115,13 +129,17 @@ def _store_errors(cls: Cls) -> Cls:
     return cls
 
 
+def _tags(record: CompletionRecord) -> list[str]:
+    return filter_tags(record.caller, record.model, record.metadata.items())
+
+
 def _dump_metadata(metadata: dict[str, str]) -> bytes:
     return orjson.dumps(metadata, option=orjson.OPT_SORT_KEYS)
 
 
 def _document(record: CompletionRecord, index: bool) -> str | None:
     """The record's search document; None (not indexed yet) with search off."""
-    return search.document(record.request, record.completion) if index else None
+    return search.document(record.request, record.completion, _tags(record)) if index else None
 
 
 def _columns(
@@ -268,6 +286,14 @@ class PostgresStore:
             "server_settings": {
                 "statement_timeout": str(int(self._statement_timeout * 1000)),
                 "application_name": "completions-proxy",
+                # Every query here reads a page by an index and stops early; the planner's
+                # cost of the whole walk it never finishes would set off JIT compilation,
+                # which took far longer than the query itself.
+                "jit": "off",
+                # A page's best plan depends on the values (how common a word or a metadata
+                # pair is): a generic plan, which PostgreSQL picks for a prepared statement
+                # after five runs, walked a million rows for a search one value in six matched.
+                "plan_cache_mode": "force_custom_plan",
             },
         }
 
@@ -388,10 +414,15 @@ class PostgresStore:
             if found is None:
                 return None
             seq, owner, created, before = found
+            # The pairs' search tags change with them (the caller's and model's stay).
             completion = await conn.fetchval(
-                "UPDATE completions SET metadata = $1 WHERE seq = $2 RETURNING completion",
+                "UPDATE completions SET metadata = $1,"
+                " search = ts_delete(search, $3::text[]) || $4::tsvector"
+                " WHERE seq = $2 RETURNING completion",
                 encoded,
                 seq,
+                filter_tags(None, None, orjson.loads(before).items()),
+                " ".join(search.tag_words(filter_tags(None, None, metadata.items()))),
             )
             await conn.execute("DELETE FROM completion_metadata WHERE seq = $1", seq)
             if metadata:
@@ -686,10 +717,11 @@ class PostgresStore:
         if query.search is not None:
             if not self._search:
                 raise SearchOff
-            match = search.query(query.search)
+            tags = filter_tags(scope, query.model, query.metadata)
+            match = search.query(query.search, tags)
             if match is None:
                 return [], False
-            sql, params = queries.search_page(
+            return await self._search_page(
                 scope, query, match, None if cursor is None else cursor[1], columns
             )
         else:
@@ -706,6 +738,31 @@ class PostgresStore:
             sql, params = queries.page(scope, query, cursor, rare, columns)
         rows = await self._p.fetch(sql, *params)
         return rows[: page.limit], len(rows) > page.limit
+
+    async def _search_page(
+        self, scope: str | None, query: ListQuery, match: str, cursor: int | None, columns: str
+    ) -> tuple[list[asyncpg.Record], bool]:
+        """A page of search results in two steps, since no one plan fits every search.
+
+        First the newest ``SEARCH_WINDOW`` completions in scope are tested one by one: a
+        common word fills its page there at once. Only a search that does not is asked of
+        the index alone (index scans and sequential scans turned off for that query): the
+        words and filter tags are intersected inside the GIN index and only their matches
+        are read, however the planner rates a combination it cannot foresee (a word and a
+        pair that never meet would otherwise walk every completion)."""
+        limit = query.page.limit
+        sql, params = queries.search_page(
+            scope, query, match, cursor, columns, window=queries.SEARCH_WINDOW
+        )
+        rows = await self._p.fetch(sql, *params)
+        if len(rows) > limit:
+            return rows[:limit], True
+        sql, params = queries.search_page(scope, query, match, cursor, columns)
+        async with self._acquire() as conn, conn.transaction():
+            await conn.execute("SET LOCAL enable_indexscan = off")
+            await conn.execute("SET LOCAL enable_seqscan = off")
+            rows = await conn.fetch(sql, *params)
+        return rows[:limit], len(rows) > limit
 
     async def list_exchanges(
         self, caller: str | None, page: PageQuery, *, outcome: str | None = None
@@ -747,7 +804,13 @@ class PostgresStore:
     async def usage(
         self, since: int | None, until: int | None, group_by: Sequence[str]
     ) -> list[UsageRow]:
-        """Completions and tokens summed per group (any of caller, model, day)."""
+        """Completions and tokens summed per group (any of caller, model, day).
+
+        Bounds on whole UTC days (or none) are read from ``usage_by_day``, which statement
+        triggers keep (p005): a few rows per day, however many completions. Other bounds
+        sum the completions themselves."""
+        if all(bound is None or bound % 86400 == 0 for bound in (since, until)):
+            return await self._usage_by_day(since, until, group_by)
         columns = [_GROUPS[name] for name in group_by]
         p = queries.Params()
         where = ["true"]
@@ -757,15 +820,30 @@ class PostgresStore:
             where.append(f"created >= {p(since)}::bigint")
         if until is not None:
             where.append(f"created < {p(until)}::bigint")
-        selected = ", ".join([*columns, ""]) if columns else ""
-        grouping = (
-            f" GROUP BY {', '.join(columns)} ORDER BY {', '.join(columns)}" if columns else ""
-        )
         sql = (
-            f"SELECT {selected}count(*), coalesce(sum(prompt_tokens), 0)::bigint,"
+            f"SELECT {_selected(columns)}count(*), coalesce(sum(prompt_tokens), 0)::bigint,"
             " coalesce(sum(cached_tokens), 0)::bigint,"
             " coalesce(sum(completion_tokens), 0)::bigint"
-            f" FROM completions WHERE {' AND '.join(where)}{grouping}"
+            f" FROM completions WHERE {' AND '.join(where)}{_grouping(columns)}"
+        )
+        rows = await self._p.fetch(sql, *p.values)
+        return UsageRow.rows_of(rows, group_by)
+
+    async def _usage_by_day(
+        self, since: int | None, until: int | None, group_by: Sequence[str]
+    ) -> list[UsageRow]:
+        columns = [_DAY_GROUPS[name] for name in group_by]
+        p = queries.Params()
+        where = ["true"]
+        if since is not None:
+            where.append(f"day >= to_timestamp({p(since)}::bigint) AT TIME ZONE 'UTC'")
+        if until is not None:
+            where.append(f"day < to_timestamp({p(until)}::bigint) AT TIME ZONE 'UTC'")
+        sql = (
+            f"SELECT {_selected(columns)}coalesce(sum(completions), 0)::bigint,"
+            " coalesce(sum(prompt_tokens), 0)::bigint, coalesce(sum(cached_tokens), 0)::bigint,"
+            " coalesce(sum(completion_tokens), 0)::bigint"
+            f" FROM usage_by_day WHERE {' AND '.join(where)}{_grouping(columns)}"
         )
         rows = await self._p.fetch(sql, *p.values)
         return UsageRow.rows_of(rows, group_by)
