@@ -406,7 +406,7 @@ async def test_search_off_indexes_nothing_and_refuses_searches_until_turned_back
     await back.close()
 
 
-async def test_a_backlog_is_indexed_in_chunks_at_open(tmp_path: Path) -> None:
+async def test_a_backlog_is_indexed_at_open(tmp_path: Path) -> None:
     """Completions written with search off wait in ``search_backlog``; the next open with
     search on indexes them and empties it. A read-only open
     (``must_exist``, the CLI's reading commands) leaves it for the server."""
