@@ -433,7 +433,9 @@ async def test_kill_9_of_one_worker_mid_load(started: ProxyProcess) -> None:
         "ClientPayloadError",
         "stream ended without [DONE]",
     }, dict(ledger.failures)
-    assert sum(ledger.failures.values()) <= 16
+    # Each of the 16 clients may lose its request in flight, and once more a reconnect that
+    # landed in the killed worker's accept queue before the kernel dropped its socket.
+    assert sum(ledger.failures.values()) <= 2 * 16
     # The replacement takes connections: one through each worker stores and reads back.
     connections = await one_connection_per_worker(started)
     try:
