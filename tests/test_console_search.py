@@ -3,6 +3,7 @@ in the SQLite file itself: kept with the completion, gone with it, never holding
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import sqlite3
 from dataclasses import replace
@@ -337,7 +338,15 @@ async def test_log_rows_time_range_and_failed_outcomes_on_each_backend(
     assert [e.id for e in (await store.log_entries(caller, inside)).items] == [made.id]
     assert (await store.log_entries(caller, ListQuery(since=created + 1))).items == []
     assert (await store.log_entries(None, ListQuery(until=created))).items == []
-    failed = await store.list_exchanges(None, PageQuery(), outcome="upstream_error")
+    # The failed exchange's audit record is queued when its handler ends, which may be just
+    # after the client saw the 500: wait until it is committed.
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while True:
+        failed = await store.list_exchanges(None, PageQuery(), outcome="upstream_error")
+        if failed.items or loop.time() > deadline:
+            break
+        await asyncio.sleep(0.02)
     assert [e.status for e in failed.items] == [500]
     assert (await store.list_exchanges(None, PageQuery(), outcome="client_gone")).items == []
 
