@@ -107,6 +107,10 @@ class StoreConfig(_Section):
     url: str = "./completions.db"
     queue_size: int = Field(10_000, ge=1)
     batch_size: int = Field(256, ge=1)
+    # Full-text search over prompts and answers. false: nothing is indexed as it is written
+    # and searches are refused; turned back on, the store indexes what was written
+    # meanwhile when it opens.
+    search: bool = True
     sqlite: SQLiteSettings = SQLiteSettings()
     postgres: PostgresSettings = PostgresSettings()
 

@@ -40,7 +40,7 @@ from proxy.keys import (
 )
 from proxy.models import parse_list_query, parse_page_query, parse_update_body, peek_chat_request
 from proxy.outcome import Outcome
-from proxy.store import StoreError, UnknownCursor
+from proxy.store import SearchOff, StoreError, UnknownCursor
 from proxy.upstream import BadPath, canonical_path, names_stored_api
 
 log = logging.getLogger("proxy.handlers")
@@ -183,6 +183,8 @@ async def list_chat_completions(request: web.Request) -> web.Response:
         raise InvalidRequest(
             f"after: no chat completion with id '{query.page.after}'.", param="after"
         ) from None
+    except SearchOff as off:
+        raise InvalidRequest(str(off), param="search", code="search_off") from None
     return _json(responses.completion_page(page))
 
 

@@ -306,7 +306,8 @@ def document() -> Json:
                             "in": "query",
                             "description": "Extension: full-text search over the messages,"
                             " the answer and tool-call arguments; every word must appear."
-                            " Results follow storage order.",
+                            " Results follow storage order. A 400 (code search_off) when the"
+                            " proxy runs with store.search: false.",
                             "schema": {"type": "string", "maxLength": 500},
                         },
                         {

@@ -755,3 +755,31 @@ def test_the_console_can_be_switched_off(browser: Browser, tmp_path: Path) -> No
         page.close()
     finally:
         servers.stop()
+
+
+def test_with_search_off_the_log_has_no_search_box_and_a_search_url_is_refused(
+    browser: Browser, tmp_path: Path
+) -> None:
+    servers = Servers(tmp_path, store={"search": False}).start()
+    try:
+        with openai.OpenAI(
+            base_url=servers.url + "/v1", api_key="sk-test-zoe", max_retries=0
+        ) as zoe:
+            made = zoe.chat.completions.create(
+                model="gpt-test", messages=ask("zoe's question"), store=True
+            )
+        context = browser.new_context()
+        page = context.new_page()
+        page.goto(servers.url + "/ui/")
+        page.fill("#token", "sk-test-zoe")
+        page.press("#token", "Enter")
+        page.wait_for_url("**/ui/log")
+        assert log_ids(page) == [made.id]  # the log and its other filters still work
+        expect(page.locator("#q")).to_have_count(0)
+        expect(page.locator(".search-off")).to_contain_text("store.search: false")
+        answer = page.goto(servers.url + "/ui/log?q=question")
+        assert answer is not None and answer.status == 400
+        expect(page.locator("main")).to_contain_text("Full-text search is off")
+        context.close()
+    finally:
+        servers.stop()

@@ -3,6 +3,7 @@ in the SQLite file itself: kept with the completion, gone with it, never holding
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import sqlite3
 from dataclasses import replace
@@ -15,20 +16,23 @@ import pytest
 from proxy.config import StoreConfig
 from proxy.keys import STORE
 from proxy.models import ListQuery, PageQuery
-from proxy.store import CompletionRecord, StoreError, open_store
+from proxy.store import CompletionRecord, SearchOff, StoreError, open_store
 from proxy.store.sqlite import SQLiteStore
 from proxy.store.text import filter_tags, fts5_query, searchable
 from tests.conftest import BACKENDS
 from tests.fakes import FakeUpstream, Reply
+from tests.helpers import sdk
 
 
 def ask(text: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": text}]
 
 
-def fts_rows(path: Path) -> list[tuple[int, str]]:
+def indexed_words(path: Path) -> list[str]:
+    """Every word SQLite's index holds for some completion (it keeps no copy of the text)."""
     with contextlib.closing(sqlite3.connect(path)) as conn:
-        return conn.execute("SELECT rowid, body FROM completions_fts ORDER BY rowid").fetchall()
+        conn.execute("CREATE VIRTUAL TABLE temp.words USING fts5vocab(main, completions_fts, row)")
+        return [row[0] for row in conn.execute("SELECT term FROM temp.words ORDER BY term")]
 
 
 async def found(client: openai.AsyncOpenAI, search: str, **params: object) -> list[str]:
@@ -40,7 +44,7 @@ both = pytest.mark.parametrize("store_url", BACKENDS, indirect=True)
 
 
 async def indexed_text(proxy, store_url: str) -> str:
-    """Everything the search index holds, as text (SQLite's FTS rows, PostgreSQL's
+    """Everything the search index holds, as text (SQLite's indexed words, PostgreSQL's
     tsvectors)."""
     if store_url.startswith("postgresql"):
         conn = await asyncpg.connect(store_url)  # search_path from the URL
@@ -49,7 +53,7 @@ async def indexed_text(proxy, store_url: str) -> str:
         finally:
             await conn.close()
         return " ".join(row[0] or "" for row in rows)
-    return " ".join(body for _, body in fts_rows(Path(store_url)))
+    return " ".join(indexed_words(Path(store_url)))
 
 
 @both
@@ -201,9 +205,17 @@ async def test_an_old_file_is_indexed_when_it_gains_search(tmp_path: Path) -> No
     await store.write_batch([_record(n, f"walrus {n}") for n in range(3)])
     await store.close()
     with contextlib.closing(sqlite3.connect(path)) as conn:  # as a file before m010
-        conn.execute("DROP TRIGGER completions_fts_delete")
-        conn.execute("DROP TABLE completions_fts")
-        conn.execute("DELETE FROM _migrations WHERE name IN ('m010_search', 'm013_search_tags')")
+        for statement in (
+            "DROP TRIGGER completions_search_delete",
+            "DROP TRIGGER completions_search_update",
+            "DROP TABLE search_backlog",
+            "DROP TABLE completions_fts",
+        ):
+            conn.execute(statement)
+        conn.execute(
+            "DELETE FROM _migrations WHERE name IN"
+            " ('m010_search', 'm013_search_tags', 'm016_search_contentless')"
+        )
         conn.commit()
     store = SQLiteStore(path)
     await store.open()
@@ -229,7 +241,7 @@ async def test_a_batch_that_fails_leaves_no_text_behind(tmp_path: Path) -> None:
         assert (await store.list_completions(None, ListQuery(search="narwhal"))).items == []
     finally:
         await store.close()
-    assert fts_rows(path) == []
+    assert indexed_words(path) == []
 
 
 def test_searchable_text_and_query_are_pure() -> None:
@@ -326,7 +338,15 @@ async def test_log_rows_time_range_and_failed_outcomes_on_each_backend(
     assert [e.id for e in (await store.log_entries(caller, inside)).items] == [made.id]
     assert (await store.log_entries(caller, ListQuery(since=created + 1))).items == []
     assert (await store.log_entries(None, ListQuery(until=created))).items == []
-    failed = await store.list_exchanges(None, PageQuery(), outcome="upstream_error")
+    # The failed exchange's audit record is queued when its handler ends, which may be just
+    # after the client saw the 500: wait until it is committed.
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while True:
+        failed = await store.list_exchanges(None, PageQuery(), outcome="upstream_error")
+        if failed.items or loop.time() > deadline:
+            break
+        await asyncio.sleep(0.02)
     assert [e.status for e in failed.items] == [500]
     assert (await store.list_exchanges(None, PageQuery(), outcome="client_gone")).items == []
 
@@ -341,6 +361,90 @@ async def test_ended_sessions_are_seen_by_every_process_on_the_store(proxy) -> N
     assert await store.session_ended("s1")
     await store.end_session("s2", 4_000_000_000.0)
     assert not await store.session_ended("old")
+
+
+async def create(client: openai.AsyncOpenAI, text: str, **params: object) -> str:
+    made = await client.chat.completions.create(
+        model="gpt-test",
+        messages=ask(text),
+        store=True,
+        **params,  # type: ignore[arg-type]
+    )
+    return made.id
+
+
+@both
+async def test_search_off_indexes_nothing_and_refuses_searches_until_turned_back_on(
+    proxy_factory, store_url: str
+) -> None:
+    """``store.search: false``: writes index nothing and a search is a 400 naming the
+    switch; deletes and metadata edits of completions indexed before still reach the index.
+    Turned back on, the store indexes what was written meanwhile when it opens."""
+    on = await proxy_factory()
+    async with sdk(on, "sk-test-alice") as alice:
+        early = await create(alice, "walrus early", metadata={"t": "x"})
+        doomed_early = await create(alice, "walrus doomed early")
+    await on.close()
+
+    off = await proxy_factory(store={"search": False})
+    async with sdk(off, "sk-test-alice") as alice:
+        late = await create(alice, "walrus late", metadata={"t": "x"})
+        doomed_late = await create(alice, "walrus doomed late")
+        with pytest.raises(openai.BadRequestError) as refused:
+            await found(alice, "walrus")
+        error = refused.value.body
+        assert error["param"] == "search" and error["code"] == "search_off"  # type: ignore[index]
+        assert "store.search" in error["message"]  # type: ignore[index]
+        listed = [c.id async for c in alice.chat.completions.list()]  # listing still works
+        assert listed == [early, doomed_early, late, doomed_late]
+        await alice.chat.completions.delete(doomed_early)  # indexed: its words leave
+        await alice.chat.completions.delete(doomed_late)  # never indexed
+        await alice.chat.completions.update(early, metadata={"t": "y"})  # its tags follow
+        words = await indexed_text(off, store_url)
+        assert "early" in words and "late" not in words and "doomed" not in words
+    await off.close()
+
+    back = await proxy_factory()
+    async with sdk(back, "sk-test-alice") as alice:
+        assert await found(alice, "walrus") == [early, late]
+        assert await found(alice, "late") == [late]
+        assert await found(alice, "walrus", metadata={"t": "x"}) == [late]
+        assert await found(alice, "walrus", metadata={"t": "y"}) == [early]
+        assert await found(alice, "doomed") == []
+        assert "doomed" not in await indexed_text(back, store_url)
+    await back.close()
+
+
+async def test_a_backlog_is_indexed_at_open(tmp_path: Path) -> None:
+    """Completions written with search off wait in ``search_backlog``; the next open with
+    search on indexes them and empties it. A read-only open
+    (``must_exist``, the CLI's reading commands) leaves it for the server."""
+    path = tmp_path / "backlog.db"
+    store = SQLiteStore(path, search=False)
+    await store.open()
+    await store.write_batch([_record(n, f"narwhal {n}") for n in range(5)])
+    with pytest.raises(SearchOff):
+        await store.list_completions(None, ListQuery(search="narwhal"))
+    await store.close()
+    assert indexed_words(path) == []
+
+    reader = SQLiteStore(path, must_exist=True)
+    await reader.open()
+    await reader.close()
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("SELECT count(*) FROM search_backlog").fetchone()[0] == 5
+
+    store = SQLiteStore(path)
+    await store.open()
+    try:
+        page = await store.list_completions(
+            None, ListQuery(page=PageQuery(order="desc"), search="narwhal")
+        )
+        assert [c.id for c in page.items] == [f"chatcmpl-{n}" for n in range(4, -1, -1)]
+    finally:
+        await store.close()
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("SELECT count(*) FROM search_backlog").fetchone()[0] == 0
 
 
 @both

@@ -20,6 +20,7 @@ from proxy.store import CompletionRecord, StoreError, UnknownCursor
 from proxy.store.signature import pair_bits, signature
 from proxy.store.sqlite import SQLiteStore
 from proxy.store.sqlite.migrations import MIGRATIONS, migrate
+from proxy.store.sqlite.search import add_functions
 from proxy.store.sqlite.store import _CALLERS, CALLERS_PER_READ, PAGE_SIZE
 from proxy.writer import Writer
 
@@ -625,6 +626,7 @@ async def test_a_rejected_import_takes_back_only_its_own_rows_beside_another_wri
         for k in range(4):
             if k == 2:  # the first chunk (two batches) is committed; no transaction is open
                 with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as other:
+                    add_functions(other)  # as another proxy's connection has them
                     other.execute("DELETE FROM completions WHERE id = 'chatcmpl-8'")
                     other.execute(
                         "INSERT INTO completions (id, caller, created, model, metadata,"

@@ -10,9 +10,10 @@ import orjson
 
 from proxy.config import Price
 from proxy.console.filters import PAGE_SIZE, LogView
+from proxy.errors import InvalidRequest
 from proxy.models import ListQuery, PageQuery
 from proxy.outcome import Outcome
-from proxy.store import ExchangeRecord, LogEntry, Store, UnknownCursor
+from proxy.store import ExchangeRecord, LogEntry, SearchOff, Store, UnknownCursor
 from proxy.store.text import preview
 from proxy.usage import cost
 
@@ -133,6 +134,8 @@ async def log_page(
             has_more = entries.has_more
     except UnknownCursor:
         return await log_page(store, scope, replace(view, after="", before=""), prices)
+    except SearchOff as off:  # a search from a URL made while search was on
+        raise InvalidRequest(str(off), param="q", code="search_off") from None
     if newer_side:
         rows.reverse()
         return LogPage(rows, newer=has_more, older=True)

@@ -42,6 +42,7 @@ async def log(request: web.Request, visitor: Visitor) -> web.StreamResponse:
             "newest_url": view.page_url() if view.after or view.before else None,
             "outcomes": [str(o) for o in FAILED],
             "deleted": request.query.get("deleted", ""),
+            "search": config.store.search,
             "nav": "log",
         },
     )

@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from proxy.store.errors import KeyExists, StoreError, StoreMissing, UnknownCursor
+from proxy.store.errors import KeyExists, SearchOff, StoreError, StoreMissing, UnknownCursor
 from proxy.store.protocol import Store
 from proxy.store.records import (
     AuditEntry,
@@ -44,6 +44,7 @@ __all__ = [
     "LogEntry",
     "Page",
     "PruneReport",
+    "SearchOff",
     "Store",
     "StoreError",
     "StoreMissing",

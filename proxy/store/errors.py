@@ -18,3 +18,13 @@ class UnknownCursor(LookupError):
 
 class KeyExists(ValueError):
     """A proxy key with this name exists already."""
+
+
+class SearchOff(Exception):
+    """A search was asked of a store opened with search off (``store.search: false``)."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "Full-text search is off on this proxy (store.search: false): completions are"
+            " not indexed for search. List without search, or turn store.search on."
+        )

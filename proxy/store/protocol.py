@@ -54,7 +54,8 @@ class Store(Protocol):
         ``query.since``/``until`` bound ``created``. ``query.search`` keeps completions whose
         searchable text (``proxy.store.text.searchable``) holds every word, through an index
         kept in the same transaction as the completion: never missing a committed one, never
-        showing a deleted or pruned one. With a search, the order is storage order.
+        showing a deleted or pruned one. With a search, the order is storage order; a store
+        opened with search off raises ``SearchOff`` instead.
         """
 
     async def log_entry(self, caller: str | None, completion_id: str) -> LogEntry | None:

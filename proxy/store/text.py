@@ -6,6 +6,11 @@ redacted (see ``proxy.redaction``), so a redacted secret is never in an index: t
 messages' text (string content and text parts), their tool calls' names and arguments, and
 each choice's content, refusal and tool calls.
 
+SQLite's index holds no copy of the text: it takes a row out by being given the same text
+and tags again, made from the stored row. So ``searchable`` and ``filter_tags`` must give
+the same output for the same row forever; a change to either needs a migration that indexes
+every completion again (as ``m016_search_contentless`` does).
+
 A search is words, each matched as a whole token (case- and accent-insensitive), all of
 which must appear; punctuation inside a word makes it a phrase (``don't`` → ``"don t"``).
 No operators: what a person types is never parsed as query syntax.
@@ -101,6 +106,11 @@ def filter_tags(
         tags.append(_tag("m", model))
     tags += [_tag("k", f"{key}\x00{value}") for key, value in metadata]
     return tags
+
+
+def stored_tags(caller: str, model: str, metadata: bytes) -> str:
+    """``filter_tags`` of a stored row (its metadata as the store encodes it), as one text."""
+    return " ".join(filter_tags(caller, model, orjson.loads(metadata).items()))
 
 
 def fts5_query(search: str, tags: Sequence[str] = ()) -> str | None:

@@ -258,11 +258,14 @@ def proxy(
     *,
     workers: int = 1,
     source: str = "src",
+    config: Path | None = None,
 ) -> Server:
     argv = [PYTHON, "-m", "proxy", "serve", "--host", "127.0.0.1", "--port", "{port}"]
     argv += ["--upstream", upstream.url + "/v1", "--db", str(db)]
     if workers > 1:
         argv += ["--workers", str(workers)]
+    if config is not None:
+        argv += ["--config", str(config)]
     # The snapshot taken at the start (see snapshot_proxy), so every proxy of one run is the
     # same code even while proxy/ is being edited.
     name = f"proxy ({source}, {workers} worker{'s' if workers > 1 else ''})"
@@ -376,7 +379,7 @@ PLAN = (
 )
 THROUGHPUT = ("plain_throughput", "stream_throughput")
 # Every subject of a default run, in the order rounds visit them.
-SUBJECTS = ("direct", "floor", "relay", "proxy", "proxy_w2", "floor_x2")
+SUBJECTS = ("direct", "floor", "relay", "proxy", "proxy_nosearch", "proxy_w2", "floor_x2")
 TWO_PROCESS = ("proxy_w2", "floor_x2")  # throughput only; unpinned (see http_phase)
 
 
@@ -502,6 +505,16 @@ def http_phase(
                 subjects.append(Subject("relay", served, upstream, store=False))
             if "proxy" in wanted:
                 subjects.append(Subject("proxy", served, upstream))
+        if "proxy_nosearch" in wanted:
+            # The same code with store.search: false: what indexing for search costs a request.
+            nosearch = workdir / "nosearch.yaml"
+            nosearch.write_text("store:\n  search: false\n", encoding="utf-8")
+            quiet = started(
+                proxy(
+                    workdir, upstream, workdir / "proxy-nosearch.db", subject_cpu, config=nosearch
+                )
+            )
+            subjects.append(Subject("proxy_nosearch", quiet, upstream))
         if baseline:
             base = started(
                 proxy(workdir, upstream, workdir / "proxy-base.db", subject_cpu, source="base")
@@ -743,37 +756,97 @@ async def bench_write_batch(path: Path, count: int) -> dict[str, Any]:
     return {"records": written, "seconds": seconds, "per_second": written / seconds}
 
 
-async def bench_writer(path: Path, count: int, concurrency: int = 512) -> dict[str, Any]:
-    """Committed records per second through Writer, ``concurrency`` commit() calls at once."""
-    store = SQLiteStore(path)
-    await store.open()
+async def commit_all(
+    store: SQLiteStore, records: list[CompletionRecord], concurrency: int = 512
+) -> dict[str, Any]:
+    """Commit ``records`` through a Writer, ``concurrency`` commit() calls at once: records
+    per second, and this process's CPU time per record (the writer's thread, the
+    checkpointer's and the event loop's)."""
     writer = Writer(store, batch_size=256)
     writer.start()
     try:
-        records = [make_record(i, b"wr") for i in range(count)]
         queue = iter(records)
 
         async def client() -> None:
             for record in queue:  # one shared iterator: each record is committed once
                 await writer.commit(record)
 
+        cpu = time.process_time()
         started = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(concurrency)))
         seconds = time.perf_counter() - started
+        cpu = time.process_time() - cpu
         stats = writer.stats
         committed, batches_ = stats.committed, stats.batches
     finally:
         await writer.close()
-        await store.close()
-    if committed != count:
-        raise BenchError(f"Writer committed {committed} of {count}")
+    if committed != len(records):
+        raise BenchError(f"Writer committed {committed} of {len(records)}")
     return {
         "records": committed,
         "seconds": seconds,
         "per_second": committed / seconds,
+        "cpu_us_per_record": cpu / committed * 1e6,
         "batches": batches_,
         "mean_batch": committed / batches_,
         "concurrency": concurrency,
+    }
+
+
+async def bench_writer(path: Path, count: int, concurrency: int = 512) -> dict[str, Any]:
+    """Committed records per second through Writer, ``concurrency`` commit() calls at once."""
+    store = SQLiteStore(path)
+    await store.open()
+    try:
+        return await commit_all(store, [make_record(i, b"wr") for i in range(count)], concurrency)
+    finally:
+        await store.close()
+
+
+async def bench_search_writes(
+    path: Path, count: int, rounds: int, log: Callable[[str], None]
+) -> dict[str, Any]:
+    """``Writer.commit`` into the store at its built size with search on and off
+    (``store.search``), in turns on the same file, ``count`` records a turn. What a turn
+    with search off wrote is indexed when the next turn opens the file with search on: that
+    open is timed too (``backlog``), and a last open indexes the last turn's."""
+    result: dict[str, Any] = {"on": [], "off": [], "backlog": [], "records": count}
+    salt = 0
+    for round_ in range(1, rounds + 1):
+        for search in (True, False):
+            store = SQLiteStore(path, search=search)
+            opened, cpu = time.perf_counter(), time.process_time()
+            await store.open()
+            if search and round_ > 1:
+                result["backlog"].append(_backlog(opened, cpu, count))
+            salt += 1
+            records = [make_record(i, b"sw%d" % salt) for i in range(count)]
+            try:
+                run = await commit_all(store, records)
+            finally:
+                await store.close()
+            result["on" if search else "off"].append(run)
+            log(
+                f"    round {round_} search {'on ' if search else 'off'}:"
+                f" {run['per_second']:,.0f} completions/s, {run['cpu_us_per_record']:.0f} us CPU"
+                f" each (mean batch {run['mean_batch']:.0f})"
+            )
+    store = SQLiteStore(path)
+    opened, cpu = time.perf_counter(), time.process_time()
+    await store.open()
+    await store.close()
+    result["backlog"].append(_backlog(opened, cpu, count))
+    for turn in result["backlog"]:
+        log(f"    backlog of {count:,} indexed at open: {turn['per_second']:,.0f} rows/s")
+    return result
+
+
+def _backlog(opened: float, cpu: float, rows: int) -> dict[str, float]:
+    seconds = time.perf_counter() - opened
+    return {
+        "seconds": seconds,
+        "per_second": rows / seconds,
+        "cpu_us_per_record": (time.process_time() - cpu) / rows * 1e6,
     }
 
 
@@ -952,6 +1025,11 @@ async def store_phase(
         if baseline is not None:
             await baseline.close()
         await store.close()
+    size = settings.store_sizes[-1]
+    log(f"  Writer.commit at {size:,} stored, search on and off in turns:")
+    result["search_writes"] = await bench_search_writes(
+        path, settings.write_records // 5, max(settings.rounds, 2), log
+    )
     return result
 
 
@@ -1104,7 +1182,38 @@ def http_figures(http: dict[str, dict[str, Measured]]) -> list[Figure]:
                 figure.target = f"<= {ADDED_P50_TARGET_MS} ms"
                 figure.passed = added <= ADDED_P50_TARGET_MS
             figures.append(figure)
+    figures += search_cost_figures(http)
     return figures
+
+
+SEARCH_COST_TARGET = 0.05  # indexing may cost the proxy's plain throughput this much at most
+
+
+def search_cost_figures(http: dict[str, dict[str, Measured]]) -> list[Figure]:
+    """What indexing for search costs the stored plain request: proxy against
+    proxy_nosearch, round by round (they run in the same rounds, one after the other)."""
+    if "proxy" not in http or "proxy_nosearch" not in http:
+        return []
+    on, off = http["proxy"]["plain_throughput"], http["proxy_nosearch"]["plain_throughput"]
+    rps = [a.rps / b.rps for a, b in zip(on.runs, off.runs, strict=True)]
+    cpu = [a / b for a, b in zip(on.cpu_us_per_request(), off.cpu_us_per_request(), strict=True)]
+    throughput = Figure(
+        "plain throughput, search on / off",
+        on.median_rps() / off.median_rps(),
+        "x",
+        target=f">= {1 - SEARCH_COST_TARGET:.2f}",
+        note=_spread(rps, 3).rstrip("; ") + " (per round)",
+    )
+    throughput.passed = throughput.value >= 1 - SEARCH_COST_TARGET
+    per_request = Figure(
+        "plain CPU per request, search on / off",
+        on.median_cpu_us() / off.median_cpu_us(),
+        "x",
+        target=f"<= {1 + SEARCH_COST_TARGET:.2f}",
+        note=_spread(cpu, 3).rstrip("; ") + " (per round)",
+    )
+    per_request.passed = per_request.value <= 1 + SEARCH_COST_TARGET
+    return [throughput, per_request]
 
 
 def store_figures(store: dict[str, Any], settings: Settings) -> list[Figure]:
@@ -1156,6 +1265,36 @@ def store_figures(store: dict[str, Any], settings: Settings) -> list[Figure]:
                 target=">= 5,000/s",
                 passed=write["per_second"] >= 5000,
                 note=note,
+            )
+        )
+    turns = store.get("search_writes")
+    if turns:
+        size = f"{settings.store_sizes[-1]:,}"
+        median = {
+            key: {
+                name: statistics.median(run[key] for run in turns[name])
+                for name in ("on", "off", "backlog")
+            }
+            for key in ("per_second", "cpu_us_per_record")
+        }
+        for name, label in (("on", "search on"), ("off", "search off")):
+            figure = Figure(
+                f"store Writer.commit @ {size}, {label}",
+                median["per_second"][name],
+                "completions/s",
+                note=_spread([run["per_second"] for run in turns[name]], 0)
+                + f"{median['cpu_us_per_record'][name]:.0f} us CPU per completion;"
+                f" {turns['records']:,} a turn, on and off in turns",
+            )
+            if name == "on":
+                figure.target, figure.passed = ">= 5,000/s", figure.value >= 5000
+            figures.append(figure)
+        figures.append(
+            Figure(
+                f"store search backlog indexed at open @ {size}",
+                median["per_second"]["backlog"],
+                "completions/s",
+                note=f"{median['cpu_us_per_record']['backlog']:.0f} us CPU per completion",
             )
         )
     return figures

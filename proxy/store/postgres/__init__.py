@@ -29,4 +29,5 @@ def create(url: str, settings: StoreConfig, *, must_exist: bool = False) -> Post
         connect_timeout=pg.connect_timeout,
         statement_timeout=pg.statement_timeout,
         must_exist=must_exist,
+        search=settings.search,
     )

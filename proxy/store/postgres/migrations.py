@@ -94,7 +94,7 @@ async def _backfill_search_tags(conn: asyncpg.Connection) -> None:
 
 
 async def _backfill_signatures(conn: asyncpg.Connection) -> None:
-    """Give completions stored before p008, and their metadata rows, their signature."""
+    """Give completions stored before p009, and their metadata rows, their signature."""
     last = 0
     while rows := await conn.fetch(
         "SELECT seq, metadata FROM completions WHERE seq > $1 ORDER BY seq LIMIT 5000", last
@@ -321,7 +321,16 @@ MIGRATIONS: tuple[Migration, ...] = (
         _backfill_search_tags,
     ),
     Migration(
-        "p007_lz4_bodies",
+        "p007_unindexed",
+        (
+            # Completions written with search off (store.search: false) have no search
+            # vector yet: this index finds them when search is turned back on, and holds
+            # nothing while it is on.
+            "CREATE INDEX completions_unindexed ON completions (seq) WHERE search IS NULL",
+        ),
+    ),
+    Migration(
+        "p008_lz4_bodies",
         (
             # A ~3 KB completion row is compressed on every insert; lz4 costs a fraction of
             # the default pglz. New rows only (old rows keep pglz, both read the same). A
@@ -341,7 +350,7 @@ MIGRATIONS: tuple[Migration, ...] = (
         ),
     ),
     Migration(
-        "p008_metadata_signature",
+        "p009_metadata_signature",
         (
             # The completion's metadata signature (proxy.store.signature) on the completion
             # and on each of its metadata rows: a list with several pairs walks the rarest
@@ -352,7 +361,7 @@ MIGRATIONS: tuple[Migration, ...] = (
         _backfill_signatures,
     ),
     Migration(
-        "p009_metadata_index_with_signature",
+        "p010_metadata_index_with_signature",
         (
             # The pairs' index carries the signature, so the walk reads nothing else.
             "CREATE INDEX completion_metadata_pairs"
@@ -361,6 +370,42 @@ MIGRATIONS: tuple[Migration, ...] = (
         ),
     ),
 )
+
+UNINDEXED_CHUNK = 1000  # completions given their search vector per statement
+
+
+async def index_unindexed(conn: asyncpg.Connection) -> int:
+    """Give every completion written while search was off its search vector; return how
+    many. Under the migration lock, so instances starting together do it once; each chunk
+    commits on its own, so writers wait for one chunk at most."""
+    await conn.set_type_codec("tsvector", **TSVECTOR_CODEC)
+    await conn.execute(
+        "SELECT pg_advisory_lock($1, hashtext(current_schema()))", LOCK_SPACE + MIGRATE_LOCK
+    )
+    done = 0
+    try:
+        while rows := await conn.fetch(
+            "SELECT seq, request, completion, caller, model, metadata FROM completions"
+            " WHERE search IS NULL ORDER BY seq LIMIT $1",
+            UNINDEXED_CHUNK,
+        ):
+            await conn.execute(
+                "UPDATE completions c SET search = d.body"
+                " FROM unnest($1::bigint[], $2::tsvector[]) AS d(seq, body) WHERE c.seq = d.seq",
+                [row[0] for row in rows],
+                [
+                    document(
+                        row[1], row[2], filter_tags(row[3], row[4], orjson.loads(row[5]).items())
+                    )
+                    for row in rows
+                ],
+            )
+            done += len(rows)
+        return done
+    finally:
+        await conn.execute(
+            "SELECT pg_advisory_unlock($1, hashtext(current_schema()))", LOCK_SPACE + MIGRATE_LOCK
+        )
 
 
 async def applied(conn: asyncpg.Connection) -> list[str]:

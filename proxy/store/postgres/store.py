@@ -29,9 +29,9 @@ import asyncpg
 import orjson
 
 from proxy.models import ListQuery, PageQuery
-from proxy.store.errors import KeyExists, StoreError, StoreMissing, UnknownCursor
+from proxy.store.errors import KeyExists, SearchOff, StoreError, StoreMissing, UnknownCursor
 from proxy.store.postgres import queries, search
-from proxy.store.postgres.migrations import LOCK_SPACE, RETENTION_LOCK, migrate
+from proxy.store.postgres.migrations import LOCK_SPACE, RETENTION_LOCK, index_unindexed, migrate
 from proxy.store.records import (
     AuditEntry,
     CompletionRecord,
@@ -142,8 +142,16 @@ def _dump_metadata(metadata: dict[str, str]) -> bytes:
     return orjson.dumps(metadata, option=orjson.OPT_SORT_KEYS)
 
 
-def _columns(records: Sequence[CompletionRecord], now: float) -> list[list[Any]]:
-    """The batch as one list per column, in ``queries.COMPLETION_COLUMNS`` order."""
+def _document(record: CompletionRecord, index: bool) -> bytes | None:
+    """The record's search document; None (not indexed yet) with search off."""
+    return search.document(record.request, record.completion, _tags(record)) if index else None
+
+
+def _columns(
+    records: Sequence[CompletionRecord], now: float, index: bool = True
+) -> list[list[Any]]:
+    """The batch as one list per column, in ``queries.COMPLETION_COLUMNS`` order, then the
+    search documents (see ``_document``)."""
     return [
         [r.id for r in records],
         [r.caller for r in records],
@@ -161,7 +169,7 @@ def _columns(records: Sequence[CompletionRecord], now: float) -> list[list[Any]]
         [r.prompt_tokens for r in records],
         [r.cached_tokens for r in records],
         [r.completion_tokens for r in records],
-        [search.document(r.request, r.completion, _tags(r)) for r in records],
+        [_document(r, index) for r in records],
         [signature(r.metadata.items()) for r in records],
     ]
 
@@ -242,8 +250,10 @@ class PostgresStore:
         connect_timeout: float = 10.0,
         statement_timeout: float = 30.0,
         must_exist: bool = False,
+        search: bool = True,
     ) -> None:
         self.url = url
+        self._search = search
         self._pool_min = pool_min
         self._pool_max = pool_max
         self._connect_timeout = connect_timeout
@@ -285,6 +295,8 @@ class PostgresStore:
             # Migrations may rewrite tables: no statement timeout for them.
             await conn.execute("SET statement_timeout = 0")
             await migrate(conn)
+            if self._search and not self._must_exist:
+                await index_unindexed(conn)
         finally:
             await conn.close()
         self._pool = await asyncpg.create_pool(
@@ -324,13 +336,15 @@ class PostgresStore:
             if len(completions) < SPLIT_BATCH:
                 inserted: int = await conn.fetchval(
                     queries.WRITE_BATCH,
-                    *_columns(completions, now),
+                    *_columns(completions, now, self._search),
                     *_exchange_columns(exchanges),
                 )
                 return inserted
             half = len(completions) // 2
-            first = _columns(completions[:half], now)
-            later = asyncio.ensure_future(asyncio.to_thread(_columns, completions[half:], now))
+            first = _columns(completions[:half], now, self._search)
+            later = asyncio.ensure_future(
+                asyncio.to_thread(_columns, completions[half:], now, self._search)
+            )
             try:
                 async with conn.transaction():
                     inserted = await conn.fetchval(
@@ -373,7 +387,7 @@ class PostgresStore:
                 if batch is None:
                     break
                 rows += batch
-            return _columns(rows, now) if rows else None
+            return _columns(rows, now, self._search) if rows else None
 
         inserted = 0
         async with self._acquire() as conn:
@@ -719,6 +733,8 @@ class PostgresStore:
             return [], False
         scope = caller if query.owner is None else query.owner
         if query.search is not None:
+            if not self._search:
+                raise SearchOff
             tags = filter_tags(scope, query.model, query.metadata)
             match = search.query(query.search, tags)
             if match is None:

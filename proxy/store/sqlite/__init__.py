@@ -29,4 +29,5 @@ def create(url: str, settings: StoreConfig, *, must_exist: bool = False) -> SQLi
         max_bytes=settings.sqlite.max_bytes,
         must_exist=must_exist,
         checkpoints=settings.sqlite.checkpoints,
+        search=settings.search,
     )

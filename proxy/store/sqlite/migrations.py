@@ -434,6 +434,55 @@ MIGRATIONS: tuple[Migration, ...] = (
             " ON completion_metadata (caller, key, value, created, seq, sig)",
         ),
     ),
+    Migration(
+        "m016_search_contentless",
+        (
+            # The index holds the words only (content=''), not a second copy of the text,
+            # which was most of what indexing wrote per completion. Without the text, FTS5
+            # takes a row out only when given it again: the triggers below make it again
+            # from the row (proxy.store.sqlite.search). Completions written while search is
+            # off wait in search_backlog; every completion starts there, and the store
+            # indexes the backlog in chunks when it opens (search.index_backlog), rather
+            # than in this one transaction.
+            "DROP TRIGGER completions_fts_delete",
+            "DROP TABLE completions_fts",
+            "CREATE VIRTUAL TABLE completions_fts USING fts5("
+            " body, tags, tokenize = 'unicode61 remove_diacritics 2', columnsize = 0,"
+            " content = '')",
+            # Each commit adds a segment to the index and FTS5 merges them as they pile up;
+            # the proxy commits a few completions at a time, so with the default (merge 4
+            # segments of a level) every entry was rewritten once per level, about ten times
+            # at a million completions. Merging 16 at a time halves the levels; a search
+            # reads more segments (fractions of a millisecond). crisismerge must stay above.
+            "INSERT INTO completions_fts (completions_fts, rank) VALUES ('automerge', 16)",
+            "INSERT INTO completions_fts (completions_fts, rank) VALUES ('crisismerge', 32)",
+            "CREATE TABLE search_backlog (seq INTEGER PRIMARY KEY)",
+            "INSERT INTO search_backlog (seq) SELECT seq FROM completions",
+            """
+            CREATE TRIGGER completions_search_delete AFTER DELETE ON completions BEGIN
+                INSERT INTO completions_fts (completions_fts, rowid, body, tags)
+                    SELECT 'delete', old.seq, search_text(old.request, old.completion),
+                        search_tags(old.caller, old.model, old.metadata)
+                    WHERE NOT EXISTS (SELECT 1 FROM search_backlog WHERE seq = old.seq);
+                DELETE FROM search_backlog WHERE seq = old.seq;
+            END
+            """,
+            # A metadata edit changes the tags (and any other change of what the row is
+            # found by would change the text): the old words out, the new ones in.
+            """
+            CREATE TRIGGER completions_search_update
+            AFTER UPDATE OF caller, model, metadata, request, completion ON completions
+            WHEN NOT EXISTS (SELECT 1 FROM search_backlog WHERE seq = old.seq) BEGIN
+                INSERT INTO completions_fts (completions_fts, rowid, body, tags)
+                    VALUES ('delete', old.seq, search_text(old.request, old.completion),
+                        search_tags(old.caller, old.model, old.metadata));
+                INSERT INTO completions_fts (rowid, body, tags)
+                    VALUES (new.seq, search_text(new.request, new.completion),
+                        search_tags(new.caller, new.model, new.metadata));
+            END
+            """,
+        ),
+    ),
 )
 
 

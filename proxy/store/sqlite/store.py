@@ -30,7 +30,7 @@ import aiosqlite
 import orjson
 
 from proxy.models import ListQuery, Order, PageQuery
-from proxy.store.errors import KeyExists, StoreError, StoreMissing, UnknownCursor
+from proxy.store.errors import KeyExists, SearchOff, StoreError, StoreMissing, UnknownCursor
 from proxy.store.records import (
     AuditEntry,
     CompletionRecord,
@@ -47,6 +47,7 @@ from proxy.store.records import (
 from proxy.store.signature import signature
 from proxy.store.sqlite.connection import ThreadedConnection
 from proxy.store.sqlite.migrations import migrate
+from proxy.store.sqlite.search import add_functions, index_backlog
 from proxy.store.text import filter_tags, fts5_query, preview, searchable
 
 
@@ -73,6 +74,9 @@ INSERT INTO exchanges (
 ) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 """
 
+_INSERT_TEXT = "INSERT INTO completions_fts (rowid, body, tags) VALUES (?, ?, ?)"
+_DEFER_TEXT = "INSERT INTO search_backlog (seq) VALUES (?)"
+
 _COLUMNS = "c.id, c.completion, c.metadata"
 # A log row (``LogEntry``): the promoted columns and the last input message's content,
 # read from the request without loading it into Python.
@@ -82,7 +86,6 @@ _LOG_COLUMNS = (
     " CASE WHEN json_valid(CAST(c.request AS TEXT))"
     " THEN json_extract(CAST(c.request AS TEXT), '$.messages[#-1].content') END"
 )
-_INSERT_TEXT = "INSERT INTO completions_fts (rowid, body, tags) VALUES (?, ?, ?)"
 
 # Every caller with a stored completion, oldest name first: one seek in the caller-order
 # index per caller (a skip scan), not a read of every row. Admins read across callers with
@@ -374,17 +377,23 @@ def _columns(record: CompletionRecord, now: float) -> tuple[Any, ...]:
     )
 
 
-def _insert(conn: sqlite3.Connection, records: Iterable[CompletionRecord], now: float) -> int:
+def _insert(
+    conn: sqlite3.Connection, records: Iterable[CompletionRecord], now: float, search: bool
+) -> int:
     """Insert inside the caller's transaction; return how many were new.
 
     One statement per completion, so a duplicate (same caller and id, kept as first written)
     is known at once and gets no metadata rows; the metadata rows then go in as plain values,
     which costs less than half what deriving them from the completion rows did. SQLite
     gives each new row the next seq, never one a deleted row had (AUTOINCREMENT, m009).
+    New rows are indexed for search in the same transaction; with ``search`` off they go to
+    the backlog instead (see ``proxy.store.sqlite.search``). In Python rather than by a
+    trigger calling the text functions, which cost about 25 us more per row.
     """
     cursor = conn.cursor()
     pairs = []
     texts = []
+    later = []
     inserted = 0
     for record in records:
         cursor.execute(_INSERT_COMPLETION, _columns(record, now))
@@ -394,17 +403,20 @@ def _insert(conn: sqlite3.Connection, records: Iterable[CompletionRecord], now: 
             items = record.metadata.items()
             sig = signature(items)
             pairs += [(seq, key, value, caller, created, sig) for key, value in items]
-            text = searchable(record.request, record.completion)
-            tags = filter_tags(caller, record.model, items)
-            texts.append((seq, text, " ".join(tags)))
+            if search:
+                text = searchable(record.request, record.completion)
+                texts.append((seq, text, " ".join(filter_tags(caller, record.model, items))))
+            else:
+                later.append((seq,))
     if pairs:
         conn.executemany(_INSERT_METADATA, pairs)
     # In the completion's own transaction: search never misses a committed completion.
     conn.executemany(_INSERT_TEXT, texts)
+    conn.executemany(_DEFER_TEXT, later)
     return inserted
 
 
-def _write_batch(conn: sqlite3.Connection, records: Sequence[Writable]) -> int:
+def _write_batch(conn: sqlite3.Connection, records: Sequence[Writable], search: bool) -> int:
     completions = [r for r in records if isinstance(r, CompletionRecord)]
     exchanges = [
         (
@@ -424,7 +436,7 @@ def _write_batch(conn: sqlite3.Connection, records: Sequence[Writable]) -> int:
     ]
     with _transaction(conn):
         now = time.time()
-        inserted = _insert(conn, completions, now) if completions else 0
+        inserted = _insert(conn, completions, now, search) if completions else 0
         if exchanges:
             conn.executemany(_INSERT_EXCHANGE, exchanges)
             inserted += len(exchanges)
@@ -439,6 +451,7 @@ def _import(
     *,
     copy_beside: Callable[[], Future[int]] | None,
     cache_kib: int,
+    search: bool = True,
 ) -> int:
     """Insert in transactions of about ``chunk_rows`` rows, noting the seq range each one
     took. When ``accept()`` turns false (a bad line) or anything fails, the open transaction
@@ -493,7 +506,7 @@ def _import(
                 for batch in itertools.chain([first], pending):
                     if not accept():
                         raise _Rejected
-                    inserted += _insert(conn, batch, now)
+                    inserted += _insert(conn, batch, now, search)
                     rows += len(batch)
                     if rows >= chunk_rows:
                         break
@@ -623,14 +636,11 @@ def _update_metadata(  # noqa: PLR0917 - the operation's arguments, in order
             return None
         seq, owner, created, before = found
         sig = signature(metadata.items())
+        # The search index's tags follow (the completions_search_update trigger).
         row = _fetchone(
             conn,
-            "UPDATE completions SET metadata = ? WHERE seq = ? RETURNING completion, model",
+            "UPDATE completions SET metadata = ? WHERE seq = ? RETURNING completion",
             (encoded, seq),
-        )
-        conn.execute(  # the search index's tags follow the new metadata
-            "UPDATE completions_fts SET tags = ? WHERE rowid = ?",
-            (" ".join(filter_tags(owner, row[1], metadata.items())), seq),
         )
         conn.execute("DELETE FROM completion_metadata WHERE seq = ?", (seq,))
         conn.executemany(
@@ -817,6 +827,11 @@ def _prepare_writer(conn: sqlite3.Connection) -> None:
     migrate(conn)
 
 
+def _index_backlog(conn: sqlite3.Connection) -> int:
+    with _transaction(conn):
+        return index_backlog(conn)
+
+
 def _make_room(path: str, *, must_exist: bool) -> None:
     """Make the folder a new database file goes in; or, with ``must_exist``, refuse a file
     that is not there (a read-only command must not leave an empty database behind)."""
@@ -887,8 +902,10 @@ class SQLiteStore:
         wal_restart_frames: int = WAL_RESTART_FRAMES,
         must_exist: bool = False,
         checkpoints: bool = True,
+        search: bool = True,
     ) -> None:
         self.path = str(path)
+        self._search = search
         self._checkpoints_on = checkpoints
         # <file>-lock, opened twice: an flock belongs to an open file, so the writer and the
         # checkpointer exclude each other only through descriptors of their own.
@@ -920,6 +937,7 @@ class SQLiteStore:
     def _connect(self) -> sqlite3.Connection:
         """A connection for a ``ThreadedConnection`` (called on its thread)."""
         conn = sqlite3.connect(self.path, isolation_level=None)
+        add_functions(conn)
         if _fetchone(conn, "PRAGMA page_count")[0] == 0:  # a new database: nothing written yet
             conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")
         page_size = _fetchone(conn, "PRAGMA page_size")[0]
@@ -935,7 +953,9 @@ class SQLiteStore:
         return conn
 
     async def open(self) -> None:
-        """Open the file (made, with its folder, unless ``must_exist``) and migrate it."""
+        """Open the file (made, with its folder, unless ``must_exist``) and migrate it; with
+        search on (and not ``must_exist``: a command that only reads), index what was written
+        while it was off."""
         if self.path != ":memory:":
             _make_room(self.path, must_exist=self._must_exist)
             self._lock = _open_lock(self.path)
@@ -944,7 +964,10 @@ class SQLiteStore:
         await self._writer.open()
         try:
             await self._writer.run(_locked, self._lock, _prepare_writer)
-            await self._open_beside()
+            await self._open_beside()  # the checkpointer keeps the WAL short meanwhile
+            if self._search and not self._must_exist:
+                while await self._write(_index_backlog):
+                    pass
         except BaseException:
             await self.close()
             raise
@@ -1043,7 +1066,7 @@ class SQLiteStore:
 
     async def write_batch(self, records: Sequence[Writable]) -> int:
         """Write records in one transaction; return how many were new (duplicates are skipped)."""
-        return await self._write(_write_batch, records)
+        return await self._write(_write_batch, records, self._search)
 
     async def import_records(
         self,
@@ -1077,6 +1100,7 @@ class SQLiteStore:
                 chunk_rows or (IMPORT_CHUNK_DIRECT if direct else IMPORT_CHUNK),
                 copy_beside=None if direct else self._copy_beside,
                 cache_kib=IMPORT_CACHE_KIB,
+                search=self._search,
             )
         finally:
             if direct:
@@ -1250,6 +1274,8 @@ class SQLiteStore:
             return [], False
         scope = caller if query.owner is None else query.owner
         if query.search is not None:
+            if not self._search:
+                raise SearchOff
             match = fts5_query(query.search, filter_tags(scope, query.model, query.metadata))
             if match is None:
                 return [], False
