@@ -108,7 +108,9 @@ _KEPT = (
 P = ParamSpec("P")
 T = TypeVar("T")
 
-CHECKPOINT_INTERVAL = 0.5  # seconds between WAL checkpoints while there are writes
+# Seconds between WAL checkpoints while there are writes. Short: each copies little, so the
+# burst of CPU and I/O that a commit may wait behind stays short (docs/benchmarks.md).
+CHECKPOINT_INTERVAL = 0.1
 # Past this many frames (2 MiB of PAGE_SIZE pages, 4 MiB in a file made with 4 KiB pages)
 # the writer restarts the WAL (see _write).
 # Small on purpose: every page read searches the WAL's index, so a short WAL keeps reads and
