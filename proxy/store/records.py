@@ -147,6 +147,16 @@ class UsageRow:
     cached_tokens: int
     completion_tokens: int
 
+    @staticmethod
+    def sql(columns: Sequence[str], sums: str, source: str) -> str:
+        """A usage query in the layout ``rows_of`` reads: the groups' ``columns`` (SQL
+        expressions), then ``sums`` (the four sums), from ``source`` (a table and its WHERE),
+        grouped and ordered by the columns."""
+        if not columns:
+            return f"SELECT {sums} FROM {source}"
+        listed = ", ".join(columns)
+        return f"SELECT {listed}, {sums} FROM {source} GROUP BY {listed} ORDER BY {listed}"
+
     @classmethod
     def rows_of(cls, rows: Iterable[Row], group_by: Sequence[str]) -> list[UsageRow]:
         """Rows of a usage query, each its groups' values then the four sums, as

@@ -69,16 +69,6 @@ _GROUPS = {
 _DAY_GROUPS = {"caller": "caller", "model": "model", "day": "to_char(day, 'YYYY-MM-DD')"}
 
 
-def _selected(columns: Sequence[str]) -> str:
-    return ", ".join([*columns, ""]) if columns else ""
-
-
-def _grouping(columns: Sequence[str]) -> str:
-    if not columns:
-        return ""
-    return f" GROUP BY {', '.join(columns)} ORDER BY {', '.join(columns)}"
-
-
 # Failures of the database or of the way to it; everything else is a bug and stays itself.
 _FAILURES = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 
@@ -834,11 +824,11 @@ class PostgresStore:
             where.append(f"created >= {p(since)}::bigint")
         if until is not None:
             where.append(f"created < {p(until)}::bigint")
-        sql = (
-            f"SELECT {_selected(columns)}count(*), coalesce(sum(prompt_tokens), 0)::bigint,"
-            " coalesce(sum(cached_tokens), 0)::bigint,"
-            " coalesce(sum(completion_tokens), 0)::bigint"
-            f" FROM completions WHERE {' AND '.join(where)}{_grouping(columns)}"
+        sql = UsageRow.sql(
+            columns,
+            "count(*), coalesce(sum(prompt_tokens), 0)::bigint,"
+            " coalesce(sum(cached_tokens), 0)::bigint, coalesce(sum(completion_tokens), 0)::bigint",
+            f"completions WHERE {' AND '.join(where)}",
         )
         rows = await self._p.fetch(sql, *p.values)
         return UsageRow.rows_of(rows, group_by)
@@ -853,11 +843,11 @@ class PostgresStore:
             where.append(f"day >= to_timestamp({p(since)}::bigint) AT TIME ZONE 'UTC'")
         if until is not None:
             where.append(f"day < to_timestamp({p(until)}::bigint) AT TIME ZONE 'UTC'")
-        sql = (
-            f"SELECT {_selected(columns)}coalesce(sum(completions), 0)::bigint,"
-            " coalesce(sum(prompt_tokens), 0)::bigint, coalesce(sum(cached_tokens), 0)::bigint,"
-            " coalesce(sum(completion_tokens), 0)::bigint"
-            f" FROM usage_by_day WHERE {' AND '.join(where)}{_grouping(columns)}"
+        sql = UsageRow.sql(
+            columns,
+            "coalesce(sum(completions), 0)::bigint, coalesce(sum(prompt_tokens), 0)::bigint,"
+            " coalesce(sum(cached_tokens), 0)::bigint, coalesce(sum(completion_tokens), 0)::bigint",
+            f"usage_by_day WHERE {' AND '.join(where)}",
         )
         rows = await self._p.fetch(sql, *p.values)
         return UsageRow.rows_of(rows, group_by)

@@ -1417,14 +1417,11 @@ class SQLiteStore:
         if until is not None:
             where.append("created < ?")
             params.append(until)
-        selected = ", ".join([*columns, ""]) if columns else ""
-        grouping = (
-            f" GROUP BY {', '.join(columns)} ORDER BY {', '.join(columns)}" if columns else ""
-        )
-        sql = (
-            f"SELECT {selected}count(*), coalesce(sum(prompt_tokens), 0),"
-            " coalesce(sum(cached_tokens), 0), coalesce(sum(completion_tokens), 0)"
-            f" FROM completions WHERE {' AND '.join(where)}{grouping}"
+        sql = UsageRow.sql(
+            columns,
+            "count(*), coalesce(sum(prompt_tokens), 0), coalesce(sum(cached_tokens), 0),"
+            " coalesce(sum(completion_tokens), 0)",
+            f"completions WHERE {' AND '.join(where)}",
         )
         async with self._r.execute(sql, params) as cursor:
             rows = list(await cursor.fetchall())
@@ -1441,14 +1438,11 @@ class SQLiteStore:
         if until is not None:
             where.append("day < date(?, 'unixepoch')")
             params.append(until)
-        selected = ", ".join([*columns, ""]) if columns else ""
-        grouping = (
-            f" GROUP BY {', '.join(columns)} ORDER BY {', '.join(columns)}" if columns else ""
-        )
-        sql = (
-            f"SELECT {selected}coalesce(sum(completions), 0), coalesce(sum(prompt_tokens), 0),"
-            " coalesce(sum(cached_tokens), 0), coalesce(sum(completion_tokens), 0)"
-            f" FROM usage_by_day WHERE {' AND '.join(where)}{grouping}"
+        sql = UsageRow.sql(
+            columns,
+            "coalesce(sum(completions), 0), coalesce(sum(prompt_tokens), 0),"
+            " coalesce(sum(cached_tokens), 0), coalesce(sum(completion_tokens), 0)",
+            f"usage_by_day WHERE {' AND '.join(where)}",
         )
         rows = await self._r.execute_fetchall(sql, params)
         return UsageRow.rows_of(rows, group_by)
