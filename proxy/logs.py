@@ -226,9 +226,9 @@ class AccessRecord:
             return
         handler = _json_handler(logger)
         if handler is None:
-            self._handle(logger)
+            self.handle(logger)
             return
-        line = self._line(logger.name, scrub(self.path), scrub(self.model or ""))
+        line = self.line(logger.name, scrub(self.path), scrub(self.model or ""))
         with handler.lock or contextlib.nullcontext():
             handler.stream.write(line + handler.terminator)
             handler.flush()
@@ -239,7 +239,7 @@ class AccessRecord:
         fields["duration_ms"] = round((time.perf_counter() - self.started) * 1000, 3)
         return fields
 
-    def _line(self, logger: str, path: str, model: str) -> str:
+    def line(self, logger: str, path: str, model: str) -> str:
         """The line JSONFormatter would make, with ``path`` and ``model`` already scrubbed.
         What SecretFilter would do: of an access record, only the path and the model are the
         client's own text."""
@@ -249,9 +249,11 @@ class AccessRecord:
             entry["model"] = model
         return json_line(entry)
 
-    def _handle(self, logger: logging.Logger) -> None:
-        # Made and handled directly: ``logger.info`` would walk the stack to find its caller
-        # (``findCaller``), which was most of the cost of logging a request.
+    def handle(self, logger: logging.Logger) -> None:
+        """Pass the record through ``logging`` (for any setup other than the proxy's own).
+
+        Made and handled directly: ``logger.info`` would walk the stack to find its caller
+        (``findCaller``), which was most of the cost of logging a request."""
         logger.handle(
             logger.makeRecord(
                 logger.name, logging.INFO, "", 0, "request", (), None, extra=self._fields()
@@ -283,9 +285,9 @@ class AccessLog:
         if not logger.isEnabledFor(logging.INFO):
             return
         if _json_handler(logger) is None:
-            record._handle(logger)
+            record.handle(logger)
             return
-        line = record._line(logger.name, self._scrub(record.path), self._scrub(record.model))
+        line = record.line(logger.name, self._scrub(record.path), self._scrub(record.model))
         if not self._lines:
             asyncio.get_running_loop().call_soon(self.flush)
         self._lines.append(line)
