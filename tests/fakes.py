@@ -90,6 +90,45 @@ def completion(
     }
 
 
+def tool_call_answer(
+    completion_id: str,
+    name: str,
+    arguments: str,
+    *,
+    call_id: str = "call_1",
+    created: int = 1700000000,
+    usage: dict[str, int] | None = None,
+) -> dict[str, Any]:
+    """A plain chat.completion whose one choice calls one function."""
+    answer: dict[str, Any] = {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": "gpt-test",
+        "choices": [
+            {
+                "index": 0,
+                "message": {
+                    "role": "assistant",
+                    "content": None,
+                    "refusal": None,
+                    "tool_calls": [
+                        {
+                            "id": call_id,
+                            "type": "function",
+                            "function": {"name": name, "arguments": arguments},
+                        }
+                    ],
+                },
+                "finish_reason": "tool_calls",
+            }
+        ],
+    }
+    if usage is not None:
+        answer["usage"] = usage
+    return answer
+
+
 def chunks(
     request: dict[str, Any], completion_id: str, created: int = 1700000000, pieces: int = 3
 ) -> list[dict[str, Any]]:

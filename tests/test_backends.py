@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests import pg
 from tests.conftest import sdk
-from tests.fakes import FakeUpstream, Reply, chunks, sse
+from tests.fakes import FakeUpstream, Reply, chunks, sse, tool_call_answer
 
 UPSTREAM_KEY = "sk-upstream-backends-0123456789abcdef"
 PRICES = {"gpt-test": {"input": 1.0, "cached_input": 0.5, "output": 2.0}}
@@ -31,30 +31,12 @@ TOOLS = [
         },
     }
 ]
-TOOL_ANSWER = {
-    "id": "chatcmpl-tools-b",
-    "object": "chat.completion",
-    "created": 1700000000,
-    "model": "gpt-test",
-    "choices": [
-        {
-            "index": 0,
-            "message": {
-                "role": "assistant",
-                "content": None,
-                "tool_calls": [
-                    {
-                        "id": "call_1",
-                        "type": "function",
-                        "function": {"name": "weather", "arguments": '{"city": "Paris"}'},
-                    }
-                ],
-            },
-            "finish_reason": "tool_calls",
-        }
-    ],
-    "usage": {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12},
-}
+TOOL_ANSWER = tool_call_answer(
+    "chatcmpl-tools-b",
+    "weather",
+    '{"city": "Paris"}',
+    usage={"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12},
+)
 SECRET_TEXT = "my key is sk-proj-abcdefghijklmnopqrstuvwx1234 and mail me at jane.doe@example.com"
 
 

@@ -22,7 +22,7 @@ from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_play
 
 from proxy.keys import STORE
 from tests.console_server import Servers
-from tests.fakes import Reply
+from tests.fakes import Reply, tool_call_answer
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = [
@@ -87,34 +87,13 @@ def ask(text: str, system: str | None = None) -> list[dict[str, Any]]:
 
 def tool_reply(completion_id: str) -> Reply:
     return Reply(
-        json={
-            "id": completion_id,
-            "object": "chat.completion",
-            "created": 1700000000,
-            "model": "gpt-test",
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {
-                        "role": "assistant",
-                        "content": None,
-                        "refusal": None,
-                        "tool_calls": [
-                            {
-                                "id": "call_weather_1",
-                                "type": "function",
-                                "function": {
-                                    "name": "get_weather",
-                                    "arguments": '{"city":"Paris","unit":"celsius"}',
-                                },
-                            }
-                        ],
-                    },
-                    "finish_reason": "tool_calls",
-                }
-            ],
-            "usage": {"prompt_tokens": 30, "completion_tokens": 12, "total_tokens": 42},
-        }
+        json=tool_call_answer(
+            completion_id,
+            "get_weather",
+            '{"city":"Paris","unit":"celsius"}',
+            call_id="call_weather_1",
+            usage={"prompt_tokens": 30, "completion_tokens": 12, "total_tokens": 42},
+        )
     )
 
 

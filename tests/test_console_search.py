@@ -20,7 +20,7 @@ from proxy.store import CompletionRecord, SearchOff, StoreError, open_store
 from proxy.store.sqlite import SQLiteStore
 from proxy.store.text import filter_tags, fts5_query, searchable
 from tests.conftest import BACKENDS
-from tests.fakes import FakeUpstream, Reply
+from tests.fakes import FakeUpstream, Reply, tool_call_answer
 from tests.helpers import sdk
 
 
@@ -67,34 +67,7 @@ async def test_search_through_the_api_finds_prompts_answers_and_tool_arguments(
         model="gpt-test", messages=ask("the best café"), store=True, metadata={"t": "x"}
     )
     upstream.script(
-        Reply(
-            json={
-                "id": "chatcmpl-tools",
-                "object": "chat.completion",
-                "created": 1700000000,
-                "model": "gpt-test",
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {
-                            "role": "assistant",
-                            "content": None,
-                            "tool_calls": [
-                                {
-                                    "id": "call_1",
-                                    "type": "function",
-                                    "function": {
-                                        "name": "lookup",
-                                        "arguments": '{"city": "Reykjavik"}',
-                                    },
-                                }
-                            ],
-                        },
-                        "finish_reason": "tool_calls",
-                    }
-                ],
-            }
-        )
+        Reply(json=tool_call_answer("chatcmpl-tools", "lookup", '{"city": "Reykjavik"}'))
     )
     tool = await alice.chat.completions.create(model="gpt-test", messages=ask("where?"), store=True)
     await bob.chat.completions.create(

@@ -10,7 +10,7 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.fakes import FakeUpstream, Reply, chunks, sse
+from tests.fakes import FakeUpstream, Reply, chunks, sse, tool_call_answer
 from tests.helpers import cli, sdk
 
 UPSTREAM_KEY = "sk-upstream-team-secret-0123456789abcdef"
@@ -215,34 +215,8 @@ async def test_redaction_masks_what_is_stored_only(
 ) -> None:
     request = {"model": "gpt-test", "messages": ask(SECRET_TEXT), "store": True}
     if shape == "tool":
-        answer = {
-            "id": "chatcmpl-tool-secret",
-            "object": "chat.completion",
-            "created": 1,
-            "model": "gpt-test",
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {
-                        "role": "assistant",
-                        "content": None,
-                        "tool_calls": [
-                            {
-                                "id": "call_1",
-                                "type": "function",
-                                "function": {
-                                    "name": "send",
-                                    "arguments": orjson.dumps(
-                                        {"to": "jane.doe@example.com"}
-                                    ).decode(),
-                                },
-                            }
-                        ],
-                    },
-                    "finish_reason": "tool_calls",
-                }
-            ],
-        }
+        arguments = orjson.dumps({"to": "jane.doe@example.com"}).decode()
+        answer = tool_call_answer("chatcmpl-tool-secret", "send", arguments, created=1)
         upstream.script(Reply(json=answer))
     if shape == "stream":
         request["stream"] = True
