@@ -13,9 +13,11 @@ For each backend, in this process through ``open_store`` (the proxy's own way in
   metadata pair, two common pairs, two pairs that each match thousands of rows but never the
   same one, a rare pair with a common one), p50 / p99 over ``--calls`` calls;
 - import: ``import_records`` of ``--import-rows`` completions into an empty store (records
-  built in memory: the file parsing that ``completions-proxy import`` adds is measured by
-  ``recordings_bench``);
-- ``--phase`` runs only some of these (``write``, ``writer``, ``reads``, ``import``), and
+  built in memory, on the store's side);
+- file: what ``completions-proxy import`` does, on the same number of rows: a JSONL export
+  file (written before the clock starts) read by ``proxy.recordings.import_from``, whose
+  worker processes parse it while the store inserts;
+- ``--phase`` runs only some of these (``write``, ``writer``, ``reads``, ``import``, ``file``), and
   ``--build import`` fills the reads' store through ``import_records`` (the quick way to
   1,000,000 rows);
 - with ``--http ROUNDS``: the proxy as a process (``serve``) on each backend in front of the
@@ -46,6 +48,7 @@ import orjson
 
 from proxy.config import StoreConfig
 from proxy.models import ListQuery, PageQuery
+from proxy.recordings import export_line, import_from
 from proxy.store import CompletionRecord, Store, open_store
 from proxy.writer import Writer
 from tests.bench.run import (
@@ -63,7 +66,7 @@ from tests.bench.run import (
     timed,
 )
 
-PHASES = ("write", "writer", "reads", "import")
+PHASES = ("write", "writer", "reads", "import", "file")
 PAIRS = 400  # "a" and "b" metadata values: each matches rows / PAIRS rows, never the same one
 
 
@@ -197,6 +200,24 @@ async def bench_import(store: Store, count: int) -> float:
     return count / seconds
 
 
+def write_export(path: Path, count: int) -> None:
+    """``count`` of the bench's records as an export file, as ``completions-proxy export``
+    writes it."""
+    with path.open("wb") as out:
+        for batch in batches(0, count, 5_000, b"fi"):
+            out.write(b"\n".join(map(export_line, batch)) + b"\n")
+
+
+async def bench_import_file(store: Store, path: Path, count: int) -> float:
+    started = time.perf_counter()
+    with path.open("rb") as source:
+        report = await import_from(store, source, None)
+    seconds = time.perf_counter() - started
+    if report.inserted != count:
+        raise BenchError(f"import of the file inserted {report.inserted} of {count}")
+    return count / seconds
+
+
 async def run_backend(backend: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     def log(text: str) -> None:
         print(f"[{backend}] {text}", flush=True)
@@ -228,6 +249,14 @@ async def run_backend(backend: str, args: argparse.Namespace, workdir: Path) -> 
         async with store_at(backend, workdir, args.pg, "import") as store:
             result["import_per_s"] = await bench_import(store, args.import_rows)
             log(f"import {args.import_rows:,} at {result['import_per_s']:,.0f} rows/s")
+    if args.import_rows and "file" in phases:
+        path = workdir / "export.jsonl"
+        if not path.exists():
+            await asyncio.to_thread(write_export, path, args.import_rows)
+        async with store_at(backend, workdir, args.pg, "file") as store:
+            result["import_file_per_s"] = await bench_import_file(store, path, args.import_rows)
+            rate = result["import_file_per_s"]
+            log(f"import of a file of {args.import_rows:,} at {rate:,.0f} rows/s")
     return result
 
 
@@ -235,7 +264,13 @@ def table(results: dict[str, dict[str, Any]]) -> str:
     names = list(results)
     rows = [("figure", *names)]
     first = results[names[0]]
-    for key in ("write_batch_per_s", "writer_per_s", "build_per_s", "import_per_s"):
+    for key in (
+        "write_batch_per_s",
+        "writer_per_s",
+        "build_per_s",
+        "import_per_s",
+        "import_file_per_s",
+    ):
         if key in first:
             rows.append((key, *(f"{results[n].get(key, 0):,.0f}" for n in names)))
     for name in first.get("reads_ms", {}):
