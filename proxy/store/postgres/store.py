@@ -48,7 +48,10 @@ from proxy.store.records import (
 from proxy.store.signature import signature
 from proxy.store.text import filter_tags, preview
 
-IMPORT_CHUNK = 5_000  # rows per statement during an import
+IMPORT_CHUNK = 2_000  # rows per statement during an import (see docs/benchmarks.md)
+# Memory for each step of an import's statement: a chunk's rows (unnest's result, the usage
+# trigger's transition table) stay in memory instead of spilling to temporary files.
+IMPORT_WORK_MEM = "64MB"
 SPLIT_BATCH = 64  # completions from which write_batch overlaps building and inserting
 VACUUM_AFTER_IMPORT = 10_000  # rows an import adds before it vacuums what it filled
 EXPORT_BATCH = 2_000
@@ -385,6 +388,7 @@ class PostgresStore:
             try:
                 async with conn.transaction():
                     await conn.execute("SET LOCAL statement_timeout = 0")
+                    await conn.execute(f"SET LOCAL work_mem = '{IMPORT_WORK_MEM}'")
                     while (columns := await ahead) is not None and accept():
                         ahead = asyncio.ensure_future(asyncio.to_thread(next_chunk))
                         inserted += await conn.fetchval(queries.IMPORT_BATCH, *columns)
