@@ -622,6 +622,35 @@ async def test_several_pairs_are_read_from_the_rarest_and_checked_by_signature(
         await store.close()
 
 
+async def test_an_import_in_several_chunks_is_searched_and_counted(pg_url: str) -> None:
+    """Every row of an import of several statements is found by search and counted by the
+    usage rollup (whole days) as by the completions (other bounds); importing it again adds
+    nothing to either."""
+    store = await open_store(pg_url, StoreConfig(url=pg_url))
+    try:
+        answer = b'{"choices": [{"message": {"content": "an imported answer"}}]}'
+        records = [replace(_record(n, 86400 + n), completion=answer) for n in range(23)]
+
+        def batches() -> Iterator[list[CompletionRecord]]:
+            return (records[k : k + 5] for k in range(0, 23, 5))
+
+        async def state() -> tuple[list[str], list[int]]:
+            page = await store.list_completions(
+                "a", ListQuery(search="imported answer", page=PageQuery(limit=100))
+            )
+            days = await store.usage(86400, 2 * 86400, ["caller"])
+            rows = await store.usage(86400, 86400 + 23, ["caller"])
+            return sorted(c.id for c in page.items), [r.completions for r in days + rows]
+
+        assert await store.import_records(batches(), accept=lambda: True, chunk_rows=7) == 23
+        expected = (sorted(r.id for r in records), [23, 23])
+        assert await state() == expected
+        assert await store.import_records(batches(), accept=lambda: True, chunk_rows=7) == 0
+        assert await state() == expected
+    finally:
+        await store.close()
+
+
 async def test_a_large_import_vacuums_the_pairs_and_analyses_the_completions(
     pg_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
