@@ -37,9 +37,11 @@ from proxy.store.records import (
     CompletionRecord,
     ExchangeRecord,
     ExportFilter,
+    Importable,
     KeyRecord,
     LogEntry,
     Page,
+    Prepared,
     PruneReport,
     StoredCompletion,
     UsageRow,
@@ -137,11 +139,20 @@ def _document(record: CompletionRecord, index: bool) -> bytes | None:
     return search.document(record.request, record.completion, _tags(record)) if index else None
 
 
-def _columns(
-    records: Sequence[CompletionRecord], now: float, index: bool = True
-) -> list[list[Any]]:
+def derive(record: CompletionRecord, index: bool = True) -> tuple[bytes | None, int]:
+    """What the insert computes from a completion (``Store.derive``): its search document
+    (``_document``) and its metadata's signature."""
+    return _document(record, index), signature(record.metadata.items())
+
+
+def _columns(items: Sequence[Importable], now: float, index: bool = True) -> list[list[Any]]:
     """The batch as one list per column, in ``queries.COMPLETION_COLUMNS`` order, then the
-    search documents (see ``_document``)."""
+    search documents (see ``_document``) and the signatures."""
+    prepared = [
+        item if isinstance(item, Prepared) else Prepared(item, derive(item, index))
+        for item in items
+    ]
+    records = [p.record for p in prepared]
     return [
         [r.id for r in records],
         [r.caller for r in records],
@@ -159,8 +170,8 @@ def _columns(
         [r.prompt_tokens for r in records],
         [r.cached_tokens for r in records],
         [r.completion_tokens for r in records],
-        [_document(r, index) for r in records],
-        [signature(r.metadata.items()) for r in records],
+        [p.derived[0] for p in prepared],
+        [p.derived[1] for p in prepared],
     ]
 
 
@@ -353,9 +364,13 @@ class PostgresStore:
                 str(time.time()).encode(),
             )
 
+    @property
+    def derive(self) -> Callable[[CompletionRecord], tuple[bytes | None, int]]:
+        return functools.partial(derive, index=self._search)
+
     async def import_records(
         self,
-        batches: Iterable[Sequence[CompletionRecord]],
+        batches: Iterable[Sequence[Importable]],
         accept: Callable[[], bool],
         chunk_rows: int | None = None,
     ) -> int:
@@ -371,7 +386,7 @@ class PostgresStore:
         now = time.time()
 
         def next_chunk() -> list[list[Any]] | None:
-            rows: list[CompletionRecord] = []
+            rows: list[Importable] = []
             while len(rows) < chunk and accept():
                 batch = next(pending, None)
                 if batch is None:
@@ -947,6 +962,6 @@ async def _count(conn: asyncpg.Connection, sql: str, *args: object) -> int:
     return int(tag.rsplit(" ", 1)[-1])
 
 
-def _drain(pending: Iterator[Sequence[CompletionRecord]]) -> None:
+def _drain(pending: Iterator[Sequence[Importable]]) -> None:
     for _ in pending:
         pass

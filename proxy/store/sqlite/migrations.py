@@ -483,6 +483,14 @@ MIGRATIONS: tuple[Migration, ...] = (
             """,
         ),
     ),
+    Migration(
+        "m017_usage_by_day_per_batch",
+        (
+            # The store's insert adds each batch's completions to the rollup, one upsert per
+            # (day, caller, model) of the batch, instead of this trigger's one per completion.
+            "DROP TRIGGER usage_by_day_insert",
+        ),
+    ),
 )
 
 
