@@ -221,7 +221,7 @@ def _runs(source: IO[bytes], size: int = RUN_BYTES) -> Iterator[tuple[int, bytes
 
 
 Parsed = tuple[list[Prepared], list[tuple[int, str]], int]
-Derive = Callable[[CompletionRecord], Any]
+Derive = Callable[[CompletionRecord, tuple[Any, Any] | None], Any]
 
 
 def parse_run(first: int, run: bytes, derive: Derive) -> Parsed:
@@ -236,7 +236,8 @@ def parse_run(first: int, run: bytes, derive: Derive) -> Parsed:
         if not line.strip():
             continue
         try:
-            record = ExportedCompletion.model_validate_json(line).record()
+            parsed = ExportedCompletion.model_validate_json(line)
+            record = parsed.record()
         except ValidationError as error:
             bad += 1
             if len(errors) < 100:
@@ -244,7 +245,7 @@ def parse_run(first: int, run: bytes, derive: Derive) -> Parsed:
             continue
         if record.stored_at is None:
             record = replace(record, stored_at=now)
-        rows.append(Prepared(record, derive(record)))
+        rows.append(Prepared(record, derive(record, (parsed.request, parsed.response))))
     return rows, errors, bad
 
 

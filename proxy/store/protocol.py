@@ -20,6 +20,7 @@ from proxy.store.records import (
     UsageRow,
     Writable,
 )
+from proxy.store.text import Parsed
 
 
 class Store(Protocol):
@@ -111,10 +112,12 @@ class Store(Protocol):
         """Every stored completion matching ``where``, whole, in insertion order, in batches."""
 
     @property
-    def derive(self) -> Callable[[CompletionRecord], Any]:
+    def derive(self) -> Callable[[CompletionRecord, Parsed | None], Any]:
         """What this store computes from a completion before inserting it (its search
         document, its metadata's signature), as a pure function that pickles (a module-level
-        function, or a partial of one), for ``Prepared`` rows made in other processes."""
+        function, or a partial of one), for ``Prepared`` rows made in other processes. Its
+        second argument is the record's request and completion already parsed, or None
+        (see ``text.searchable``)."""
 
     async def import_records(
         self,

@@ -48,7 +48,7 @@ from proxy.store.records import (
     Writable,
 )
 from proxy.store.signature import signature
-from proxy.store.text import filter_tags, preview
+from proxy.store.text import Parsed, filter_tags, preview
 
 IMPORT_CHUNK = 5_000  # rows per statement during an import
 SPLIT_BATCH = 64  # completions from which write_batch overlaps building and inserting
@@ -134,22 +134,22 @@ def _dump_metadata(metadata: dict[str, str]) -> bytes:
     return orjson.dumps(metadata, option=orjson.OPT_SORT_KEYS)
 
 
-def _document(record: CompletionRecord, index: bool) -> bytes | None:
-    """The record's search document; None (not indexed yet) with search off."""
-    return search.document(record.request, record.completion, _tags(record)) if index else None
-
-
-def derive(record: CompletionRecord, index: bool = True) -> tuple[bytes | None, int]:
+def derive(
+    record: CompletionRecord, parsed: Parsed | None = None, index: bool = True
+) -> tuple[bytes | None, int]:
     """What the insert computes from a completion (``Store.derive``): its search document
-    (``_document``) and its metadata's signature."""
-    return _document(record, index), signature(record.metadata.items())
+    (None, not indexed yet, with search off) and its metadata's signature."""
+    document = (
+        search.document(record.request, record.completion, _tags(record), parsed) if index else None
+    )
+    return document, signature(record.metadata.items())
 
 
 def _columns(items: Sequence[Importable], now: float, index: bool = True) -> list[list[Any]]:
     """The batch as one list per column, in ``queries.COMPLETION_COLUMNS`` order, then the
-    search documents (see ``_document``) and the signatures."""
+    search documents and the signatures (see ``derive``)."""
     prepared = [
-        item if isinstance(item, Prepared) else Prepared(item, derive(item, index))
+        item if isinstance(item, Prepared) else Prepared(item, derive(item, None, index))
         for item in items
     ]
     records = [p.record for p in prepared]
@@ -365,7 +365,7 @@ class PostgresStore:
             )
 
     @property
-    def derive(self) -> Callable[[CompletionRecord], tuple[bytes | None, int]]:
+    def derive(self) -> Callable[[CompletionRecord, Parsed | None], tuple[bytes | None, int]]:
         return functools.partial(derive, index=self._search)
 
     async def import_records(

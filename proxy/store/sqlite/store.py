@@ -50,7 +50,7 @@ from proxy.store.signature import signature
 from proxy.store.sqlite.connection import ThreadedConnection
 from proxy.store.sqlite.migrations import migrate
 from proxy.store.sqlite.search import add_functions, index_backlog
-from proxy.store.text import filter_tags, fts5_query, preview, searchable
+from proxy.store.text import Parsed, filter_tags, fts5_query, preview, searchable
 
 
 class _Rejected(Exception):
@@ -395,7 +395,7 @@ def _columns(record: CompletionRecord, now: float) -> tuple[Any, ...]:
 Derived = tuple[int, str | None, str | None]
 
 
-def derive(record: CompletionRecord, search: bool = True) -> Derived:
+def derive(record: CompletionRecord, parsed: Parsed | None = None, search: bool = True) -> Derived:
     """What the insert computes from a completion (``Store.derive``): its metadata's
     signature and, with search on, its searchable text and filter tags (None, None with
     search off: the completion then goes to the backlog)."""
@@ -404,7 +404,7 @@ def derive(record: CompletionRecord, search: bool = True) -> Derived:
         return signature(items), None, None
     return (
         signature(items),
-        searchable(record.request, record.completion),
+        searchable(record.request, record.completion, parsed),
         " ".join(filter_tags(record.caller, record.model, items)),
     )
 
@@ -445,7 +445,7 @@ def _insert(conn: sqlite3.Connection, items: Iterable[Importable], now: float, s
     later = []
     new = []
     for item in items:
-        record, derived = item if isinstance(item, Prepared) else (item, derive(item, search))
+        record, derived = item if isinstance(item, Prepared) else (item, derive(item, None, search))
         cursor.execute(_INSERT_COMPLETION, _columns(record, now))
         if cursor.rowcount:  # zero for a duplicate
             new.append(record)
@@ -973,7 +973,7 @@ class SQLiteStore:
         self._checkpoints: asyncio.Task[None] | None = None
 
     @property
-    def derive(self) -> Callable[[CompletionRecord], Derived]:
+    def derive(self) -> Callable[[CompletionRecord, Parsed | None], Derived]:
         return functools.partial(derive, search=self._search)
 
     def _pragmas(self, page_size: int) -> list[str]:
