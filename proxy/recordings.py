@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from proxy.errors import InvalidRequest
 from proxy.identity import request_key
 from proxy.models import check_metadata
-from proxy.store import CompletionRecord, ExportFilter, Store
+from proxy.store import CompletionRecord, ExportFilter, Prepared, Store
 
 Format = Literal["jsonl", "finetune"]
 Progress = Callable[[int], None]
@@ -220,13 +220,15 @@ def _runs(source: IO[bytes], size: int = RUN_BYTES) -> Iterator[tuple[int, bytes
         yield number, rest
 
 
-Parsed = tuple[list[CompletionRecord], list[tuple[int, str]], int]
+Parsed = tuple[list[Prepared], list[tuple[int, str]], int]
+Derive = Callable[[CompletionRecord, tuple[Any, Any] | None], Any]
 
 
-def parse_run(first: int, run: bytes) -> Parsed:
-    """The records of a run of ``jsonl`` lines, ready to insert, the first 100 bad lines
-    with their numbers, and how many were bad."""
-    rows: list[CompletionRecord] = []
+def parse_run(first: int, run: bytes, derive: Derive) -> Parsed:
+    """The records of a run of ``jsonl`` lines, prepared by the store's ``derive`` (in the
+    worker, so the store's writer only inserts), the first 100 bad lines with their
+    numbers, and how many were bad."""
+    rows: list[Prepared] = []
     errors: list[tuple[int, str]] = []
     bad = 0
     now = time.time()
@@ -234,17 +236,20 @@ def parse_run(first: int, run: bytes) -> Parsed:
         if not line.strip():
             continue
         try:
-            record = ExportedCompletion.model_validate_json(line).record()
+            parsed = ExportedCompletion.model_validate_json(line)
+            record = parsed.record()
         except ValidationError as error:
             bad += 1
             if len(errors) < 100:
                 errors.append((number, _describe(error)))
             continue
-        rows.append(replace(record, stored_at=now) if record.stored_at is None else record)
+        if record.stored_at is None:
+            record = replace(record, stored_at=now)
+        rows.append(Prepared(record, derive(record, (parsed.request, parsed.response))))
     return rows, errors, bad
 
 
-def _accept(parsed: Parsed, report: ImportReport) -> list[CompletionRecord]:
+def _accept(parsed: Parsed, report: ImportReport) -> list[Prepared]:
     rows, errors, bad = parsed
     report.error_count += bad
     report.errors += errors[: 100 - len(report.errors)]
@@ -253,29 +258,30 @@ def _accept(parsed: Parsed, report: ImportReport) -> list[CompletionRecord]:
 
 
 def _batches(
-    source: IO[bytes], report: ImportReport, progress: Progress | None
-) -> Iterator[list[CompletionRecord]]:
-    """Parsed batches, in file order. A file of more than one run of lines is parsed by two
-    worker processes, up to three runs ahead, while this process inserts: parsing (the
-    larger cost) uses whatever CPU SQLite leaves. Memory stays flat: at most four runs are
-    held at once, whatever the size of the file."""
+    source: IO[bytes], report: ImportReport, progress: Progress | None, derive: Derive
+) -> Iterator[list[Prepared]]:
+    """Parsed and prepared batches, in file order. A file of more than one run of lines is
+    parsed by two worker processes, up to three runs ahead, while this process inserts:
+    parsing and the store's ``derive`` (the larger cost) use whatever CPU the store's
+    writer leaves. Memory stays flat: at most four runs are held at once, whatever the size
+    of the file."""
     runs = _runs(source)
     first = next(runs, None)
     if first is None:
         return
     second = next(runs, None)
     if second is None:  # a small file: not worth a process
-        yield _accept(parse_run(*first), report)
+        yield _accept(parse_run(*first, derive), report)
         if progress is not None:
             progress(report.lines)
         return
     # spawn, not fork: this process has threads (SQLite's), which fork does not copy.
     with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
-        ahead = collections.deque([pool.submit(parse_run, *second)])
-        parsed = parse_run(*first)  # here, while the worker starts
+        ahead = collections.deque([pool.submit(parse_run, *second, derive)])
+        parsed = parse_run(*first, derive)  # here, while the worker starts
         while not report.stopped:
             while len(ahead) < 3 and (run := next(runs, None)) is not None:
-                ahead.append(pool.submit(parse_run, *run))
+                ahead.append(pool.submit(parse_run, *run, derive))
             yield _accept(parsed, report)
             if progress is not None:
                 progress(report.lines)
@@ -288,7 +294,7 @@ async def import_from(store: Store, source: IO[bytes], progress: Progress | None
     """Load a ``jsonl`` export. A file with a bad line writes nothing; neither does an
     interrupted import (what it had written is taken back)."""
     report = ImportReport()
-    batches = _batches(source, report, progress)
+    batches = _batches(source, report, progress, store.derive)
     try:
         report.inserted = await store.import_records(
             batches, accept=lambda: report.error_count == 0 and not report.stopped

@@ -12,6 +12,7 @@ import orjson
 import pytest
 
 from proxy.recordings import RUN_BYTES, _runs, parse_run
+from proxy.store.sqlite.store import derive
 from tests.fakes import FakeUpstream, Reply
 from tests.helpers import ASK, TOOLS, cli, sdk, tool_completion
 
@@ -234,9 +235,11 @@ def test_a_run_reports_bad_lines_by_their_number_in_the_file() -> None:
             "response": {"id": "chatcmpl-1"},
         }
     )
-    rows, errors, bad = parse_run(41, b"\n".join([good, b"{", b"", good, b'{"id": 2}']) + b"\n")
+    run = b"\n".join([good, b"{", b"", good, b'{"id": 2}']) + b"\n"
+    rows, errors, bad = parse_run(41, run, derive)
     assert len(rows) == 2 and bad == 2
     assert [number for number, _ in errors] == [42, 45]
+    assert rows[0].derived == derive(rows[0].record)  # prepared for the store's writer
 
 
 async def test_a_large_import_is_parsed_beside_the_inserts_and_checked_whole(

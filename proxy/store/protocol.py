@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from proxy.models import ListQuery, PageQuery
 from proxy.store.records import (
@@ -11,6 +11,7 @@ from proxy.store.records import (
     CompletionRecord,
     ExchangeRecord,
     ExportFilter,
+    Importable,
     KeyRecord,
     LogEntry,
     Page,
@@ -19,6 +20,7 @@ from proxy.store.records import (
     UsageRow,
     Writable,
 )
+from proxy.store.text import Parsed
 
 
 class Store(Protocol):
@@ -109,13 +111,23 @@ class Store(Protocol):
     def export(self, where: ExportFilter) -> AsyncIterator[list[CompletionRecord]]:
         """Every stored completion matching ``where``, whole, in insertion order, in batches."""
 
+    @property
+    def derive(self) -> Callable[[CompletionRecord, Parsed | None], Any]:
+        """What this store computes from a completion before inserting it (its search
+        document, its metadata's signature), as a pure function that pickles (a module-level
+        function, or a partial of one), for ``Prepared`` rows made in other processes. Its
+        second argument is the record's request and completion already parsed, or None
+        (see ``text.searchable``)."""
+
     async def import_records(
         self,
-        batches: Iterable[Sequence[CompletionRecord]],
+        batches: Iterable[Sequence[Importable]],
         accept: Callable[[], bool],
         chunk_rows: int | None = None,
     ) -> int:
         """Insert every batch; return how many were new (duplicates skipped, as in
         ``write_batch``). When ``accept()`` turns false (the file had a bad line) or a write
         fails, nothing the import wrote stays, even with other writers on the store
-        meanwhile. ``batches`` may be consumed off the event loop."""
+        meanwhile. ``batches`` may be consumed off the event loop. A ``CompletionRecord`` is
+        prepared by the store itself; a ``Prepared`` row must come from this store's
+        ``derive``."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
 Item = TypeVar("Item")
 
@@ -80,6 +80,18 @@ class ExchangeRecord:
 
 
 Writable = CompletionRecord | ExchangeRecord
+
+
+class Prepared(NamedTuple):
+    """A completion to import, with what its store derives from it before the insert, made
+    by that store's ``derive``. An import makes these in its parse workers, so the store's
+    writer only inserts; what ``derived`` holds is the backend's own business."""
+
+    record: CompletionRecord
+    derived: Any
+
+
+Importable = CompletionRecord | Prepared
 
 
 @dataclass(frozen=True, slots=True)

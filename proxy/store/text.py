@@ -65,20 +65,25 @@ def _message_text(message: Any) -> list[str]:
     return texts
 
 
-def searchable(request: bytes, completion: bytes) -> str:
-    """The text a completion is found by: its messages, answer and tool-call arguments."""
-    texts: list[str] = []
+def _loads(data: bytes) -> Any:
     try:
-        sent = orjson.loads(request)
+        return orjson.loads(data)
     except orjson.JSONDecodeError:
-        sent = None
+        return None
+
+
+Parsed = tuple[Any, Any]
+
+
+def searchable(request: bytes, completion: bytes, parsed: Parsed | None = None) -> str:
+    """The text a completion is found by: its messages, answer and tool-call arguments.
+    ``parsed`` is the request and completion already parsed, where the caller has them (an
+    import's parser does), so they are not parsed twice."""
+    texts: list[str] = []
+    sent, answer = parsed if parsed is not None else (_loads(request), _loads(completion))
     if isinstance(sent, dict) and isinstance(sent.get("messages"), list):
         for message in sent["messages"]:
             texts += _message_text(message)
-    try:
-        answer = orjson.loads(completion)
-    except orjson.JSONDecodeError:
-        answer = None
     choices = answer.get("choices") if isinstance(answer, dict) else None
     for choice in choices if isinstance(choices, list) else []:
         if isinstance(choice, dict):

@@ -21,7 +21,7 @@ import unicodedata
 from collections.abc import Sequence
 from typing import Any
 
-from proxy.store.text import search_terms, searchable
+from proxy.store.text import Parsed, search_terms, searchable
 
 _TOKEN = re.compile(r"[^\W_]+")
 MAX_POSITION = 16383  # PostgreSQL's largest tsvector position
@@ -101,12 +101,14 @@ def vector(text: str, tags: Sequence[str] = ()) -> bytes:
     return b"".join(out)
 
 
-def document(request: bytes, completion: bytes, tags: Sequence[str] = ()) -> bytes:
+def document(
+    request: bytes, completion: bytes, tags: Sequence[str] = (), parsed: Parsed | None = None
+) -> bytes:
     """What a completion's ``search`` column is made from (a binary tsvector): its words
     with their positions, and its filter tags (``text.filter_tags``: caller, model and
     metadata pairs, letters and digits only) as words without positions, so a search with
-    filters is one intersection inside the index."""
-    return vector(searchable(request, completion), tags)
+    filters is one intersection inside the index. ``parsed`` as for ``searchable``."""
+    return vector(searchable(request, completion, parsed), tags)
 
 
 def tag_words(tags: Sequence[str]) -> list[str]:

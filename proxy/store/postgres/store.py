@@ -37,16 +37,18 @@ from proxy.store.records import (
     CompletionRecord,
     ExchangeRecord,
     ExportFilter,
+    Importable,
     KeyRecord,
     LogEntry,
     Page,
+    Prepared,
     PruneReport,
     StoredCompletion,
     UsageRow,
     Writable,
 )
 from proxy.store.signature import signature
-from proxy.store.text import filter_tags, preview
+from proxy.store.text import Parsed, filter_tags, preview
 
 IMPORT_CHUNK = 2_000  # rows per statement during an import (see docs/benchmarks.md)
 # Memory for each step of an import's statement: a chunk's rows (unnest's result, the usage
@@ -135,16 +137,25 @@ def _dump_metadata(metadata: dict[str, str]) -> bytes:
     return orjson.dumps(metadata, option=orjson.OPT_SORT_KEYS)
 
 
-def _document(record: CompletionRecord, index: bool) -> bytes | None:
-    """The record's search document; None (not indexed yet) with search off."""
-    return search.document(record.request, record.completion, _tags(record)) if index else None
+def derive(
+    record: CompletionRecord, parsed: Parsed | None = None, index: bool = True
+) -> tuple[bytes | None, int]:
+    """What the insert computes from a completion (``Store.derive``): its search document
+    (None, not indexed yet, with search off) and its metadata's signature."""
+    document = (
+        search.document(record.request, record.completion, _tags(record), parsed) if index else None
+    )
+    return document, signature(record.metadata.items())
 
 
-def _columns(
-    records: Sequence[CompletionRecord], now: float, index: bool = True
-) -> list[list[Any]]:
+def _columns(items: Sequence[Importable], now: float, index: bool = True) -> list[list[Any]]:
     """The batch as one list per column, in ``queries.COMPLETION_COLUMNS`` order, then the
-    search documents (see ``_document``)."""
+    search documents and the signatures (see ``derive``)."""
+    prepared = [
+        item if isinstance(item, Prepared) else Prepared(item, derive(item, None, index))
+        for item in items
+    ]
+    records = [p.record for p in prepared]
     return [
         [r.id for r in records],
         [r.caller for r in records],
@@ -162,8 +173,8 @@ def _columns(
         [r.prompt_tokens for r in records],
         [r.cached_tokens for r in records],
         [r.completion_tokens for r in records],
-        [_document(r, index) for r in records],
-        [signature(r.metadata.items()) for r in records],
+        [p.derived[0] for p in prepared],
+        [p.derived[1] for p in prepared],
     ]
 
 
@@ -356,9 +367,13 @@ class PostgresStore:
                 str(time.time()).encode(),
             )
 
+    @property
+    def derive(self) -> Callable[[CompletionRecord, Parsed | None], tuple[bytes | None, int]]:
+        return functools.partial(derive, index=self._search)
+
     async def import_records(
         self,
-        batches: Iterable[Sequence[CompletionRecord]],
+        batches: Iterable[Sequence[Importable]],
         accept: Callable[[], bool],
         chunk_rows: int | None = None,
     ) -> int:
@@ -374,7 +389,7 @@ class PostgresStore:
         now = time.time()
 
         def next_chunk() -> list[list[Any]] | None:
-            rows: list[CompletionRecord] = []
+            rows: list[Importable] = []
             while len(rows) < chunk and accept():
                 batch = next(pending, None)
                 if batch is None:
@@ -951,6 +966,6 @@ async def _count(conn: asyncpg.Connection, sql: str, *args: object) -> int:
     return int(tag.rsplit(" ", 1)[-1])
 
 
-def _drain(pending: Iterator[Sequence[CompletionRecord]]) -> None:
+def _drain(pending: Iterator[Sequence[Importable]]) -> None:
     for _ in pending:
         pass

@@ -483,6 +483,25 @@ MIGRATIONS: tuple[Migration, ...] = (
             """,
         ),
     ),
+    Migration(
+        "m017_usage_by_day_per_batch",
+        (
+            # The store's insert adds each batch's completions to the rollup, one upsert per
+            # (day, caller, model) of the batch, instead of this trigger's one per completion.
+            "DROP TRIGGER usage_by_day_insert",
+        ),
+    ),
+    Migration(
+        "m018_search_pending_16mib",
+        (
+            # FTS5 writes the words it holds in memory out as a new segment whenever they
+            # pass this size, and merges segments as they pile up. An import or a backlog
+            # indexes a hundred thousand completions in one transaction: with the default
+            # (1 MiB) that was a segment every few hundred, and a level of merging more. The
+            # proxy's own commits hold a few completions and never reach it.
+            "INSERT INTO completions_fts (completions_fts, rank) VALUES ('hashsize', 16777216)",
+        ),
+    ),
 )
 
 
