@@ -35,6 +35,7 @@ from proxy.errors import InvalidRequest
 from proxy.identity import request_key
 from proxy.models import check_metadata
 from proxy.store import CompletionRecord, ExportFilter, Prepared, Store
+from proxy.store.text import Parsed
 
 Format = Literal["jsonl", "finetune"]
 Progress = Callable[[int], None]
@@ -220,11 +221,11 @@ def _runs(source: IO[bytes], size: int = RUN_BYTES) -> Iterator[tuple[int, bytes
         yield number, rest
 
 
-Parsed = tuple[list[Prepared], list[tuple[int, str]], int]
-Derive = Callable[[CompletionRecord, tuple[Any, Any] | None], Any]
+ParsedRun = tuple[list[Prepared], list[tuple[int, str]], int]
+Derive = Callable[[CompletionRecord, Parsed | None], Any]
 
 
-def parse_run(first: int, run: bytes, derive: Derive) -> Parsed:
+def parse_run(first: int, run: bytes, derive: Derive) -> ParsedRun:
     """The records of a run of ``jsonl`` lines, prepared by the store's ``derive`` (in the
     worker, so the store's writer only inserts), the first 100 bad lines with their
     numbers, and how many were bad."""
@@ -249,7 +250,7 @@ def parse_run(first: int, run: bytes, derive: Derive) -> Parsed:
     return rows, errors, bad
 
 
-def _accept(parsed: Parsed, report: ImportReport) -> list[Prepared]:
+def _accept(parsed: ParsedRun, report: ImportReport) -> list[Prepared]:
     rows, errors, bad = parsed
     report.error_count += bad
     report.errors += errors[: 100 - len(report.errors)]
