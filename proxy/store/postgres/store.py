@@ -379,9 +379,9 @@ class PostgresStore:
     ) -> int:
         """Insert every batch in one transaction; return how many were new. Batches are
         gathered into chunks of ``chunk_rows`` and each chunk is one statement (arrays, as
-        in ``write_batch``). The next chunk is read and its columns built (search
-        documents: most of this process's work) in a thread while the server inserts the
-        current one, so the two overlap. If ``accept()`` turns false or anything fails,
+        in ``write_batch``). The next chunk is read and its columns built (with the search
+        documents, unless its rows come ``Prepared``) in a thread while the server inserts
+        the current one, so the two overlap. If ``accept()`` turns false or anything fails,
         the transaction rolls back: nothing the import wrote stays, whatever else was
         written meanwhile."""
         chunk = chunk_rows or IMPORT_CHUNK
