@@ -1,7 +1,7 @@
 """create_app(config): the route table, the middleware, and the resources each app owns.
 
-Resources (store, writer, upstream session) are opened and closed by cleanup contexts, in
-that order; on shutdown aiohttp first waits for in-flight requests, then the session closes,
+Resources (store, writer, upstream client) are opened and closed by cleanup contexts, in
+that order; on shutdown aiohttp first waits for in-flight requests, then the upstream client closes,
 then the writer commits everything queued, then the store closes.
 """
 
@@ -41,7 +41,8 @@ from proxy.redaction import DEFAULT_BUILTIN, Redactor
 from proxy.relay import Relay
 from proxy.replay import Replayer
 from proxy.store import CompletionRecord, open_store
-from proxy.upstream import RETARGETING, ForwardRules, make_session
+from proxy.upstream import RETARGETING, ForwardRules
+from proxy.upstream_client import UpstreamClient
 from proxy.usage import cost
 from proxy.writer import Writer
 
@@ -176,20 +177,24 @@ async def _upstream(app: web.Application) -> AsyncIterator[None]:
         upstream_key = os.environ.get(config.auth.upstream_key_env)
         if not upstream_key:
             raise RuntimeError(f"auth.mode is keys but {config.auth.upstream_key_env} is not set")
-    session = make_session(config.upstream)
+    client = UpstreamClient(
+        config.upstream.url,
+        max_connections=config.upstream.max_connections,
+        connect_timeout=config.upstream.connect_timeout,
+        read_timeout=config.upstream.read_timeout,
+    )
     drop = (
         frozenset() if upstream_key is None else RETARGETING - _lower(config.auth.forward_headers)
     )
     app[RELAY] = Relay(
-        session,
-        config.upstream.url,
+        client,
         app[WRITER],
         upstream_key,
         drop_headers=drop,
         max_answer_bytes=config.capture.max_answer_bytes,
     )
     yield
-    await session.close()
+    await client.close()
 
 
 def _lower(names: list[str]) -> frozenset[str]:

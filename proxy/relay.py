@@ -24,11 +24,9 @@ redacted before it reaches the member (``KeyMask``).
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import time
 
-import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
@@ -37,21 +35,14 @@ from proxy.errors import UpstreamTimeout, UpstreamUnreachable
 from proxy.logs import AccessRecord
 from proxy.outcome import Outcome
 from proxy.sse import DoneWatch, ends_with_done
-from proxy.upstream import KeyMask, headers_down, headers_up, upstream_url
+from proxy.upstream import KeyMask, headers_down, headers_up
+from proxy.upstream_client import UpstreamAnswer, UpstreamClient, UpstreamFailure
 from proxy.writer import WriteFailed, Writer
 
 log = logging.getLogger("proxy.relay")
 
 DEFAULT_MAX_ANSWER = 32 * 1024 * 1024
-LARGE_BODY = 1 << 20  # aiohttp's threshold for warning about bytes bodies
 _CLIENT_GONE = (ConnectionResetError, ConnectionError)
-
-
-def _payload(body: bytes) -> bytes | io.BytesIO | None:
-    """Small bodies go as bytes; large ones (images) as a stream, so the loop is not blocked."""
-    if not body:
-        return None
-    return io.BytesIO(body) if len(body) > LARGE_BODY else body
 
 
 def _server_timing(proxy_ms: float, upstream_ms: float) -> str:
@@ -63,16 +54,14 @@ class Relay:
 
     def __init__(
         self,
-        session: aiohttp.ClientSession,
-        base_url: str,
+        client: UpstreamClient,
         writer: Writer,
         upstream_key: str | None = None,
         *,
         drop_headers: frozenset[str] = frozenset(),
         max_answer_bytes: int = DEFAULT_MAX_ANSWER,
     ) -> None:
-        self._session = session
-        self._base = base_url
+        self._client = client
         self._writer = writer
         # With proxy keys, the proxy's own upstream key replaces whatever the client sent.
         self._authorization = f"Bearer {upstream_key}" if upstream_key else None
@@ -90,23 +79,17 @@ class Relay:
         path: str,
     ) -> web.StreamResponse:
         """Send the request upstream at ``path`` (canonical, below the base) and relay back."""
-        url = upstream_url(self._base, path, request.rel_url.raw_query_string)
+        target = self._client.target(path, request.rel_url.raw_query_string)
         headers = headers_up(request.headers, self._drop)
         if self._authorization is not None:
             headers["Authorization"] = self._authorization
         sent = time.perf_counter()
         try:
-            upstream = await self._session.request(
-                request.method,
-                url,
-                headers=headers,
-                data=_payload(body),
-                allow_redirects=False,
-            )
+            upstream = await self._client.request(request.method, target, headers, body or None)
         except TimeoutError:
             access.outcome = Outcome.UPSTREAM_FAILED
             raise UpstreamTimeout("The upstream did not answer in time.") from None
-        except aiohttp.ClientError as error:
+        except UpstreamFailure as error:
             access.outcome = Outcome.UPSTREAM_FAILED
             raise UpstreamUnreachable(
                 f"The upstream could not be reached ({type(error).__name__})."
@@ -137,7 +120,7 @@ class Relay:
     async def _relay(
         self,
         request: web.Request,
-        upstream: aiohttp.ClientResponse,
+        upstream: UpstreamAnswer,
         headers: CIMultiDict[str],
         capture: Capture | None,
         access: AccessRecord,
@@ -162,11 +145,10 @@ class Relay:
             return response
         watch = DoneWatch()
         committed = False
-        reader = upstream.content
         while True:
             try:
-                data = await reader.readany()
-            except (TimeoutError, aiohttp.ClientError) as error:
+                data = await upstream.readany()
+            except (TimeoutError, UpstreamFailure) as error:
                 log.warning(
                     "upstream failed mid-answer",
                     extra={"request_id": access.request_id, "reason": type(error).__name__},
@@ -243,7 +225,7 @@ class Relay:
         self,
         request: web.Request,
         response: web.StreamResponse,
-        upstream: aiohttp.ClientResponse,
+        upstream: UpstreamAnswer,
         access: AccessRecord,
     ) -> bool:
         try:
@@ -257,7 +239,7 @@ class Relay:
     async def _write(
         self,
         response: web.StreamResponse,
-        upstream: aiohttp.ClientResponse,
+        upstream: UpstreamAnswer,
         access: AccessRecord,
         data: bytes,
         committed: bool = False,

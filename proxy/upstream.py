@@ -1,10 +1,10 @@
-"""Talking to the upstream: one client session, URL joining, header filtering, timeouts.
+"""What may go to the upstream and come back: paths, headers, and the team key in answers.
+
+The connections themselves, with their timeouts, are ``proxy.upstream_client``.
 
 - The upstream comes from the config only. The client's path is joined under it as a path,
   never parsed as a URL, and redirects are not followed, so no request can steer the proxy
   elsewhere.
-- Timeouts are a connect timeout and a read timeout between bytes (``sock_read``), never a
-  total: a long stream that keeps flowing is never cut; a stalled one is.
 - Compression: the proxy asks the upstream for ``identity`` and decodes anything it gets
   anyway, then drops ``Content-Encoding``/``Content-Length`` on the way back, so the client
   always gets bytes that match their headers and the capture sees plain JSON or SSE.
@@ -21,11 +21,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
-from yarl import URL
-
-from proxy.config import UpstreamConfig
 
 HOP_BY_HOP = frozenset(
     {
@@ -80,40 +76,6 @@ def headers_up(
 def headers_down(upstream_headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     """The upstream's response headers as relayed to the client."""
     return _filtered(upstream_headers, _DROP_DOWN)
-
-
-def upstream_url(base: str, tail: str, query_string: str) -> URL:
-    """``base`` + ``/`` + the client's path below ``/v1``, keeping its query string verbatim.
-
-    ``tail`` is the already-encoded path (``request.raw_path``) so it goes upstream as the
-    client wrote it; the host, port and scheme always come from ``base``.
-    """
-    path = base + "/" + tail.lstrip("/")
-    if query_string:
-        path += "?" + query_string
-    return URL(path, encoded=True)
-
-
-def make_session(config: UpstreamConfig) -> aiohttp.ClientSession:
-    connector = aiohttp.TCPConnector(
-        limit=config.max_connections,
-        limit_per_host=config.max_connections,
-        enable_cleanup_closed=False,
-    )
-    timeout = aiohttp.ClientTimeout(
-        total=None,
-        connect=None,
-        sock_connect=config.connect_timeout,
-        sock_read=config.read_timeout,
-    )
-    return aiohttp.ClientSession(
-        connector=connector,
-        timeout=timeout,
-        auto_decompress=True,
-        cookie_jar=aiohttp.DummyCookieJar(),
-        trust_env=False,
-        skip_auto_headers=("User-Agent",),
-    )
 
 
 class BadPath(ValueError):
