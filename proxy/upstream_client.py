@@ -49,6 +49,7 @@ BUFFER_HIGH = 1 << 18
 DECODE_STEP = 1 << 16
 HEAD_LIMIT = 1 << 16  # bytes of status line and headers
 _NO_BODY = frozenset({204, 304})
+_HEX_DIGITS = b"0123456789abcdefABCDEF"
 
 
 class UpstreamFailure(Exception):
@@ -72,7 +73,7 @@ def _decoder(coding: str) -> Any:
     if coding in {"gzip", "x-gzip"}:
         return _Inflate(16 + zlib.MAX_WBITS)
     if coding == "deflate":
-        return _Inflate(zlib.MAX_WBITS, raw_fallback=True)
+        return _Inflate(zlib.MAX_WBITS, sniff=True)
     if coding == "br":
         try:
             import brotli  # type: ignore[import-not-found] # noqa: PLC0415 - optional
@@ -84,33 +85,41 @@ def _decoder(coding: str) -> Any:
 
 
 class _Inflate:
-    """zlib, fed incrementally; each call returns at most ``DECODE_STEP`` bytes."""
+    """zlib, fed incrementally; each call returns at most ``DECODE_STEP`` bytes. With
+    ``sniff`` (``deflate``, which servers send both with and without zlib's header), the
+    first two bytes say which."""
 
-    def __init__(self, wbits: int, *, raw_fallback: bool = False) -> None:
-        self._z = zlib.decompressobj(wbits)
-        self._raw_fallback = raw_fallback  # "deflate" is sent both with and without a header
-        self._started = False
+    def __init__(self, wbits: int, *, sniff: bool = False) -> None:
+        self._z = None if sniff else zlib.decompressobj(wbits)
+        self._held = b""
 
     @property
     def pending(self) -> bool:
-        return bool(self._z.unconsumed_tail)
+        return self._z is not None and bool(self._z.unconsumed_tail)
 
     def feed(self, data: bytes) -> bytes:
+        if self._z is None:
+            data = self._held + data
+            if len(data) < 2:
+                self._held = data
+                return b""
+            self._held = b""
+            cmf, flg = data[0], data[1]
+            wrapped = cmf & 0x0F == 8 and (cmf << 8 | flg) % 31 == 0
+            self._z = zlib.decompressobj(zlib.MAX_WBITS if wrapped else -zlib.MAX_WBITS)
         try:
-            out = self._z.decompress(data, DECODE_STEP)
+            return self._z.decompress(data, DECODE_STEP)
         except zlib.error as error:
-            if self._raw_fallback and not self._started:
-                self._z = zlib.decompressobj(-zlib.MAX_WBITS)
-                self._started = True
-                return self.feed(data)
             raise BadAnswer(f"the upstream's compressed answer is corrupt ({error})") from None
-        self._started = True
-        return out
 
     def more(self) -> bytes:
-        return self.feed(self._z.unconsumed_tail)
+        return b"" if self._z is None else self.feed(self._z.unconsumed_tail)
 
     def flush(self) -> bytes:
+        if self._z is None:
+            if self._held:
+                raise BadAnswer("the upstream's compressed answer is cut short")
+            return b""
         return self._z.flush()
 
 
@@ -169,7 +178,7 @@ class _Connection(asyncio.Protocol):
         self.reusable = False
         if self._state == "body" and self._framing == "close":
             self._state = "done"
-        elif self._state in {"head", "body"}:
+        elif self._state in {"head", "body"} and self._error is None:
             reason = f" ({exc})" if exc else ""
             self._error = Disconnected(f"the upstream closed the connection mid-answer{reason}")
         if self._drained is not None and not self._drained.done():
@@ -225,13 +234,13 @@ class _Connection(asyncio.Protocol):
             if 100 <= status < 200:
                 continue
             break
-        self._head = (status, reason, CIMultiDictProxy(headers), keep)
         self.reusable = keep
         if self._head_only or status in _NO_BODY:
             self._state = "done"
         else:
             self._state = "body"
-            self._set_framing(headers)
+            self._set_framing(headers)  # may refuse the head: then it is never handed out
+        self._head = (status, reason, CIMultiDictProxy(headers), keep)
         self._wake()
         return True
 
@@ -243,7 +252,7 @@ class _Connection(asyncio.Protocol):
             self._chunk_state = "size"
         elif "Content-Length" in headers:
             values = {v.strip() for v in ",".join(headers.getall("Content-Length")).split(",")}
-            if len(values) != 1 or not (value := values.pop()).isdigit():
+            if len(values) != 1 or not _is_number(value := values.pop()):
                 raise BadAnswer("the upstream sent an invalid Content-Length")
             self._framing, self._left = "length", int(value)
             if self._left == 0:
@@ -265,52 +274,56 @@ class _Connection(asyncio.Protocol):
                 self._left -= len(data)
             self._keep(data)
         elif self._framing == "chunked":
-            self._buffer += data
-            self._dechunk()
+            self._dechunk(data)
         else:
             self._keep(data)
         if self._state == "done":
             self._wake()
 
-    def _dechunk(self) -> None:
-        buffer = self._buffer
-        at = 0
-        while at < len(buffer):
-            if self._chunk_state == "data":
-                take = min(self._left, len(buffer) - at)
-                self._keep(bytes(buffer[at : at + take]))
+    def _dechunk(self, data: bytes) -> None:
+        """Chunked framing off ``data`` (after any partial line kept from the last read)."""
+        if self._buffer:
+            data = bytes(self._buffer) + data
+            self._buffer = bytearray()
+        pieces: list[bytes] = []
+        at, size = 0, len(data)
+        state, left = self._chunk_state, self._left
+        while at < size:
+            if state == "data":
+                take = min(left, size - at)
+                pieces.append(data[at : at + take])
                 at += take
-                self._left -= take
-                if self._left:
+                left -= take
+                if left:
                     break
-                self._chunk_state = "crlf"
+                state = "crlf"
                 continue
-            end = buffer.find(b"\r\n", at)
+            end = data.find(b"\r\n", at)
             if end < 0:
-                if len(buffer) - at > HEAD_LIMIT:
+                if size - at > HEAD_LIMIT:
                     raise BadAnswer("the upstream sent an overlong chunk line")
+                self._buffer += data[at:]
                 break
-            line = bytes(buffer[at:end])
+            line = data[at:end]
             at = end + 2
-            if self._chunk_state == "crlf":
+            if state == "crlf":
                 if line:
                     raise BadAnswer("the upstream sent a chunk without its CRLF")
-                self._chunk_state = "size"
-            elif self._chunk_state == "size":
-                size = line.split(b";", 1)[0].strip()
-                try:
-                    self._left = int(size, 16)
-                except ValueError:
-                    raise BadAnswer("the upstream sent an invalid chunk size") from None
-                if self._left < 0 or not size:
+                state = "size"
+            elif state == "size":
+                digits = line.split(b";", 1)[0].strip(b" \t")
+                if not digits or len(digits) > 16 or digits.strip(_HEX_DIGITS):
                     raise BadAnswer("the upstream sent an invalid chunk size")
-                self._chunk_state = "data" if self._left else "trailer"
+                left = int(digits, 16)
+                state = "data" if left else "trailer"
             elif not line:  # the end of the trailer section: the answer is complete
                 self._state = "done"
-                if at < len(buffer):
+                if at < size:
                     self.reusable = False
                 break
-        del buffer[:at]
+        self._chunk_state, self._left = state, left
+        if pieces:
+            self._keep(pieces[0] if len(pieces) == 1 else b"".join(pieces))
 
     def _keep(self, data: bytes) -> None:
         if not data:
@@ -398,6 +411,10 @@ class _Connection(asyncio.Protocol):
             self.transport.abort()
 
 
+def _is_number(text: str) -> bool:
+    return text.isascii() and text.isdigit()
+
+
 def _expire(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_exception(TimeoutError())
@@ -440,7 +457,7 @@ class UpstreamAnswer:
         self.reason = reason
         self.headers = headers
         length = headers.get("Content-Length")
-        self.content_length = int(length) if length is not None and length.isdigit() else None
+        self.content_length = int(length) if length is not None and _is_number(length) else None
         media = headers.get("Content-Type", "application/octet-stream")
         self.content_type = media.split(";", 1)[0].strip().lower()
         coding = headers.get("Content-Encoding", "identity").strip().lower()
@@ -520,6 +537,7 @@ class UpstreamClient:
         self._limit = max_connections
         self._open = 0
         self._idle: list[_Connection] = []
+        self._busy: set[_Connection] = set()
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._closed = False
 
@@ -546,16 +564,16 @@ class UpstreamClient:
         try:
             await connection.send(request, body, method == "HEAD")
             status, reason, answer_headers, _ = await connection.head()
+            return UpstreamAnswer(self, connection, status, reason, answer_headers)
         except BaseException:
             connection.abort()
             self.give_back(connection)
             raise
-        return UpstreamAnswer(self, connection, status, reason, answer_headers)
 
     async def close(self) -> None:
         """Close every connection; requests in flight fail."""
         self._closed = True
-        for connection in self._idle:
+        for connection in [*self._idle, *self._busy]:
             connection.abort()
         self._idle.clear()
         for waiter in self._waiters:
@@ -572,16 +590,19 @@ class UpstreamClient:
             while self._idle:
                 connection = self._idle.pop()
                 if not connection.closed and now - connection.idle_since < KEEPALIVE_SECONDS:
+                    self._busy.add(connection)
                     return connection
                 connection.abort()
             if self._open < self._limit:
                 self._open += 1
                 try:
-                    return await self._connect()
+                    connection = await self._connect()
                 except BaseException:
                     self._open -= 1
                     self._wake_one()
                     raise
+                self._busy.add(connection)
+                return connection
             waiter = self.loop.create_future()
             self._waiters.append(waiter)
             try:
@@ -613,6 +634,7 @@ class UpstreamClient:
 
     def give_back(self, connection: _Connection) -> None:
         """A connection whose request is over: kept if it can serve another, else closed."""
+        self._busy.discard(connection)
         if connection.closed:
             return  # forget() has counted it out
         if connection.reusable and connection.complete and not self._closed:
@@ -628,6 +650,7 @@ class UpstreamClient:
             return  # closed while connecting: _acquire has counted it out
         connection.counted = False
         self._open -= 1
+        self._busy.discard(connection)
         if connection in self._idle:
             self._idle.remove(connection)
         self._wake_one()
