@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import re
 import ssl
 import time
 import zlib
@@ -50,6 +51,7 @@ DECODE_STEP = 1 << 16
 HEAD_LIMIT = 1 << 16  # bytes of status line and headers
 _NO_BODY = frozenset({204, 304})
 _HEX_DIGITS = b"0123456789abcdefABCDEF"
+_CHUNK_HEAD = re.compile(rb"([0-9A-Fa-f]{1,16})\r\n")
 
 
 class UpstreamFailure(Exception):
@@ -289,6 +291,18 @@ class _Connection(asyncio.Protocol):
         at, size = 0, len(data)
         state, left = self._chunk_state, self._left
         while at < size:
+            if state == "size" and (whole := _CHUNK_HEAD.match(data, at)) is not None:
+                # The usual chunk: a bare size line, then the data and its CRLF, all here.
+                left, at = int(whole.group(1), 16), whole.end()
+                if not left:
+                    state = "trailer"
+                elif data[at + left : at + left + 2] == b"\r\n":
+                    pieces.append(data[at : at + left])
+                    at += left + 2
+                    left = 0
+                else:
+                    state = "data"
+                continue
             if state == "data":
                 take = min(left, size - at)
                 pieces.append(data[at : at + take])
