@@ -20,6 +20,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from yarl import URL
 
 
 class ConfigError(Exception):
@@ -69,6 +70,11 @@ class UpstreamConfig(_Section):
     def _http_url(cls, value: str) -> str:
         if not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
+        url = URL(value)
+        if not url.raw_host:
+            raise ValueError("must name a host")
+        if url.raw_user is not None or url.raw_query_string or url.raw_fragment:
+            raise ValueError("must hold a scheme, host, port and path only (no user or query)")
         return value.rstrip("/")
 
 

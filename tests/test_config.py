@@ -33,6 +33,9 @@ def test_example_config_shows_every_key() -> None:
         ("bogus: {}\n", "bogus"),
         ("server:\n  port: 70000\n", "server.port"),
         ("upstream:\n  url: ftp://x\n", "upstream.url"),
+        ("upstream:\n  url: https://user:pw@api.example/v1\n", "no user or query"),
+        ("upstream:\n  url: https://api.example/v1?x=1\n", "no user or query"),
+        ("upstream:\n  url: http:///v1\n", "must name a host"),
         ("upstream:\n  read_timeout: 0\n", "upstream.read_timeout"),
         ("store:\n  sqlite:\n    synchronous: off\n", "store.sqlite.synchronous"),
         ("store:\n  synchronous: off\n", "store.sqlite.synchronous"),  # its old place
