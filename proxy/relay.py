@@ -36,7 +36,7 @@ from proxy.logs import AccessRecord
 from proxy.outcome import Outcome
 from proxy.sse import DoneWatch, ends_with_done
 from proxy.upstream import KeyMask, headers_down, headers_up
-from proxy.upstream_client import UpstreamAnswer, UpstreamClient, UpstreamFailure
+from proxy.upstream_client import BadAnswer, UpstreamAnswer, UpstreamClient, UpstreamFailure
 from proxy.writer import WriteFailed, Writer
 
 log = logging.getLogger("proxy.relay")
@@ -91,9 +91,12 @@ class Relay:
             raise UpstreamTimeout("The upstream did not answer in time.") from None
         except UpstreamFailure as error:
             access.outcome = Outcome.UPSTREAM_FAILED
-            raise UpstreamUnreachable(
-                f"The upstream could not be reached ({type(error).__name__})."
-            ) from None
+            what = (
+                "sent an answer the proxy cannot read"
+                if isinstance(error, BadAnswer)
+                else "could not be reached"
+            )
+            raise UpstreamUnreachable(f"The upstream {what} ({type(error).__name__}).") from None
         answered = time.perf_counter()
         async with upstream:
             access.upstream_request_id = upstream.headers.get("x-request-id")

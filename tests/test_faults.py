@@ -44,6 +44,20 @@ async def test_refused_upstream_is_502_quickly(proxy_factory) -> None:
     assert body["error"]["type"] == "upstream_error"
 
 
+async def test_an_answer_in_an_unreadable_encoding_is_a_502_and_stores_nothing(
+    proxy, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    upstream.script(Reply(json=completion(CHAT, "chatcmpl-zstd"), headers={}))
+    upstream.replies[0].headers["Content-Encoding"] = "zstd"
+    response = await proxy.post("/v1/chat/completions", json=CHAT, headers=AUTH)
+    assert response.status == 502
+    body = await response.json()
+    assert_error_shape(body, response.headers)
+    assert "cannot read" in body["error"]["message"]
+    assert stored_ids(tmp_path) == []
+    await still_serving(proxy)
+
+
 async def test_silent_upstream_is_504_at_the_read_timeout(
     proxy_factory, upstream: FakeUpstream
 ) -> None:
