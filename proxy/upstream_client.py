@@ -164,6 +164,8 @@ class _Connection(asyncio.Protocol):
         self._paused = False
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self._wait_began = 0.0
+        self._timer: asyncio.TimerHandle | None = None
         self._head: tuple[int, str, CIMultiDictProxy[str], bool] | None = None
         self._write_paused = False
         self._drained: asyncio.Future[None] | None = None
@@ -178,6 +180,9 @@ class _Connection(asyncio.Protocol):
             return
         self.closed = True
         self.reusable = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._state == "body" and self._framing == "close":
             self._state = "done"
         elif self._state in {"head", "body"} and self._error is None:
@@ -357,14 +362,33 @@ class _Connection(asyncio.Protocol):
             waiter.set_result(None)
 
     async def _wait(self) -> None:
-        """Until bytes arrive or the connection ends, at most the read timeout."""
+        """Until bytes arrive or the connection ends, at most the read timeout.
+
+        One timer serves every wait of the connection: a wait only notes when it began, and
+        the timer, when it fires, ends a wait that has lasted the whole timeout or sets itself
+        for the rest of the current one. A stream's many short waits then cost no timer
+        each."""
         waiter = self._waiter = self._loop.create_future()
-        timer = self._loop.call_later(self._pool.read_timeout, _expire, waiter)
+        self._wait_began = self._loop.time()
+        if self._timer is None:
+            self._timer = self._loop.call_at(
+                self._wait_began + self._pool.read_timeout, self._check_wait
+            )
         try:
             await waiter
         finally:
-            timer.cancel()
             self._waiter = None
+
+    def _check_wait(self) -> None:
+        self._timer = None
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return  # no wait now: the next one sets the timer again
+        due = self._wait_began + self._pool.read_timeout
+        if self._loop.time() >= due:
+            waiter.set_exception(TimeoutError())
+        else:
+            self._timer = self._loop.call_at(due, self._check_wait)
 
     # -- the client's side -----------------------------------------------------------------
 
@@ -427,11 +451,6 @@ class _Connection(asyncio.Protocol):
 
 def _is_number(text: str) -> bool:
     return text.isascii() and text.isdigit()
-
-
-def _expire(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_exception(TimeoutError())
 
 
 def _parse_head(raw: bytes) -> tuple[int, str, CIMultiDict[str], bool]:

@@ -666,6 +666,26 @@ async def test_a_stalled_body_times_out_in_readany(serve: Serve) -> None:
     await asyncio.wait_for(upstream.peers[0].gone.wait(), 1)
 
 
+async def test_a_stall_after_a_pause_gets_the_whole_timeout_from_its_own_start(
+    serve: Serve,
+) -> None:
+    async def script(peer: Peer) -> None:
+        await peer.receive()
+        peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n")
+        await asyncio.sleep(0.3)  # a pause inside the timeout, then a piece, then a stall
+        peer.send(b"hello")
+        await peer.until_closed()
+
+    upstream = await serve(script, read_timeout=0.5)
+    loop = asyncio.get_running_loop()
+    async with await get(upstream.client) as answer:
+        assert await answer.readany() == b"hello"
+        stalled = loop.time()
+        with pytest.raises(TimeoutError):
+            await answer.readany()
+        assert 0.49 <= loop.time() - stalled < 2.0
+
+
 async def test_a_body_that_keeps_flowing_outlives_the_read_timeout(serve: Serve) -> None:
     async def script(peer: Peer) -> None:
         await peer.receive()
