@@ -257,6 +257,10 @@ class _Connection(asyncio.Protocol):
             last = ",".join(encodings).rsplit(",", 1)[-1].strip().lower()
             self._framing = "chunked" if last == "chunked" else "close"
             self._chunk_state = "size"
+            if "Content-Length" in headers:
+                # Both framings named: read by Transfer-Encoding (RFC 9112 §6.3), and never
+                # trust the connection again, whose next bytes the two would place apart.
+                self.reusable = False
         elif "Content-Length" in headers:
             values = {v.strip() for v in ",".join(headers.getall("Content-Length")).split(",")}
             if len(values) != 1 or not _is_number(value := values.pop()):

@@ -438,6 +438,16 @@ async def test_a_connection_the_server_asks_to_close_is_not_reused(
     await asyncio.wait_for(upstream.peers[0].gone.wait(), 1)
 
 
+async def test_an_answer_naming_both_framings_is_read_chunked_on_a_connection_not_reused(
+    serve: Serve,
+) -> None:
+    both = b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n"
+    upstream = await serve(replying(both + b"2\r\nok\r\n0\r\n\r\n", OK))
+    assert await fetch(upstream.client) == b"ok"
+    assert await fetch(upstream.client) == b"ok"
+    assert upstream.accepted == 2
+
+
 async def test_an_http_1_0_keep_alive_connection_is_reused(serve: Serve) -> None:
     upstream = await serve(
         replying(b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\nok")
