@@ -558,7 +558,10 @@ class UpstreamClient:
         max_connections: int = 100,
         connect_timeout: float = 10.0,
         read_timeout: float = 600.0,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
+        """``tls`` verifies an https upstream; by default the system's trusted CAs (which
+        ``SSL_CERT_FILE`` and ``SSL_CERT_DIR`` override), with the host name checked."""
         url = URL(base_url)
         if url.scheme not in {"http", "https"} or not url.raw_host:
             raise ValueError(f"not an http(s) URL: {base_url}")
@@ -567,7 +570,7 @@ class UpstreamClient:
         self._connect_timeout = connect_timeout
         self._host = url.raw_host
         self._port = url.port or (443 if url.scheme == "https" else 80)
-        self._ssl = ssl.create_default_context() if url.scheme == "https" else None
+        self._ssl = (tls or ssl.create_default_context()) if url.scheme == "https" else None
         host = f"[{self._host}]" if ":" in self._host else self._host
         self.authority = host if url.is_default_port() else f"{host}:{self._port}"
         self.base_path = url.raw_path.rstrip("/")
@@ -663,7 +666,7 @@ class UpstreamClient:
                     server_hostname=self._host if self._ssl is not None else None,
                 )
         except TimeoutError:
-            raise ConnectFailed("connecting to the upstream timed out") from None
+            raise TimeoutError("connecting to the upstream timed out") from None
         except OSError as error:  # refused, unreachable, DNS, TLS (ssl.SSLError is one)
             raise ConnectFailed(f"cannot connect to the upstream ({error})") from None
         connection.counted = True

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import sqlite3
+import ssl
 import time
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import aiohttp
 import openai
 import orjson
 import pytest
+import trustme
 
 from tests.fakes import FakeUpstream, Reply, chunks, completion, sse
 from tests.helpers import assert_error_shape, free_port, sdk
@@ -56,6 +58,29 @@ async def test_an_answer_in_an_unreadable_encoding_is_a_502_and_stores_nothing(
     assert "cannot read" in body["error"]["message"]
     assert stored_ids(tmp_path) == []
     await still_serving(proxy)
+
+
+@pytest.mark.parametrize("trusted", [True, False])
+async def test_an_https_upstream_is_verified_by_the_system_trust_store(
+    proxy_factory, aiohttp_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, trusted: bool
+) -> None:
+    ca = trustme.CA()
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_tls)
+    fake = FakeUpstream()
+    server = await aiohttp_server(fake.app, ssl=server_tls)
+    if trusted:  # an operator's own CA, the way OpenSSL reads it
+        ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+        monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))
+    proxy = await proxy_factory(upstream={"url": str(server.make_url("/v1"))})
+    response = await proxy.post("/v1/chat/completions", json=CHAT, headers=AUTH)
+    if trusted:
+        assert response.status == 200
+        assert stored_ids(tmp_path) == [(await response.json())["id"]]
+    else:
+        assert response.status == 502
+        assert_error_shape(await response.json(), response.headers)
+        assert fake.chat_requests() == []
 
 
 async def test_silent_upstream_is_504_at_the_read_timeout(

@@ -6,12 +6,16 @@ import asyncio
 import functools
 import gzip
 import random
+import socket
+import ssl
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 from multidict import CIMultiDict
 
 from proxy.upstream_client import (
@@ -100,10 +104,10 @@ class Scripted:
     def accepted(self) -> int:
         return len(self.peers)
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
-        self._server = await asyncio.start_server(self._accept, host, port)
+    async def start(self, tls: ssl.SSLContext | None = None) -> str:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0, ssl=tls)
         self.port = self._server.sockets[0].getsockname()[1]
-        return f"http://{host}:{self.port}"
+        return f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -135,10 +139,12 @@ Serve = Callable[..., Awaitable[Scripted]]
 async def serve() -> AsyncIterator[Serve]:
     started: list[Scripted] = []
 
-    async def start(script: Script, base: str = "", **options: Any) -> Scripted:
+    async def start(
+        script: Script, base: str = "", server_tls: ssl.SSLContext | None = None, **options: Any
+    ) -> Scripted:
         upstream = Scripted(script)
         started.append(upstream)
-        url = await upstream.start()
+        url = await upstream.start(server_tls)
         options.setdefault("read_timeout", 2.0)
         upstream.client = UpstreamClient(url + base, **options)
         return upstream
@@ -817,3 +823,75 @@ async def test_a_large_fast_body_read_slowly_arrives_whole_and_in_order(serve: S
             await _turns(8)
     assert b"".join(parts) == body
     assert max(map(len, parts)) <= BUFFER_HIGH + RECV_SIZE
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+def server_tls(ca: trustme.CA, *names: str) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(*names).configure_cert(context)
+    return context
+
+
+def client_tls(ca: trustme.CA) -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    return context
+
+
+async def test_an_https_upstream_is_read_over_one_verified_connection(
+    serve: Serve, ca: trustme.CA
+) -> None:
+    upstream = await serve(replying(OK), server_tls=server_tls(ca, "127.0.0.1"), tls=client_tls(ca))
+    assert await fetch(upstream.client) == b"ok"
+    assert await fetch(upstream.client) == b"ok"
+    assert upstream.accepted == 1
+    assert upstream.requests[0].headers["Host"] == f"127.0.0.1:{upstream.port}"
+
+
+@pytest.mark.parametrize("case", ["untrusted", "another host"])
+async def test_an_https_upstream_that_fails_verification_is_not_connected(
+    serve: Serve, ca: trustme.CA, case: str
+) -> None:
+    issuer, name = (trustme.CA(), "127.0.0.1") if case == "untrusted" else (ca, "api.example")
+    upstream = await serve(replying(OK), server_tls=server_tls(issuer, name), tls=client_tls(ca))
+    with pytest.raises(ConnectFailed, match=r"CERTIFICATE_VERIFY_FAILED|certificate"):
+        await fetch(upstream.client)
+    assert upstream.requests == []
+
+
+async def test_by_default_an_https_upstream_is_verified_by_the_system_trust_store(
+    serve: Serve, ca: trustme.CA, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trusted = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(trusted))
+    monkeypatch.setenv("SSL_CERT_FILE", str(trusted))
+    upstream = await serve(replying(OK), server_tls=server_tls(ca, "127.0.0.1"))
+    assert await fetch(upstream.client) == b"ok"
+
+
+async def test_a_connection_that_is_not_accepted_in_time_is_a_timeout() -> None:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)  # never accepted: once its queue is full, new connections hang
+    port = listener.getsockname()[1]
+    waiting = []
+    for _ in range(4):
+        queued = socket.socket()
+        queued.setblocking(False)
+        queued.connect_ex(("127.0.0.1", port))
+        waiting.append(queued)
+    client = UpstreamClient(f"http://127.0.0.1:{port}", connect_timeout=0.3)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    try:
+        with pytest.raises(TimeoutError, match="connecting"):
+            await fetch(client)
+        assert 0.29 <= loop.time() - started < 2.0
+    finally:
+        await client.close()
+        for queued in [*waiting, listener]:
+            queued.close()
