@@ -104,10 +104,12 @@ class Scripted:
     def accepted(self) -> int:
         return len(self.peers)
 
-    async def start(self, tls: ssl.SSLContext | None = None) -> str:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0, ssl=tls)
+    async def start(
+        self, host: str = "127.0.0.1", port: int = 0, tls: ssl.SSLContext | None = None
+    ) -> str:
+        self._server = await asyncio.start_server(self._accept, host, port, ssl=tls)
         self.port = self._server.sockets[0].getsockname()[1]
-        return f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
+        return f"{'https' if tls else 'http'}://{host}:{self.port}"
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -144,7 +146,7 @@ async def serve() -> AsyncIterator[Serve]:
     ) -> Scripted:
         upstream = Scripted(script)
         started.append(upstream)
-        url = await upstream.start(server_tls)
+        url = await upstream.start(tls=server_tls)
         options.setdefault("read_timeout", 2.0)
         upstream.client = UpstreamClient(url + base, **options)
         return upstream
