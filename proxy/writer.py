@@ -114,11 +114,17 @@ class Writer:
         except asyncio.QueueFull:
             self._fail(job, "the write queue is full")
 
+    async def settled(self) -> None:
+        """Until every record queued so far has been committed or has failed. An audit record
+        (``enqueue``) is queued after its client's answer, so a reader that must see it
+        waits for this first."""
+        await self._queue.join()
+
     async def close(self) -> None:
         """Commit everything queued, then stop."""
         self._closing = True
         if self._task is not None:
-            await self._queue.join()
+            await self.settled()
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task

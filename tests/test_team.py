@@ -10,6 +10,7 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxy.keys import WRITER
 from tests.fakes import FakeUpstream, Reply, chunks, sse, tool_call_answer
 from tests.helpers import cli, sdk
 
@@ -195,6 +196,7 @@ async def test_capture_all_and_failed_exchanges(
                 pass
         # Only the completed one is in OpenAI's list; the others are audit records.
         assert [c.id for c in (await client.chat.completions.list()).data] == [kept.id]
+    await proxy.server.app[WRITER].settled()  # audit records are queued after the answer
     response = await proxy.get("/admin/exchanges", headers={"Authorization": f"Bearer {root_key}"})
     exchanges = (await response.json())["data"]
     assert [(e["outcome"], e["status"], e["caller"]) for e in exchanges] == [
