@@ -60,6 +60,7 @@ from tests.bench.run import (
     completion_id,
     make_record,
     mock_upstream,
+    on_uvloop,
     record_bytes,
     run_wrk,
     snapshot_proxy,
@@ -379,12 +380,7 @@ def main() -> None:
     parser.add_argument("--http", type=int, default=0, metavar="ROUNDS", help="proxy req/s")
     parser.add_argument("--out", default="tests/bench/backends.json")
     args = parser.parse_args()
-    try:
-        import uvloop  # noqa: PLC0415 - the proxy runs on uvloop when it is installed
-
-        uvloop.run(main_async(args))
-    except ImportError:
-        asyncio.run(main_async(args))
+    on_uvloop(main_async(args))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import aiohttp
 from multidict import CIMultiDict
 
 from proxy.upstream_client import UpstreamClient
+from tests.bench.run import on_uvloop
 
 IN_FLIGHT = 32
 BODY = (
@@ -152,12 +153,7 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=3, help="turns of each client")
     parser.add_argument("--stream", action="store_true", help="50-chunk streams, not plain")
     args = parser.parse_args()
-    try:
-        import uvloop  # noqa: PLC0415 - the proxy runs on uvloop when it is installed
-
-        uvloop.run(main_async(args))
-    except ImportError:
-        asyncio.run(main_async(args))
+    on_uvloop(main_async(args))
 
 
 if __name__ == "__main__":

@@ -60,10 +60,10 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
@@ -80,6 +80,8 @@ SUBJECT_CPU = 1  # the process under test
 TOKEN = "sk-bench-0123456789abcdef"  # the bearer token in wrk_common.lua
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 CONNECTIONS = 32
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -1033,13 +1035,17 @@ async def store_phase(
     return result
 
 
-def run_store_phase(settings: Settings, workdir: Path, log: Callable[[str], None]) -> Any:
+def on_uvloop(main: Coroutine[Any, Any, T]) -> T:
+    """Run ``main`` on uvloop when it is installed, as the proxy does; else on asyncio's loop."""
     try:
-        import uvloop  # noqa: PLC0415 - the proxy runs on uvloop when it is installed
-
-        return uvloop.run(store_phase(settings, workdir, log))
+        import uvloop  # noqa: PLC0415 - optional, as in the proxy
     except ImportError:
-        return asyncio.run(store_phase(settings, workdir, log))
+        return asyncio.run(main)
+    return uvloop.run(main)
+
+
+def run_store_phase(settings: Settings, workdir: Path, log: Callable[[str], None]) -> Any:
+    return on_uvloop(store_phase(settings, workdir, log))
 
 
 # -- the table -----------------------------------------------------------------------------

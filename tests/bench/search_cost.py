@@ -14,14 +14,13 @@ the checkpointer's threads included) and completions per second. Not collected b
 from __future__ import annotations
 
 import argparse
-import asyncio
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 from proxy.store.sqlite import SQLiteStore
-from tests.bench.run import make_record
+from tests.bench.run import make_record, on_uvloop
 
 WARM = 1_000  # records written before the clock starts (caches, the first segments)
 
@@ -68,12 +67,7 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=10_000, help="timed, per turn")
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
-    try:
-        import uvloop  # noqa: PLC0415 - the proxy runs on uvloop when it is installed
-
-        uvloop.run(main_async(args))
-    except ImportError:
-        asyncio.run(main_async(args))
+    on_uvloop(main_async(args))
 
 
 if __name__ == "__main__":
