@@ -166,7 +166,7 @@ class _Connection(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self._wait_began = 0.0
         self._timer: asyncio.TimerHandle | None = None
-        self._head: tuple[int, str, CIMultiDictProxy[str], bool] | None = None
+        self._head: tuple[int, str, CIMultiDictProxy[str]] | None = None
         self._write_paused = False
         self._drained: asyncio.Future[None] | None = None
 
@@ -247,7 +247,7 @@ class _Connection(asyncio.Protocol):
         else:
             self._state = "body"
             self._set_framing(headers)  # may refuse the head: then it is never handed out
-        self._head = (status, reason, CIMultiDictProxy(headers), keep)
+        self._head = (status, reason, CIMultiDictProxy(headers))
         self._wake()
         return True
 
@@ -415,7 +415,7 @@ class _Connection(asyncio.Protocol):
             finally:
                 self._drained = None
 
-    async def head(self) -> tuple[int, str, CIMultiDictProxy[str], bool]:
+    async def head(self) -> tuple[int, str, CIMultiDictProxy[str]]:
         while self._head is None:
             if self._error is not None:
                 raise self._error
@@ -603,7 +603,7 @@ class UpstreamClient:
         connection = await self._acquire()
         try:
             await connection.send(request, body, method == "HEAD")
-            status, reason, answer_headers, _ = await connection.head()
+            status, reason, answer_headers = await connection.head()
             return UpstreamAnswer(self, connection, status, reason, answer_headers)
         except BaseException:
             connection.abort()
