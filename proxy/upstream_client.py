@@ -20,10 +20,11 @@ separates the proxy's request path from the bare floor (see ``docs/benchmarks.md
 - **Framing** (RFC 9112 §6): interim ``1xx`` heads are skipped; HEAD, 204 and 304 have no
   body; ``Transfer-Encoding: chunked``, else ``Content-Length``, else the body runs until
   the upstream closes. An answer that ends early is an error, never a short body.
-- **Content-Encoding**: ``gzip``, ``x-gzip`` and ``deflate`` are decoded (``br`` too when
-  the ``brotli`` package is installed), at most ``DECODE_STEP`` bytes per read, so a small
-  compressed answer that inflates to gigabytes is never held whole. Any other coding is
-  refused (``BadAnswer``): the proxy relays and stores plain bytes only.
+- **Content-Encoding**: the proxy asks for ``identity``. ``gzip``, ``x-gzip`` and
+  ``deflate``, which some servers send anyway, are decoded at most ``DECODE_STEP`` bytes
+  per read, so a small compressed answer that inflates to gigabytes is never held whole.
+  Any other coding (``br``, ``zstd``, ...) is refused (``BadAnswer``): the proxy relays and
+  stores plain bytes only.
 - **Flow control**: reading from the upstream pauses while more than ``BUFFER_HIGH`` bytes
   wait for the relay to take them, so a slow client holds back the upstream, not memory.
 
@@ -40,7 +41,6 @@ import ssl
 import time
 import zlib
 from types import TracebackType
-from typing import Any
 
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
@@ -70,19 +70,12 @@ class BadAnswer(UpstreamFailure):
     """What came back is not an HTTP/1.x answer the proxy can read."""
 
 
-def _decoder(coding: str) -> Any:
+def _decoder(coding: str) -> _Inflate:
     coding = coding.strip().lower()
     if coding in {"gzip", "x-gzip"}:
         return _Inflate(16 + zlib.MAX_WBITS)
     if coding == "deflate":
         return _Inflate(zlib.MAX_WBITS, sniff=True)
-    if coding == "br":
-        try:
-            import brotli  # type: ignore[import-not-found] # noqa: PLC0415 - optional
-        except ImportError:
-            pass
-        else:
-            return _Brotli(brotli.Decompressor())
     raise BadAnswer(f"the upstream's answer is encoded as {coding!r}, which is not supported")
 
 
@@ -123,22 +116,6 @@ class _Inflate:
                 raise BadAnswer("the upstream's compressed answer is cut short")
             return b""
         return self._z.flush()
-
-
-class _Brotli:
-    def __init__(self, decompressor: Any) -> None:
-        self._d = decompressor
-
-    pending = False
-
-    def feed(self, data: bytes) -> bytes:
-        return bytes(self._d.process(data))
-
-    def more(self) -> bytes:
-        return b""
-
-    def flush(self) -> bytes:
-        return b""
 
 
 class _Connection(asyncio.Protocol):
@@ -505,7 +482,7 @@ class UpstreamAnswer:
         """The next part of the body as it arrived (decoded); b"" at its end."""
         decoder = self._decoder
         if decoder is not None and decoder.pending:
-            return decoder.more()  # type: ignore[no-any-return]
+            return decoder.more()
         while True:
             connection = self._connection
             if connection is None:
@@ -517,10 +494,10 @@ class UpstreamAnswer:
                 if self._flushed:
                     return b""
                 self._flushed = True
-                return decoder.flush()  # type: ignore[no-any-return]
+                return decoder.flush()
             out = decoder.feed(data)
             if out:
-                return out  # type: ignore[no-any-return]
+                return out
 
     def release(self) -> None:
         """Done: the connection goes back to the pool if the answer was read to its end."""

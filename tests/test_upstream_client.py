@@ -558,7 +558,7 @@ async def test_a_corrupt_gzip_body_is_a_bad_answer(serve: Serve) -> None:
             await read_all(answer)
 
 
-@pytest.mark.parametrize("coding", ["zstd", "gzip, gzip"])
+@pytest.mark.parametrize("coding", ["br", "zstd", "gzip, gzip"])
 async def test_an_unknown_content_encoding_is_refused_and_its_connection_freed(
     serve: Serve, coding: str
 ) -> None:
