@@ -215,7 +215,11 @@ class Relay:
                 if capture is not None:
                     capture.response = bytearray(body)
             if request.method != "HEAD":
-                response.content_length = len(body)
+                # Returned unsent: aiohttp writes a Response's head and body in one send,
+                # where a prepared StreamResponse sends its head on its own.
+                return web.Response(
+                    status=upstream.status, reason=upstream.reason, headers=headers, body=body
+                )
             with contextlib.suppress(*_CLIENT_GONE):
                 await response.prepare(request)
                 await response.write(body)
