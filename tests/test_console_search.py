@@ -18,6 +18,7 @@ from proxy.keys import STORE
 from proxy.models import ListQuery, PageQuery
 from proxy.store import CompletionRecord, SearchOff, StoreError, open_store
 from proxy.store.sqlite import SQLiteStore
+from proxy.store.sqlite.search import add_functions
 from proxy.store.text import filter_tags, fts5_query, searchable
 from tests.conftest import BACKENDS
 from tests.fakes import FakeUpstream, Reply, tool_call_answer
@@ -169,6 +170,42 @@ def _record(n: int, text: str) -> CompletionRecord:
         stream=False,
         outcome="complete",
     )
+
+
+def index_segments(path: Path) -> int:
+    """How many segments SQLite's index is made of, from its structure record (FTS5's
+    ``%_data`` row 10: a 4-byte cookie, then the number of levels and of segments as
+    varints, each below 128 here)."""
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        record = conn.execute("SELECT block FROM completions_fts_data WHERE id = 10").fetchone()
+    levels, segments = record[0][4], record[0][5]
+    assert levels < 128 and segments < 128
+    return int(segments)
+
+
+async def test_commits_of_one_completion_keep_the_index_merged(tmp_path: Path) -> None:
+    """Each commit adds a segment to the index; the insert merges a few pages in every
+    commit (FTS5's own merging is off), taking a level once it holds 16 segments, so 30
+    commits of one completion leave the first 16 merged into one. Without the merging they
+    would leave 30 (FTS5's crisis merge waits for 32), and every search would read them all."""
+    path = tmp_path / "merged.db"
+    store = SQLiteStore(path)
+    await store.open()
+    try:
+        for n in range(30):
+            await store.write_batch([_record(n, f"walrus number {n}")])
+        assert index_segments(path) <= 16
+        page = await store.list_completions(
+            None, ListQuery(page=PageQuery(order="desc", limit=100), search="walrus")
+        )
+        assert [c.id for c in page.items] == [f"chatcmpl-{n}" for n in range(29, -1, -1)]
+    finally:
+        await store.close()
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        add_functions(conn)
+        conn.execute(
+            "INSERT INTO completions_fts (completions_fts, rank) VALUES ('integrity-check', 0)"
+        )
 
 
 async def test_an_old_file_is_indexed_when_it_gains_search(tmp_path: Path) -> None:

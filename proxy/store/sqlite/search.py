@@ -17,18 +17,41 @@ next opens with search on.
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterable
 
 from proxy.store.text import searchable, stored_tags
 
 # Rows indexed per transaction when the backlog is indexed: each transaction holds the file's
 # write lock, so other writers wait for one chunk at most.
 BACKLOG_CHUNK = 2_000
+# Index pages merged at most per completion indexed, in the transactions that index them
+# (m019 turned FTS5's own merging off). Each completion's entries are rewritten once per
+# level, about one page each, and a million completions make five levels: twice that keeps
+# up. A step runs at every MERGE_EVERY-th completion (by seq), for that many: a merge call
+# has a fixed cost (the index's structure is read and written again), and a step of 32
+# pages is a fraction of a millisecond, where FTS5's own unit was 64 pages per level.
+MERGE_PAGES = 8
+MERGE_EVERY = 4
+_MERGE = "INSERT INTO completions_fts (completions_fts, rank) VALUES ('merge', ?)"
 
 
 def add_functions(conn: sqlite3.Connection) -> None:
     """The functions the index's triggers call (deterministic: the same row, the same text)."""
     conn.create_function("search_text", 2, searchable, deterministic=True)
     conn.create_function("search_tags", 3, stored_tags, deterministic=True)
+
+
+def merge(conn: sqlite3.Connection, pages: int) -> None:
+    """Merge up to ``pages`` pages of the index's segments, inside the caller's transaction;
+    a level is merged once it holds 16 segments (m019)."""
+    if pages:
+        conn.execute(_MERGE, (pages,))
+
+
+def merge_step(conn: sqlite3.Connection, seqs: Iterable[int]) -> None:
+    """The merging owed after the completions ``seqs`` were indexed (see ``MERGE_EVERY``)."""
+    due = sum(1 for seq in seqs if seq % MERGE_EVERY == 0)
+    merge(conn, MERGE_PAGES * MERGE_EVERY * due)
 
 
 def index_backlog(conn: sqlite3.Connection, limit: int = BACKLOG_CHUNK) -> int:
@@ -49,4 +72,5 @@ def index_backlog(conn: sqlite3.Connection, limit: int = BACKLOG_CHUNK) -> int:
     )
     conn.execute("DELETE FROM search_backlog WHERE seq <= ?", (row[0],))
     count: int = row[1]
+    merge(conn, MERGE_PAGES * count)
     return count

@@ -24,7 +24,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 import aiosqlite
 import orjson
@@ -49,7 +49,7 @@ from proxy.store.records import (
 from proxy.store.signature import signature
 from proxy.store.sqlite.connection import ThreadedConnection
 from proxy.store.sqlite.migrations import migrate
-from proxy.store.sqlite.search import add_functions, index_backlog
+from proxy.store.sqlite.search import add_functions, index_backlog, merge_step
 from proxy.store.text import Parsed, filter_tags, fts5_query, preview, searchable
 
 
@@ -449,7 +449,8 @@ def _insert(conn: sqlite3.Connection, items: Iterable[Importable], now: float, s
         cursor.execute(_INSERT_COMPLETION, _columns(record, now))
         if cursor.rowcount:  # zero for a duplicate
             new.append(record)
-            seq, caller, created = cursor.lastrowid, record.caller, record.created
+            # The row just inserted: its seq is set.
+            seq, caller, created = cast(int, cursor.lastrowid), record.caller, record.created
             sig, text, tags = derived
             pairs += [
                 (seq, key, value, caller, created, sig) for key, value in record.metadata.items()
@@ -462,6 +463,7 @@ def _insert(conn: sqlite3.Connection, items: Iterable[Importable], now: float, s
         conn.executemany(_INSERT_METADATA, pairs)
     # In the completion's own transaction: search never misses a committed completion.
     conn.executemany(_INSERT_TEXT, texts)
+    merge_step(conn, (seq for seq, _, _ in texts))
     conn.executemany(_DEFER_TEXT, later)
     conn.executemany(_ADD_USAGE, usage_deltas(new))
     return len(new)
