@@ -507,10 +507,10 @@ MIGRATIONS: tuple[Migration, ...] = (
         (
             # FTS5's own merging (automerge) works in units of 64 pages times the number of
             # levels, so every few dozen commits one carried milliseconds of merging, and a
-            # request waiting on it set the p99. The store's insert now merges a few pages
-            # per completion in every commit instead ('merge', see MERGE_PAGES in
-            # proxy.store.sqlite.search), taking a level once it holds 16 segments, as
-            # automerge did.
+            # request waiting on it set the p99. The store's insert merges in small steps
+            # instead, a few dozen pages at every fourth completion ('merge', see
+            # MERGE_PAGES in proxy.store.sqlite.search), taking a level once it holds 16
+            # segments, as automerge did.
             "INSERT INTO completions_fts (completions_fts, rank) VALUES ('automerge', 0)",
             "INSERT INTO completions_fts (completions_fts, rank) VALUES ('usermerge', 16)",
         ),
