@@ -624,20 +624,22 @@ def rss_phase(settings: Settings, workdir: Path, log: Callable[[str], None]) -> 
         refused = sum(run.errors["status"] for run in runs.values())
         if refused:
             raise BenchError(f"proxy: {refused} non-2xx answers during the RSS run")
+        seconds = time.perf_counter() - started
+        hwm_kb, rss_kb = served.status_kb("VmHWM"), served.status_kb("VmRSS")
         result = {
             "requests": sent,
-            "seconds": time.perf_counter() - started,
+            "seconds": seconds,
             "vmhwm_start_kb": at_start,
-            "vmhwm_kb": served.status_kb("VmHWM"),
-            "vmrss_kb": served.status_kb("VmRSS"),
+            "vmhwm_kb": hwm_kb,
+            "vmrss_kb": rss_kb,
             "store": proxy_sanity(served, sent),
         }
         served.stop()
         result["outcomes"] = access_outcomes(served.log)
     log(
-        f"  proxy {sent} requests in {result['seconds']:.1f} s:"
-        f" VmHWM {result['vmhwm_kb'] / 1024:.1f} MB (at start {at_start / 1024:.1f} MB),"
-        f" VmRSS {result['vmrss_kb'] / 1024:.1f} MB"
+        f"  proxy {sent} requests in {seconds:.1f} s:"
+        f" VmHWM {hwm_kb / 1024:.1f} MB (at start {at_start / 1024:.1f} MB),"
+        f" VmRSS {rss_kb / 1024:.1f} MB"
     )
     return result
 
