@@ -5,9 +5,10 @@ The connections themselves, with their timeouts, are ``proxy.upstream_client``.
 - The upstream comes from the config only. The client's path is joined under it as a path,
   never parsed as a URL, and redirects are not followed, so no request can steer the proxy
   elsewhere.
-- Compression: the proxy asks the upstream for ``identity`` and decodes anything it gets
-  anyway, then drops ``Content-Encoding``/``Content-Length`` on the way back, so the client
-  always gets bytes that match their headers and the capture sees plain JSON or SSE.
+- Compression: the proxy asks the upstream for ``identity``; gzip or deflate sent anyway is
+  decoded (any other coding is a 502, see ``proxy.upstream_client``), and
+  ``Content-Encoding``/``Content-Length`` are dropped on the way back, so the client always
+  gets bytes that match their headers and the capture sees plain JSON or SSE.
 - Hop-by-hop headers (RFC 9110 §7.6.1, plus those a ``Connection`` header names) never cross.
 - A forwarded path is first put in one canonical form (``canonical_path``): percent-encoded
   unreserved characters decoded, repeated slashes collapsed, a trailing slash dropped; a dot
