@@ -142,7 +142,9 @@ async def test_list_plans_read_indexes_in_order(
 ) -> None:
     plan = await store.explain_list("caller_a", query, keys_only=keys_only)
     text = " | ".join(plan)
-    assert "USING INDEX" in text or "USING COVERING INDEX" in text, text
+    # An index, or the metadata table, which is keyed like one (caller first).
+    read_from = ("USING INDEX", "USING COVERING INDEX", "USING PRIMARY KEY (caller=?")
+    assert any(way in text for way in read_from), text
     assert "TEMP B-TREE" not in text, text  # no sort: rows come in list order from the index
     for line in plan:
         if line.startswith("SCAN"):
@@ -345,6 +347,47 @@ async def test_a_commit_whose_waiter_is_cancelled_is_still_committed(
         await writer.close()
     assert writer.stats.committed == 3 and writer.stats.failed == 0
     assert rows_of(tmp_path / "store.db")[0] == ["chatcmpl-1", "chatcmpl-2", "chatcmpl-3"]
+
+
+def pairs_in(path: Path) -> tuple[list[tuple[object, ...]], list[tuple[object, ...]]]:
+    """The metadata rows, and the rows the completions' metadata columns say there should be."""
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        stored = db.execute(
+            "SELECT caller, key, value, created, seq FROM completion_metadata ORDER BY seq, key"
+        ).fetchall()
+        expected = [
+            (caller, key, value, created, seq)
+            for caller, created, seq, metadata in db.execute(
+                "SELECT caller, created, seq, metadata FROM completions ORDER BY seq"
+            )
+            for key, value in sorted(orjson.loads(metadata).items())
+        ]
+    return stored, expected
+
+
+async def test_metadata_rows_follow_their_completion(store: SQLiteStore, tmp_path: Path) -> None:
+    """Update, delete and prune find a completion's metadata rows by its metadata column
+    (the table is keyed for lookups, not by seq): none is left behind, none of another
+    completion goes, whatever the keys and values hold."""
+    odd = {"q": 'a "quoted" \\ value', "ключ": "✓ ünïcode", "empty": "", "n": "1"}
+    await store.write_batch(
+        [
+            record(1, metadata=odd),
+            record(2, metadata=odd),
+            record(3, caller="caller_b", metadata=odd),
+            record(4, created=5000, metadata=odd),
+            record(5, created=5000),
+        ]
+    )
+    assert (await store.update_metadata("caller_a", "chatcmpl-2", {"n": "2\n"}, "t")) is not None
+    assert await store.delete("caller_a", "chatcmpl-1", "t")
+    await store.prune(2000)  # chatcmpl-2 and chatcmpl-3, of both callers
+    stored, expected = pairs_in(tmp_path / "store.db")
+    assert stored == expected
+    assert sorted({row[4] for row in stored}) == [4, 5]
+    for pairs in [(("q", odd["q"]),), (("ключ", odd["ключ"]), ("empty", ""))]:
+        page = await store.list_completions("caller_a", ListQuery(metadata=pairs))
+        assert [item.id for item in page.items] == ["chatcmpl-4"]
 
 
 # -- import: chunked transactions, taken back whole ------------------------------------------
@@ -704,6 +747,8 @@ async def test_an_old_file_gets_the_signatures_of_its_metadata(tmp_path: Path) -
             assert [item.id for item in page.items] == ["chatcmpl-1", "chatcmpl-3"]
     finally:
         await store.close()
+    stored, expected = pairs_in(path)  # and m020 moved every pair to the one table
+    assert stored == expected and len(stored) == 6
 
 
 def test_a_pair_signature_never_changes() -> None:

@@ -515,6 +515,32 @@ MIGRATIONS: tuple[Migration, ...] = (
             "INSERT INTO completions_fts (completions_fts, rank) VALUES ('usermerge', 16)",
         ),
     ),
+    Migration(
+        "m020_metadata_one_tree",
+        (
+            # The metadata rows were stored twice: in the table by (seq, key) and in the
+            # lookup index the lists read. Keyed by the lookup's columns, the table is that
+            # index and each pair is written once. A pair of a known completion is then
+            # found by its whole key (caller, key, value, created, seq), and a completion's
+            # pairs by reading its metadata column (see _DELETE_METADATA in the store).
+            """
+            CREATE TABLE completion_metadata_m020 (
+                caller TEXT NOT NULL,
+                key TEXT NOT NULL,
+                value TEXT NOT NULL,
+                created INTEGER NOT NULL,
+                seq INTEGER NOT NULL,
+                sig INTEGER NOT NULL,
+                PRIMARY KEY (caller, key, value, created, seq)
+            ) WITHOUT ROWID
+            """,
+            "INSERT INTO completion_metadata_m020 (caller, key, value, created, seq, sig)"
+            " SELECT caller, key, value, created, seq, sig FROM completion_metadata"
+            " ORDER BY caller, key, value, created, seq",
+            "DROP TABLE completion_metadata",
+            "ALTER TABLE completion_metadata_m020 RENAME TO completion_metadata",
+        ),
+    ),
 )
 
 

@@ -70,6 +70,22 @@ _INSERT_METADATA = """
 INSERT INTO completion_metadata (seq, key, value, caller, created, sig) VALUES (?, ?, ?, ?, ?, ?)
 """
 
+# A set of completions' metadata rows, each found by its whole key from the completion's
+# metadata column: the table is ordered for lookups (m020), not by seq. ``rows`` picks the
+# completions (as ``c``); they must still hold the metadata their rows were written with.
+_DELETE_METADATA = (
+    "DELETE FROM completion_metadata WHERE (caller, key, value, created, seq) IN"
+    " (SELECT c.caller, j.key, j.value, c.created, c.seq FROM completions c,"
+    " json_each(CAST(c.metadata AS TEXT)) j WHERE {rows})"
+)
+
+# One metadata pair of the completion ``row`` (with caller, created and seq): a lookup of
+# the whole key.
+_PAIR_OF = (
+    "SELECT 1 FROM completion_metadata x WHERE x.caller = {row}.caller AND x.key = ?"
+    " AND x.value = ? AND x.created = {row}.created AND x.seq = {row}.seq"
+)
+
 _INSERT_EXCHANGE = """
 INSERT INTO exchanges (
     request_id, caller, created, model, stream, outcome, status, request, response, duration_ms
@@ -191,10 +207,7 @@ def _page_sql(
             where.append("(m.sig & ?) = ?")
             params += [signature(rest)] * 2
         for key, value in rest:
-            where.append(
-                "EXISTS (SELECT 1 FROM completion_metadata x"
-                " WHERE x.seq = m.seq AND x.key = ? AND x.value = ?)"
-            )
+            where.append(f"EXISTS ({_PAIR_OF.format(row='m')})")
             params += [key, value]
     else:
         source = "completions c"
@@ -253,10 +266,7 @@ def _walked_sql(  # noqa: PLR0917 - a page query's parts, as _page_sql takes the
     outer = ["(m.sig & ?) = ?"]
     params += [signature(rest)] * 2
     for key, value in rest:
-        outer.append(
-            "EXISTS (SELECT 1 FROM completion_metadata x"
-            " WHERE x.seq = m.seq AND x.key = ? AND x.value = ?)"
-        )
+        outer.append(f"EXISTS ({_PAIR_OF.format(row='m')})")
         params += [key, value]
     if query.model is not None:
         outer.append("c.model = ?")
@@ -265,7 +275,7 @@ def _walked_sql(  # noqa: PLR0917 - a page query's parts, as _page_sql takes the
     # No ORDER BY outside: rows come in the subquery's order, since CROSS JOIN keeps it the
     # outer loop; sorting them again would check all ``walk`` entries before the first row.
     sql = (
-        f"SELECT {columns} FROM (SELECT created, seq, sig FROM completion_metadata"
+        f"SELECT {columns} FROM (SELECT caller, created, seq, sig FROM completion_metadata"
         f" WHERE {' AND '.join(inner)} ORDER BY created {direction}, seq {direction} LIMIT ?) m"
         f" CROSS JOIN completions c ON c.seq = m.seq WHERE {' AND '.join(outer)} LIMIT ?"
     )
@@ -309,10 +319,7 @@ def _search_sql(
             where.append(clause)
             params.append(value)
     for key, value in query.metadata:
-        where.append(
-            "EXISTS (SELECT 1 FROM completion_metadata x"
-            " WHERE x.seq = c.seq AND x.key = ? AND x.value = ?)"
-        )
+        where.append(f"EXISTS ({_PAIR_OF.format(row='c')})")
         params += [key, value]
     # CROSS JOIN keeps the index outermost, so rows come in its (rowid) order.
     sql = (
@@ -632,7 +639,7 @@ def _undo(conn: sqlite3.Connection, taken: Sequence[tuple[int, int]]) -> None:
         return
     with _transaction(conn):
         for first, last in taken:
-            conn.execute("DELETE FROM completion_metadata WHERE seq BETWEEN ? AND ?", (first, last))
+            conn.execute(_DELETE_METADATA.format(rows="c.seq BETWEEN ? AND ?"), (first, last))
             conn.execute("DELETE FROM completions WHERE seq BETWEEN ? AND ?", (first, last))
 
 
@@ -689,13 +696,14 @@ def _update_metadata(  # noqa: PLR0917 - the operation's arguments, in order
             return None
         seq, owner, created, before = found
         sig = signature(metadata.items())
+        # The old pairs are found from the metadata column, so they go before it changes.
+        conn.execute(_DELETE_METADATA.format(rows="c.seq = ?"), (seq,))
         # The search index's tags follow (the completions_search_update trigger).
         row = _fetchone(
             conn,
             "UPDATE completions SET metadata = ? WHERE seq = ? RETURNING completion",
             (encoded, seq),
         )
-        conn.execute("DELETE FROM completion_metadata WHERE seq = ?", (seq,))
         conn.executemany(
             _INSERT_METADATA,
             [(seq, k, v, owner, created, sig) for k, v in metadata.items()],
@@ -726,8 +734,8 @@ def _delete(
                 f" SELECT {_KEPT}, ?, ? FROM completions WHERE seq = ?",
                 (time.time(), actor, seq),
             )
+        conn.execute(_DELETE_METADATA.format(rows="c.seq = ?"), (seq,))
         conn.execute("DELETE FROM completions WHERE seq = ?", (seq,))
-        conn.execute("DELETE FROM completion_metadata WHERE seq = ?", (seq,))
         conn.execute(
             "INSERT OR REPLACE INTO tombstones (caller, id, created, seq, deleted_at)"
             " VALUES (?, ?, ?, ?, ?)",
@@ -776,9 +784,7 @@ def _prune(conn: sqlite3.Connection, before: int) -> tuple[int, int]:
         # Caller by caller: the rows before ``before`` are a range of each one's order index.
         old = f"caller IN ({_CALLERS}) AND created < ?"
         conn.execute(
-            "DELETE FROM completion_metadata WHERE seq IN"
-            f" (SELECT seq FROM completions WHERE {old})",
-            (before,),
+            _DELETE_METADATA.format(rows=f"c.caller IN ({_CALLERS}) AND c.created < ?"), (before,)
         )
         completions = conn.execute(f"DELETE FROM completions WHERE {old}", (before,)).rowcount
         exchanges = conn.execute("DELETE FROM exchanges WHERE created < ?", (before,)).rowcount
@@ -1530,10 +1536,7 @@ class SQLiteStore:
             clauses.append("created < ?")
             params.append(where.until)
         for key, value in where.metadata:
-            clauses.append(
-                "EXISTS (SELECT 1 FROM completion_metadata m"
-                " WHERE m.seq = completions.seq AND m.key = ? AND m.value = ?)"
-            )
+            clauses.append(f"EXISTS ({_PAIR_OF.format(row='completions')})")
             params += [key, value]
         sql = (
             "SELECT id, caller, created, model, metadata, completion, request, request_id,"
