@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from proxy.recordings import RUN_BYTES, _runs, parse_run
-from proxy.store.sqlite.store import derive
+from proxy.store.sqlite.writes import derive
 from tests.fakes import FakeUpstream, Reply
 from tests.helpers import ASK, TOOLS, cli, sdk, tool_completion
 

@@ -18,10 +18,10 @@ from proxy.models import ListQuery, PageQuery
 from proxy.responses import stored_completion
 from proxy.store import CompletionRecord, StoreError, UnknownCursor
 from proxy.store.signature import pair_bits, signature
-from proxy.store.sqlite import SQLiteStore
+from proxy.store.sqlite import SQLiteStore, queries
 from proxy.store.sqlite.migrations import MIGRATIONS, migrate
 from proxy.store.sqlite.search import add_functions
-from proxy.store.sqlite.store import _CALLERS, CALLERS_PER_READ, PAGE_SIZE
+from proxy.store.sqlite.store import CALLERS_PER_READ, PAGE_SIZE
 from proxy.writer import Writer
 
 
@@ -255,8 +255,8 @@ async def test_usage_over_a_time_range_counts_every_caller(store: SQLiteStore) -
 async def test_callers_are_found_by_seeks_not_a_scan(store: SQLiteStore) -> None:
     await store.write_batch([spread(n) for n in range(1, 21)])
     with sqlite3.connect(store.path) as db:
-        found = [row[0] for row in db.execute(_CALLERS)]
-        plan = [row[3] for row in db.execute("EXPLAIN QUERY PLAN " + _CALLERS)]
+        found = [row[0] for row in db.execute(queries.CALLERS)]
+        plan = [row[3] for row in db.execute("EXPLAIN QUERY PLAN " + queries.CALLERS)]
     assert found == sorted(CALLERS)
     assert not [line for line in plan if line.startswith("SCAN completions")], plan
     assert any("COVERING INDEX completions_caller_order (caller>?)" in line for line in plan)

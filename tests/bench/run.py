@@ -965,22 +965,46 @@ BASELINE_SECONDS = 20.0  # time given to each case on the baseline store (it may
 
 
 def baseline_store(revision: str, path: Path) -> Any:
-    """``SQLiteStore`` as it is at ``revision`` (its ``proxy/store/sqlite/store.py``, loaded
-    beside this one), for the same database file."""
-    source = subprocess.run(
-        ["git", "show", f"{revision}:proxy/store/sqlite/store.py"],
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-    ).stdout
-    module_path = path.parent / f"baseline_store_{revision}.py"
-    module_path.write_bytes(source)
-    spec = importlib.util.spec_from_file_location(f"baseline_store_{revision}", module_path)
-    if spec is None or spec.loader is None:
-        raise BenchError(f"cannot load the store at {revision}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    """``SQLiteStore`` as it is at ``revision``, for the same database file: its
+    ``proxy/store/sqlite/store.py`` loaded beside this one, with the revision's own
+    ``queries.py`` and ``writes.py`` where it has them (the rest of the package is this
+    one's). The file is migrated by this code, so the revision must read today's schema."""
+    package = sys.modules["proxy.store.sqlite"]
+    saved = {name: getattr(package, name, None) for name in BASELINE_MODULES}
+    try:
+        module = None
+        for name in BASELINE_MODULES:
+            shown = subprocess.run(
+                ["git", "show", f"{revision}:proxy/store/sqlite/{name}.py"],
+                cwd=ROOT,
+                check=False,
+                capture_output=True,
+            )
+            if shown.returncode != 0:
+                if name == "store":
+                    raise BenchError(f"no proxy/store/sqlite/store.py at {revision}")
+                continue  # before the store was split into these modules
+            module_path = path.parent / f"baseline_{name}_{revision}.py"
+            module_path.write_bytes(shown.stdout)
+            loaded_as = f"baseline_{name}_{revision}"
+            spec = importlib.util.spec_from_file_location(loaded_as, module_path)
+            if spec is None or spec.loader is None:
+                raise BenchError(f"cannot load {name}.py at {revision}")
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            # The next module's ``from proxy.store.sqlite import ...`` gets this one.
+            setattr(package, name, module)
+            sys.modules[f"proxy.store.sqlite.{name}"] = module
+    finally:
+        for name, current in saved.items():
+            if current is not None:
+                setattr(package, name, current)
+                sys.modules[f"proxy.store.sqlite.{name}"] = current
+    assert module is not None
     return module.SQLiteStore(path)
+
+
+BASELINE_MODULES = ("queries", "writes", "store")  # in the order they import each other
 
 
 async def build(store: SQLiteStore, start: int, stop: int) -> float:

@@ -522,7 +522,7 @@ MIGRATIONS: tuple[Migration, ...] = (
             # lookup index the lists read. Keyed by the lookup's columns, the table is that
             # index and each pair is written once. A pair of a known completion is then
             # found by its whole key (caller, key, value, created, seq), and a completion's
-            # pairs by reading its metadata column (see _DELETE_METADATA in the store).
+            # pairs by reading its metadata column (_DELETE_METADATA in proxy.store.sqlite.writes).
             """
             CREATE TABLE completion_metadata_m020 (
                 caller TEXT NOT NULL,
