@@ -23,7 +23,7 @@ from proxy.store.sqlite.search import merge_step
 from proxy.store.text import Parsed, filter_tags, searchable
 
 
-class Rejected(Exception):
+class _Rejected(Exception):
     """An import whose file had bad lines: everything it wrote is taken back."""
 
 
@@ -286,7 +286,7 @@ def import_chunks(
             first = next(pending, None)
             if first is None:
                 if not accept():
-                    raise Rejected
+                    raise _Rejected
                 return inserted
             with transaction(conn):
                 base = _last_seq(conn)
@@ -294,13 +294,13 @@ def import_chunks(
                 now = time.time()
                 for batch in itertools.chain([first], pending):
                     if not accept():
-                        raise Rejected
+                        raise _Rejected
                     inserted += _insert(conn, batch, now, search)
                     rows += len(batch)
                     if rows >= chunk_rows:
                         break
                 if not accept():
-                    raise Rejected
+                    raise _Rejected
                 end = _last_seq(conn)
             if end > base:
                 taken.append((base + 1, end))
@@ -314,7 +314,7 @@ def import_chunks(
                 copying.result()
                 copying = None
                 checkpoint(conn, "PASSIVE")
-    except Rejected:
+    except _Rejected:
         for _ in pending:  # read on: the report names every bad line
             pass
         _undo(conn, taken)
