@@ -11,7 +11,15 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
+import orjson
+
 Item = TypeVar("Item")
+
+
+def encode_metadata(metadata: dict[str, str]) -> bytes:
+    """A metadata map as every backend stores it and the API serves it: JSON with sorted
+    keys, so equal maps are equal bytes whichever backend wrote them."""
+    return orjson.dumps(metadata, option=orjson.OPT_SORT_KEYS)
 
 
 @dataclass(frozen=True, slots=True)

@@ -46,6 +46,7 @@ from proxy.store.records import (
     StoredCompletion,
     UsageRow,
     Writable,
+    encode_metadata,
 )
 from proxy.store.signature import signature
 from proxy.store.text import Parsed, filter_tags, preview
@@ -133,10 +134,6 @@ def _tags(record: CompletionRecord) -> list[str]:
     return filter_tags(record.caller, record.model, record.metadata.items())
 
 
-def _dump_metadata(metadata: dict[str, str]) -> bytes:
-    return orjson.dumps(metadata, option=orjson.OPT_SORT_KEYS)
-
-
 def derive(
     record: CompletionRecord, parsed: Parsed | None = None, index: bool = True
 ) -> tuple[bytes | None, int]:
@@ -161,7 +158,7 @@ def _columns(items: Sequence[Importable], now: float, index: bool = True) -> lis
         [r.caller for r in records],
         [r.created for r in records],
         [r.model for r in records],
-        [_dump_metadata(r.metadata) for r in records],
+        [encode_metadata(r.metadata) for r in records],
         [r.completion for r in records],
         [r.request for r in records],
         [r.request_id for r in records],
@@ -432,7 +429,7 @@ class PostgresStore:
         self, caller: str | None, completion_id: str, metadata: dict[str, str], actor: str
     ) -> StoredCompletion | None:
         """Replace the metadata map; the change (before and after) goes to the audit log."""
-        encoded = _dump_metadata(metadata)
+        encoded = encode_metadata(metadata)
         async with self._acquire() as conn, conn.transaction():
             found = await _locate(conn, caller, completion_id)
             if found is None:

@@ -42,6 +42,7 @@ from proxy.store.records import (
     StoredCompletion,
     UsageRow,
     Writable,
+    encode_metadata,
 )
 from proxy.store.sqlite import queries, writes
 from proxy.store.sqlite.connection import ThreadedConnection
@@ -430,7 +431,7 @@ class SQLiteStore:
         self, caller: str | None, completion_id: str, metadata: dict[str, str], actor: str
     ) -> StoredCompletion | None:
         """Replace the metadata map; the change (before and after) goes to the audit log."""
-        encoded = writes.dump_metadata(metadata)
+        encoded = encode_metadata(metadata)
         completion = await self._write(
             writes.update_metadata, caller, completion_id, metadata, encoded, actor
         )

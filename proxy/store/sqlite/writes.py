@@ -16,7 +16,14 @@ from typing import Any, cast
 import orjson
 
 from proxy.store.errors import KeyExists
-from proxy.store.records import CompletionRecord, ExchangeRecord, Importable, Prepared, Writable
+from proxy.store.records import (
+    CompletionRecord,
+    ExchangeRecord,
+    Importable,
+    Prepared,
+    Writable,
+    encode_metadata,
+)
 from proxy.store.signature import signature
 from proxy.store.sqlite.queries import CALLERS
 from proxy.store.sqlite.search import merge_step
@@ -77,10 +84,6 @@ _KEPT = (
 )
 
 
-def dump_metadata(metadata: dict[str, str]) -> bytes:
-    return orjson.dumps(metadata, option=orjson.OPT_SORT_KEYS)
-
-
 @contextlib.contextmanager
 def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     """``BEGIN IMMEDIATE``; committed when the block ends, rolled back when it raises."""
@@ -113,7 +116,7 @@ def _columns(record: CompletionRecord, now: float) -> tuple[Any, ...]:
         record.caller,
         record.created,
         record.model,
-        dump_metadata(record.metadata),
+        encode_metadata(record.metadata),
         record.completion,
         record.request,
         record.request_id,
