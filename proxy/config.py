@@ -44,6 +44,11 @@ class ServerConfig(_Section):
     max_connections: int = Field(1024, ge=1)
     # Processes serving the port; "auto" is one per CPU this process may run on.
     workers: int | Literal["auto"] = 1
+    # With several workers, worker i and all its threads run on the i-th CPU this process may
+    # use (round robin): its event loop and store writer then hand the GIL to each other on
+    # one CPU instead of across two. Off by default: on a machine busy with other work a
+    # pinned worker cannot move to an idle CPU. A single process is never pinned.
+    pin_workers: bool = False
 
     @field_validator("workers")
     @classmethod
@@ -57,6 +62,13 @@ class ServerConfig(_Section):
         if self.workers == "auto":
             return max(1, len(os.sched_getaffinity(0)))
         return self.workers
+
+    @staticmethod
+    def worker_cpu(index: int) -> int:
+        """The CPU worker ``index`` runs on with ``pin_workers``: round robin over the CPUs
+        this process may use (a replacement worker gets its slot's CPU again)."""
+        cpus = sorted(os.sched_getaffinity(0))
+        return cpus[index % len(cpus)]
 
 
 class UpstreamConfig(_Section):

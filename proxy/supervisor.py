@@ -349,6 +349,10 @@ def run_worker(config: Config, index: int, ready_fd: int, life_fd: int) -> int:
     cannot start; shuts down gracefully when ``life_fd`` (the parent's pipe) ends.
     """
     settings = config.server
+    if settings.pin_workers:  # before any thread starts, so every thread inherits it
+        cpu = settings.worker_cpu(index)
+        os.sched_setaffinity(0, {cpu})
+        log.info("worker pinned", extra={"worker": index, "cpu": cpu})
     told = False
     try:
         try:

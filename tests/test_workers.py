@@ -86,6 +86,20 @@ async def wait_ready(proxy: ProxyProcess) -> None:
         await asyncio.sleep(POLL_INTERVAL)
 
 
+async def wait_ready_line(proxy: ProxyProcess, pid: int) -> None:
+    """Until the supervisor logs that the restarted worker ``pid`` is ready."""
+    deadline = time.monotonic() + 30
+    while True:
+        for line in proxy.log_path.read_text().splitlines():
+            with contextlib.suppress(orjson.JSONDecodeError):
+                entry = orjson.loads(line)
+                if entry.get("message") == "worker ready" and entry.get("pid") == pid:
+                    return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"worker {pid} not ready\n{proxy.log_tail()}")
+        await asyncio.sleep(POLL_INTERVAL)
+
+
 async def wait_workers(parent: int, count: int, *, other_than: int | None = None) -> list[int]:
     """Until the parent has ``count`` children (none of them ``other_than``)."""
     deadline = time.monotonic() + 20
@@ -452,6 +466,58 @@ async def test_kill_9_of_one_worker_mid_load(started: ProxyProcess) -> None:
     assert "worker exited; starting a new one" in log
     assert '"status":"killed by SIGKILL"' in log
     assert_all_stored(ledger, started.db, log[-4000:])
+
+
+def cpus_of(pid: int) -> set[int]:
+    """The CPUs any thread of ``pid`` may run on (``Cpus_allowed_list`` of each task)."""
+    allowed: set[int] = set()
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(FileNotFoundError):  # a thread that ended meanwhile
+            status = Path(f"/proc/{pid}/task/{task}/status").read_text()
+            (listed,) = (
+                line for line in status.splitlines() if line.startswith("Cpus_allowed_list")
+            )
+            for part in listed.split(":")[1].strip().split(","):
+                first, _, last = part.partition("-")
+                allowed.update(range(int(first), int(last or first) + 1))
+    return allowed
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pinning needs two CPUs to tell")
+async def test_pinned_workers_each_run_on_a_cpu_of_their_own(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
+    config = tmp_path / "pinned.yaml"
+    config.write_text("server:\n  pin_workers: true\n", encoding="utf-8")
+    proxy = ProxyProcess(
+        db=tmp_path / "c.db",
+        upstream_url=upstream.url,  # type: ignore[attr-defined]
+        log_path=tmp_path / "proxy.log",
+        extra_args=["--workers", str(WORKERS), "--config", str(config)],
+    )
+    proxy.start()
+    try:
+        await wait_ready(proxy)
+        assert proxy.popen is not None
+        parent = proxy.popen.pid
+        pids = await wait_workers(parent, WORKERS)
+        # The store's threads are running by now: every thread of a worker is on its CPU.
+        placed = {pid: cpus_of(pid) for pid in pids}
+        assert all(len(cpus) == 1 for cpus in placed.values()), placed
+        assert set().union(*placed.values()) == set(sorted(os.sched_getaffinity(0))[:WORKERS])
+        assert cpus_of(parent) == os.sched_getaffinity(0)  # the supervisor is not pinned
+        victim = pids[0]
+        os.kill(victim, signal.SIGKILL)
+        (replacement,) = set(await wait_workers(parent, WORKERS, other_than=victim)) - set(pids)
+        await wait_ready_line(proxy, replacement)
+        assert cpus_of(replacement) == placed[victim]  # its slot's CPU again
+        await stop_and_check(proxy)
+    finally:
+        if proxy.popen is not None:
+            for pid in worker_pids(proxy.popen.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        proxy.stop()
 
 
 class GatedUpstream(FakeUpstream):

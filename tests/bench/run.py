@@ -381,8 +381,18 @@ PLAN = (
 )
 THROUGHPUT = ("plain_throughput", "stream_throughput")
 # Every subject of a default run, in the order rounds visit them.
-SUBJECTS = ("direct", "floor", "relay", "proxy", "proxy_nosearch", "proxy_w2", "floor_x2")
-TWO_PROCESS = ("proxy_w2", "floor_x2")  # throughput only; unpinned (see http_phase)
+SUBJECTS = (
+    "direct",
+    "floor",
+    "relay",
+    "proxy",
+    "proxy_nosearch",
+    "proxy_w2",
+    "proxy_w2_pinned",
+    "floor_x2",
+)
+# Throughput only, against floor_x2; not placed by the bench (see http_phase).
+TWO_PROCESS = ("proxy_w2", "proxy_w2_pinned", "floor_x2")
 
 
 @dataclass
@@ -475,9 +485,10 @@ def http_phase(
     ..., direct, ...) and taking medians keeps a drift of the machine (other jobs, CPU
     frequency) from landing on one subject only.
 
-    The two-process subjects (the proxy with ``--workers 2``, the floor with two processes)
-    are not pinned: on a two-CPU machine they share both CPUs with wrk and the upstream, and
-    their figure is the one against the other (proxy_w2 / floor_x2).
+    The two-process subjects (the proxy with ``--workers 2``, unpinned and with
+    ``server.pin_workers``, the floor with two processes) are not placed by the bench: on a
+    two-CPU machine they share both CPUs with wrk and the upstream, and their figure is the
+    one against the other (proxy_w2 / floor_x2).
     With ``baseline``, relay@base and proxy@base (the code of the ``--baseline`` revision)
     are measured beside relay and proxy, in the same rounds.
     """
@@ -526,6 +537,14 @@ def http_phase(
         if "proxy_w2" in wanted:
             workers = started(proxy(workdir, upstream, workdir / "proxy-w2.db", None, workers=2))
             subjects.append(Subject("proxy_w2", workers, upstream, runs=THROUGHPUT))
+        if "proxy_w2_pinned" in wanted:
+            # The same with server.pin_workers: each worker and its threads on a CPU of its own.
+            pin = workdir / "pinned.yaml"
+            pin.write_text("server:\n  pin_workers: true\n", encoding="utf-8")
+            pinned_pair = started(
+                proxy(workdir, upstream, workdir / "proxy-w2p.db", None, workers=2, config=pin)
+            )
+            subjects.append(Subject("proxy_w2_pinned", pinned_pair, upstream, runs=THROUGHPUT))
         if "floor_x2" in wanted:
             pair = started(floor(workdir, upstream, None, processes=2))
             subjects.append(Subject("floor_x2", pair, upstream, runs=THROUGHPUT))
@@ -1143,7 +1162,7 @@ def http_figures(http: dict[str, dict[str, Measured]]) -> list[Figure]:
             measured = http[subject][run]
             value = measured.median_rps()
             floor_rps = base.get("floor")
-            if subject == "proxy_w2" and "floor_x2" in http:
+            if subject in TWO_PROCESS and "floor_x2" in http:
                 floor_rps = http["floor_x2"][run].median_rps()
             figure = Figure(
                 f"{kind} throughput, {CONNECTIONS} conn [{subject}]",
@@ -1168,7 +1187,7 @@ def http_figures(http: dict[str, dict[str, Measured]]) -> list[Figure]:
             measured = http[subject][run]
             value = measured.median_cpu_us()
             reference = floor_cpu
-            if subject == "proxy_w2" and "floor_x2" in http:
+            if subject in TWO_PROCESS and "floor_x2" in http:
                 reference = http["floor_x2"][run].median_cpu_us()
             figure = Figure(
                 f"{kind} CPU per request [{subject}]",
