@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+Cls = TypeVar("Cls", bound=type)
+
 
 class StoreError(Exception):
     """The store failed: cannot be opened (not a database, unreachable), locked past its
@@ -28,3 +35,45 @@ class SearchOff(Exception):
             "Full-text search is off on this proxy (store.search: false): completions are"
             " not indexed for search. List without search, or turn store.search on."
         )
+
+
+def raises_store_errors(
+    failures: tuple[type[BaseException], ...], convert: Callable[[BaseException], StoreError]
+) -> Callable[[Cls], Cls]:
+    """A class decorator for a backend: every public coroutine (and async generator) of the
+    class raises ``convert(error)``, caused by ``error``, where one of ``failures`` was
+    raised, so nothing outside the backend sees its driver's errors. Anything else is a bug
+    and stays itself."""
+
+    def coroutine(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        async def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return await fn(*args, **kwargs)
+            except failures as error:
+                raise convert(error) from error
+
+        return wrapper
+
+    def generator(fn: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+        @functools.wraps(fn)
+        async def wrapper(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+            try:
+                async for item in fn(*args, **kwargs):
+                    yield item
+            except failures as error:
+                raise convert(error) from error
+
+        return wrapper
+
+    def decorate(cls: Cls) -> Cls:
+        for name, fn in list(vars(cls).items()):
+            if name.startswith("_"):
+                continue
+            if inspect.iscoroutinefunction(fn):
+                setattr(cls, name, coroutine(fn))
+            elif inspect.isasyncgenfunction(fn):
+                setattr(cls, name, generator(fn))
+        return cls
+
+    return decorate

@@ -20,16 +20,22 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import inspect
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 import asyncpg
 import orjson
 
 from proxy.models import ListQuery, PageQuery
-from proxy.store.errors import KeyExists, SearchOff, StoreError, StoreMissing, UnknownCursor
+from proxy.store.errors import (
+    KeyExists,
+    SearchOff,
+    StoreError,
+    StoreMissing,
+    UnknownCursor,
+    raises_store_errors,
+)
 from proxy.store.postgres import queries, search
 from proxy.store.postgres.migrations import LOCK_SPACE, RETENTION_LOCK, index_unindexed, migrate
 from proxy.store.records import (
@@ -90,44 +96,6 @@ def _failure(error: BaseException) -> StoreError:
         return StoreError("PostgreSQL did not answer in time (connect or statement timeout)")
     reason = str(error) or type(error).__name__
     return StoreError(f"PostgreSQL: {reason}")
-
-
-Cls = TypeVar("Cls", bound=type)
-
-
-def _store_errors(cls: Cls) -> Cls:
-    """Every public coroutine (and the export generator) of ``cls`` raises ``StoreError``
-    where asyncpg or the network failed, so nothing outside this package sees asyncpg's."""
-
-    def coroutine(fn: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(fn)
-        async def wrapper(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return await fn(*args, **kwargs)
-            except _FAILURES as error:
-                raise _failure(error) from error
-
-        return wrapper
-
-    def generator(fn: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
-        @functools.wraps(fn)
-        async def wrapper(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
-            try:
-                async for item in fn(*args, **kwargs):
-                    yield item
-            except _FAILURES as error:
-                raise _failure(error) from error
-
-        return wrapper
-
-    for name, fn in list(vars(cls).items()):
-        if name.startswith("_"):
-            continue
-        if inspect.iscoroutinefunction(fn):
-            setattr(cls, name, coroutine(fn))
-        elif inspect.isasyncgenfunction(fn):
-            setattr(cls, name, generator(fn))
-    return cls
 
 
 def _tags(record: CompletionRecord) -> list[str]:
@@ -237,7 +205,7 @@ def _lock_key(kind: int) -> str:
     return f"{LOCK_SPACE + kind}, hashtext(current_schema())"
 
 
-@_store_errors
+@raises_store_errors(_FAILURES, _failure)
 class PostgresStore:
     """The PostgreSQL store: a pool of connections to one database (or one schema of it, when
     the URL sets ``search_path``), shared with other proxy instances."""

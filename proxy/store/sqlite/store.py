@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import fcntl
 import functools
-import inspect
 import os
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -28,7 +27,13 @@ import aiosqlite
 import orjson
 
 from proxy.models import ListQuery, PageQuery
-from proxy.store.errors import SearchOff, StoreError, StoreMissing, UnknownCursor
+from proxy.store.errors import (
+    SearchOff,
+    StoreError,
+    StoreMissing,
+    UnknownCursor,
+    raises_store_errors,
+)
 from proxy.store.records import (
     AuditEntry,
     CompletionRecord,
@@ -143,45 +148,11 @@ def _make_room(path: str, *, must_exist: bool) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
 
 
-Cls = TypeVar("Cls", bound=type)
+def _failure(error: BaseException) -> StoreError:
+    return StoreError(str(error))
 
 
-def _store_errors(cls: Cls) -> Cls:
-    """Every public coroutine (and the export generator) of ``cls`` raises ``StoreError``
-    where SQLite raised ``sqlite3.Error``, so nothing outside this package sees SQLite's."""
-
-    def coroutine(fn: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(fn)
-        async def wrapper(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return await fn(*args, **kwargs)
-            except sqlite3.Error as error:
-                raise StoreError(str(error)) from error
-
-        return wrapper
-
-    def generator(fn: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
-        @functools.wraps(fn)
-        async def wrapper(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
-            try:
-                async for item in fn(*args, **kwargs):
-                    yield item
-            except sqlite3.Error as error:
-                raise StoreError(str(error)) from error
-
-        return wrapper
-
-    for name, fn in list(vars(cls).items()):
-        if name.startswith("_"):
-            continue
-        if inspect.iscoroutinefunction(fn):
-            setattr(cls, name, coroutine(fn))
-        elif inspect.isasyncgenfunction(fn):
-            setattr(cls, name, generator(fn))
-    return cls
-
-
-@_store_errors
+@raises_store_errors((sqlite3.Error,), _failure)
 class SQLiteStore:
     """The SQLite store: one file, WAL; a writer connection on its own thread (every write is
     one function there, see ``connection``), a reader connection, and a checkpointer.
