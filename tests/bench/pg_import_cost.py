@@ -29,7 +29,8 @@ import asyncpg
 
 from proxy.store.postgres import queries, search
 from proxy.store.postgres.migrations import migrate
-from proxy.store.postgres.store import IMPORT_WORK_MEM, _columns
+from proxy.store.postgres.store import IMPORT_WORK_MEM
+from proxy.store.postgres.writes import columns
 from tests.bench.backends import batches
 
 _NO_PAIRS = queries.IMPORT_BATCH.split("), pairs AS")[0] + ")\nSELECT count(*) FROM new"
@@ -118,7 +119,7 @@ async def measure(pg: str, variant: str, chunks: Sequence[list[list[Any]]]) -> t
 async def main_async(args: argparse.Namespace) -> None:
     variants = args.variants or list(VARIANTS)
     now = time.time()
-    chunks = [_columns(batch, now) for batch in batches(0, args.rows, args.chunk, b"im")]
+    chunks = [columns(batch, now) for batch in batches(0, args.rows, args.chunk, b"im")]
     cpu: dict[str, list[float]] = {name: [] for name in variants}
     wal: dict[str, float] = {}
     for round_ in range(args.rounds):
