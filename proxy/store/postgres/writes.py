@@ -28,7 +28,6 @@ from proxy.store.records import (
 from proxy.store.signature import signature
 from proxy.store.text import Parsed, filter_tags
 
-
 # Tables whose rows hold content (see prune): rewritten when a quarter of one was deleted.
 CONTENT_TABLES = (
     "completions",
