@@ -51,21 +51,16 @@ from proxy.models import ListQuery, PageQuery
 from proxy.recordings import export_line, import_from
 from proxy.store import CompletionRecord, Store, open_store
 from proxy.writer import Writer
-from tests.bench.run import (
-    CALLER,
-    CONNECTIONS,
+from tests.bench.processes import (
     PYTHON,
     BenchError,
     Server,
-    completion_id,
-    make_record,
     mock_upstream,
     on_uvloop,
-    record_bytes,
-    run_wrk,
     snapshot_proxy,
-    timed,
 )
+from tests.bench.records import CALLER, completion_id, make_record, record_bytes, timed
+from tests.bench.wrk import CONNECTIONS, run_wrk
 
 PHASES = ("write", "writer", "reads", "import", "file")
 PAIRS = 400  # "a" and "b" metadata values: each matches rows / PAIRS rows, never the same one

@@ -28,7 +28,7 @@ import aiohttp
 from multidict import CIMultiDict
 
 from proxy.upstream_client import UpstreamClient
-from tests.bench.run import on_uvloop
+from tests.bench.processes import on_uvloop
 
 IN_FLIGHT = 32
 BODY = (

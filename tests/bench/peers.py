@@ -26,7 +26,8 @@ from typing import Any
 
 import orjson
 
-from tests.bench.run import SUBJECT_CPU, TOKEN, BenchError, Server, Subject
+from tests.bench.http_phase import Subject
+from tests.bench.processes import SUBJECT_CPU, TOKEN, BenchError, Server
 
 INSTALL_TIMEOUT = 1200  # seconds; litellm[proxy] pulls in a hundred packages
 

@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 from proxy.store.sqlite import SQLiteStore
-from tests.bench.run import make_record, on_uvloop
+from tests.bench.processes import on_uvloop
+from tests.bench.records import make_record
 
 WARM = 1_000  # records written before the clock starts (caches, the first segments)
 
