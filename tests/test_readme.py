@@ -144,6 +144,27 @@ def test_the_install_lines_are_what_ci_runs() -> None:
         assert line in ci, f"the README's {line!r} is not run by .ci/run"
 
 
+def test_every_command_list_in_ci_stops_the_run_when_it_fails() -> None:
+    """``set -e`` ignores a failure inside an ``&&`` list, so a failing lint would not fail
+    CI: each list but the script's last (whose status is the script's) must end in
+    ``|| exit 1``; a list sent to the background (``&``) is checked by other means."""
+    lines = [
+        line.split(" #")[0].rstrip()
+        for line in (REPO / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    *before, last = lines
+    unchecked = [
+        line
+        for line in before
+        if " && " in line
+        and not line.endswith(("|| exit 1", "&", "&& break"))
+        and not line.lstrip().startswith(("if ", "for ", "while "))
+    ]
+    assert not unchecked, f"these lists can fail without failing .ci/run: {unchecked}"
+    assert " && " in last and last.endswith(".venv/bin/pytest"), last
+
+
 class RecentUpstream(FakeUpstream):
     """The fake upstream, answering with completions created now, as OpenAI does."""
 
