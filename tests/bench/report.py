@@ -69,6 +69,15 @@ P99_TARGET_MS = 3.0
 WORKERS_TARGET = 0.70  # proxy_w2 / floor_x2, plain
 
 
+def _round_ratios(measured: Measured, reference: Measured | None, name: str) -> str:
+    """Each round's ratio to the reference measured in the same round: a drift of the
+    machine between rounds moves both sides of one round together."""
+    if reference is None or reference is measured or len(measured.runs) < 2:
+        return ""
+    ratios = [a.rps / b.rps for a, b in zip(measured.runs, reference.runs, strict=False) if b.rps]
+    return f"x {name} by round {'/'.join(f'{r:.2f}' for r in ratios)}; " if ratios else ""
+
+
 def http_figures(http: dict[str, dict[str, Measured]]) -> list[Figure]:
     figures: list[Figure] = []
     labels = list(http)
@@ -80,16 +89,17 @@ def http_figures(http: dict[str, dict[str, Measured]]) -> list[Figure]:
                 continue
             measured = http[subject][run]
             value = measured.median_rps()
-            floor_rps = base.get("floor")
-            if subject in TWO_PROCESS and "floor_x2" in http:
-                floor_rps = http["floor_x2"][run].median_rps()
+            reference = "floor_x2" if subject in TWO_PROCESS and "floor_x2" in http else "floor"
+            floor_rps = http[reference][run].median_rps() if reference in http else None
             figure = Figure(
                 f"{kind} throughput, {CONNECTIONS} conn [{subject}]",
                 value,
                 "req/s",
                 ratio_floor=value / floor_rps if floor_rps else None,
                 ratio_direct=value / base["direct"] if "direct" in base else None,
-                note=_spread([r.rps for r in measured.runs], 0) + cpu_note(measured.median_cpu()),
+                note=_spread([r.rps for r in measured.runs], 0)
+                + _round_ratios(measured, http.get(reference, {}).get(run), reference)
+                + cpu_note(measured.median_cpu()),
             )
             target = THROUGHPUT_TARGETS.get((subject, kind))
             if subject == "proxy_w2" and kind == "plain":
