@@ -77,6 +77,16 @@ def connections_by_worker(parent: int, port: int) -> dict[int, set[int]]:
     }
 
 
+def kill_all(proxy: ProxyProcess) -> None:
+    """Kill every worker, then stop the supervisor, however the test ended: a worker shuts
+    down by itself once its supervisor is gone, but only after draining."""
+    if proxy.popen is not None:
+        for pid in worker_pids(proxy.popen.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    proxy.stop()
+
+
 async def wait_ready(proxy: ProxyProcess) -> None:
     """Until the supervisor logs that every worker is ready (one may answer /healthz sooner)."""
     deadline = time.monotonic() + 30
@@ -298,11 +308,7 @@ def workers_proxy(tmp_path: Path, upstream: FakeUpstream, store_url: str) -> Ite
         extra_args=["--workers", str(WORKERS)],
     )
     yield proxy
-    if proxy.popen is not None:
-        for pid in worker_pids(proxy.popen.pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-    proxy.stop()
+    kill_all(proxy)
 
 
 @pytest.fixture
@@ -513,11 +519,7 @@ async def test_pinned_workers_each_run_on_a_cpu_of_their_own(
         assert cpus_of(replacement) == placed[victim]  # its slot's CPU again
         await stop_and_check(proxy)
     finally:
-        if proxy.popen is not None:
-            for pid in worker_pids(proxy.popen.pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-        proxy.stop()
+        kill_all(proxy)
 
 
 class GatedUpstream(FakeUpstream):
@@ -587,11 +589,7 @@ async def test_sigterm_drains_both_workers(gated: GatedUpstream, tmp_path: Path)
         assert sum(line["requests_drained"] for line in shutdown) == in_flight
         assert sum(line["completions_committed"] for line in shutdown) == in_flight
     finally:
-        if proxy.popen is not None:
-            for pid in worker_pids(proxy.popen.pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-        proxy.stop()
+        kill_all(proxy)
 
 
 def _one_message(result: Any) -> str:
