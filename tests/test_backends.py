@@ -7,7 +7,6 @@ conftest parametrises every test here over ``store_url`` (see ``BOTH_BACKENDS``)
 from __future__ import annotations
 
 import asyncio
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +16,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests import pg
-from tests.conftest import sdk
 from tests.fakes import FakeUpstream, Reply, chunks, sse, tool_call_answer
+from tests.helpers import cli, sdk
 
 UPSTREAM_KEY = "sk-upstream-backends-0123456789abcdef"
 PRICES = {"gpt-test": {"input": 1.0, "cached_input": 0.5, "output": 2.0}}
@@ -38,21 +37,6 @@ TOOL_ANSWER = tool_call_answer(
     usage={"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12},
 )
 SECRET_TEXT = "my key is sk-proj-abcdefghijklmnopqrstuvwx1234 and mail me at jane.doe@example.com"
-
-
-async def cli(*args: str, stdin: bytes | None = None) -> tuple[int, bytes, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy",
-        *args,
-        stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(process.communicate(stdin), 120)
-    assert process.returncode is not None
-    return process.returncode, out, err.decode()
 
 
 def ask(text: str) -> list[dict[str, Any]]:
