@@ -63,13 +63,6 @@ class ServerConfig(_Section):
             return max(1, len(os.sched_getaffinity(0)))
         return self.workers
 
-    @staticmethod
-    def worker_cpu(index: int) -> int:
-        """The CPU worker ``index`` runs on with ``pin_workers``: round robin over the CPUs
-        this process may use (a replacement worker gets its slot's CPU again)."""
-        cpus = sorted(os.sched_getaffinity(0))
-        return cpus[index % len(cpus)]
-
 
 class UpstreamConfig(_Section):
     url: str = "https://api.openai.com/v1"

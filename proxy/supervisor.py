@@ -342,6 +342,14 @@ def worker_config(data: bytes) -> Config:
     return validate(orjson.loads(data), source="the supervisor")
 
 
+def worker_cpu(index: int) -> int:
+    """The CPU worker ``index`` runs on with ``server.pin_workers``: round robin over the CPUs
+    this process may use, inherited from the supervisor, so a replacement worker gets its
+    slot's CPU again."""
+    cpus = sorted(os.sched_getaffinity(0))
+    return cpus[index % len(cpus)]
+
+
 def run_worker(config: Config, index: int, ready_fd: int, life_fd: int) -> int:
     """One worker: serve ``config`` on its own SO_REUSEPORT socket until SIGTERM.
 
@@ -350,7 +358,7 @@ def run_worker(config: Config, index: int, ready_fd: int, life_fd: int) -> int:
     """
     settings = config.server
     if settings.pin_workers:  # before any thread starts, so every thread inherits it
-        cpu = settings.worker_cpu(index)
+        cpu = worker_cpu(index)
         os.sched_setaffinity(0, {cpu})
         log.info("worker pinned", extra={"worker": index, "cpu": cpu})
     told = False
