@@ -619,6 +619,19 @@ def test_usage_page_charts_and_table(context: BrowserContext, team: Team, shots:
     member.context.close()
 
 
+def test_usage_dates_at_the_calendars_ends_are_refused_as_a_page(
+    context: BrowserContext, team: Team
+) -> None:
+    page = sign_in(context, team, "bob")
+    for query in ("until=9999-12-31", "until=0001-01-05"):  # no day after; no 30 days before
+        answer = page.goto(team.url + f"/ui/usage?{query}")
+        assert answer is not None and answer.status == 400, query
+        expect(page.locator("h1")).to_contain_text("Not done")
+    answer = page.goto(team.url + "/ui/usage?since=0001-01-01&until=0001-01-05")
+    assert answer is not None and answer.status == 200
+    expect(page.locator(".empty")).to_contain_text("No completions in these days")
+
+
 def test_audit_and_failed_exchanges_pages(context: BrowserContext, team: Team, shots: Path) -> None:
     page = sign_in(context, team, "root")
     page.click("nav a:text('Audit')")

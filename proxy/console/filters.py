@@ -109,10 +109,11 @@ def day_range(
     """The usage page's days, first and last included; 30 days to today by default."""
     try:
         last = dt.date.fromisoformat(until) if until else today
-        start = last - dt.timedelta(days=default_days - 1)
-        first = dt.date.fromisoformat(since) if since else start
-    except ValueError:
+        first = dt.date.fromisoformat(since) if since else last - dt.timedelta(default_days - 1)
+    except (ValueError, OverflowError):  # OverflowError: 30 days back from near year 1
         raise InvalidRequest("Dates are YYYY-MM-DD.", param="since") from None
+    if last == dt.date.max:  # the range ends at the midnight after the last day
+        raise InvalidRequest("The last day must be before 9999-12-31.", param="until")
     if first > last:
         raise InvalidRequest("The first day is after the last.", param="since")
     if (last - first).days > 366:
