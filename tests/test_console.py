@@ -653,6 +653,15 @@ def test_audit_and_failed_exchanges_pages(context: BrowserContext, team: Team, s
     expect(page.locator(".empty")).to_be_visible()
 
 
+def test_audit_cursor_past_64_bits_is_refused_as_a_page(
+    context: BrowserContext, team: Team
+) -> None:
+    page = sign_in(context, team, "root")
+    answer = page.goto(team.url + "/ui/audit?after=99999999999999999999")
+    assert answer is not None and answer.status == 400
+    expect(page.locator("h1")).to_contain_text("Not done")
+
+
 def test_keys_page_creates_shows_once_and_revokes(
     context: BrowserContext, team: Team, shots: Path
 ) -> None:

@@ -19,7 +19,7 @@ from proxy.console.render import page
 from proxy.console.state import CONSOLE
 from proxy.errors import InvalidRequest
 from proxy.keys import STORE
-from proxy.models import PageQuery
+from proxy.models import INT64_MAX, PageQuery
 from proxy.outcome import Outcome
 from proxy.store import UnknownCursor
 
@@ -33,10 +33,14 @@ FAILED = (
 
 
 def _int(text: str, name: str) -> int:
+    """A sequence number from the URL, within the 64 bits the store compares."""
     try:
-        return int(text or 0)
+        value = int(text or 0)
     except ValueError:
         raise InvalidRequest(f"{name} must be a number.", param=name) from None
+    if not 0 <= value <= INT64_MAX:
+        raise InvalidRequest(f"{name} is out of range.", param=name)
+    return value
 
 
 @signed_in(admin=True)
