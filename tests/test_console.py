@@ -385,6 +385,18 @@ def test_log_pages_by_keyset_without_skips_or_repeats(context: BrowserContext, t
     assert log_ids(page) == first
 
 
+def test_a_page_past_either_end_of_the_log_says_so(context: BrowserContext, team: Team) -> None:
+    page = sign_in(context, team, "alice")
+    newest = log_ids(page)[0]
+    for cursor, side in ((f"after={team.ids['xss']}", "older"), (f"before={newest}", "newer")):
+        page.goto(team.url + f"/ui/log?{cursor}")
+        assert log_ids(page) == []
+        expect(page.locator(".empty")).to_have_text(f"Nothing {side} here.")
+        page.click("a:text('Newest')")
+        page.wait_for_url("**/ui/log")
+        assert log_ids(page)[0] == newest
+
+
 def test_search_from_the_log_with_filters(context: BrowserContext, team: Team, shots: Path) -> None:
     page = sign_in(context, team, "alice")
     page.keyboard.press("/")  # the keyboard's way to the search box
