@@ -674,6 +674,35 @@ def test_audit_cursor_past_64_bits_is_refused_as_a_page(
     expect(page.locator("h1")).to_contain_text("Not done")
 
 
+def test_the_audit_offers_a_later_page_only_when_there_is_one(
+    browser: Browser, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-upstream-console-test")  # keys mode needs one
+    servers = Servers(tmp_path, auth={"mode": "keys"}).start()
+    try:
+        root = servers.make_key("root", "admin")  # by "cli"
+        for n in range(50):  # a page (50) of entries by root, exactly
+            status, _ = admin_post(servers.url, root, "/admin/keys", {"name": f"k{n}"})
+            assert status == 200
+        context = browser.new_context()
+        page = context.new_page()
+        page.goto(servers.url + "/ui/")
+        page.fill("#token", root)
+        page.press("#token", "Enter")
+        page.wait_for_url("**/ui/log")
+        page.goto(servers.url + "/ui/audit?actor=root")
+        expect(page.locator("table.data tbody tr")).to_have_count(50)
+        expect(page.locator(".pager a[rel=next]")).to_have_count(0)
+        page.goto(servers.url + "/ui/audit")  # 51 entries: one more page, of one entry
+        page.click(".pager a[rel=next]")
+        page.wait_for_url("**after=**")
+        expect(page.locator("table.data tbody tr")).to_have_count(1)
+        expect(page.locator(".pager a[rel=next]")).to_have_count(0)
+        context.close()
+    finally:
+        servers.stop()
+
+
 def test_keys_page_creates_shows_once_and_revokes(
     context: BrowserContext, team: Team, shots: Path
 ) -> None:

@@ -50,21 +50,23 @@ async def audit(request: web.Request, visitor: Visitor) -> web.StreamResponse:
     actor = request.query.get("actor", "").strip()
     entries: list[dict[str, Any]] = []
     last = after
-    more = True
-    # Filters apply to what is read; read on until the page is full or the trail ends.
-    while more and len(entries) < AUDIT_PAGE:
+    ended = False
+    # Filters apply to what is read: read on until one match past the page, which shows
+    # there is a later page, or the trail's end.
+    while not ended and len(entries) <= AUDIT_PAGE:
         batch = [
             orjson.loads(responses.audit_entry(e))
             for e in await request.app[STORE].audit_entries(last, 500)
         ]
-        more = len(batch) == 500
+        ended = len(batch) < 500
         for entry in batch:
             last = entry["seq"]
             if (not action or entry["action"] == action) and (not actor or entry["actor"] == actor):
                 entries.append(entry)
-                if len(entries) == AUDIT_PAGE:
-                    more = True
+                if len(entries) > AUDIT_PAGE:
                     break
+    more = len(entries) > AUDIT_PAGE
+    entries = entries[:AUDIT_PAGE]
     for entry in entries:
         entry["detail_text"] = orjson.dumps(entry["detail"]).decode()
     query = {k: v for k, v in (("action", action), ("actor", actor)) if v}
@@ -77,7 +79,9 @@ async def audit(request: web.Request, visitor: Visitor) -> web.StreamResponse:
             "entries": entries,
             "action": action,
             "actor": actor,
-            "next_url": "/ui/audit?" + urlencode({**query, "after": str(last)}) if more else None,
+            "next_url": "/ui/audit?" + urlencode({**query, "after": str(entries[-1]["seq"])})
+            if more
+            else None,
             "first_url": "/ui/audit?" + urlencode(query) if after else None,
         },
     )
