@@ -448,6 +448,16 @@ def test_log_time_range_and_failed_outcomes(context: BrowserContext, team: Team)
     assert log_ids(page) == []  # a failed exchange has no completion page
 
 
+def test_log_range_in_unix_seconds_is_not_taken_for_a_day(
+    context: BrowserContext, team: Team
+) -> None:
+    page = sign_in(context, team, "alice")
+    page.goto(team.url + "/ui/log?until=1710000000")  # "until" is exclusive, as in the API
+    assert team.ids["march"] not in log_ids(page)
+    page.goto(team.url + "/ui/log?since=1710000000&until=1710000001")
+    assert log_ids(page) == [team.ids["march"]]
+
+
 # -- one completion --------------------------------------------------------------------------
 
 

@@ -14,7 +14,7 @@ from urllib.parse import urlencode
 from multidict import MultiMapping
 
 from proxy.errors import InvalidRequest
-from proxy.models import check_metadata, parse_moment
+from proxy.models import check_metadata, is_digits, parse_moment
 
 PAGE_SIZE = 50
 
@@ -72,9 +72,20 @@ def _moment(text: str, name: str, *, end_of_day: bool) -> int | None:
             f"{name} must be a date (2025-01-31) or a date and time (2025-01-31T12:00).",
             param=name,
         ) from None
-    if end_of_day and len(text) == 10:  # a bare date: up to the end of that day
+    if end_of_day and is_day(text):  # up to the end of that day
         seconds += 86400
     return seconds
+
+
+def is_day(text: str) -> bool:
+    """A bare date (2025-01-31): not a time, and not Unix seconds, which are digits too."""
+    if is_digits(text):
+        return False
+    try:
+        dt.date.fromisoformat(text)
+    except ValueError:
+        return False
+    return True
 
 
 def parse_view(query: MultiMapping[str], *, admin: bool) -> LogView:
