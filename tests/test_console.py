@@ -458,6 +458,19 @@ def test_log_range_in_unix_seconds_is_not_taken_for_a_day(
     assert log_ids(page) == [team.ids["march"]]
 
 
+def test_a_time_in_the_logs_range_is_kept_by_the_filter_form(
+    context: BrowserContext, team: Team
+) -> None:
+    page = sign_in(context, team, "alice")
+    page.goto(team.url + "/ui/log?since=2024-03-09T12:00&until=1710000001")
+    assert log_ids(page) == [team.ids["march"]]
+    expect(page.locator("input[name=since]")).to_have_value("2024-03-09T12:00")
+    with page.expect_navigation():
+        page.click("button:text('Apply')")
+    assert "since=2024-03-09T12%3A00" in page.url and "until=1710000001" in page.url
+    assert log_ids(page) == [team.ids["march"]]
+
+
 # -- one completion --------------------------------------------------------------------------
 
 

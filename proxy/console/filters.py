@@ -14,7 +14,7 @@ from urllib.parse import urlencode
 from multidict import MultiMapping
 
 from proxy.errors import InvalidRequest
-from proxy.models import check_metadata, is_digits, parse_moment
+from proxy.models import check_metadata, parse_moment
 
 PAGE_SIZE = 50
 
@@ -55,6 +55,12 @@ class LogView:
         query = urlencode(replace(self, after=after, before=before).params())
         return "/ui/log" + (f"?{query}" if query else "")
 
+    @staticmethod
+    def input_type(value: str) -> str:
+        """``date`` for a bare date or none; ``text`` keeps a time or Unix seconds, which a
+        date input would empty and the next Apply would drop."""
+        return "date" if not value or is_day(value) else "text"
+
     def since_seconds(self) -> int | None:
         return _moment(self.since, "since", end_of_day=False)
 
@@ -78,14 +84,11 @@ def _moment(text: str, name: str, *, end_of_day: bool) -> int | None:
 
 
 def is_day(text: str) -> bool:
-    """A bare date (2025-01-31): not a time, and not Unix seconds, which are digits too."""
-    if is_digits(text):
-        return False
+    """A bare date as a date input writes it (2025-01-31): not a time, not Unix seconds."""
     try:
-        dt.date.fromisoformat(text)
+        return dt.date.fromisoformat(text).isoformat() == text
     except ValueError:
         return False
-    return True
 
 
 def parse_view(query: MultiMapping[str], *, admin: bool) -> LogView:
