@@ -494,6 +494,25 @@ def test_plain_completion_page(context: BrowserContext, team: Team, shots: Path)
     assert stored["id"] == team.ids["plain"] and stored["metadata"] == {"topic": "geography"}
 
 
+def test_back_to_the_log_from_a_completion_keeps_the_view(
+    context: BrowserContext, team: Team
+) -> None:
+    page = sign_in(context, team, "alice")
+    page.goto(team.url + "/ui/log?q=lighthouses&model=gpt-test")
+    page.keyboard.press("j")
+    page.keyboard.press("Enter")
+    page.wait_for_url(f"**/ui/c/{team.ids['stream']}")
+    page.click(".crumbs a")
+    page.wait_for_url("**/ui/log?q=lighthouses&model=gpt-test")
+    assert log_ids(page) == [team.ids["stream"]]
+    page.goto(team.url + f"/ui/c/{team.ids['stream']}")  # not from the log: the plain log
+    expect(page.locator(".crumbs a")).to_have_attribute("href", "/ui/log")
+    odd = page.request.get(
+        team.url + f"/ui/c/{team.ids['stream']}", headers={"Referer": "http://[::1"}
+    )
+    assert odd.status == 200
+
+
 def test_streamed_completion_page_shows_the_assembled_answer(
     context: BrowserContext, team: Team
 ) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import orjson
 from aiohttp import web
+from yarl import URL
 
 from proxy import responses
 from proxy.console import conversation
@@ -68,6 +69,16 @@ class _NotFound(ProxyError):
         super().__init__(f"No chat completion with id '{completion_id}' that you can see.")
 
 
+def _log_link(request: web.Request) -> str:
+    """The log as the reader left it (filters, page) when they came from it; only its path
+    and query are taken, so the link never leaves the console."""
+    try:
+        came_from = URL(request.headers.get("Referer", ""))
+    except ValueError:  # not a URL at all
+        return "/ui/log"
+    return came_from.path_qs if came_from.path == "/ui/log" else "/ui/log"
+
+
 def _base_url(request: web.Request) -> str:
     return f"{request.scheme}://{request.host}/v1"
 
@@ -109,6 +120,7 @@ async def completion(request: web.Request, visitor: Visitor) -> web.StreamRespon
             "curl": conversation.curl_snippet(sent, base),
             "python": conversation.python_snippet(sent, base),
             "saved": request.query.get("saved") == "1",
+            "log_url": _log_link(request),
         },
     )
 
