@@ -38,7 +38,13 @@ from proxy.keys import (
     STORE,
     WRITER,
 )
-from proxy.models import parse_list_query, parse_page_query, parse_update_body, peek_chat_request
+from proxy.models import (
+    no_nul,
+    parse_list_query,
+    parse_page_query,
+    parse_update_body,
+    peek_chat_request,
+)
 from proxy.outcome import Outcome
 from proxy.store import SearchOff, StoreError, UnknownCursor
 from proxy.upstream import BadPath, canonical_path, names_stored_api
@@ -64,6 +70,15 @@ async def required_caller(request: web.Request) -> Caller:
 
 def _not_found(completion_id: str) -> NotFound:
     return NotFound(f"No chat completion found with id '{completion_id}'.", param="completion_id")
+
+
+def _completion_id(request: web.Request) -> str:
+    """The id in the path; one holding U+0000 names no completion on any backend (see
+    ``models.no_nul``), so it is a 404 without asking the store."""
+    completion_id = request.match_info["completion_id"]
+    if "\x00" in completion_id:
+        raise _not_found(completion_id)
+    return completion_id
 
 
 _FAILED = frozenset(
@@ -165,6 +180,7 @@ def _owner_filter(request: web.Request, caller: Caller) -> str | None:
     owner = request.query.get("caller")
     if owner is None:
         return None
+    no_nul(owner, "caller")
     if caller.role != "admin":
         raise Forbidden("Only admins may filter by caller.", param="caller")
     return owner
@@ -190,7 +206,7 @@ async def list_chat_completions(request: web.Request) -> web.Response:
 
 async def get_chat_completion(request: web.Request) -> web.Response:
     caller = await required_caller(request)
-    completion_id = request.match_info["completion_id"]
+    completion_id = _completion_id(request)
     stored = await request.app[STORE].get(caller.scope, completion_id)
     if stored is None:
         raise _not_found(completion_id)
@@ -216,7 +232,7 @@ def _store_change(request: web.Request) -> Iterator[None]:
 
 async def update_chat_completion(request: web.Request) -> web.Response:
     caller = await required_caller(request)
-    completion_id = request.match_info["completion_id"]
+    completion_id = _completion_id(request)
     metadata = parse_update_body(await read_body(request))
     store = request.app[STORE]
     with _store_change(request):
@@ -229,7 +245,7 @@ async def update_chat_completion(request: web.Request) -> web.Response:
 async def delete_chat_completion(request: web.Request) -> web.Response:
     # The SDK sends Content-Type: application/json with no body: the body is never read.
     caller = await required_caller(request)
-    completion_id = request.match_info["completion_id"]
+    completion_id = _completion_id(request)
     purge = request.app[CONFIG].audit.delete_purges
     with _store_change(request):
         deleted = await request.app[STORE].delete(
@@ -244,7 +260,7 @@ async def delete_chat_completion(request: web.Request) -> web.Response:
 
 async def get_chat_completion_messages(request: web.Request) -> web.Response:
     caller = await required_caller(request)
-    completion_id = request.match_info["completion_id"]
+    completion_id = _completion_id(request)
     page = parse_page_query(request.query)
     raw = await request.app[STORE].request_of(caller.scope, completion_id)
     if raw is None:

@@ -28,8 +28,17 @@ Order = Literal["asc", "desc"]
 Json = dict[str, Any]
 
 
+def no_nul(text: str, param: str) -> str:
+    """``text``, unless it holds U+0000: PostgreSQL's text cannot, so such a value could never
+    be stored or matched there, and it is refused on every backend alike."""
+    if "\x00" in text:
+        raise InvalidRequest(f"{param} may not contain the NUL character (U+0000).", param=param)
+    return text
+
+
 def check_metadata(value: Any) -> dict[str, str]:
-    """OpenAI's metadata rules: at most 16 string pairs, keys ≤ 64 and values ≤ 512 chars."""
+    """OpenAI's metadata rules: at most 16 string pairs, keys ≤ 64 and values ≤ 512 chars;
+    no NUL characters (see ``no_nul``)."""
     if value is None:
         return {}
     if not isinstance(value, dict):
@@ -53,6 +62,8 @@ def check_metadata(value: Any) -> dict[str, str]:
                 f"metadata values may be at most {METADATA_MAX_VALUE} characters.",
                 param="metadata",
             )
+        no_nul(key, "metadata")
+        no_nul(item, "metadata")
     return dict(value)
 
 
@@ -154,6 +165,8 @@ def parse_page_query(query: MultiMapping[str]) -> PageQuery:
     after = query.get("after")
     if after == "":
         after = None
+    if after is not None:
+        no_nul(after, "after")
     return PageQuery(after=after, limit=_limit(query), order=_order(query))
 
 
@@ -177,6 +190,8 @@ def parse_list_query(query: MultiMapping[str]) -> ListQuery:
             raise InvalidRequest(
                 "metadata filters are metadata[KEY]=VALUE with a non-empty KEY.", param="metadata"
             )
+        no_nul(key, "metadata")
+        no_nul(value, "metadata")
         if key in pairs:
             raise InvalidRequest(
                 f"metadata[{key}] is given more than once; filter each key once.",
@@ -184,6 +199,8 @@ def parse_list_query(query: MultiMapping[str]) -> ListQuery:
             )
         pairs[key] = value
     model = query.get("model") or None
+    if model is not None:
+        no_nul(model, "model")
     search = query.get("search") or None
     if search is not None and len(search) > SEARCH_MAX:
         raise InvalidRequest(f"search may be at most {SEARCH_MAX} characters.", param="search")

@@ -48,6 +48,7 @@ BOTH_BACKENDS = frozenset(
         "test_security::test_callers_by_operations_matrix",
         "test_bad_input::test_sdk_exceptions_for_proxy_errors",
         "test_bad_input::test_delete_with_json_content_type_and_no_body",
+        "test_bad_input::test_nul_characters_are_refused_and_change_nothing",
         "test_console_search::test_search_through_the_api_finds_prompts_answers_and_tool_arguments",
         "test_console_search::test_search_pages_newest_first_without_repeats",
     }

@@ -232,3 +232,45 @@ async def test_unknown_non_v1_path_is_404_json(proxy) -> None:
     response = await proxy.get("/nowhere")
     assert response.status == 404
     assert_error_shape(await response.json(), response.headers)
+
+
+async def test_nul_characters_are_refused_and_change_nothing(
+    proxy, upstream: FakeUpstream, seeded: str
+) -> None:
+    """U+0000 anywhere the store would keep or look up text is a 400 (or, in an id, a 404) on
+    both backends; PostgreSQL's text cannot hold it, and refusing it there must not take the
+    store down."""
+    calls = len(upstream.received)
+    response = await proxy.post(
+        "/v1/chat/completions", json={**CHAT, "metadata": {"k": "a\x00"}}, headers=AUTH
+    )
+    assert response.status == 400
+    payload = await response.json()
+    assert_error_shape(payload, response.headers)
+    assert payload["error"]["param"] == "metadata"
+    assert len(upstream.received) == calls
+    async with sdk(proxy, "sk-bad-input") as client:
+        for metadata in ({"k": "\x00"}, {"k\x00": "v"}):
+            with pytest.raises(openai.BadRequestError) as refused:
+                await client.chat.completions.update(seeded, metadata=metadata)
+            assert refused.value.param == "metadata"
+        for query, param in (
+            ({"model": "gpt\x00"}, "model"),
+            ({"metadata": {"k": "v\x00"}}, "metadata"),
+            ({"metadata": {"\x00": "v"}}, "metadata"),
+            ({"after": "\x00"}, "after"),
+        ):
+            with pytest.raises(openai.BadRequestError) as refused:
+                await client.chat.completions.list(**query)
+            assert refused.value.param == param
+        assert (await client.chat.completions.retrieve(seeded)).metadata == {"k": "v"}
+    for method, path in (
+        ("GET", "/v1/chat/completions/chatcmpl-%00"),
+        ("POST", "/v1/chat/completions/chatcmpl-%00"),
+        ("DELETE", "/v1/chat/completions/chatcmpl-%00"),
+        ("GET", "/v1/chat/completions/chatcmpl-%00/messages"),
+    ):
+        response = await proxy.request(method, path, headers=AUTH, json={"metadata": {}})
+        assert response.status == 404, (method, path)
+        assert_error_shape(await response.json(), response.headers)
+    assert (await proxy.get("/healthz")).status == 200
