@@ -4,9 +4,10 @@ A handler submits a record and awaits its commit; the writer takes everything qu
 to ``batch_size``) and commits it in one transaction, so under load many completions share
 one commit and at rest a single one commits at once.
 
-When the driver refuses a batch for a record's own values (``OverflowError``, ``ValueError``,
-``TypeError``: a number outside 64 bits, say), its records are retried one by one, so one bad
-record cannot sink its neighbours, and only that record fails (``WriteFailed.rejected``).
+When the driver or the database refuses a batch for a record's own values (``OverflowError``,
+``ValueError``, ``TypeError``, ``RecordRefused``: a number outside 64 bits, a NUL character in
+PostgreSQL's text, say), its records are retried one by one, so one bad record cannot sink
+its neighbours, and only that record fails (``WriteFailed.rejected``).
 Any other failure is the store's (full, read-only, locked, gone): the batch's records fail,
 and the store is marked unhealthy: from then on ``store: true`` requests are refused with 503
 before any upstream call, and records still queued fail at once rather than each waiting out
@@ -23,7 +24,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from proxy.store import CompletionRecord, Store, Writable
+from proxy.store import CompletionRecord, RecordRefused, Store, Writable
 
 log = logging.getLogger("proxy.writer")
 
@@ -34,7 +35,7 @@ _REJECTED = (OverflowError, ValueError, TypeError)
 
 
 def _rejects_record(error: BaseException) -> bool:
-    return isinstance(error, _REJECTED) or isinstance(error.__cause__, _REJECTED)
+    return isinstance(error, (*_REJECTED, RecordRefused)) or isinstance(error.__cause__, _REJECTED)
 
 
 class WriteFailed(Exception):

@@ -683,3 +683,20 @@ async def test_a_large_import_vacuums_the_pairs_and_analyses_the_completions(
     finally:
         await conn.close()
         await store.close()
+
+
+@pytest.mark.parametrize("store_url", ["postgres"], indirect=True)
+async def test_a_value_postgresql_refuses_fails_only_its_own_record(
+    proxy: TestClient[web.Request, web.Application],
+) -> None:
+    """A value PostgreSQL cannot hold (here a NUL in the model asked for) is that record's
+    fault: it is not stored, and the store stays writable for everyone else."""
+    async with sdk(proxy, "sk-pg-refused") as client:
+        await client.chat.completions.create(model="gpt\x00", messages=ask("nul"), store=True)
+        kept = await client.chat.completions.create(
+            model="gpt-test", messages=ask("after"), store=True
+        )
+        assert (await client.chat.completions.retrieve(kept.id)).id == kept.id
+    health = await (await proxy.get("/healthz")).json()
+    assert health["status"] == "ok"
+    assert health["store"]["writable"] is True

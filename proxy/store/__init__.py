@@ -15,7 +15,14 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from proxy.store.errors import KeyExists, SearchOff, StoreError, StoreMissing, UnknownCursor
+from proxy.store.errors import (
+    KeyExists,
+    RecordRefused,
+    SearchOff,
+    StoreError,
+    StoreMissing,
+    UnknownCursor,
+)
 from proxy.store.protocol import Store
 from proxy.store.records import (
     AuditEntry,
@@ -50,6 +57,7 @@ __all__ = [
     "PruneReport",
     "SearchOff",
     "Store",
+    "RecordRefused",
     "StoreError",
     "StoreMissing",
     "StoredCompletion",

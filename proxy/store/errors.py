@@ -15,6 +15,11 @@ class StoreError(Exception):
     timeout, full. The message is meant for a person; the backend's error is its cause."""
 
 
+class RecordRefused(StoreError):
+    """The database refused a value of the record being written (a character or a number its
+    types cannot hold): the record's fault, not the store's, which can still write."""
+
+
 class StoreMissing(StoreError):
     """A command that only reads was pointed at a store that does not exist."""
 

@@ -29,6 +29,7 @@ import orjson
 
 from proxy.models import ListQuery, PageQuery
 from proxy.store.errors import (
+    RecordRefused,
     SearchOff,
     StoreError,
     StoreMissing,
@@ -83,6 +84,8 @@ def _failure(error: BaseException) -> StoreError:
     if isinstance(error, TimeoutError):
         return StoreError("PostgreSQL did not answer in time (connect or statement timeout)")
     reason = str(error) or type(error).__name__
+    if isinstance(error, asyncpg.DataError):  # SQLSTATE class 22: a value, not the database
+        return RecordRefused(f"PostgreSQL: {reason}")
     return StoreError(f"PostgreSQL: {reason}")
 
 
