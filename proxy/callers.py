@@ -134,7 +134,14 @@ class Callers:
         return await self.resolve_token(token)
 
     async def resolve_token(self, token: str) -> Caller:
-        """The caller a token names (the console's sign-in passes the token it was given)."""
+        """The caller a token names (the console's sign-in passes the token it was given).
+
+        A token whose bytes are not UTF-8 (aiohttp keeps them as surrogate escapes) names no
+        caller and no key: a 401, rather than a failure to hash it."""
+        try:
+            token.encode()
+        except UnicodeEncodeError:
+            raise Unauthorized("The bearer token is not valid UTF-8.") from None
         if not self.keys:
             return Caller(self.fingerprint(token))
         return await self._by_key(token)

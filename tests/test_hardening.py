@@ -270,6 +270,21 @@ async def test_two_authorization_headers_are_a_400(proxy, upstream: FakeUpstream
     assert upstream.received == []
 
 
+async def test_a_bearer_token_that_is_not_utf8_is_a_401(proxy, upstream: FakeUpstream) -> None:
+    body = orjson.dumps({"model": "gpt-test", "messages": [], "store": True})
+    for method, content in (("GET", b""), ("POST", body)):
+        head = (
+            f"{method} /v1/chat/completions HTTP/1.1\r\nHost: proxy\r\n".encode()
+            + b"Authorization: Bearer sk-\xe9t\xe9\r\n"  # Latin-1, not UTF-8
+            + f"Content-Length: {len(content)}\r\nConnection: close\r\n\r\n".encode()
+        )
+        status, answer_head, answer = await raw_request(proxy, head, content)
+        assert status == 401, answer
+        assert orjson.loads(answer)["error"]["code"] == "invalid_api_key"
+        assert b"x-request-id" in answer_head.lower()
+    assert upstream.received == []
+
+
 def recognisable_parts(key: str) -> list[str]:
     return [key, key[-12:], key[8:20], "****" + key[-4:]]
 
