@@ -17,6 +17,7 @@ from collections.abc import Iterator
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
+from aiohttp.web_protocol import RequestPayloadError
 
 from proxy.errors import (
     InvalidRequest,
@@ -31,6 +32,12 @@ from proxy.outcome import Outcome
 from proxy.store.errors import StoreError
 
 log = logging.getLogger("proxy.middleware")
+
+_UNREADABLE_BODY = InvalidRequest(
+    "The request body cannot be read as sent: its Content-Encoding does not match it, or its"
+    " chunks are malformed.",
+    code="invalid_body",
+)
 
 
 def request_ids() -> Iterator[str]:
@@ -75,6 +82,11 @@ def exchange_middleware(access_log: AccessLog | None) -> Middleware:
                 if exc.status < 400:
                     raise
                 response = render(from_http_exception(exc), request_id)
+                if access.outcome is None:
+                    access.outcome = Outcome.REFUSED
+            except RequestPayloadError:  # aiohttp could not decode the body it was sent
+                response = render(_UNREADABLE_BODY, request_id)
+                response.force_close()  # what is left of that body is not read
                 if access.outcome is None:
                     access.outcome = Outcome.REFUSED
             except StoreError as error:  # the database failed a read: it may pass, so 503

@@ -274,3 +274,23 @@ async def test_nul_characters_are_refused_and_change_nothing(
         assert response.status == 404, (method, path)
         assert_error_shape(await response.json(), response.headers)
     assert (await proxy.get("/healthz")).status == 200
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "{seeded}", "/v1/embeddings"])
+async def test_a_body_that_does_not_match_its_content_encoding_is_a_400(
+    proxy, upstream: FakeUpstream, seeded: str, tmp_path: Path, path: str
+) -> None:
+    before = snapshot(tmp_path)
+    calls = len(upstream.received)
+    for encoding in ("gzip", "deflate"):
+        response = await proxy.post(
+            path.format(seeded=f"/v1/chat/completions/{seeded}"),
+            data=_chat(metadata={"k": "changed"}),
+            headers={**AUTH, "Content-Type": "application/json", "Content-Encoding": encoding},
+        )
+        assert response.status == 400
+        payload = await response.json()
+        assert_error_shape(payload, response.headers)
+        assert payload["error"]["code"] == "invalid_body"
+    assert len(upstream.received) == calls
+    assert snapshot(tmp_path) == before
