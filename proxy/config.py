@@ -309,6 +309,10 @@ def load_config(path: str | Path | None) -> Config:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as error:
         raise ConfigError(f"cannot read config file {path}: {error.strerror}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text (the byte at offset {error.start})"
+        ) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:

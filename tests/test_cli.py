@@ -424,3 +424,18 @@ def test_the_image_is_pinned_non_root_and_checks_health_in_exec_form() -> None:
     pinned = {line.split("==")[0].lower() for line in constraints if "==" in line}
     for package in ("aiohttp", "aiosqlite", "asyncpg", "jinja2", "orjson", "pydantic", "uvloop"):
         assert package in pinned, f"{package} is not pinned in constraints.txt"
+
+
+@pytest.mark.parametrize("command", ["check-config {config}", "export --config {config} --db {db}"])
+def test_a_config_file_that_is_not_utf8_is_one_line_and_exit_2(
+    tmp_path: Path, command: str
+) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_bytes(b"server: {host: caf\xe9}\n")  # Latin-1
+    db = tmp_path / "x.db"
+    result = run_cli(*command.format(config=config, db=db).split())
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == (
+        f"completions-proxy: config file {config} is not UTF-8 text (the byte at offset 18)\n"
+    )
+    assert not db.exists()
