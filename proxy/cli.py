@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import socket
 import sys
@@ -152,7 +153,7 @@ def _parser() -> argparse.ArgumentParser:
 
     prune = commands.add_parser("prune", help="apply retention now and give space back")
     _store_flags(prune, config="config with the store and retention.days")
-    prune.add_argument("--days", type=float, help="keep this many days (default: the config's)")
+    prune.add_argument("--days", type=_days, help="keep this many days (default: the config's)")
     prune.add_argument(
         "--dry-run", action="store_true", help="count what would be deleted; delete nothing"
     )
@@ -185,6 +186,17 @@ def _pair(text: str) -> tuple[str, str]:
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     return key, value
+
+
+def _days(text: str) -> float:
+    """A number of days above 0, as ``retention.days`` takes: never nan, infinite or negative."""
+    try:
+        days = float(text)
+    except ValueError:
+        days = math.nan
+    if not (days > 0 and math.isfinite(days)):
+        raise argparse.ArgumentTypeError(f"expected a number of days above 0, got {text!r}")
+    return days
 
 
 def _moment(text: str) -> int:
@@ -366,7 +378,8 @@ async def _prune(args: argparse.Namespace, config: Config) -> int:
     days = args.days if args.days is not None else config.retention.days
     if days is None:
         raise ConfigError("prune needs --days or retention.days in the config")
-    before = int(time.time() - days * 86400)
+    # Days reaching back before 1970 keep everything: the cutoff stays within the store's range.
+    before = int(max(0.0, time.time() - days * 86400))
     async with _opened(args, config, must_exist=True) as store:
         completions, exchanges, everything = await _prunable(store, before)
         what = f"{completions} completions and {exchanges} audit records older than {days:g} days"

@@ -439,3 +439,27 @@ def test_a_config_file_that_is_not_utf8_is_one_line_and_exit_2(
         f"completions-proxy: config file {config} is not UTF-8 text (the byte at offset 18)\n"
     )
     assert not db.exists()
+
+
+@pytest.mark.parametrize("days", ["nan", "inf", "-1", "0", "ten"])
+def test_prune_refuses_days_that_are_not_above_0_and_deletes_nothing(
+    tmp_path: Path, days: str
+) -> None:
+    db = tmp_path / "x.db"
+    assert run_cli("keys", "create", "ops", "--db", str(db)).returncode == 0
+    before = db.read_bytes()
+    result = run_cli("prune", "--db", str(db), f"--days={days}", "--yes")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        f"completions-proxy prune: error: argument --days: expected a number of days above 0,"
+        f" got {days!r}"
+    )
+    assert db.read_bytes() == before
+
+
+def test_prune_with_days_before_1970_keeps_everything(tmp_path: Path) -> None:
+    db = tmp_path / "x.db"
+    assert run_cli("keys", "create", "ops", "--db", str(db)).returncode == 0
+    result = run_cli("prune", "--db", str(db), "--days", "1e300")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.startswith("pruned 0 completions and 0 audit records older than 1e+300")
