@@ -8,7 +8,9 @@ The connections themselves, with their timeouts, are ``proxy.upstream_client``.
 - Compression: the proxy asks the upstream for ``identity``; gzip or deflate sent anyway is
   decoded (any other coding is a 502, see ``proxy.upstream_client``), and
   ``Content-Encoding``/``Content-Length`` are dropped on the way back, so the client always
-  gets bytes that match their headers and the capture sees plain JSON or SSE.
+  gets bytes that match their headers and the capture sees plain JSON or SSE. A client's
+  gzip, deflate, br or zstd request body is decoded as it is read, so it goes upstream plain
+  and without that ``Content-Encoding``; any other coding goes as sent.
 - Hop-by-hop headers (RFC 9110 §7.6.1, plus those a ``Connection`` header names) never cross.
 - A forwarded path is first put in one canonical form (``canonical_path``): percent-encoded
   unreserved characters decoded, repeated slashes collapsed, a trailing slash dropped; a dot
@@ -41,6 +43,9 @@ HOP_BY_HOP = frozenset(
 
 # Recomputed or replaced by the proxy on the way up.
 _DROP_UP = HOP_BY_HOP | {"host", "content-length", "accept-encoding", "expect"}
+# Request codings aiohttp's server decodes as it reads the body (its parser's own set): such a
+# body goes upstream plain, so its Content-Encoding header must not.
+_DECODED_UP = frozenset({"gzip", "deflate", "br", "zstd"})
 # The body is relayed decoded and re-framed by aiohttp on the way down.
 _DROP_DOWN = HOP_BY_HOP | {"content-length", "content-encoding", "date", "server"}
 
@@ -71,6 +76,9 @@ def headers_up(
     less hop-by-hop headers and those in ``drop`` (lower-case names)."""
     headers = _filtered(client_headers, _DROP_UP | drop)
     headers["Accept-Encoding"] = "identity"
+    coding = headers.get("Content-Encoding")
+    if coding is not None and coding.lower() in _DECODED_UP:
+        del headers["Content-Encoding"]
     return headers
 
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import io
 import sqlite3
 import ssl
 import time
+import zlib
 from pathlib import Path
 
 import aiohttp
@@ -256,6 +258,47 @@ async def test_gzip_upstream_is_decoded_consistently(
         assert orjson.loads(raw)["id"] == "chatcmpl-gz"
     assert upstream.chat_requests()[-1].headers["Accept-Encoding"] == "identity"
     assert stored_ids(tmp_path) == ["chatcmpl-gz"]
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate"])
+async def test_a_compressed_request_body_goes_upstream_decoded_without_its_coding(
+    proxy, upstream: FakeUpstream, tmp_path: Path, coding: str
+) -> None:
+    """The server decodes a gzip or deflate request body as it reads it, so what goes
+    upstream is the plain body, which its Content-Encoding must no longer claim."""
+    upstream.script(Reply(json=completion(CHAT, "chatcmpl-zipped-up")))
+    plain = orjson.dumps(CHAT)
+    body = gzip.compress(plain) if coding == "gzip" else zlib.compress(plain)
+    async with aiohttp.ClientSession() as client:
+        response = await client.post(
+            proxy.make_url("/v1/chat/completions"),
+            data=body,
+            headers={**AUTH, "Content-Type": "application/json", "Content-Encoding": coding},
+        )
+        assert response.status == 200, await response.text()
+    seen = upstream.chat_requests()[-1]
+    assert "Content-Encoding" not in seen.headers
+    assert seen.body == plain
+    assert stored_ids(tmp_path) == ["chatcmpl-zipped-up"]
+
+
+async def test_a_request_body_in_a_coding_the_server_leaves_alone_keeps_its_header(
+    proxy, upstream: FakeUpstream
+) -> None:
+    """A coding the server does not decode reaches the upstream as sent, header and bytes,
+    for the upstream to accept or refuse."""
+    upstream.script(Reply(json={"object": "list", "data": []}))
+    async with aiohttp.ClientSession() as client:
+        response = await client.post(
+            proxy.make_url("/v1/embeddings"),
+            data=b"opaque bytes",
+            headers={**AUTH, "Content-Type": "application/json", "Content-Encoding": "x-custom"},
+        )
+        assert response.status == 200, await response.text()
+    seen = upstream.received[-1]
+    assert seen.path == "/v1/embeddings"
+    assert seen.headers["Content-Encoding"] == "x-custom"
+    assert seen.body == b"opaque bytes"
 
 
 async def test_an_answer_of_known_length_is_relayed_with_that_length(
