@@ -246,8 +246,11 @@ def input_messages(request: Json, completion_id: str) -> list[Json]:
     Array content gives ``content`` = its text parts joined by a newline, and the parts
     themselves in ``content_parts``; string content gives ``content_parts: null``.
     """
+    messages = request.get("messages")
+    if not isinstance(messages, list):  # an imported or leniently accepted request: no list
+        return []
     items: list[Json] = []
-    for index, message in enumerate(request.get("messages") or ()):
+    for index, message in enumerate(messages):
         if not isinstance(message, dict):
             continue
         content = message.get("content")

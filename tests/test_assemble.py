@@ -788,6 +788,13 @@ def test_input_messages_array_content(parts: list[Any], content: str) -> None:
     assert item["content_parts"] == parts
 
 
+@pytest.mark.parametrize("messages", [5, True, 1.5, "text", {"role": "user"}, None])
+def test_input_messages_of_a_request_whose_messages_are_no_list(messages: Any) -> None:
+    """A stored request can hold anything an import file or a lenient upstream let through;
+    messages that are not a list list nothing rather than failing the endpoint."""
+    assert input_messages({"messages": messages}, "c") == []
+
+
 def test_input_messages_echo_other_fields_only_when_present() -> None:
     audio = {"id": "audio_1"}
     request = {
