@@ -149,9 +149,15 @@ async def _retention(app: web.Application) -> AsyncIterator[None]:
             await task
 
 
+def prune_cutoff(days: float, now: float) -> int:
+    """What a retention of ``days`` deletes: completions created before this Unix second.
+    Days reaching back before 1970 keep everything rather than overflow the store's range."""
+    return int(max(0.0, now - days * 86400))
+
+
 async def _prune_forever(app: web.Application, days: float, interval_hours: float) -> None:
     while True:
-        before = int(time.time() - days * 86400)
+        before = prune_cutoff(days, time.time())
         try:
             report = await app[STORE].prune(before)
         except Exception:

@@ -42,7 +42,7 @@ import orjson
 import yaml
 
 from proxy import __version__, server
-from proxy.app import create_app, redactor_of
+from proxy.app import create_app, prune_cutoff, redactor_of
 from proxy.callers import new_key
 from proxy.config import Config, ConfigError, load_config, redacted, without_password
 from proxy.lifecycle import Lifecycle
@@ -378,8 +378,7 @@ async def _prune(args: argparse.Namespace, config: Config) -> int:
     days = args.days if args.days is not None else config.retention.days
     if days is None:
         raise ConfigError("prune needs --days or retention.days in the config")
-    # Days reaching back before 1970 keep everything: the cutoff stays within the store's range.
-    before = int(max(0.0, time.time() - days * 86400))
+    before = prune_cutoff(days, time.time())
     async with _opened(args, config, must_exist=True) as store:
         completions, exchanges, everything = await _prunable(store, before)
         what = f"{completions} completions and {exchanges} audit records older than {days:g} days"

@@ -208,8 +208,8 @@ class AuditConfig(_Section):
 
 
 class RetentionConfig(_Section):
-    days: float | None = Field(None, gt=0)
-    interval_hours: float = Field(1.0, gt=0)
+    days: float | None = Field(None, gt=0, allow_inf_nan=False)
+    interval_hours: float = Field(1.0, gt=0, allow_inf_nan=False)
 
 
 class Price(_Section):
