@@ -42,6 +42,7 @@ import orjson
 import yaml
 
 from proxy import __version__, server
+from proxy.admin_keys import NAME as KEY_NAME
 from proxy.app import create_app, prune_cutoff, redactor_of
 from proxy.callers import new_key
 from proxy.config import Config, ConfigError, load_config, redacted, without_password
@@ -118,7 +119,7 @@ def _parser() -> argparse.ArgumentParser:
     keys = commands.add_parser("keys", help="manage proxy keys (auth.mode: keys)")
     keys_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     create = keys_commands.add_parser("create", help="make a key; it is printed once")
-    create.add_argument("name")
+    create.add_argument("name", type=_key_name)
     create.add_argument("--role", choices=("member", "admin"), default="member")
     listing = keys_commands.add_parser("list", help="list keys (never their secrets)")
     revoke = keys_commands.add_parser("revoke", help="revoke a key at once")
@@ -186,6 +187,16 @@ def _pair(text: str) -> tuple[str, str]:
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     return key, value
+
+
+def _key_name(text: str) -> str:
+    """A new key's name, by the rule ``POST /admin/keys`` applies, so both make the same keys."""
+    if not KEY_NAME.fullmatch(text):
+        raise argparse.ArgumentTypeError(
+            "a key name is 1-64 characters: letters, digits and . _ @ -, starting with a letter"
+            f" or digit; got {text!r}"
+        )
+    return text
 
 
 def _days(text: str) -> float:

@@ -463,3 +463,14 @@ def test_prune_with_days_before_1970_keeps_everything(tmp_path: Path) -> None:
     result = run_cli("prune", "--db", str(db), "--days", "1e300")
     assert result.returncode == 0, result.stderr
     assert result.stderr.startswith("pruned 0 completions and 0 audit records older than 1e+300")
+
+
+@pytest.mark.parametrize("name", ["", "a b", "_ops", "x" * 65, "ops\u00e9"])
+def test_keys_create_refuses_a_name_the_admin_api_refuses_and_creates_nothing(
+    tmp_path: Path, name: str
+) -> None:
+    db = tmp_path / "x.db"
+    result = run_cli("keys", "create", name, "--db", str(db))
+    assert result.returncode == 2, result.stderr
+    assert "argument name: a key name is 1-64 characters" in result.stderr.splitlines()[-1]
+    assert not db.exists()
