@@ -14,6 +14,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import openai
 import orjson
@@ -581,6 +582,47 @@ def test_delete_with_confirmation(context: BrowserContext, team: Team) -> None:
     assert made.id not in log_ids(page)
     with pytest.raises(openai.NotFoundError):
         team.sdk("alice").chat.completions.retrieve(made.id)
+
+
+def test_delete_and_saved_metadata_return_to_the_log_view_they_came_from(
+    context: BrowserContext, team: Team
+) -> None:
+    sdk = team.sdk("alice")
+    kept = sdk.chat.completions.create(model="gpt-test", messages=ask("harbour kept"), store=True)
+    gone = sdk.chat.completions.create(model="gpt-test", messages=ask("harbour gone"), store=True)
+    view = "/ui/log?q=harbour&model=gpt-test"
+    page = sign_in(context, team, "alice")
+    page.goto(team.url + view)
+    page.click(f"a.rowlink[href='/ui/c/{kept.id}']")
+    page.fill("input[aria-label='new key']", "checked")
+    page.fill("input[aria-label='new value']", "yes")
+    page.click("button:text('Save metadata')")
+    page.wait_for_url("**saved=1**")
+    expect(page.locator(".notice")).to_have_text("Saved.")
+    page.click(".crumbs a")
+    page.wait_for_url("**" + view)
+    page.click(f"a.rowlink[href='/ui/c/{gone.id}']")
+    page.click("text=Delete…")
+    page.wait_for_url(f"**/ui/c/{gone.id}/delete**")
+    page.click("a:text('Cancel')")
+    expect(page.locator(".crumbs a")).to_have_attribute("href", view)
+    page.click("text=Delete…")
+    page.click("button.danger:text('Delete')")
+    page.wait_for_url(f"**{view}&deleted={gone.id}")
+    expect(page.locator(".notice")).to_contain_text(gone.id)
+    assert log_ids(page) == [kept.id]
+    page.click(f"a.rowlink[href='/ui/c/{kept.id}']")
+    expect(page.locator(".crumbs a")).to_have_attribute("href", view)  # without the notice
+    # Whatever a form or URL holds, the way back is the log: its path and query, no more.
+    for given, back in (
+        ("https://evil.example/ui/log?q=x", "/ui/log?q=x"),
+        ("//evil.example/ui/keys", "/ui/log"),
+        ("/ui/keys", "/ui/log"),
+    ):
+        page.goto(team.url + f"/ui/c/{kept.id}/delete?" + urlencode({"log": given}))
+        expect(page.locator("input[name=log]")).to_have_value(back)
+        page.goto(team.url + f"/ui/c/{kept.id}?" + urlencode({"log": given}))
+        expect(page.locator(".crumbs a")).to_have_attribute("href", back)
 
 
 # -- who sees what ---------------------------------------------------------------------------

@@ -7,6 +7,8 @@ is a 404, as in the API) and an edit or delete lands in the audit trail the same
 
 from __future__ import annotations
 
+from urllib.parse import quote
+
 import orjson
 from aiohttp import web
 from yarl import URL
@@ -69,14 +71,35 @@ class _NotFound(ProxyError):
         super().__init__(f"No chat completion with id '{completion_id}' that you can see.")
 
 
-def _log_link(request: web.Request) -> str:
-    """The log as the reader left it (filters, page) when they came from it; only its path
-    and query are taken, so the link never leaves the console."""
+LOG = "/ui/log"
+
+
+def _log_view(target: str) -> str:
+    """``target``'s path and query when its path is the log, else the plain log: a link or
+    redirect made from a header or a form never leaves the log. A 'Deleted …' notice is
+    dropped, so it is not shown again on the way back."""
     try:
-        came_from = URL(request.headers.get("Referer", ""))
+        url = URL(target)
     except ValueError:  # not a URL at all
-        return "/ui/log"
-    return came_from.path_qs if came_from.path == "/ui/log" else "/ui/log"
+        return LOG
+    return url.without_query_params("deleted").raw_path_qs if url.path == LOG else LOG
+
+
+def _log_link(request: web.Request) -> str:
+    """The log as the reader left it (filters, page): the view a form or link carried on
+    (``log=``), else the Referer when they came from the log."""
+    return _log_view(request.query.get("log") or request.headers.get("Referer") or "")
+
+
+def _path(completion_id: str) -> str:
+    return "/ui/c/" + quote(completion_id, safe="")
+
+
+def _with_log(path: str, log_url: str) -> str:
+    """``path`` carrying the log view on, so the page after it still leads back there."""
+    if log_url == LOG:
+        return path
+    return str(URL(path).update_query(log=log_url))
 
 
 def _base_url(request: web.Request) -> str:
@@ -97,6 +120,7 @@ async def completion(request: web.Request, visitor: Visitor) -> web.StreamRespon
     completion_tokens = int(usage.get("completion_tokens") or 0)
     model = str(stored.get("model") or "")
     base = _base_url(request)
+    log_url = _log_link(request)
     return page(
         request.app[CONSOLE].env,
         "completion.html",
@@ -120,7 +144,8 @@ async def completion(request: web.Request, visitor: Visitor) -> web.StreamRespon
             "curl": conversation.curl_snippet(sent, base),
             "python": conversation.python_snippet(sent, base),
             "saved": request.query.get("saved") == "1",
-            "log_url": _log_link(request),
+            "log_url": log_url,
+            "delete_url": _with_log(f"{_path(completion_id)}/delete", log_url),
         },
     )
 
@@ -146,13 +171,15 @@ async def update_metadata(request: web.Request, visitor: Visitor) -> web.StreamR
     )
     if updated is None:
         raise _NotFound(completion_id)
-    return redirect(f"/ui/c/{completion_id}?saved=1")
+    log_url = _log_view(form_text(form, "log"))
+    return redirect(_with_log(f"{_path(completion_id)}?saved=1", log_url))
 
 
 @signed_in()
 async def confirm_delete(request: web.Request, visitor: Visitor) -> web.StreamResponse:
     completion_id, body, _, _ = await _completion(request, visitor)
     stored = orjson.loads(body)
+    log_url = _log_link(request)
     return page(
         request.app[CONSOLE].env,
         "delete.html",
@@ -162,6 +189,8 @@ async def confirm_delete(request: web.Request, visitor: Visitor) -> web.StreamRe
             "id": completion_id,
             "model": stored.get("model") or "",
             "created": stored.get("created"),
+            "log_url": log_url,
+            "cancel_url": _with_log(_path(completion_id), log_url),
         },
     )
 
@@ -176,4 +205,5 @@ async def delete(request: web.Request, visitor: Visitor) -> web.StreamResponse:
     purge = request.app[CONFIG].audit.delete_purges
     if not await request.app[STORE].delete(caller.scope, completion_id, caller.name, purge=purge):
         raise _NotFound(completion_id)
-    return redirect(f"/ui/log?deleted={completion_id}")
+    log_url = _log_view(form_text(form, "log"))
+    return redirect(str(URL(log_url).update_query(deleted=completion_id)))
