@@ -646,6 +646,27 @@ def test_a_member_cannot_see_or_reach_another_callers_record(
     assert page.goto(team.url + "/ui/keys").status == 403  # type: ignore[union-attr]
 
 
+def test_an_unknown_console_path_is_a_console_page_and_api_paths_keep_json(
+    context: BrowserContext, team: Team
+) -> None:
+    page = context.new_page()
+    answer = page.goto(team.url + "/ui/nope")  # signed out: the page, without the nav
+    assert answer is not None and answer.status == 404
+    expect(page.locator("h1")).to_contain_text("Not found")
+    page = sign_in(context, team, "alice")
+    for path in ("/ui/nope", "/ui/c/x/nope"):
+        answer = page.goto(team.url + path)
+        assert answer is not None and answer.status == 404, path
+        assert answer.headers["content-type"].startswith("text/html")
+        expect(page.locator(".who .caller")).to_have_text("alice")
+    page.click("main a:text('Back to the log')")
+    page.wait_for_url("**/ui/log")
+    for path in ("/nope", "/admin/nope", "/uinope"):
+        answer = page.request.get(team.url + path)
+        assert answer.status == 404, path
+        assert answer.json()["error"]["code"] == "unknown_url"
+
+
 def test_forms_without_the_csrf_token_are_refused_and_change_nothing(
     context: BrowserContext, team: Team
 ) -> None:

@@ -53,6 +53,14 @@ async def _home(request: web.Request) -> web.StreamResponse:
     return auth.redirect("/ui/log")
 
 
+async def _unknown(request: web.Request) -> web.StreamResponse:
+    """A console page, not the API's JSON, for a path under ``/ui/`` that names no page: the
+    reader followed a stale or mistyped link in a browser."""
+    return auth.error_page(
+        request, 404, "Not found", "The console has no page here.", await auth.visitor_of(request)
+    )
+
+
 def setup(app: web.Application) -> None:
     """Add the console to ``app``; call after the store's cleanup context is registered."""
     app[CONSOLE] = ConsoleState(environment(), app[CONFIG].console.session_hours)
@@ -75,3 +83,4 @@ def setup(app: web.Application) -> None:
     router.add_post("/ui/keys", admin.create_key)
     router.add_post("/ui/keys/{name}/revoke", admin.revoke_key)
     router.add_get("/ui/static/{name}", _static(_static_files()))
+    router.add_get("/ui/{tail:.*}", _unknown)  # last: only what no route above names
