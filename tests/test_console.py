@@ -427,6 +427,19 @@ def test_search_from_the_log_with_filters(context: BrowserContext, team: Team, s
     admin.context.close()
 
 
+def test_a_search_longer_than_the_apis_limit_is_refused_as_a_page(
+    context: BrowserContext, team: Team
+) -> None:
+    page = sign_in(context, team, "alice")
+    expect(page.locator("#q")).to_have_attribute("maxlength", "500")
+    answer = page.goto(team.url + "/ui/log?" + urlencode({"q": "ticket " + "x" * 493}))
+    assert answer is not None and answer.status == 200  # 500 characters: the API's limit
+    answer = page.goto(team.url + "/ui/log?" + urlencode({"q": "ticket " + "x" * 494}))
+    assert answer is not None and answer.status == 400
+    expect(page.locator("h1")).to_contain_text("Not done")
+    expect(page.locator("main")).to_contain_text("at most 500 characters")
+
+
 def test_log_time_range_and_failed_outcomes(context: BrowserContext, team: Team) -> None:
     page = sign_in(context, team, "alice")
     page.fill("input[name=since]", "2024-03-01")

@@ -1,8 +1,9 @@
 """The log's view as query parameters and back: the URL holds the whole view; pure.
 
-``q`` (full-text search), ``model``, ``caller`` (admins), ``meta`` (``KEY=VALUE``, repeatable),
-``since`` / ``until`` (dates or date-times, UTC; an ``until`` date includes that whole day),
-``outcome``, and the page's cursor: ``after`` (older than this id) or ``before`` (newer).
+``q`` (full-text search, at most ``SEARCH_MAX`` characters as in the API), ``model``,
+``caller`` (admins), ``meta`` (``KEY=VALUE``, repeatable), ``since`` / ``until`` (dates or
+date-times, UTC; an ``until`` date includes that whole day), ``outcome``, and the page's
+cursor: ``after`` (older than this id) or ``before`` (newer).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from urllib.parse import urlencode
 from multidict import MultiMapping
 
 from proxy.errors import InvalidRequest
-from proxy.models import check_metadata, parse_moment
+from proxy.models import SEARCH_MAX, check_metadata, parse_moment
 
 PAGE_SIZE = 50
 
@@ -101,8 +102,11 @@ def parse_view(query: MultiMapping[str], *, admin: bool) -> LogView:
             raise InvalidRequest("A metadata filter is KEY=VALUE.", param="meta")
         pairs[key.strip()] = value.strip()
     check_metadata(pairs)
+    q = query.get("q", "")
+    if len(q) > SEARCH_MAX:  # as the API's list refuses it, rather than search part of it
+        raise InvalidRequest(f"A search may be at most {SEARCH_MAX} characters.", param="q")
     view = LogView(
-        q=query.get("q", "").strip(),
+        q=q.strip(),
         model=query.get("model", "").strip(),
         caller=query.get("caller", "").strip() if admin else "",
         meta=tuple(pairs.items()),

@@ -22,7 +22,7 @@ from proxy.console.render import page
 from proxy.console.state import CONSOLE
 from proxy.errors import InvalidRequest, ProxyError
 from proxy.keys import CONFIG, STORE
-from proxy.models import check_metadata
+from proxy.models import SEARCH_MAX, check_metadata
 from proxy.store import LogEntry
 from proxy.usage import cost
 
@@ -46,6 +46,7 @@ async def log(request: web.Request, visitor: Visitor) -> web.StreamResponse:
             "outcomes": [str(o) for o in FAILED],
             "deleted": request.query.get("deleted", ""),
             "search": config.store.search,
+            "search_max": SEARCH_MAX,
             "nav": "log",
         },
     )
