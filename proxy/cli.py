@@ -1,6 +1,7 @@
 """The ``completions-proxy`` command: the only module that prints or exits.
 
-    completions-proxy serve [--host HOST] [--port PORT] [--upstream URL] [STORE]
+    completions-proxy serve [--host HOST] [--port PORT] [--upstream URL]
+                            [--replay off|strict|fallback] [--workers N|auto] [STORE]
     completions-proxy check-config FILE
     completions-proxy export [--format jsonl|finetune] [--model M]
                              [--metadata k=v ...] [--since T] [--until T] [-o FILE] [STORE]
@@ -8,7 +9,7 @@
     completions-proxy keys create NAME [--role member|admin] | keys list | keys revoke NAME [STORE]
     completions-proxy usage [--since T] [--until T] [--group-by caller,model,day] [--json] [STORE]
     completions-proxy prune [--days N] [--dry-run] [--yes] [STORE]
-    completions-proxy health [--config FILE] [--host HOST] [--port PORT] [--pid N]
+    completions-proxy health [--config FILE] [--host HOST] [--port PORT] [--pid N] [--timeout S]
 
 STORE is ``--config FILE --db URL_OR_PATH``, the same for every command: the store is
 ``--db`` if given, else the config's ``store.url`` (default ``./completions.db``), opened with
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import io
 import logging
 import math
 import os
@@ -36,7 +38,7 @@ import urllib.request
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 import orjson
 import yaml
@@ -53,6 +55,9 @@ from proxy.recordings import export_to, import_from
 from proxy.store import ExportFilter, KeyExists, Store, StoreError, StoreMissing, open_store
 from proxy.supervisor import WorkersFailed, run_worker, supervise, worker_config
 from proxy.usage import parse_groups, report, table
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
 log = logging.getLogger("proxy")
 
@@ -268,12 +273,36 @@ async def _export(args: argparse.Namespace, config: Config, out: IO[bytes]) -> i
     return 0
 
 
-def _finetune_file(source: IO[bytes]) -> bool:
-    """Whether a seekable file's first line is a fine-tuning example rather than a record."""
-    if not source.seekable():
-        return False
+class _Prefixed(io.RawIOBase):
+    """``head`` then the rest of ``rest``: a pipe whose first line was read, read whole."""
+
+    def __init__(self, head: bytes, rest: IO[bytes]) -> None:
+        self._head = head
+        self._rest = rest
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: WriteableBuffer) -> int:
+        view = memoryview(buffer).cast("B")
+        data = self._head[: len(view)] if self._head else self._rest.read(len(view))
+        self._head = self._head[len(data) :]
+        view[: len(data)] = data
+        return len(data)
+
+
+def _first_line(source: IO[bytes]) -> tuple[bytes, IO[bytes]]:
+    """The first line of ``source``, and the source to read from its start: rewound when it
+    can be, else (a pipe) the line handed back before the rest."""
     first = source.readline(1 << 20)
-    source.seek(0)
+    if source.seekable():
+        source.seek(0)
+        return first, source
+    return first, io.BufferedReader(_Prefixed(first, source), 1 << 20)
+
+
+def _is_finetune_line(first: bytes) -> bool:
+    """Whether an import's first line is a fine-tuning example rather than a record."""
     try:
         line = orjson.loads(first)
     except orjson.JSONDecodeError:
@@ -282,7 +311,8 @@ def _finetune_file(source: IO[bytes]) -> bool:
 
 
 async def _import(args: argparse.Namespace, config: Config, source: IO[bytes]) -> int:
-    if _finetune_file(source):
+    first, source = _first_line(source)
+    if _is_finetune_line(first):
         sys.stderr.write(
             f"completions-proxy: {args.file} is in the fine-tuning format (export --format"
             " finetune), which keeps no ids or answers to import; import takes the jsonl"

@@ -204,8 +204,9 @@ async def test_prune_of_everything_asks_on_a_terminal(proxy, tmp_path: Path) -> 
 # -- import ----------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("piped", [False, True], ids=["file", "pipe"])
 async def test_importing_a_finetune_file_names_the_format_import_takes(
-    proxy, tmp_path: Path
+    proxy, tmp_path: Path, piped: bool
 ) -> None:
     await store(proxy, ["gpt-test"])
     finetune = tmp_path / "train.jsonl"
@@ -215,11 +216,15 @@ async def test_importing_a_finetune_file_names_the_format_import_takes(
     )  # fmt: skip
     assert code == 0, err
     target = tmp_path / "other.db"
-    code, out, err = await cli("import", str(finetune), "--db", str(target))
+    if piped:  # a pipe cannot be rewound: its first line is read, then handed on
+        code, out, err = await cli("import", "-", "--db", str(target), stdin=finetune.read_bytes())
+    else:
+        code, out, err = await cli("import", str(finetune), "--db", str(target))
+    name = "-" if piped else finetune
     assert code == 1
     assert out == b""
     assert err == (
-        f"completions-proxy: {finetune} is in the fine-tuning format (export --format finetune),"
+        f"completions-proxy: {name} is in the fine-tuning format (export --format finetune),"
         " which keeps no ids or answers to import; import takes the jsonl export format"
         " (export --format jsonl, the default)\n"
     )
