@@ -24,7 +24,7 @@ from proxy.config import Config
 from proxy.errors import Forbidden, InvalidRequest
 from proxy.handlers import required_caller
 from proxy.keys import CONFIG, METRICS, STORE
-from proxy.models import INT64_MAX, is_digits, no_nul, parse_moment, parse_page_query
+from proxy.models import INT64_MAX, caller_param, is_digits, parse_moment, parse_page_query
 from proxy.store import UnknownCursor
 from proxy.usage import parse_groups, report
 
@@ -64,11 +64,8 @@ async def get_usage(request: web.Request) -> web.Response:
 async def list_exchanges(request: web.Request) -> web.Response:
     await _admin(request)
     page = parse_page_query(request.query)
-    owner = request.query.get("caller")
-    if owner is not None:
-        no_nul(owner, "caller")
     try:
-        result = await request.app[STORE].list_exchanges(owner, page)
+        result = await request.app[STORE].list_exchanges(caller_param(request.query), page)
     except UnknownCursor:
         raise InvalidRequest(f"after: no exchange '{page.after}'.", param="after") from None
     return web.Response(body=responses.exchange_page(result), content_type="application/json")

@@ -39,7 +39,7 @@ from proxy.keys import (
     WRITER,
 )
 from proxy.models import (
-    no_nul,
+    caller_param,
     parse_list_query,
     parse_page_query,
     parse_update_body,
@@ -177,10 +177,9 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
 
 def _owner_filter(request: web.Request, caller: Caller) -> str | None:
     """``caller=NAME``: an admin's extension to list one caller's completions."""
-    owner = request.query.get("caller")
+    owner = caller_param(request.query)
     if owner is None:
         return None
-    no_nul(owner, "caller")
     if caller.role != "admin":
         raise Forbidden("Only admins may filter by caller.", param="caller")
     return owner

@@ -36,6 +36,12 @@ def no_nul(text: str, param: str) -> str:
     return text
 
 
+def caller_param(query: MultiMapping[str]) -> str | None:
+    """An admin's ``caller=NAME`` filter, if given (see ``no_nul``)."""
+    owner = query.get("caller")
+    return None if owner is None else no_nul(owner, "caller")
+
+
 def check_metadata(value: Any) -> dict[str, str]:
     """OpenAI's metadata rules: at most 16 string pairs, keys ≤ 64 and values ≤ 512 chars;
     no NUL characters (see ``no_nul``)."""
