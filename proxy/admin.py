@@ -24,7 +24,14 @@ from proxy.config import Config
 from proxy.errors import Forbidden, InvalidRequest
 from proxy.handlers import required_caller
 from proxy.keys import CONFIG, METRICS, STORE
-from proxy.models import INT64_MAX, caller_param, is_digits, parse_moment, parse_page_query
+from proxy.models import (
+    INT64_MAX,
+    caller_param,
+    is_digits,
+    parse_moment,
+    parse_page_query,
+    single,
+)
 from proxy.store import UnknownCursor
 from proxy.usage import parse_groups, report
 
@@ -38,7 +45,7 @@ async def _admin(request: web.Request) -> Caller:
 
 def _moment(request: web.Request, name: str) -> int | None:
     """Unix seconds or an ISO 8601 date (UTC unless it says otherwise)."""
-    text = request.query.get(name)
+    text = single(request.query, name)
     if not text:
         return None
     try:
@@ -52,7 +59,7 @@ def _moment(request: web.Request, name: str) -> int | None:
 async def get_usage(request: web.Request) -> web.Response:
     await _admin(request)
     try:
-        groups = parse_groups(request.query.get("group_by", "caller,model"))
+        groups = parse_groups(single(request.query, "group_by", "caller,model"))
     except ValueError as error:
         raise InvalidRequest(str(error), param="group_by") from None
     since, until = _moment(request, "since"), _moment(request, "until")
@@ -73,8 +80,8 @@ async def list_exchanges(request: web.Request) -> web.Response:
 
 async def list_audit(request: web.Request) -> web.Response:
     await _admin(request)
-    after_text = request.query.get("after", "0")
-    limit_text = request.query.get("limit", "100")
+    after_text = single(request.query, "after", "0")
+    limit_text = single(request.query, "limit", "100")
     if not is_digits(after_text) or int(after_text) > INT64_MAX:
         raise InvalidRequest("after must be an audit entry number (0 and up).", param="after")
     if not is_digits(limit_text) or not 1 <= int(limit_text) <= 1000:

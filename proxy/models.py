@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 import orjson
 from multidict import MultiMapping
@@ -36,9 +36,22 @@ def no_nul(text: str, param: str) -> str:
     return text
 
 
+@overload
+def single(query: MultiMapping[str], name: str) -> str | None: ...
+@overload
+def single(query: MultiMapping[str], name: str, default: str) -> str: ...
+def single(query: MultiMapping[str], name: str, default: str | None = None) -> str | None:
+    """The value of the query parameter ``name``, or ``default``; a parameter given more than
+    once is a 400, since which value was meant cannot be told (the SDKs never repeat one)."""
+    values = query.getall(name, ())
+    if len(values) > 1:
+        raise InvalidRequest(f"{name} is given more than once; give it once.", param=name)
+    return values[0] if values else default
+
+
 def caller_param(query: MultiMapping[str]) -> str | None:
     """An admin's ``caller=NAME`` filter, if given (see ``no_nul``)."""
-    owner = query.get("caller")
+    owner = single(query, "caller")
     return None if owner is None else no_nul(owner, "caller")
 
 
@@ -127,7 +140,7 @@ def parse_moment(text: str) -> int:
 
 
 def _limit(query: MultiMapping[str]) -> int:
-    raw = query.get("limit")
+    raw = single(query, "limit")
     if raw is None:
         return LIMIT_DEFAULT
     if not is_digits(raw) or len(raw) > 4:
@@ -139,7 +152,7 @@ def _limit(query: MultiMapping[str]) -> int:
 
 
 def _order(query: MultiMapping[str]) -> Order:
-    raw = query.get("order", "asc")
+    raw = single(query, "order", "asc")
     if raw == "asc":
         return "asc"
     if raw == "desc":
@@ -168,7 +181,7 @@ class ListQuery:
 
 
 def parse_page_query(query: MultiMapping[str]) -> PageQuery:
-    after = query.get("after")
+    after = single(query, "after")
     if after == "":
         after = None
     if after is not None:
@@ -204,10 +217,10 @@ def parse_list_query(query: MultiMapping[str]) -> ListQuery:
                 param="metadata",
             )
         pairs[key] = value
-    model = query.get("model") or None
+    model = single(query, "model") or None
     if model is not None:
         no_nul(model, "model")
-    search = query.get("search") or None
+    search = single(query, "search") or None
     if search is not None and len(search) > SEARCH_MAX:
         raise InvalidRequest(f"search may be at most {SEARCH_MAX} characters.", param="search")
     return ListQuery(

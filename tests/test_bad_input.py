@@ -130,6 +130,12 @@ LIST_CASES = {
     "empty metadata key": ("metadata%5B%5D=x", "metadata"),
     "repeated metadata key": ("metadata%5Ba%5D=1&metadata%5Ba%5D=2", "metadata"),
     "nested metadata key": ("metadata%5Ba%5D%5Bb%5D=1", "metadata"),
+    # Which of two values was meant cannot be told, as for a metadata key given twice.
+    "repeated model": ("model=a&model=b", "model"),
+    "repeated limit": ("limit=1&limit=2", "limit"),
+    "repeated order": ("order=asc&order=desc", "order"),
+    "repeated after": ("after=x&after=y", "after"),
+    "repeated search": ("search=a&search=b", "search"),
 }
 
 
@@ -151,7 +157,14 @@ async def test_limit_bounds_are_accepted(proxy, seeded: str) -> None:
 
 @pytest.mark.parametrize(
     ("query", "param"),
-    [("limit=0", "limit"), ("order=up", "order"), ("after=nope", "after"), ("after=x-0", "after")],
+    [
+        ("limit=0", "limit"),
+        ("order=up", "order"),
+        ("after=nope", "after"),
+        ("after=x-0", "after"),
+        ("limit=1&limit=1", "limit"),
+        ("order=asc&order=asc", "order"),
+    ],
 )
 async def test_bad_message_queries(proxy, seeded: str, query: str, param: str) -> None:
     response = await proxy.get(f"/v1/chat/completions/{seeded}/messages?{query}", headers=AUTH)

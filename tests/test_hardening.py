@@ -607,6 +607,12 @@ async def test_a_malformed_metadata_filter_is_a_400(proxy, name: str) -> None:
         ("/admin/audit?limit=1_0", "limit"),
         ("/admin/usage?since=99999999999999999999", "since"),
         ("/admin/usage?until=18446744073709551616", "until"),
+        ("/admin/audit?limit=5&limit=6", "limit"),
+        ("/admin/audit?after=1&after=2", "after"),
+        ("/admin/usage?since=1&since=2", "since"),
+        ("/admin/usage?group_by=day&group_by=model", "group_by"),
+        ("/admin/exchanges?caller=a&caller=b", "caller"),
+        ("/v1/chat/completions?caller=a&caller=b", "caller"),
     ],
 )
 async def test_admin_parameters_out_of_range_are_400(team, path: str, param: str) -> None:
