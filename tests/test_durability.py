@@ -544,6 +544,7 @@ def test_a_file_that_is_not_a_database_exits_1_with_one_message(
     else:
         assert result.stderr == "completions-proxy: the store failed: file is not a database\n"
     assert db.read_bytes() == b"these are my notes, not a database\n" * 200  # untouched
+    assert not (tmp_path / "notes.db-lock").exists(), "the write lock's file was left beside it"
 
 
 def test_serve_with_an_unknown_config_key_exits_2(tmp_path: Path) -> None:

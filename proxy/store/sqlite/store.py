@@ -238,11 +238,15 @@ class SQLiteStore:
         while it was off."""
         if self.path != ":memory:":
             _make_room(self.path, must_exist=self._must_exist)
-            self._lock = _open_lock(self.path)
-            self._checkpoint_lock = _open_lock(self.path)
-        self._writer = ThreadedConnection(self._connect, "store-writer")
-        await self._writer.open()
+        writer = ThreadedConnection(self._connect, "store-writer")
+        await writer.open()  # stops its thread itself when the file cannot be opened
+        self._writer = writer
         try:
+            if self.path != ":memory:":
+                # Once the connection has read the file as a database: a file that is not
+                # one gets no ``-lock`` file beside it.
+                self._lock = _open_lock(self.path)
+                self._checkpoint_lock = _open_lock(self.path)
             await self._writer.run(_locked, self._lock, _prepare_writer)
             await self._open_beside()  # the checkpointer keeps the WAL short meanwhile
             if self._search and not self._must_exist:
