@@ -31,12 +31,13 @@ from proxy.keys import (
     REDACTOR,
     RELAY,
     REPLAYER,
+    REQUEST_IDS,
     STORE,
     WRITER,
 )
 from proxy.logs import AccessLog
 from proxy.metrics import Metrics
-from proxy.middleware import exchange_middleware
+from proxy.middleware import exchange_middleware, request_ids
 from proxy.redaction import DEFAULT_BUILTIN, Redactor
 from proxy.relay import Relay
 from proxy.replay import Replayer
@@ -209,10 +210,12 @@ def _lower(names: list[str]) -> frozenset[str]:
 
 def create_app(config: Config) -> web.Application:
     access_log = AccessLog(logging.getLogger("proxy.access")) if config.logging.access_log else None
+    ids = request_ids()
     app = web.Application(
         client_max_size=config.server.max_body_bytes,
-        middlewares=[exchange_middleware(access_log)],
+        middlewares=[exchange_middleware(access_log, ids)],
     )
+    app[REQUEST_IDS] = ids
     if access_log is not None:
         lines = access_log
 

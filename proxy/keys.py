@@ -6,6 +6,8 @@ handlers sit above it), so there is no import cycle to work around.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from aiohttp import web
 
 from proxy.callers import Callers
@@ -29,5 +31,8 @@ REPLAYER = web.AppKey[Replayer]("replayer")
 REDACTOR = web.AppKey[Redactor]("redactor")
 METRICS = web.AppKey[Metrics]("metrics")
 FORWARDING = web.AppKey[ForwardRules]("forwarding")
+# The ids of the app's requests, drawn by the middleware and by the server for a request
+# too malformed to reach it (``proxy.server``).
+REQUEST_IDS = web.AppKey[Iterator[str]]("request_ids")
 
 ACCESS = web.RequestKey[AccessRecord]("access")

@@ -47,7 +47,7 @@ def request_ids() -> Iterator[str]:
     return (f"{prefix}{n:016x}" for n in itertools.count(1))
 
 
-def exchange_middleware(access_log: AccessLog | None) -> Middleware:
+def exchange_middleware(access_log: AccessLog | None, ids: Iterator[str]) -> Middleware:
     """Give every request an id and an access record; render every failure of the proxy's own.
 
     Only ``ProxyError`` (and aiohttp's own HTTP errors, such as a body over the size limit)
@@ -55,8 +55,6 @@ def exchange_middleware(access_log: AccessLog | None) -> Middleware:
     answered with a plain 500 that says nothing of the internals. Once a response has
     started, nothing more is written: a failure after that point closes the connection.
     """
-
-    ids = request_ids()
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:

@@ -29,7 +29,7 @@ import gc
 import logging
 import signal
 import socket
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from aiohttp import http_exceptions, web
@@ -37,7 +37,9 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
 from proxy.config import ServerConfig
-from proxy.errors import Busy, InvalidRequest, ProxyError, error_body
+from proxy.errors import Busy, InvalidRequest, ProxyError, error_body, render
+from proxy.keys import REQUEST_IDS
+from proxy.middleware import request_ids
 
 log = logging.getLogger("proxy.server")
 
@@ -106,16 +108,19 @@ class ProxyRequestHandler(RequestHandler):
     ) -> web.StreamResponse:
         if status >= 500:
             return super().handle_error(request, status, exc, message)
+        manager = self._manager
+        request_id = next(manager.request_ids) if isinstance(manager, ProxyServer) else ""
         log.warning(
             "malformed request",
-            extra={"reason": type(exc).__name__ if exc else "unknown", "status": status},
+            extra={
+                "request_id": request_id,
+                "reason": type(exc).__name__ if exc else "unknown",
+                "status": status,
+            },
         )
         if request.writer.output_size > 0:
             raise ConnectionError("a response is already under way; the connection is closed")
-        error = _parse_error(exc)
-        response = web.Response(
-            status=error.status, body=error_body(error), content_type="application/json"
-        )
+        response = render(_parse_error(exc), request_id)
         response.force_close()
         return response
 
@@ -123,9 +128,12 @@ class ProxyRequestHandler(RequestHandler):
 class ProxyServer(web.Server):
     """aiohttp's server with a cap on open client connections."""
 
-    def __init__(self, *args: Any, max_connections: int, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, max_connections: int, request_ids: Iterator[str], **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.max_connections = max_connections
+        self.request_ids = request_ids  # the app's, for a request that never reaches it
         self.open = 0
         self.refused = 0
         self.refusal = _refusal()
@@ -172,6 +180,7 @@ class ProxyRunner(web.AppRunner):
             handler_cancellation=made.handler_cancellation,
             loop=made._loop,
             max_connections=self._max_connections,
+            request_ids=self.app.get(REQUEST_IDS) or request_ids(),
             **made._kwargs,
         )
 

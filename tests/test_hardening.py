@@ -13,6 +13,7 @@ import contextlib
 import gzip
 import io
 import logging
+import re
 import signal
 import sqlite3
 import time
@@ -898,6 +899,15 @@ async def test_malformed_requests_get_json_400s_and_log_no_token(
     assert TOKEN not in log and TOKEN[8:20] not in log
     assert "Traceback" not in log
     assert upstream.received == []
+    # An id like any other answer's, and the log line that tells why carries it.
+    found = re.search(rb"(?im)^x-request-id: (req_[0-9a-f]{32})\r?$", head)
+    assert found, head
+    [warning] = [
+        line
+        for line in map(orjson.loads, re.findall(r"(?m)^\{.*$", log))
+        if line["message"] == "malformed request"
+    ]
+    assert warning["request_id"] == found[1].decode()
 
 
 def debug_config(tmp_path: Path) -> Path:
