@@ -19,7 +19,7 @@ from urllib.parse import urlencode
 import openai
 import orjson
 import pytest
-from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
+from playwright.sync_api import Browser, BrowserContext, Dialog, Page, expect, sync_playwright
 
 from proxy.keys import STORE
 from tests.console_server import Servers
@@ -843,6 +843,31 @@ def test_keys_page_creates_shows_once_and_revokes(
         pytest.raises(openai.AuthenticationError),
     ):
         dave.chat.completions.list()
+
+
+def test_revoking_the_key_you_are_signed_in_with_says_so_first(
+    context: BrowserContext, team: Team
+) -> None:
+    page = sign_in(context, team, "root")
+    page.goto(team.url + "/ui/keys")
+    own = page.locator("tr", has=page.locator("td:first-child", has_text="root"))
+    expect(own.locator(".you")).to_have_text("you")
+    expect(page.locator("tr", has_text="alice").locator(".you")).to_have_count(0)
+    asked: list[str] = []
+
+    def dismiss(dialog: Dialog) -> None:
+        asked.append(dialog.message)
+        dialog.dismiss()
+
+    page.once("dialog", dismiss)
+    own.locator("button:text('Revoke')").click()
+    expect(page.locator("h2", has_text="Keys")).to_be_visible()
+    assert asked == [
+        "Revoke root, the key you are signed in with? This session ends within seconds, and"
+        " signing in again takes another admin key."
+    ]
+    page.reload()  # dismissed: nothing was revoked, and the session still works
+    expect(page.locator("tr.revoked", has_text="root")).to_have_count(0)
 
 
 def test_admin_key_endpoints_refuse_bad_input_in_openais_shape(team: Team) -> None:
