@@ -25,7 +25,7 @@ import multiprocessing
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import IO, Any, Literal
 
 import orjson
@@ -161,7 +161,8 @@ class ExportedCompletion(BaseModel):
         value = usage.get(name)
         return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
-    def record(self) -> CompletionRecord:
+    def record(self, now: float) -> CompletionRecord:
+        """The record to import; stored ``now`` if the line does not say when it was."""
         return CompletionRecord(
             id=self.id,
             caller=self.caller,
@@ -175,7 +176,7 @@ class ExportedCompletion(BaseModel):
             outcome=self.outcome,
             duration_ms=self.duration_ms,
             request_key=request_key(self.request),
-            stored_at=self.stored_at,
+            stored_at=self.stored_at if self.stored_at is not None else now,
             prompt_tokens=self._tokens("prompt_tokens", self.prompt_tokens),
             cached_tokens=self._tokens("cached_tokens", self.cached_tokens),
             completion_tokens=self._tokens("completion_tokens", self.completion_tokens),
@@ -238,14 +239,12 @@ def parse_run(first: int, run: bytes, derive: Derive) -> ParsedRun:
             continue
         try:
             parsed = ExportedCompletion.model_validate_json(line)
-            record = parsed.record()
+            record = parsed.record(now)
         except ValidationError as error:
             bad += 1
             if len(errors) < 100:
                 errors.append((number, _describe(error)))
             continue
-        if record.stored_at is None:
-            record = replace(record, stored_at=now)
         rows.append(Prepared(record, derive(record, (parsed.request, parsed.response))))
     return rows, errors, bad
 

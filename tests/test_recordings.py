@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import io
 import sqlite3
+import time
 from pathlib import Path
+from typing import cast
 
 import openai
 import orjson
@@ -240,6 +242,17 @@ def test_a_run_reports_bad_lines_by_their_number_in_the_file() -> None:
     assert len(rows) == 2 and bad == 2
     assert [number for number, _ in errors] == [42, 45]
     assert rows[0].derived == derive(rows[0].record)  # prepared for the store's writer
+
+
+def test_a_line_without_stored_at_is_stored_at_import_time() -> None:
+    line = {"caller": "c", "created": 1, "model": "m", "request": {}, "response": {}}
+    old = orjson.dumps({**line, "id": "chatcmpl-old", "stored_at": 1_700_000_000.5})
+    new = orjson.dumps({**line, "id": "chatcmpl-new"})
+    before = time.time()
+    rows, _, bad = parse_run(1, old + b"\n" + new + b"\n", derive)
+    assert bad == 0
+    assert rows[0].record.stored_at == 1_700_000_000.5
+    assert before <= cast(float, rows[1].record.stored_at) <= time.time()
 
 
 async def test_a_large_import_is_parsed_beside_the_inserts_and_checked_whole(
