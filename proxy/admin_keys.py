@@ -25,6 +25,9 @@ from proxy.keys import STORE
 from proxy.store import KeyExists, KeyRecord, Store
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
+NAME_RULE = (
+    "a key name is 1-64 characters: letters, digits and . _ @ -, starting with a letter or digit"
+)
 ROLES = ("member", "admin")
 
 
@@ -46,13 +49,15 @@ def key_json(record: KeyRecord) -> dict[str, Any]:
     }
 
 
-def check_new_key(name: Any, role: Any) -> tuple[str, str]:
+def check_name(name: Any) -> str:
+    """A new key's name, by the one rule the API, the console and ``keys create`` apply."""
     if not isinstance(name, str) or not NAME.fullmatch(name):
-        raise InvalidRequest(
-            "name must be 1-64 characters: letters, digits and . _ @ -, starting with a letter"
-            " or digit.",
-            param="name",
-        )
+        raise InvalidRequest(f"{NAME_RULE}.", param="name")
+    return name
+
+
+def check_new_key(name: Any, role: Any) -> tuple[str, str]:
+    name = check_name(name)
     if role not in ROLES:
         raise InvalidRequest("role must be 'member' or 'admin'.", param="role")
     return name, role

@@ -44,10 +44,11 @@ import orjson
 import yaml
 
 from proxy import __version__, server
-from proxy.admin_keys import NAME as KEY_NAME
+from proxy.admin_keys import NAME_RULE, check_name
 from proxy.app import create_app, prune_cutoff, redactor_of
 from proxy.callers import new_key
 from proxy.config import Config, ConfigError, load_config, redacted, without_password
+from proxy.errors import InvalidRequest
 from proxy.lifecycle import Lifecycle
 from proxy.logs import configure
 from proxy.models import PageQuery, parse_moment
@@ -196,12 +197,10 @@ def _pair(text: str) -> tuple[str, str]:
 
 def _key_name(text: str) -> str:
     """A new key's name, by the rule ``POST /admin/keys`` applies, so both make the same keys."""
-    if not KEY_NAME.fullmatch(text):
-        raise argparse.ArgumentTypeError(
-            "a key name is 1-64 characters: letters, digits and . _ @ -, starting with a letter"
-            f" or digit; got {text!r}"
-        )
-    return text
+    try:
+        return check_name(text)
+    except InvalidRequest:
+        raise argparse.ArgumentTypeError(f"{NAME_RULE}; got {text!r}") from None
 
 
 def _days(text: str) -> float:
