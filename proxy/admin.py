@@ -19,10 +19,9 @@ import orjson
 from aiohttp import web
 
 from proxy import responses
-from proxy.callers import Caller
+from proxy.admin_keys import admin_caller
 from proxy.config import Config
-from proxy.errors import Forbidden, InvalidRequest
-from proxy.handlers import required_caller
+from proxy.errors import InvalidRequest
 from proxy.keys import CONFIG, METRICS, STORE
 from proxy.models import (
     INT64_MAX,
@@ -34,13 +33,6 @@ from proxy.models import (
 )
 from proxy.store import UnknownCursor
 from proxy.usage import parse_groups, report
-
-
-async def _admin(request: web.Request) -> Caller:
-    caller = await required_caller(request)
-    if caller.role != "admin":
-        raise Forbidden("This endpoint is for admins (a proxy key with the admin role).")
-    return caller
 
 
 def _moment(request: web.Request, name: str) -> int | None:
@@ -57,7 +49,7 @@ def _moment(request: web.Request, name: str) -> int | None:
 
 
 async def get_usage(request: web.Request) -> web.Response:
-    await _admin(request)
+    await admin_caller(request)
     try:
         groups = parse_groups(single(request.query, "group_by", "caller,model"))
     except ValueError as error:
@@ -69,7 +61,7 @@ async def get_usage(request: web.Request) -> web.Response:
 
 
 async def list_exchanges(request: web.Request) -> web.Response:
-    await _admin(request)
+    await admin_caller(request)
     page = parse_page_query(request.query)
     try:
         result = await request.app[STORE].list_exchanges(caller_param(request.query), page)
@@ -79,7 +71,7 @@ async def list_exchanges(request: web.Request) -> web.Response:
 
 
 async def list_audit(request: web.Request) -> web.Response:
-    await _admin(request)
+    await admin_caller(request)
     after_text = single(request.query, "after", "0")
     limit_text = single(request.query, "limit", "100")
     if not is_digits(after_text) or int(after_text) > INT64_MAX:
@@ -99,7 +91,7 @@ def metrics_need_admin(config: Config) -> bool:
 
 async def metrics(request: web.Request) -> web.Response:
     if metrics_need_admin(request.app[CONFIG]):
-        await _admin(request)
+        await admin_caller(request)
     body, content_type = request.app[METRICS].render()
     response = web.Response(body=body)
     response.headers["Content-Type"] = content_type
