@@ -22,7 +22,7 @@ from proxy.store.sqlite import SQLiteStore, queries
 from proxy.store.sqlite.migrations import MIGRATIONS, migrate
 from proxy.store.sqlite.search import add_functions
 from proxy.store.sqlite.store import CALLERS_PER_READ, PAGE_SIZE
-from proxy.writer import Writer
+from proxy.writer import LINGER_PASSES, Writer
 
 
 def record(n: int, caller: str = "caller_a", created: int = 1000, **changes) -> CompletionRecord:
@@ -327,6 +327,55 @@ async def test_one_writer_groups_concurrent_commits(tmp_path: Path) -> None:
     with sqlite3.connect(tmp_path / "group.db") as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert db.execute("SELECT count(*) FROM completions").fetchone()[0] == 1000
+
+
+async def _commit_after(writer: Writer, passes: int, n: int) -> None:
+    """Queue record ``n`` after ``passes`` turns of the event loop, and wait for its commit."""
+    for _ in range(passes):
+        await asyncio.sleep(0)
+    await writer.commit(record(n))
+
+
+async def test_a_batch_under_load_takes_what_the_next_loop_passes_queue(store: SQLiteStore) -> None:
+    """Two records waiting at once mean more are close behind: the batch takes the records
+    queued in the loop's next passes too, so five records queued over four passes share one
+    commit (without the wait, the first two would commit alone)."""
+    writer = Writer(store)
+    writer.start()
+    await asyncio.sleep(0)  # the writer waits on its queue
+    try:
+        await asyncio.gather(*(_commit_after(writer, p, n) for n, p in enumerate((0, 0, 1, 1, 2))))
+    finally:
+        await writer.close()
+    assert (writer.stats.committed, writer.stats.batches) == (5, 1)
+
+
+async def test_a_batch_waits_a_bounded_number_of_loop_passes(store: SQLiteStore) -> None:
+    """Records that keep arriving, one more every pass of the loop, do not hold a batch
+    open: it is written after ``LINGER_PASSES`` passes and the rest go in the next."""
+    writer = Writer(store)
+    writer.start()
+    await asyncio.sleep(0)
+    passes = [0, 0, *range(1, 3 * LINGER_PASSES)]
+    try:
+        await asyncio.gather(*(_commit_after(writer, p, n) for n, p in enumerate(passes)))
+    finally:
+        await writer.close()
+    assert writer.stats.committed == len(passes)
+    assert writer.stats.batches >= 2
+
+
+async def test_a_lone_record_commits_without_waiting_for_more(store: SQLiteStore) -> None:
+    """One record waiting alone is written at once: a record queued a pass later goes in a
+    commit of its own."""
+    writer = Writer(store)
+    writer.start()
+    await asyncio.sleep(0)
+    try:
+        await asyncio.gather(*(_commit_after(writer, p, n) for n, p in enumerate((0, 1))))
+    finally:
+        await writer.close()
+    assert (writer.stats.committed, writer.stats.batches) == (2, 2)
 
 
 async def test_a_commit_whose_waiter_is_cancelled_is_still_committed(
