@@ -3,9 +3,10 @@
 A handler submits a record and awaits its commit; the writer takes everything queued (up
 to ``batch_size``) and commits it in one transaction, so under load many completions share
 one commit and at rest a single one commits at once. Under load it also takes what the next
-few passes of the event loop queue (``Writer._gather``): each commit has a fixed cost (its
-search segment, its pages in the WAL), and sharing it among more completions costs less
-CPU per request than the few loop passes the batch waits.
+few passes of the event loop queue, when the store commits in this process (SQLite; see
+``Writer._gather``): each commit has a fixed cost (its search segment, its pages in the
+WAL), and sharing it among more completions costs less CPU per request than the few loop
+passes the batch waits.
 
 When the driver or the database refuses a batch for a record's own values (``OverflowError``,
 ``ValueError``, ``TypeError``, ``RecordRefused``: a number outside 64 bits, a NUL character in
@@ -81,6 +82,9 @@ class Writer:
         self._on_failed = on_failed
         self._queue: asyncio.Queue[_Job] = asyncio.Queue(queue_size)
         self._batch_size = batch_size
+        # A commit that runs on a server proceeds beside the event loop: starting it at once
+        # beats waiting to share it (see _gather).
+        self._linger = LINGER_PASSES if store.commits_in_process else 0
         self._task: asyncio.Task[None] | None = None
         self._probe: asyncio.Task[None] | None = None
         self._closing = False
@@ -153,11 +157,16 @@ class Writer:
         than one is waiting, other requests are close behind: each pass of the loop that
         queues more buys one more, up to ``LINGER_PASSES``, so one commit (and its search
         segment) is shared by more completions. A pass is a turn of the loop, not a timer:
-        the wait ends as soon as a pass brings nothing."""
+        the wait ends as soon as a pass brings nothing.
+
+        Only for a store whose commits run in this process (``Store.commits_in_process``),
+        where a commit's work takes CPU from the loop and fewer, fuller commits cost less.
+        A database server commits beside the loop: there, waiting only delays the commit,
+        and PostgreSQL served fewer stored requests with the wait (docs/benchmarks.md)."""
         jobs = [await self._queue.get()]
         self._take(jobs)
         passes = 0
-        while 1 < len(jobs) < self._batch_size and passes < LINGER_PASSES:
+        while 1 < len(jobs) < self._batch_size and passes < self._linger:
             passes += 1
             before = len(jobs)
             await asyncio.sleep(0)

@@ -15,6 +15,9 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxy.config import StoreConfig
+from proxy.store import CompletionRecord, open_store
+from proxy.writer import Writer
 from tests import pg
 from tests.fakes import FakeUpstream, Reply, chunks, sse, tool_call_answer
 from tests.helpers import cli, sdk
@@ -430,3 +433,35 @@ async def test_full_text_search_through_the_list(proxy) -> None:
         assert await found("nowhere") == []
         await client.chat.completions.delete(made["both"])
         assert await found("mondays") == [made["dont"]]
+
+
+async def _commit_after(writer: Writer, passes: int, n: int) -> None:
+    """Queue completion ``n`` after ``passes`` turns of the event loop; wait for its commit."""
+    for _ in range(passes):
+        await asyncio.sleep(0)
+    record = CompletionRecord(
+        id=f"chatcmpl-w{n}", caller="a", created=1000, model="m", metadata={},
+        completion=orjson.dumps({"id": f"chatcmpl-w{n}"}), request=b"{}",
+        request_id=None, stream=False, outcome="complete",
+    )  # fmt: skip
+    await writer.commit(record)
+
+
+async def test_a_batch_waits_for_more_only_where_the_store_commits_in_process(
+    store_url: str,
+) -> None:
+    """SQLite commits on the proxy's own CPU: two completions waiting at once also take the
+    one queued a loop pass later into their commit. PostgreSQL commits on its server: the
+    two go at once, and the later one gets a commit of its own."""
+    store = await open_store(store_url, StoreConfig(url=store_url))
+    in_process = not store_url.startswith("postgresql://")
+    assert store.commits_in_process is in_process
+    writer = Writer(store)
+    writer.start()
+    await asyncio.sleep(0)  # the writer waits on its queue
+    try:
+        await asyncio.gather(*(_commit_after(writer, p, n) for n, p in enumerate((0, 0, 1))))
+    finally:
+        await writer.close()
+        await store.close()
+    assert (writer.stats.committed, writer.stats.batches) == (3, 1 if in_process else 2)

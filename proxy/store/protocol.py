@@ -41,6 +41,12 @@ class Store(Protocol):
     async def probe_write(self) -> None:
         """A small real write, to tell whether a store that failed can write again."""
 
+    @property
+    def commits_in_process(self) -> bool:
+        """Whether a commit's work runs in this process (SQLite's writer thread, on the CPU
+        the event loop needs too) rather than in a database server (PostgreSQL). The writer
+        waits for fuller batches under load only when it does (``Writer._gather``)."""
+
     async def get(self, caller: str | None, completion_id: str) -> StoredCompletion | None: ...
     async def request_of(self, caller: str | None, completion_id: str) -> bytes | None: ...
     async def list_completions(

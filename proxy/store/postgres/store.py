@@ -218,6 +218,10 @@ class PostgresStore:
             await writes.probe(conn)
 
     @property
+    def commits_in_process(self) -> bool:
+        return False
+
+    @property
     def derive(self) -> Callable[[CompletionRecord, Parsed | None], tuple[bytes | None, int]]:
         return functools.partial(writes.derive, index=self._search)
 

@@ -196,6 +196,10 @@ class SQLiteStore:
         self._checkpoints: asyncio.Task[None] | None = None
 
     @property
+    def commits_in_process(self) -> bool:
+        return True
+
+    @property
     def derive(self) -> Callable[[CompletionRecord, Parsed | None], Derived]:
         return functools.partial(derive, search=self._search)
 
