@@ -13,9 +13,20 @@ import openai
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from proxy.store import CompletionRecord
+from proxy.writer import Writer
 from tests.processes import free_port
 
-__all__ = ["ASK", "TOOLS", "assert_error_shape", "cli", "free_port", "sdk", "tool_completion"]
+__all__ = [
+    "ASK",
+    "TOOLS",
+    "assert_error_shape",
+    "cli",
+    "commit_after",
+    "free_port",
+    "sdk",
+    "tool_completion",
+]
 
 
 def sdk(
@@ -31,6 +42,14 @@ def assert_error_shape(body: dict, headers) -> None:
     assert set(body["error"]) == {"message", "type", "param", "code"}
     assert headers["Content-Type"].startswith("application/json")
     assert headers["x-request-id"].startswith("req_")
+
+
+async def commit_after(writer: Writer, passes: int, record: CompletionRecord) -> None:
+    """Queue ``record`` after ``passes`` turns of the event loop, and wait for its commit:
+    records queued at chosen turns show how the writer groups them into commits."""
+    for _ in range(passes):
+        await asyncio.sleep(0)
+    await writer.commit(record)
 
 
 async def cli(*args: str, stdin: bytes | None = None) -> tuple[int, bytes, str]:

@@ -20,7 +20,7 @@ from proxy.store import CompletionRecord, open_store
 from proxy.writer import Writer
 from tests import pg
 from tests.fakes import FakeUpstream, Reply, chunks, sse, tool_call_answer
-from tests.helpers import cli, sdk
+from tests.helpers import cli, commit_after, sdk
 
 UPSTREAM_KEY = "sk-upstream-backends-0123456789abcdef"
 PRICES = {"gpt-test": {"input": 1.0, "cached_input": 0.5, "output": 2.0}}
@@ -435,16 +435,12 @@ async def test_full_text_search_through_the_list(proxy) -> None:
         assert await found("mondays") == [made["dont"]]
 
 
-async def _commit_after(writer: Writer, passes: int, n: int) -> None:
-    """Queue completion ``n`` after ``passes`` turns of the event loop; wait for its commit."""
-    for _ in range(passes):
-        await asyncio.sleep(0)
-    record = CompletionRecord(
+def _record(n: int) -> CompletionRecord:
+    return CompletionRecord(
         id=f"chatcmpl-w{n}", caller="a", created=1000, model="m", metadata={},
         completion=orjson.dumps({"id": f"chatcmpl-w{n}"}), request=b"{}",
         request_id=None, stream=False, outcome="complete",
     )  # fmt: skip
-    await writer.commit(record)
 
 
 async def test_a_batch_waits_for_more_only_where_the_store_commits_in_process(
@@ -460,7 +456,9 @@ async def test_a_batch_waits_for_more_only_where_the_store_commits_in_process(
     writer.start()
     await asyncio.sleep(0)  # the writer waits on its queue
     try:
-        await asyncio.gather(*(_commit_after(writer, p, n) for n, p in enumerate((0, 0, 1))))
+        await asyncio.gather(
+            *(commit_after(writer, p, _record(n)) for n, p in enumerate((0, 0, 1)))
+        )
     finally:
         await writer.close()
         await store.close()

@@ -23,6 +23,7 @@ from proxy.store.sqlite.migrations import MIGRATIONS, migrate
 from proxy.store.sqlite.search import add_functions
 from proxy.store.sqlite.store import CALLERS_PER_READ, PAGE_SIZE
 from proxy.writer import LINGER_PASSES, Writer
+from tests.helpers import commit_after
 
 
 def record(n: int, caller: str = "caller_a", created: int = 1000, **changes) -> CompletionRecord:
@@ -329,22 +330,17 @@ async def test_one_writer_groups_concurrent_commits(tmp_path: Path) -> None:
         assert db.execute("SELECT count(*) FROM completions").fetchone()[0] == 1000
 
 
-async def _commit_after(writer: Writer, passes: int, n: int) -> None:
-    """Queue record ``n`` after ``passes`` turns of the event loop, and wait for its commit."""
-    for _ in range(passes):
-        await asyncio.sleep(0)
-    await writer.commit(record(n))
-
-
 async def test_a_batch_under_load_takes_what_the_next_loop_passes_queue(store: SQLiteStore) -> None:
     """Two records waiting at once mean more are close behind: the batch takes the records
-    queued in the loop's next passes too, so five records queued over four passes share one
+    queued in the loop's next passes too, so five records queued over three turns share one
     commit (without the wait, the first two would commit alone)."""
     writer = Writer(store)
     writer.start()
     await asyncio.sleep(0)  # the writer waits on its queue
     try:
-        await asyncio.gather(*(_commit_after(writer, p, n) for n, p in enumerate((0, 0, 1, 1, 2))))
+        await asyncio.gather(
+            *(commit_after(writer, p, record(n)) for n, p in enumerate((0, 0, 1, 1, 2)))
+        )
     finally:
         await writer.close()
     assert (writer.stats.committed, writer.stats.batches) == (5, 1)
@@ -358,7 +354,7 @@ async def test_a_batch_waits_a_bounded_number_of_loop_passes(store: SQLiteStore)
     await asyncio.sleep(0)
     passes = [0, 0, *range(1, 3 * LINGER_PASSES)]
     try:
-        await asyncio.gather(*(_commit_after(writer, p, n) for n, p in enumerate(passes)))
+        await asyncio.gather(*(commit_after(writer, p, record(n)) for n, p in enumerate(passes)))
     finally:
         await writer.close()
     assert writer.stats.committed == len(passes)
@@ -372,7 +368,7 @@ async def test_a_lone_record_commits_without_waiting_for_more(store: SQLiteStore
     writer.start()
     await asyncio.sleep(0)
     try:
-        await asyncio.gather(*(_commit_after(writer, p, n) for n, p in enumerate((0, 1))))
+        await asyncio.gather(*(commit_after(writer, p, record(n)) for n, p in enumerate((0, 1))))
     finally:
         await writer.close()
     assert (writer.stats.committed, writer.stats.batches) == (2, 2)
