@@ -82,9 +82,7 @@ class Writer:
         self._on_failed = on_failed
         self._queue: asyncio.Queue[_Job] = asyncio.Queue(queue_size)
         self._batch_size = batch_size
-        # A commit that runs on a server proceeds beside the event loop: starting it at once
-        # beats waiting to share it (see _gather).
-        self._linger = LINGER_PASSES if store.commits_in_process else 0
+        self._linger = LINGER_PASSES if store.commits_in_process else 0  # see _gather
         self._task: asyncio.Task[None] | None = None
         self._probe: asyncio.Task[None] | None = None
         self._closing = False
