@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections.abc import Sequence
 
 import openai
 from aiohttp import web
@@ -22,7 +23,7 @@ __all__ = [
     "TOOLS",
     "assert_error_shape",
     "cli",
-    "commit_after",
+    "commit_at",
     "free_port",
     "sdk",
     "tool_completion",
@@ -44,12 +45,24 @@ def assert_error_shape(body: dict, headers) -> None:
     assert headers["x-request-id"].startswith("req_")
 
 
-async def commit_after(writer: Writer, passes: int, record: CompletionRecord) -> None:
-    """Queue ``record`` after ``passes`` turns of the event loop, and wait for its commit:
-    records queued at chosen turns show how the writer groups them into commits."""
-    for _ in range(passes):
-        await asyncio.sleep(0)
-    await writer.commit(record)
+async def commit_at(
+    writer: Writer, passes: Sequence[int], records: Sequence[CompletionRecord]
+) -> None:
+    """Start ``writer`` and, once it waits on its queue, queue each record after its number
+    of event-loop turns (``passes``); wait for every commit, then close the writer. Records
+    queued at chosen turns show how the writer groups them into commits (``writer.stats``)."""
+
+    async def after(turns: int, record: CompletionRecord) -> None:
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        await writer.commit(record)
+
+    writer.start()
+    await asyncio.sleep(0)  # the writer waits on its queue
+    try:
+        await asyncio.gather(*map(after, passes, records))
+    finally:
+        await writer.close()
 
 
 async def cli(*args: str, stdin: bytes | None = None) -> tuple[int, bytes, str]:

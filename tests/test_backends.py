@@ -20,7 +20,7 @@ from proxy.store import CompletionRecord, open_store
 from proxy.writer import Writer
 from tests import pg
 from tests.fakes import FakeUpstream, Reply, chunks, sse, tool_call_answer
-from tests.helpers import cli, commit_after, sdk
+from tests.helpers import cli, commit_at, sdk
 
 UPSTREAM_KEY = "sk-upstream-backends-0123456789abcdef"
 PRICES = {"gpt-test": {"input": 1.0, "cached_input": 0.5, "output": 2.0}}
@@ -453,13 +453,8 @@ async def test_a_batch_waits_for_more_only_where_the_store_commits_in_process(
     in_process = not store_url.startswith("postgresql://")
     assert store.commits_in_process is in_process
     writer = Writer(store)
-    writer.start()
-    await asyncio.sleep(0)  # the writer waits on its queue
     try:
-        await asyncio.gather(
-            *(commit_after(writer, p, _record(n)) for n, p in enumerate((0, 0, 1)))
-        )
+        await commit_at(writer, (0, 0, 1), [_record(n) for n in range(3)])
     finally:
-        await writer.close()
         await store.close()
     assert (writer.stats.committed, writer.stats.batches) == (3, 1 if in_process else 2)

@@ -23,7 +23,7 @@ from proxy.store.sqlite.migrations import MIGRATIONS, migrate
 from proxy.store.sqlite.search import add_functions
 from proxy.store.sqlite.store import CALLERS_PER_READ, PAGE_SIZE
 from proxy.writer import LINGER_PASSES, Writer
-from tests.helpers import commit_after
+from tests.helpers import commit_at
 
 
 def record(n: int, caller: str = "caller_a", created: int = 1000, **changes) -> CompletionRecord:
@@ -335,14 +335,7 @@ async def test_a_batch_under_load_takes_what_the_next_loop_passes_queue(store: S
     queued in the loop's next passes too, so five records queued over three turns share one
     commit (without the wait, the first two would commit alone)."""
     writer = Writer(store)
-    writer.start()
-    await asyncio.sleep(0)  # the writer waits on its queue
-    try:
-        await asyncio.gather(
-            *(commit_after(writer, p, record(n)) for n, p in enumerate((0, 0, 1, 1, 2)))
-        )
-    finally:
-        await writer.close()
+    await commit_at(writer, (0, 0, 1, 1, 2), [record(n) for n in range(5)])
     assert (writer.stats.committed, writer.stats.batches) == (5, 1)
 
 
@@ -350,13 +343,8 @@ async def test_a_batch_waits_a_bounded_number_of_loop_passes(store: SQLiteStore)
     """Records that keep arriving, one more every pass of the loop, do not hold a batch
     open: it is written after ``LINGER_PASSES`` passes and the rest go in the next."""
     writer = Writer(store)
-    writer.start()
-    await asyncio.sleep(0)
     passes = [0, 0, *range(1, 3 * LINGER_PASSES)]
-    try:
-        await asyncio.gather(*(commit_after(writer, p, record(n)) for n, p in enumerate(passes)))
-    finally:
-        await writer.close()
+    await commit_at(writer, passes, [record(n) for n in range(len(passes))])
     assert writer.stats.committed == len(passes)
     assert writer.stats.batches >= 2
 
@@ -365,12 +353,7 @@ async def test_a_lone_record_commits_without_waiting_for_more(store: SQLiteStore
     """One record waiting alone is written at once: a record queued a pass later goes in a
     commit of its own."""
     writer = Writer(store)
-    writer.start()
-    await asyncio.sleep(0)
-    try:
-        await asyncio.gather(*(commit_after(writer, p, record(n)) for n, p in enumerate((0, 1))))
-    finally:
-        await writer.close()
+    await commit_at(writer, (0, 1), [record(n) for n in range(2)])
     assert (writer.stats.committed, writer.stats.batches) == (2, 2)
 
 
