@@ -24,6 +24,7 @@ Json = dict[str, Any]
 CURRENT = 1
 IGNORED_FIELDS = frozenset({"stream", "stream_options", "store", "metadata", "user"})
 _SAFE_INT = 2**53
+_INTEGRAL_FLOAT = b".0"
 
 
 def canonical(value: Any) -> Any:
@@ -43,13 +44,22 @@ _REWRITTEN = frozenset({dict, list, float})  # the only types canonical form can
 
 def essential(request: Json) -> Json:
     """The part of a request that decides its answer, in canonical form."""
-    kept = {k: v for k, v in request.items() if k not in IGNORED_FIELDS}
-    result: Json = canonical(kept)
+    result: Json = canonical(_kept(request))
     return result
 
 
+def _kept(request: Json) -> Json:
+    return {k: v for k, v in request.items() if k not in IGNORED_FIELDS}
+
+
 def _digest_v1(request: Json) -> str:
-    encoded = orjson.dumps(essential(request), option=orjson.OPT_SORT_KEYS)
+    kept = _kept(request)
+    encoded = orjson.dumps(kept, option=orjson.OPT_SORT_KEYS)
+    # orjson writes every float that canonical form would change (integral, below 2**53)
+    # with a ".0" ending, so JSON without ".0" anywhere is canonical already; the walk
+    # through every message is then skipped. A ".0" inside a string only costs the walk.
+    if _INTEGRAL_FLOAT in encoded:
+        encoded = orjson.dumps(canonical(kept), option=orjson.OPT_SORT_KEYS)
     return hashlib.sha256(encoded).hexdigest()[:32]  # 128 bits: a smaller index
 
 

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import random
 import sqlite3
 from pathlib import Path
 
 import openai
+import orjson
 import pytest
 
 from proxy.assemble import fold_chunks
-from proxy.identity import key_version, lookup_keys, request_key
+from proxy.identity import essential, key_version, lookup_keys, request_key
 from proxy.replay import recorded_answer, stream_chunks
 from proxy.store.sqlite import SQLiteStore
 from tests.fakes import FakeUpstream, Reply, sse
@@ -274,6 +277,31 @@ async def test_fallback_forwards_and_records_a_miss_then_replays_it(
 )
 def test_request_key(a: dict, b: dict, same: bool) -> None:
     assert (request_key(a) == request_key(b)) is same
+
+
+_NUMBERS = (1, 1.0, -3.0, 0.0, -0.0, 0.5, 2.25, 1e15, 2.0**53, 2.0**53 - 1, 1e17, float("inf"))
+_STRINGS = ("", "v1.0", "x.0y", "plain", "\u00e9.0", ".0")
+
+
+def _random_json(rng: random.Random, depth: int = 0) -> object:
+    kind = rng.randrange(4 if depth < 3 else 2)
+    if kind == 0:
+        return rng.choice(_NUMBERS)
+    if kind == 1:
+        return rng.choice(_STRINGS)
+    if kind == 2:
+        return [_random_json(rng, depth + 1) for _ in range(rng.randrange(4))]
+    return {rng.choice("abcde"): _random_json(rng, depth + 1) for _ in range(rng.randrange(4))}
+
+
+def test_request_key_is_the_hash_of_the_canonical_form_whatever_the_numbers() -> None:
+    """The key skips the canonical walk when the JSON shows no integral float; it must equal
+    the hash of the canonical form (every integral float below 2**53 an int) all the same."""
+    rng = random.Random(20261130)
+    for _ in range(3_000):
+        request = {"model": "m", "stream": rng.random() < 0.5, "x": _random_json(rng)}
+        canonical = orjson.dumps(essential(request), option=orjson.OPT_SORT_KEYS)
+        assert request_key(request) == "v1:" + hashlib.sha256(canonical).hexdigest()[:32]
 
 
 def test_stream_chunks_fold_back_to_the_completion() -> None:
