@@ -32,6 +32,8 @@ MAX_WORDS = 100_000  # words of one document read at most (a tsvector must stay 
 # counts), made once: converting numbers in the loop cost more than the rest of it.
 _UINT16 = tuple(n.to_bytes(2, "big") for n in range(MAX_POSITION + 1))
 _POSITIONS = _UINT16[1:]
+# What ends a word in the wire format, by its number of positions: the NUL, then the count.
+_HEADS = tuple(b"\0" + count for count in _UINT16[: MAX_POSITIONS + 1])
 # ASCII letters and digits lower-cased, every other byte a space: the words of ASCII text.
 _ASCII_WORDS = bytes(
     ord(chr(c).lower()) if chr(c).isascii() and chr(c).isalnum() else 32 for c in range(256)
@@ -60,6 +62,13 @@ def words(text: str) -> list[str]:
     return _TOKEN.findall(fold(text))
 
 
+def _encoded_words(text: str) -> list[bytes]:
+    """``words(text)``, each UTF-8 encoded: ASCII text is cut as bytes, never decoded."""
+    if text.isascii():
+        return text.encode().translate(_ASCII_WORDS).split()
+    return [word.encode() for word in _TOKEN.findall(fold(text))]
+
+
 def vector(text: str, tags: Sequence[str] = ()) -> bytes:
     """``text`` as a ``tsvector`` in PostgreSQL's binary format (``tsvectorrecv``): the
     number of words (int32), then each word once, NUL-terminated, with its number of
@@ -67,35 +76,41 @@ def vector(text: str, tags: Sequence[str] = ()) -> bytes:
     ``tags`` are words without positions (a word of the text already found as it is).
 
     The loop is the write path's largest cost in Python, so it does the least per word:
-    each entry is kept as its encoded word then its positions' bytes, ready to join, and
-    the caps on positions per word and on word length are applied once per word."""
-    found = words(text)
-    entries: dict[str, list[bytes]] = {}
+    words are bytes from the start, each entry is kept as its word, its count's place and
+    its positions' bytes, ready to join, and the caps on positions per word and on word
+    length are applied once per word."""
+    found = _encoded_words(text)
+    entries: dict[bytes, list[bytes]] = {}
+    get = entries.get
     for word, at in zip(found, _POSITIONS, strict=False):  # the first MAX_POSITION words
-        entry = entries.get(word)
+        entry = get(word)
         if entry is None:
-            entries[word] = [word.encode(), at]
+            entries[word] = [word, b"", at]  # b"": its count, once known
         else:
             entry.append(at)
-    last = _POSITIONS[-1]
-    for word in found[MAX_POSITION:MAX_WORDS]:  # past the last position: all at the last one
-        entry = entries.get(word)
-        if entry is None:
-            entries[word] = [word.encode(), last]
-        elif entry[-1] != last:
-            entry.append(last)
+    if len(found) > MAX_POSITION:  # past the last position: all at the last one
+        last = _POSITIONS[-1]
+        for word in found[MAX_POSITION:MAX_WORDS]:
+            entry = get(word)
+            if entry is None:
+                entries[word] = [word, b"", last]
+            elif entry[-1] != last:
+                entry.append(last)
     out = [b""]  # the count, once known
+    extend = out.extend
     kept = 0
-    for entry in entries.values():
-        if len(entry[0]) <= MAX_WORD_BYTES:
-            del entry[MAX_POSITIONS + 1 :]
-            entry[0] += b"\0" + _UINT16[len(entry) - 1]
-            out += entry
+    for word, entry in entries.items():
+        if len(word) <= MAX_WORD_BYTES:
+            if len(entry) > MAX_POSITIONS + 2:
+                del entry[MAX_POSITIONS + 2 :]
+            entry[1] = _HEADS[len(entry) - 2]
+            extend(entry)
             kept += 1
     for tag in tags:
-        if tag not in entries:
-            entries[tag] = []
-            out.append(tag.encode() + b"\0\0\0")
+        encoded = tag.encode()
+        if encoded not in entries:
+            entries[encoded] = []
+            out.append(encoded + b"\0\0\0")
             kept += 1
     out[0] = kept.to_bytes(4, "big")
     return b"".join(out)
