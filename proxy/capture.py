@@ -71,15 +71,16 @@ class Capture:
         self.kept = False
         self.response = bytearray()
 
-    def _stored_request(self) -> bytes:
+    def _redacted_request(self) -> tuple[bytes, Any]:
+        """The request as stored, and what it decodes to."""
         body, replaced = self.redactor.document(self.raw, self.request.body)
-        return orjson.dumps(body) if replaced else self.raw
+        return (orjson.dumps(body) if replaced else self.raw), body
 
     def _audited_request(self) -> bytes:
         """The request for an audit record, which must be written even when the request is
         past what the JSON encoder takes: then the redaction rules apply to its text."""
         try:
-            return self._stored_request()
+            return self._redacted_request()[0]
         except (orjson.JSONEncodeError, RecursionError):
             return self.redactor.text(self.raw.decode("utf-8", "replace"))[0].encode()
 
@@ -101,6 +102,7 @@ class Capture:
         masked, replaced = self.redactor.document(encoded, stored)
         if replaced:
             encoded = orjson.dumps(masked)
+        request, sent = self._redacted_request()
         created = completion.get("created")
         prompt, cached, output = usage_of(completion)
         for name, number in (
@@ -118,7 +120,7 @@ class Capture:
             model=self.request.model,
             metadata=self.request.metadata,
             completion=encoded,
-            request=self._stored_request(),
+            request=request,
             request_id=self.upstream_request_id,
             stream=self.streamed,
             outcome=Outcome.COMPLETE,
@@ -127,6 +129,7 @@ class Capture:
             prompt_tokens=prompt,
             cached_tokens=cached,
             completion_tokens=output,
+            parsed=(sent, masked),
         )
 
     def exchange(self, outcome: Outcome, status: int | None, keep_bytes: int) -> ExchangeRecord:

@@ -157,6 +157,41 @@ async def test_redacted_secrets_stay_out_of_the_index(
     assert "a1b2c3d4" not in bodies.lower()
 
 
+@both
+async def test_deleting_what_was_captured_takes_every_word_out_of_the_index(
+    proxy, alice: openai.AsyncOpenAI, upstream: FakeUpstream, store_url: str
+) -> None:
+    """The capture hands the store the request and answer it already parsed (redacted), and
+    SQLite's index takes a completion's words out by being given its text again, made from
+    the stored bytes: both must give the same text, or a delete leaves words behind."""
+    secret = "sk-proj-" + "Z9y8X7w6V5u4T3s2R1q0P9o8N7m6"
+    parts = [{"type": "text", "text": f"parts with {secret} and ana@example.org"}]
+    made = [
+        await alice.chat.completions.create(
+            model="gpt-test", messages=ask(f"plain {secret} café"), store=True
+        ),
+        await alice.chat.completions.create(
+            model="gpt-test", messages=[{"role": "user", "content": parts}], store=True
+        ),
+    ]
+    stream = await alice.chat.completions.create(
+        model="gpt-test", messages=ask(f"streamed {secret}"), store=True, stream=True
+    )
+    async for chunk in stream:
+        streamed = chunk.id
+    upstream.script(
+        Reply(json=tool_call_answer("chatcmpl-keyed", "save", f'{{"key": "{secret}"}}'))
+    )
+    made.append(
+        await alice.chat.completions.create(model="gpt-test", messages=ask("keep"), store=True)
+    )
+    held = await indexed_text(proxy, store_url)
+    assert "redacted" in held and "z9y8x7w6" not in held.lower()
+    for completion_id in [c.id for c in made] + [streamed]:
+        await alice.chat.completions.delete(completion_id)
+    assert (await indexed_text(proxy, store_url)).split() == []
+
+
 def _record(n: int, text: str) -> CompletionRecord:
     return CompletionRecord(
         id=f"chatcmpl-{n}",

@@ -8,7 +8,7 @@ in ``proxy.responses``, never by a store.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
 import orjson
@@ -42,6 +42,10 @@ class CompletionRecord:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     completion_tokens: int = 0
+    # The request and completion as the capture already holds them parsed (what
+    # ``request`` and ``completion`` decode to), so a store indexing them for search need
+    # not parse them again. Never stored, exported or compared.
+    parsed: tuple[Any, Any] | None = field(default=None, compare=False, repr=False)
 
     def __reduce__(self) -> tuple[type[CompletionRecord], tuple[object, ...]]:
         # Pickled as its fields in order: an import's worker processes send records by the

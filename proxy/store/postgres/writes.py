@@ -48,7 +48,9 @@ def derive(
     """What the insert computes from a completion (``Store.derive``): its search document
     (None, not indexed yet, with search off) and its metadata's signature."""
     document = (
-        search.document(record.request, record.completion, _tags(record), parsed) if index else None
+        search.document(record.request, record.completion, _tags(record), parsed or record.parsed)
+        if index
+        else None
     )
     return document, signature(record.metadata.items())
 

@@ -143,7 +143,7 @@ def derive(record: CompletionRecord, parsed: Parsed | None = None, search: bool 
         return signature(items), None, None
     return (
         signature(items),
-        searchable(record.request, record.completion, parsed),
+        searchable(record.request, record.completion, parsed or record.parsed),
         " ".join(filter_tags(record.caller, record.model, items)),
     )
 
