@@ -97,6 +97,7 @@ async def _store(app: web.Application) -> AsyncIterator[None]:
             with contextlib.suppress(asyncio.CancelledError):
                 await sampler
         await writer.close()
+        app[METRICS].flush()  # with several workers, what a scrape of another one reads
     finally:
         await store.close()
 

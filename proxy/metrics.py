@@ -4,9 +4,13 @@ Each ``Metrics`` builds its own ``CollectorRegistry`` instead of using prometheu
 global default one, so two apps in one process (tests do this all the time) never share or
 collide on series. ``render()`` produces the exposition text for a ``/metrics`` handler.
 
-Recording is on the request path, so the label children each call needs are looked up once
-per label set and cached in plain dicts keyed by the label tuple: after the first request of
-a kind, a call is a dict lookup and an ``inc``/``observe`` per series.
+Recording is on the request path, and a prometheus_client series takes a lock and runs
+Python checks on every ``inc`` and ``observe``. So a request only adds to plain tallies of
+this object (a dict entry per label set; for a histogram, the count of its bucket, found by
+``bisect``, and its sum), and ``flush`` adds the tallies to the series in one go: before each
+render, so a scrape sees every request finished before it, and, with several workers, once a
+second (``sample_queue``) and at shutdown, so a scrape of one worker reads the others' values
+as of their last second.
 
 With ``caller_label=False`` the per-caller series (completions stored, tokens, cost) carry
 only the model: totals stay, who made them does not appear in the exposition at all.
@@ -15,6 +19,7 @@ only the model: totals stay, who made them does not appear in the exposition at 
 from __future__ import annotations
 
 import os
+from bisect import bisect_left
 from collections.abc import Callable
 
 from prometheus_client import (
@@ -40,7 +45,42 @@ OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 
 TOKEN_KINDS = ("prompt", "cached", "completion")
 
 _RequestKey = tuple[str, int, str, str, str]
-_TokenChildren = tuple[Counter, Counter, Counter]
+
+
+class _Tally:
+    """Observations of one histogram series not yet flushed: a count per bucket (the last
+    one +Inf) and their sum."""
+
+    __slots__ = ("counts", "total")
+
+    def __init__(self, buckets: int) -> None:
+        self.counts = [0] * (buckets + 1)
+        self.total = 0.0
+
+    def add(self, bounds: tuple[float, ...], value: float) -> None:
+        # The first bucket whose bound is >= value, as Histogram.observe picks it.
+        self.counts[bisect_left(bounds, value)] += 1
+        self.total += value
+
+    def flush(self, child: Histogram) -> None:
+        # prometheus_client has no public way to add many observations at once; a
+        # histogram series keeps one value per bucket (not cumulative) and its sum.
+        for bucket, count in zip(child._buckets, self.counts, strict=True):
+            if count:
+                bucket.inc(count)
+        child._sum.inc(self.total)
+
+
+class _Stored:
+    """Stored completions of one (caller, model) not yet flushed."""
+
+    __slots__ = ("completions", "cost", "costed", "tokens")
+
+    def __init__(self) -> None:
+        self.completions = 0
+        self.tokens = [0, 0, 0]  # prompt, cached, completion
+        self.cost = 0.0
+        self.costed = False  # a known cost came, zero included
 
 
 def _stream_label(stream: bool | None) -> str:
@@ -141,15 +181,13 @@ class Metrics:
             registry=registry,
         )
 
-        # Label children by label values; .labels() validates and locks on every call.
         self._models = _Bounded(200)
         self._callers = _Bounded(1000)
-        self._request_children: dict[_RequestKey, Counter] = {}
-        self._upstream_children: dict[str, Histogram] = {}
-        self._overhead_children: dict[str, Histogram] = {}
-        self._stored_children: dict[tuple[str, str], Counter] = {}
-        self._token_children: dict[tuple[str, str], _TokenChildren] = {}
-        self._cost_children: dict[tuple[str, str], Counter] = {}
+        # What requests added since the last flush, by label values.
+        self._requests_due: dict[_RequestKey, int] = {}
+        self._upstream_due: dict[str, _Tally] = {}
+        self._overhead_due: dict[str, _Tally] = {}
+        self._stored_due: dict[tuple[str, ...], _Stored] = {}
 
     def request(
         self,
@@ -165,25 +203,18 @@ class Metrics:
         """One finished request. route is a low-cardinality name like "create", "list",
         "retrieve", "update", "delete", "messages", "forward", "admin", "other"."""
         self.finished += 1
-        stream_label = _stream_label(stream)
-        key = (route, status, self._models(model or ""), stream_label, outcome or "")
-        child = self._request_children.get(key)
-        if child is None:
-            child = self._requests.labels(route, str(status), key[2], stream_label, key[4])
-            self._request_children[key] = child
-        child.inc()
-
+        key = (route, status, self._models(model or ""), _stream_label(stream), outcome or "")
+        self._requests_due[key] = self._requests_due.get(key, 0) + 1
         if upstream_seconds is not None:
-            upstream = self._upstream_children.get(route)
-            if upstream is None:
-                upstream = self._upstream_children[route] = self._upstream.labels(route)
-            upstream.observe(upstream_seconds)
-
+            tally = self._upstream_due.get(route)
+            if tally is None:
+                tally = self._upstream_due[route] = _Tally(len(UPSTREAM_BUCKETS))
+            tally.add(UPSTREAM_BUCKETS, upstream_seconds)
         if proxy_seconds is not None:
-            overhead = self._overhead_children.get(route)
-            if overhead is None:
-                overhead = self._overhead_children[route] = self._overhead.labels(route)
-            overhead.observe(proxy_seconds)
+            tally = self._overhead_due.get(route)
+            if tally is None:
+                tally = self._overhead_due[route] = _Tally(len(OVERHEAD_BUCKETS))
+            tally.add(OVERHEAD_BUCKETS, proxy_seconds)
 
     def stored(
         self,
@@ -197,34 +228,43 @@ class Metrics:
     ) -> None:
         """One completion committed to the store."""
         model = self._models(model)
-        labels: tuple[str, ...] = (self._callers(caller), model) if self._caller_label else (model,)
-        key = (labels[0], model)
-        stored = self._stored_children.get(key)
-        if stored is None:
-            stored = self._stored_children[key] = self._stored.labels(*labels)
-        stored.inc()
-
-        tokens = self._token_children.get(key)
-        if tokens is None:
-            prompt, cached, completion = (
-                self._tokens.labels(*labels, kind) for kind in TOKEN_KINDS
-            )
-            tokens = self._token_children[key] = (prompt, cached, completion)
-        # Usage comes from the upstream; a negative count would make Counter.inc raise after
-        # the commit, and a metric must never fail the write path, so it is ignored.
-        for counter, amount in zip(
-            tokens, (prompt_tokens, cached_tokens, completion_tokens), strict=True
-        ):
-            if amount > 0:
-                counter.inc(amount)
-
+        labels = (self._callers(caller), model) if self._caller_label else (model,)
+        due = self._stored_due.get(labels)
+        if due is None:
+            due = self._stored_due[labels] = _Stored()
+        due.completions += 1
+        tokens = due.tokens
+        # Usage comes from the upstream; a negative count would make Counter.inc raise, and
+        # a metric must never fail the write path, so it is ignored.
+        if prompt_tokens > 0:
+            tokens[0] += prompt_tokens
+        if cached_tokens > 0:
+            tokens[1] += cached_tokens
+        if completion_tokens > 0:
+            tokens[2] += completion_tokens
         if cost is not None:
             # A known cost of zero still gets its series, so "free" differs from "unknown".
-            cost_child = self._cost_children.get(key)
-            if cost_child is None:
-                cost_child = self._cost_children[key] = self._cost.labels(*labels)
+            due.costed = True
             if cost > 0:
-                cost_child.inc(cost)
+                due.cost += cost
+
+    def flush(self) -> None:
+        """Add what was recorded since the last flush to the series."""
+        requests, self._requests_due = self._requests_due, {}
+        for (route, status, model, stream, outcome), count in requests.items():
+            self._requests.labels(route, str(status), model, stream, outcome).inc(count)
+        upstream, self._upstream_due = self._upstream_due, {}
+        overhead, self._overhead_due = self._overhead_due, {}
+        for histogram, tallies in ((self._upstream, upstream), (self._overhead, overhead)):
+            for route, tally in tallies.items():
+                tally.flush(histogram.labels(route))
+        stored, self._stored_due = self._stored_due, {}
+        for labels, due in stored.items():
+            self._stored.labels(*labels).inc(due.completions)
+            for kind, amount in zip(TOKEN_KINDS, due.tokens, strict=True):
+                self._tokens.labels(*labels, kind).inc(amount)
+            if due.costed:
+                self._cost.labels(*labels).inc(due.cost)
 
     def write_failed(self) -> None:
         """One write of completions to the store failed."""
@@ -239,10 +279,12 @@ class Metrics:
         """Copy the writer's queue depth into the gauge (several workers: each does so
         periodically, since a scrape reaches only one of them)."""
         if self._multiprocess:
+            self.flush()
             self._queue.set(self._queue_depth())
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type (prometheus_client.CONTENT_TYPE_LATEST)."""
+        self.flush()
         if not self._multiprocess:
             return generate_latest(self.registry), CONTENT_TYPE_LATEST
         self.sample_queue()

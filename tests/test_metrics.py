@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
-from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.config import ConfigError, validate
@@ -135,6 +135,36 @@ def test_upstream_and_overhead_histograms() -> None:
     assert value(samples, overhead + "_bucket", route="list", le="0.0001") == 1
     overhead_bounds = {float(labels["le"]) for labels in names(samples, overhead + "_bucket")}
     assert overhead_bounds == set(OVERHEAD_BUCKETS) | {math.inf}
+
+
+def test_histograms_count_what_prometheus_would_and_requests_wait_for_the_flush() -> None:
+    """Requests add to tallies of the Metrics object, flushed into the series at render: the
+    buckets and sums come out as Histogram.observe of each value would make them, values
+    equal to a bound included."""
+    metrics = Metrics(lambda: 0)
+    reference = Histogram("reference", "", buckets=OVERHEAD_BUCKETS, registry=CollectorRegistry())
+    values = [*OVERHEAD_BUCKETS, 0.0, 0.00007, 0.0003, 0.003, 0.07, 0.2, 5.0]
+    for seconds in values:
+        record_request(metrics, proxy_seconds=seconds)
+        reference.observe(seconds)
+    _, samples = scrape(metrics)
+    expected = {
+        (
+            sample.name.replace("reference", P + "overhead_seconds"),
+            sample.labels.get("le"),
+        ): sample.value
+        for family in reference.collect()
+        for sample in family.samples
+        if not sample.name.endswith("_created")
+    }
+    got = {
+        (name, dict(labels).get("le")): count
+        for (name, labels), count in samples.items()
+        if name.startswith(P + "overhead_seconds") and not name.endswith("_created")
+    }
+    assert got == pytest.approx(expected)
+    _, again = scrape(metrics)  # a flush adds each request once
+    assert value(again, P + "overhead_seconds_count", route="create") == len(values)
 
 
 def test_queue_depth_read_at_render_time() -> None:
