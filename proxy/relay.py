@@ -49,6 +49,10 @@ def _server_timing(proxy_ms: float, upstream_ms: float) -> str:
     return f"proxy;dur={proxy_ms:.3f}, upstream;dur={upstream_ms:.3f}"
 
 
+def _stream_response(upstream: UpstreamAnswer, headers: CIMultiDict[str]) -> web.StreamResponse:
+    return web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+
+
 class Relay:
     """Forwards requests to the configured upstream and captures what must be stored."""
 
@@ -131,21 +135,22 @@ class Relay:
         hold: bool,
         redact: bool,
     ) -> web.StreamResponse:
-        response = web.StreamResponse(
-            status=upstream.status, reason=upstream.reason, headers=headers
-        )
-        if (
-            not hold
-            and upstream.content_length is not None
-            and upstream.content_type != "text/event-stream"
-            and "Content-Encoding" not in upstream.headers
-            and request.method != "HEAD"
-        ):
-            # A body of known length goes down with that length, not re-framed in chunks.
-            response.content_length = upstream.content_length
+        # A held answer is sent as one web.Response at the end; its stream response is made
+        # only if it is needed after all (an answer too large to hold, a HEAD request).
+        response: web.StreamResponse | None = None
         held: bytearray | None = bytearray() if hold else None
-        if held is None and not await self._prepare(request, response, upstream, access):
-            return response
+        if held is None:
+            response = _stream_response(upstream, headers)
+            if (
+                upstream.content_length is not None
+                and upstream.content_type != "text/event-stream"
+                and "Content-Encoding" not in upstream.headers
+                and request.method != "HEAD"
+            ):
+                # A body of known length goes down with that length, not re-framed in chunks.
+                response.content_length = upstream.content_length
+            if not await self._prepare(request, response, upstream, access):
+                return response
         watch = DoneWatch()
         committed = False
         while True:
@@ -158,7 +163,7 @@ class Relay:
                 )
                 if not committed:
                     access.outcome = Outcome.UPSTREAM_FAILED
-                if not response.prepared:  # nothing sent yet: the client gets a clear error
+                if response is None or not response.prepared:  # nothing sent: a clear error
                     if isinstance(error, TimeoutError):
                         raise UpstreamTimeout("The upstream stopped answering.") from None
                     raise UpstreamUnreachable(
@@ -175,6 +180,7 @@ class Relay:
                         access.outcome = Outcome.UPSTREAM_FAILED
                         raise UpstreamUnreachable("The upstream's error answer is too large.")
                     if held is not None:
+                        response = _stream_response(upstream, headers)
                         if not await self._prepare(request, response, upstream, access):
                             return response
                         if not await self._write(response, upstream, access, bytes(held)):
@@ -196,6 +202,7 @@ class Relay:
                     access.outcome = Outcome.UPSTREAM_FAILED
                     raise UpstreamUnreachable("The upstream's error answer is too large.")
                 continue
+            assert response is not None  # made above unless the answer is held
             if not await self._write(response, upstream, access, data, committed):
                 return response
         if capture is not None and capture.kept and capture.storable and not committed:
@@ -220,9 +227,11 @@ class Relay:
                 return web.Response(
                     status=upstream.status, reason=upstream.reason, headers=headers, body=body
                 )
+            response = _stream_response(upstream, headers)
             with contextlib.suppress(*_CLIENT_GONE):
                 await response.prepare(request)
                 await response.write(body)
+        assert response is not None  # made above unless the answer is held
         # Everything was written; a client that closed before the terminator changes nothing.
         with contextlib.suppress(*_CLIENT_GONE):
             await response.write_eof()
