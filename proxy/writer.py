@@ -101,11 +101,14 @@ class Writer:
         if self._closing:
             raise WriteFailed("the writer is shut down")
         job = _Job(record, asyncio.get_running_loop().create_future())
-        job.done.add_done_callback(_consume)
-        await self._queue.put(job)
+        try:
+            self._queue.put_nowait(job)  # no coroutine to make unless the queue is full
+        except asyncio.QueueFull:
+            await self._queue.put(job)
         # Awaited as it is: a client that goes away cancels only this future, never the
         # commit, since the writer writes every queued record and settles only futures
-        # still waiting. (``asyncio.shield`` would cost one more loop pass per commit.)
+        # still waiting. (``asyncio.shield`` would cost one more loop pass per commit.) So
+        # an outcome set on it is always read here, unlike an ``enqueue``d record's.
         await job.done
 
     def enqueue(self, record: Writable) -> None:
