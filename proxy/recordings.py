@@ -35,7 +35,6 @@ from proxy.errors import InvalidRequest
 from proxy.identity import request_key
 from proxy.models import check_metadata
 from proxy.store import CompletionRecord, ExportFilter, Prepared, Store
-from proxy.store.text import Parsed
 
 Format = Literal["jsonl", "finetune"]
 Progress = Callable[[int], None]
@@ -163,13 +162,14 @@ class ExportedCompletion(BaseModel):
 
     def record(self, now: float) -> CompletionRecord:
         """The record to import; stored ``now`` if the line does not say when it was."""
+        completion = {k: v for k, v in self.response.items() if k != "metadata"}
         return CompletionRecord(
             id=self.id,
             caller=self.caller,
             created=self.created,
             model=self.model,
             metadata=self.metadata,
-            completion=orjson.dumps({k: v for k, v in self.response.items() if k != "metadata"}),
+            completion=orjson.dumps(completion),
             request=orjson.dumps(self.request),
             request_id=self.request_id,
             stream=self.stream,
@@ -180,6 +180,7 @@ class ExportedCompletion(BaseModel):
             prompt_tokens=self._tokens("prompt_tokens", self.prompt_tokens),
             cached_tokens=self._tokens("cached_tokens", self.cached_tokens),
             completion_tokens=self._tokens("completion_tokens", self.completion_tokens),
+            parsed=(self.request, completion),
         )
 
 
@@ -223,7 +224,7 @@ def _runs(source: IO[bytes], size: int = RUN_BYTES) -> Iterator[tuple[int, bytes
 
 
 ParsedRun = tuple[list[Prepared], list[tuple[int, str]], int]
-Derive = Callable[[CompletionRecord, Parsed | None], Any]
+Derive = Callable[[CompletionRecord], Any]
 
 
 def parse_run(first: int, run: bytes, derive: Derive) -> ParsedRun:
@@ -245,7 +246,7 @@ def parse_run(first: int, run: bytes, derive: Derive) -> ParsedRun:
             if len(errors) < 100:
                 errors.append((number, _describe(error)))
             continue
-        rows.append(Prepared(record, derive(record, (parsed.request, parsed.response))))
+        rows.append(Prepared(record, derive(record)))
     return rows, errors, bad
 
 

@@ -20,7 +20,6 @@ from proxy.store.records import (
     UsageRow,
     Writable,
 )
-from proxy.store.text import Parsed
 
 
 class Store(Protocol):
@@ -118,12 +117,11 @@ class Store(Protocol):
         """Every stored completion matching ``where``, whole, in insertion order, in batches."""
 
     @property
-    def derive(self) -> Callable[[CompletionRecord, Parsed | None], Any]:
+    def derive(self) -> Callable[[CompletionRecord], Any]:
         """What this store computes from a completion before inserting it (its search
         document, its metadata's signature), as a pure function that pickles (a module-level
-        function, or a partial of one), for ``Prepared`` rows made in other processes. Its
-        second argument is the record's request and completion already parsed, or None
-        (see ``text.searchable``)."""
+        function, or a partial of one), for ``Prepared`` rows made in other processes. It
+        reads the record's ``parsed`` forms where the record has them."""
 
     async def import_records(
         self,

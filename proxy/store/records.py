@@ -42,9 +42,10 @@ class CompletionRecord:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     completion_tokens: int = 0
-    # The request and completion as the capture already holds them parsed (what
-    # ``request`` and ``completion`` decode to), so a store indexing them for search need
-    # not parse them again. Never stored, exported or compared.
+    # The request and completion as whoever made the record already holds them parsed
+    # (what ``request`` and ``completion`` decode to: the capture, an import's parser), so a
+    # store indexing them for search need not parse them again. Never stored, exported,
+    # pickled or compared.
     parsed: tuple[Any, Any] | None = field(default=None, compare=False, repr=False)
 
     def __reduce__(self) -> tuple[type[CompletionRecord], tuple[object, ...]]:

@@ -52,7 +52,7 @@ from proxy.store.records import (
     UsageRow,
     Writable,
 )
-from proxy.store.text import Parsed, filter_tags, preview
+from proxy.store.text import filter_tags, preview
 
 IMPORT_CHUNK = 2_000  # rows per statement during an import (see docs/benchmarks.md)
 # Memory for each step of an import's statement: a chunk's rows (unnest's result, the usage
@@ -222,7 +222,7 @@ class PostgresStore:
         return False
 
     @property
-    def derive(self) -> Callable[[CompletionRecord, Parsed | None], tuple[bytes | None, int]]:
+    def derive(self) -> Callable[[CompletionRecord], tuple[bytes | None, int]]:
         return functools.partial(writes.derive, index=self._search)
 
     async def import_records(

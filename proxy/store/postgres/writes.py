@@ -26,7 +26,7 @@ from proxy.store.records import (
     encode_metadata,
 )
 from proxy.store.signature import signature
-from proxy.store.text import Parsed, filter_tags
+from proxy.store.text import filter_tags
 
 # Tables whose rows hold content (see prune): rewritten when a quarter of one was deleted.
 CONTENT_TABLES = (
@@ -42,13 +42,11 @@ def _tags(record: CompletionRecord) -> list[str]:
     return filter_tags(record.caller, record.model, record.metadata.items())
 
 
-def derive(
-    record: CompletionRecord, parsed: Parsed | None = None, index: bool = True
-) -> tuple[bytes | None, int]:
+def derive(record: CompletionRecord, index: bool = True) -> tuple[bytes | None, int]:
     """What the insert computes from a completion (``Store.derive``): its search document
     (None, not indexed yet, with search off) and its metadata's signature."""
     document = (
-        search.document(record.request, record.completion, _tags(record), parsed or record.parsed)
+        search.document(record.request, record.completion, _tags(record), record.parsed)
         if index
         else None
     )
@@ -59,7 +57,7 @@ def columns(items: Sequence[Importable], now: float, index: bool = True) -> list
     """The batch as one list per column, in ``queries.COMPLETION_COLUMNS`` order, then the
     search documents and the signatures (see ``derive``)."""
     prepared = [
-        item if isinstance(item, Prepared) else Prepared(item, derive(item, None, index))
+        item if isinstance(item, Prepared) else Prepared(item, derive(item, index))
         for item in items
     ]
     records = [p.record for p in prepared]

@@ -54,7 +54,7 @@ from proxy.store.sqlite.connection import ThreadedConnection
 from proxy.store.sqlite.migrations import migrate
 from proxy.store.sqlite.search import add_functions, index_backlog
 from proxy.store.sqlite.writes import Derived, derive
-from proxy.store.text import Parsed, filter_tags, fts5_query
+from proxy.store.text import filter_tags, fts5_query
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -200,7 +200,7 @@ class SQLiteStore:
         return True
 
     @property
-    def derive(self) -> Callable[[CompletionRecord, Parsed | None], Derived]:
+    def derive(self) -> Callable[[CompletionRecord], Derived]:
         return functools.partial(derive, search=self._search)
 
     def _pragmas(self, page_size: int) -> list[str]:

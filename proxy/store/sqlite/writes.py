@@ -27,7 +27,7 @@ from proxy.store.records import (
 from proxy.store.signature import signature
 from proxy.store.sqlite.queries import CALLERS
 from proxy.store.sqlite.search import merge_step
-from proxy.store.text import Parsed, filter_tags, searchable
+from proxy.store.text import filter_tags, searchable
 
 
 class _Rejected(Exception):
@@ -134,7 +134,7 @@ def _columns(record: CompletionRecord, now: float) -> tuple[Any, ...]:
 Derived = tuple[int, str | None, str | None]
 
 
-def derive(record: CompletionRecord, parsed: Parsed | None = None, search: bool = True) -> Derived:
+def derive(record: CompletionRecord, search: bool = True) -> Derived:
     """What the insert computes from a completion (``Store.derive``): its metadata's
     signature and, with search on, its searchable text and filter tags (None, None with
     search off: the completion then goes to the backlog)."""
@@ -143,7 +143,7 @@ def derive(record: CompletionRecord, parsed: Parsed | None = None, search: bool 
         return signature(items), None, None
     return (
         signature(items),
-        searchable(record.request, record.completion, parsed or record.parsed),
+        searchable(record.request, record.completion, record.parsed),
         " ".join(filter_tags(record.caller, record.model, items)),
     )
 
@@ -184,7 +184,7 @@ def _insert(conn: sqlite3.Connection, items: Iterable[Importable], now: float, s
     later = []
     new = []
     for item in items:
-        record, derived = item if isinstance(item, Prepared) else (item, derive(item, None, search))
+        record, derived = item if isinstance(item, Prepared) else (item, derive(item, search))
         cursor.execute(_INSERT_COMPLETION, _columns(record, now))
         if cursor.rowcount:  # zero for a duplicate
             new.append(record)
