@@ -284,10 +284,10 @@ class Metrics:
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type (prometheus_client.CONTENT_TYPE_LATEST)."""
-        self.flush()
         if not self._multiprocess:
+            self.flush()
             return generate_latest(self.registry), CONTENT_TYPE_LATEST
-        self.sample_queue()
+        self.sample_queue()  # flushes too
         merged = CollectorRegistry()
         multiprocess.MultiProcessCollector(merged)  # type: ignore[no-untyped-call]
         return generate_latest(merged), CONTENT_TYPE_LATEST

@@ -56,15 +56,9 @@ def fold(text: str) -> str:
     return "".join(c for c in decomposed if not unicodedata.combining(c))
 
 
-def words(text: str) -> list[str]:
+def words(text: str) -> list[bytes]:
+    """The words of ``text``, each UTF-8 encoded."""
     if text.isascii():  # most text: one table lookup per byte, then a split, both in C
-        return text.encode().translate(_ASCII_WORDS).decode().split()
-    return _TOKEN.findall(fold(text))
-
-
-def _encoded_words(text: str) -> list[bytes]:
-    """``words(text)``, each UTF-8 encoded: ASCII text is cut as bytes, never decoded."""
-    if text.isascii():
         return text.encode().translate(_ASCII_WORDS).split()
     return [word.encode() for word in _TOKEN.findall(fold(text))]
 
@@ -79,7 +73,7 @@ def vector(text: str, tags: Sequence[str] = ()) -> bytes:
     words are bytes from the start, each entry is kept as its word, its count's place and
     its positions' bytes, ready to join, and the caps on positions per word and on word
     length are applied once per word."""
-    found = _encoded_words(text)
+    found = words(text)
     entries: dict[bytes, list[bytes]] = {}
     get = entries.get
     for word, at in zip(found, _POSITIONS, strict=False):  # the first MAX_POSITION words
@@ -136,7 +130,7 @@ def query(search: str, tags: Sequence[str] = ()) -> str | None:
     has no word."""
     phrases = []
     for term in search_terms(search):
-        parts = [w for w in words(term) if len(w.encode()) <= MAX_WORD_BYTES]
+        parts = [w.decode() for w in words(term) if len(w) <= MAX_WORD_BYTES]
         if parts:
             phrases.append("(" + " <-> ".join(f"'{part}'" for part in parts) + ")")
     return " & ".join(phrases + tag_words(tags)) if phrases else None
