@@ -191,7 +191,7 @@ def floor(workdir: Path, upstream: Server, cpu: int | None, processes: int = 1) 
 def proxy(
     workdir: Path,
     upstream: Server,
-    db: Path,
+    db: Path | str,
     cpu: int | None,
     *,
     workers: int = 1,
@@ -207,7 +207,8 @@ def proxy(
     # The snapshot taken at the start (see snapshot_proxy), so every proxy of one run is the
     # same code even while proxy/ is being edited.
     name = f"proxy ({source}, {workers} worker{'s' if workers > 1 else ''})"
-    return Server(name, argv, workdir / f"proxy-{db.stem}.log", cpu, cwd=workdir / source)
+    stem = db.stem if isinstance(db, Path) else db.rsplit("/", 1)[-1]  # a file or a database URL
+    return Server(name, argv, workdir / f"proxy-{stem}.log", cpu, cwd=workdir / source)
 
 
 def snapshot_proxy(workdir: Path) -> str:
