@@ -98,30 +98,28 @@ def counted(
         *server.argv,
     ]
     server.start(timeout=START_TIMEOUT)
+
+    def send(count: int) -> int:
+        return run_wrk(
+            server.url,
+            "plain",
+            connections=CONNECTIONS,
+            duration=600,
+            max_requests=count,
+            store=store,
+        ).requests
+
+    def control(option: str) -> None:
+        subprocess.run(
+            ["callgrind_control", option, str(server.pid)], check=True, capture_output=True
+        )
+
     try:
-        run_wrk(
-            server.url,
-            "plain",
-            connections=CONNECTIONS,
-            duration=600,
-            max_requests=warmup,
-            store=store,
-        )
-        subprocess.run(
-            ["callgrind_control", "-z", str(server.pid)], check=True, capture_output=True
-        )
-        run = run_wrk(
-            server.url,
-            "plain",
-            connections=CONNECTIONS,
-            duration=600,
-            max_requests=requests,
-            store=store,
-        )
-        subprocess.run(
-            ["callgrind_control", "-d", str(server.pid)], check=True, capture_output=True
-        )
-        return _wait_for_dump(Path(f"{out}.1")), run.requests
+        send(warmup)
+        control("-z")  # zero the counters
+        served = send(requests)
+        control("-d")  # dump them
+        return _wait_for_dump(Path(f"{out}.1")), served
     finally:
         server.stop()
 
