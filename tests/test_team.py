@@ -20,15 +20,22 @@ PRICES = {"gpt-test": {"input": 1.0, "cached_input": 0.5, "output": 2.0}}
 
 @pytest.fixture
 async def team(proxy_factory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """A keys-mode proxy with two members and an admin."""
+    """A keys-mode proxy with two members and an admin: the admin made by the CLI, the
+    members by the admin through ``POST /admin/keys`` (a process less per key)."""
     monkeypatch.setenv("OPENAI_API_KEY", UPSTREAM_KEY)
     db = str(tmp_path / "completions.db")
-    keys = {}
-    for name, role in (("alice", "member"), ("bob", "member"), ("root", "admin")):
-        code, out, err = await cli("keys", "create", name, "--role", role, "--db", db)
-        assert code == 0, err
-        keys[name] = out.decode().strip()
+    code, out, err = await cli("keys", "create", "root", "--role", "admin", "--db", db)
+    assert code == 0, err
+    keys = {"root": out.decode().strip()}
     proxy = await proxy_factory(auth={"mode": "keys", "key_cache_seconds": 0}, prices=PRICES)
+    for name in ("alice", "bob"):
+        made = await proxy.post(
+            "/admin/keys",
+            json={"name": name, "role": "member"},
+            headers={"Authorization": f"Bearer {keys['root']}"},
+        )
+        assert made.status == 200, await made.text()
+        keys[name] = (await made.json())["key"]
     return proxy, keys
 
 
