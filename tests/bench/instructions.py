@@ -14,8 +14,9 @@ rounds to tell 5% apart.
 Each subject runs alone, from a fresh database, under ``valgrind --tool=callgrind`` (every
 thread counted). ``wrk`` sends ``--warmup`` stored plain requests at 32 connections, the
 counters are zeroed (``callgrind_control -z``), ``--requests`` more are sent, and the counters
-are dumped (``callgrind_control -d``). Reported: instructions per request, and that against
-the floor's. The dumps stay in the work directory for ``callgrind_annotate``.
+are dumped (``callgrind_control -d``). Reported: instructions per request in each round, and
+the smallest of a subject's counts against the floor's smallest. The dumps stay in the work
+directory for ``callgrind_annotate``.
 
 What the count leaves out: the kernel's work (system calls, the network stack, page
 copies), and time itself: an instruction of a regular expression or a ``memcpy`` takes a
@@ -185,13 +186,17 @@ def main() -> None:
         if shutil.which(tool) is None:
             sys.exit(f"{tool} is not installed (apt-get install valgrind wrk)")
     subjects = [s for s in args.subjects.split(",") if s]
-    if args.pg:
-        subjects.append("proxy_pg")
+    subjects += ["proxy_pg"] if args.pg else []
     if args.baseline:
         subjects += ["proxy@base"] + (["proxy_pg@base"] if args.pg else [])
+    subjects = list(dict.fromkeys(subjects))  # each once, in order
     unknown = [s for s in subjects if s not in SUBJECTS]
     if unknown:
         sys.exit(f"unknown subject(s): {', '.join(unknown)}; known: {', '.join(SUBJECTS)}")
+    if not args.pg and any(s.startswith("proxy_pg") for s in subjects):
+        sys.exit("proxy_pg needs --pg URL (a PostgreSQL server, without a database name)")
+    if not args.baseline and any(s.endswith("@base") for s in subjects):
+        sys.exit("a @base subject needs --baseline REV")
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-instructions-"))
     workdir.mkdir(parents=True, exist_ok=True)
     snapshot_proxy(workdir)
