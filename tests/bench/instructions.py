@@ -12,11 +12,11 @@ proxy and the floor, can be compared in a few minutes where ``wrk`` needs many i
 rounds to tell 5% apart.
 
 Each subject runs alone, from a fresh database, under ``valgrind --tool=callgrind`` (every
-thread counted). ``wrk`` sends ``--warmup`` stored plain requests at 32 connections, the
-counters are zeroed (``callgrind_control -z``), ``--requests`` more are sent, and the counters
-are dumped (``callgrind_control -d``). Reported: instructions per request in each round, and
-the smallest of a subject's counts against the floor's smallest. The dumps stay in the work
-directory for ``callgrind_annotate``.
+thread counted). ``wrk`` sends ``--warmup`` plain requests at 32 connections (``"store":
+true``, but ``false`` for relay), the counters are zeroed (``callgrind_control -z``),
+``--requests`` more are sent, and the counters are dumped (``callgrind_control -d``).
+Reported: instructions per request in each round, and the smallest of a subject's counts
+against the floor's smallest. The dumps stay in the work directory for ``callgrind_annotate``.
 
 What the count leaves out: the kernel's work (system calls, the network stack, page
 copies), and time itself: an instruction of a regular expression or a ``memcpy`` takes a
